@@ -1,0 +1,13 @@
+# The two commands of the README. Each installs what it needs first and is safe to rerun.
+PYTHON ?= python3
+
+.PHONY: install test demo
+
+install:
+	$(PYTHON) -m pip install -q -e ".[test]"
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+demo: install
+	bash scripts/demo.sh

@@ -1,0 +1,46 @@
+"""A tour of the spp library API on a tiny ViT with random data (runs in seconds on a CPU).
+
+    python scripts/api_example.py
+"""
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+import spp
+
+
+def main():
+    torch.manual_seed(0)
+    model = spp.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64,
+                             depth=2, num_heads=4, num_classes=10)
+    spp.add_masks(model, granularity="dim")          # masks at 1; weights frozen
+    optimizer = spp.LBI([p for _, p in spp.mask_parameters(model)], lr=3.0, kappa=10.0, nu=30.0, lam=0.1)
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    for step in range(1, 51):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 10 == 0:
+            print(f"step {step:3d}  loss {loss.item():.3f}  support {spp.support_sizes(optimizer, model)}")
+
+    path = spp.SolutionPath.from_optimizer(optimizer, model)
+    family = spp.WeightFamily(model, path)
+    for keep in (0.7, 0.5, 0.3):
+        member = family.select(keep=keep, by="params")
+        pruned = spp.compress(model, member.masks)
+        spp.set_masks(model, member.masks)
+        model.eval()
+        diff = (model(x) - pruned(x)).abs().max().item()
+        print(f"keep {keep:.0%}: {spp.count_params(pruned):,} params "
+              f"(predicted {member.summary.params_after:,}), masked vs compressed max diff {diff:.1e}")
+    with tempfile.TemporaryDirectory() as out:
+        spp.save_pruned(pruned, out)
+        loaded = spp.load_pruned(out)
+        print("saved and reloaded:", torch.equal(loaded(x), pruned(x)))
+    print(member.summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Building models, loading pretrained weights safely, and writing files atomically."""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["create_model", "load_checkpoint", "atomic_write", "atomic_torch_save", "LoadResult"]
+
+
+def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None,
+                 **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` that remembers how the model was built (for :func:`spp.save_pruned`).
+
+    ``checkpoint`` loads weights from a local file through :func:`load_checkpoint`.
+    """
+    import timm
+
+    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    model.spp_base = {"name": name, "kwargs": dict(kwargs)}
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
+    return model
+
+
+def base_of(model: nn.Module) -> Dict[str, Any]:
+    base = getattr(model, "spp_base", None)
+    if base is None:
+        raise ValueError("the model does not record how it was built; create it with "
+                         "spp.create_model(name, **kwargs) or pass base={'name': ..., 'kwargs': {...}}")
+    return dict(base)
+
+
+def build_base(base: Mapping[str, Any]) -> nn.Module:
+    return create_model(base["name"], pretrained=False, **base.get("kwargs", {}))
+
+
+class LoadResult(NamedTuple):
+    missing_keys: list
+    unexpected_keys: list
+
+
+def _read_state_dict(source: str) -> Dict[str, torch.Tensor]:
+    if source.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(source)
+    try:
+        obj = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors come in many types
+        raise ValueError(f"cannot read checkpoint {source}: {e}. spp loads with weights_only=True, "
+                         "so checkpoints holding arbitrary Python objects are refused.") from e
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict", "model_ema", "module"):
+            if key in obj and isinstance(obj[key], Mapping):
+                return dict(obj[key])
+        if all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return dict(obj)
+    raise ValueError(f"{source} holds no state dict: expected a dict of tensors or "
+                     "{'model': state_dict} as DeiT writes")
+
+
+def load_checkpoint(model: nn.Module, source: str, strict: bool = False) -> LoadResult:
+    """Load pretrained weights into ``model`` (masked or not) from ``source``.
+
+    ``source`` is a local file (safetensors; a DeiT-style ``.pth`` with ``{"model": ...}``;
+    a plain state dict; read with ``weights_only=True``) or ``timm:NAME`` to take timm's
+    pretrained weights for NAME (needs the internet). Masks are never expected in the
+    checkpoint. Shape mismatches always raise, naming every differing key; missing or
+    unexpected keys raise when ``strict`` and are returned otherwise.
+    """
+    if source.startswith("timm:"):
+        import timm
+        state = timm.create_model(source[5:], pretrained=True).state_dict()
+    elif os.path.isfile(source):
+        state = _read_state_dict(source)
+    else:
+        raise FileNotFoundError(f"checkpoint {source!r} not found; give a local .pth/.safetensors "
+                                "file or timm:MODEL_NAME for timm's pretrained weights")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    try:
+        from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+        if isinstance(model, VisionTransformer):
+            state = checkpoint_filter_fn(state, model)  # resizes pos_embed, converts old layouts
+    except Exception:  # noqa: BLE001 - the filter is a convenience; the checks below decide
+        pass
+    from .masks import is_masked, mask_parameters
+    own = model.state_dict()
+    mask_keys = {name for name, _ in mask_parameters(model)} if is_masked(model) else set()
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        raise ValueError(f"checkpoint {source} does not fit this model; shapes differ for "
+                         f"{len(mismatched)} tensors: " + "; ".join(mismatched[:8]))
+    missing = sorted(set(own) - set(state) - mask_keys)
+    unexpected = sorted(set(state) - set(own))
+    if strict and (missing or unexpected):
+        raise ValueError(f"checkpoint {source}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return LoadResult(missing, unexpected)
+
+
+def atomic_write(path: str, write: Callable[[str], Any]) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))

@@ -1,0 +1,319 @@
+"""The weight family: every pruned member of one search, selected by budget after the fact."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .flops import count_flops, count_params
+from .path import SolutionPath
+from .structure import PAIRS, BlockGeometry, Widths, mask_names, model_geometry
+
+__all__ = ["WeightFamily", "Member", "Summary"]
+
+BUDGET_KINDS = ("params", "flops", "elements")
+SCOPES = ("global", "pair")
+RANKINGS = ("entry", "z")
+
+
+@dataclass
+class Summary:
+    """What a member costs: whole-model params and FLOPs before/after, and every block's widths."""
+
+    by: str
+    target: float                 # requested kept fraction of the prunable cost (by `by`)
+    kept: float                   # achieved kept fraction of the prunable cost
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    widths: List[Widths]
+    elements: Dict[str, List[int]] = field(default_factory=dict)  # pair -> [kept, total]
+
+    def to_dict(self) -> Dict:
+        d = {k: getattr(self, k) for k in ("by", "target", "kept", "params_before", "params_after",
+                                            "flops_before", "flops_after", "elements")}
+        d["widths"] = [w.to_dict() for w in self.widths]
+        return d
+
+    def __str__(self) -> str:
+        lines = [f"member: {self.kept:.1%} of prunable {self.by} kept (target {self.target:.1%})",
+                 f"params {self.params_before:,} -> {self.params_after:,} "
+                 f"({self.params_after / self.params_before:.1%}), FLOPs {self.flops_before / 1e6:.2f}M -> "
+                 f"{self.flops_after / 1e6:.2f}M ({self.flops_after / self.flops_before:.1%})",
+                 "block  heads  qk_heads  qk_dim  v_dim  mlp"]
+        lines += [f"{i:5d}  {w.num_heads:5d}  {w.num_qk_heads:8d}  {w.qk_dim:6d}  {w.v_dim:5d}  {w.mlp_hidden:4d}"
+                  for i, w in enumerate(self.widths)]
+        return "\n".join(lines)
+
+
+class Member(NamedTuple):
+    masks: Dict[str, torch.Tensor]   # binary masks by parameter name
+    summary: Summary
+
+
+class _BlockWalk:
+    """Kept elements of one block during a walk, and its widths (dead heads excluded)."""
+
+    def __init__(self, geom: BlockGeometry, granularity: str):
+        self.geom, self.granularity = geom, granularity
+        size = geom.mask_shape(granularity)
+        self.on = {"qk": np.zeros(size, bool), "v": np.zeros(size, bool)}
+        self.count = dict.fromkeys(PAIRS, 0)
+        self.both = 0
+
+    def add(self, pair: str, index: int) -> None:
+        self.count[pair] += 1
+        if pair == "mlp":
+            return
+        self.on[pair][index] = True
+        other = "v" if pair == "qk" else "qk"
+        self.both += bool(self.on[other][index])
+
+    def widths(self) -> Widths:
+        qk, v, mlp = self.count["qk"], self.count["v"], self.count["mlp"]
+        if self.granularity == "dim":
+            heads = self.geom.num_heads if v else 0
+            qk_dim = qk if v else 0
+            return Widths(heads, heads if qk_dim else 0, qk_dim, v, mlp)
+        hd = self.geom.head_dim
+        return Widths(v, self.both, hd if self.both else 0, hd if v else 0, mlp)
+
+
+class WeightFamily:
+    """All members of one search, each picked by a budget with no second search.
+
+    Args:
+        model: the model the path was searched on (masked or dense: only its shape is read).
+        path: the :class:`SolutionPath` of the search.
+        input_size: ``(C, H, W)`` at which FLOPs are counted (default: the model's).
+    """
+
+    def __init__(self, model: nn.Module, path: SolutionPath, input_size: Optional[Sequence[int]] = None):
+        self.path = path
+        self.granularity = path.granularity
+        self.geoms = model_geometry(model)
+        self._check_path()
+        self.params_before = count_params(model)
+        self.flops_before = count_flops(model, input_size)
+        if input_size is not None:
+            self.geoms = [_with_tokens(g, model, input_size) for g in self.geoms]
+        blocks, pairs, local, entry, score = [], [], [], [], []
+        self._offset: Dict[tuple, int] = {}
+        start = 0
+        for g in self.geoms:
+            for p, name in mask_names(g).items():
+                e = path.entries[name]
+                n = e["entry_step"].numel()
+                self._offset[(g.index, p)] = start
+                start += n
+                blocks.append(np.full(n, g.index))
+                pairs.append(np.full(n, PAIRS.index(p)))
+                local.append(np.arange(n))
+                entry.append(e["entry_step"].numpy().ravel())
+                score.append(e["z"].abs().numpy().ravel())
+        self.block, self.pair, self.local = (np.concatenate(a) for a in (blocks, pairs, local))
+        self.entry, self.score = np.concatenate(entry), np.concatenate(score)
+
+    def _check_path(self) -> None:
+        problems = []
+        for g in self.geoms:
+            size = {"qk": g.mask_shape(self.granularity), "v": g.mask_shape(self.granularity), "mlp": g.mlp_hidden}
+            for p, name in mask_names(g).items():
+                if name not in self.path.entries:
+                    problems.append(f"{name} missing")
+                elif self.path.entries[name]["entry_step"].numel() != size[p]:
+                    problems.append(f"{name}: path has {self.path.entries[name]['entry_step'].numel()} "
+                                    f"entries, model needs {size[p]}")
+        if problems:
+            raise ValueError("the solution path does not fit this model (was it searched on another "
+                             "model or granularity?): " + "; ".join(problems[:6]))
+
+    # ----- ranking -------------------------------------------------------------------------
+    def ranking(self, rank: str = "entry") -> np.ndarray:
+        """Element indices, most important first."""
+        if rank not in RANKINGS:
+            raise ValueError(f"rank={rank!r}: choose one of {RANKINGS}")
+        if rank == "entry":  # earlier entry first; ties by larger |z|
+            return np.lexsort((-self.score, self.entry))
+        return np.argsort(-self.score, kind="stable")
+
+    def _apply_floor(self, order: np.ndarray, floor: int):
+        """Move the top ``floor`` elements of every (block, pair) to the front.
+
+        Returns the new order and how many elements at its front are forced.
+        """
+        if floor <= 0:
+            return order, 0
+        group = (self.block[order] * len(PAIRS) + self.pair[order]).tolist()
+        seen: Dict[int, int] = {}
+        forced = np.zeros(order.size, bool)
+        for i, g in enumerate(group):
+            if seen.get(g, 0) < floor:
+                seen[g] = seen.get(g, 0) + 1
+                forced[i] = True
+        if self.granularity == "head":  # a query-key head is only alive with its values
+            position = np.empty(order.size, int)
+            position[order] = np.arange(order.size)
+            for e in order[forced & (self.pair[order] == PAIRS.index("qk"))].tolist():
+                forced[position[self._offset[(int(self.block[e]), "v")] + int(self.local[e])]] = True
+        return np.concatenate([order[forced], order[~forced]]), int(forced.sum())
+
+    # ----- costs ---------------------------------------------------------------------------
+    def _total(self, widths: Sequence[Widths], by: str) -> int:
+        return sum(g.cost(w, by, self.granularity) for g, w in zip(self.geoms, widths))
+
+    def _empty(self) -> List[Widths]:
+        return [Widths(0, 0, 0, 0, 0)] * len(self.geoms)
+
+    def prunable(self, by: str = "params") -> int:
+        """Cost of everything the masks can remove."""
+        return self._total([g.full for g in self.geoms], by) - self._total(self._empty(), by)
+
+    def _constant(self, by: str) -> int:
+        dense = {"params": self.params_before, "flops": self.flops_before, "elements": 0}[by]
+        return dense - self._total([g.full for g in self.geoms], by)
+
+    # ----- walks ---------------------------------------------------------------------------
+    def _walk_global(self, order: np.ndarray, target: float, by: str, forced: int) -> np.ndarray:
+        walks = [_BlockWalk(g, self.granularity) for g in self.geoms]
+        costs = [g.cost(w.widths(), by, self.granularity) for g, w in zip(self.geoms, walks)]
+        base = total = sum(costs)
+        kept = 0
+        for i, e in enumerate(order.tolist()):
+            b = int(self.block[e])
+            walk = walks[b]
+            walk.add(PAIRS[self.pair[e]], int(self.local[e]))
+            new = self.geoms[b].cost(walk.widths(), by, self.granularity)
+            total += new - costs[b]
+            costs[b] = new
+            if i >= forced and total - base > target * (1 + 1e-12):
+                break
+            kept = i + 1
+        return order[:kept]
+
+    def _walk_pair(self, order: np.ndarray, keep: float, by: str, forced: int) -> np.ndarray:
+        chosen = []
+        unit = [g.unit_costs(by, self.granularity) for g in self.geoms]
+        is_forced = np.arange(order.size) < forced
+        for p, pair in enumerate(PAIRS):
+            in_pair = self.pair[order] == p
+            sub = order[in_pair]
+            cost = np.array([unit[b][pair] for b in self.block[sub].tolist()], dtype=np.float64)
+            n = int(np.searchsorted(np.cumsum(cost), keep * cost.sum() * (1 + 1e-12), side="right"))
+            chosen.append(sub[:max(n, int(is_forced[in_pair].sum()))])
+        return np.concatenate(chosen)
+
+    # ----- selection -----------------------------------------------------------------------
+    def select(self, keep: Optional[float] = None, remove: Optional[float] = None,
+               budget: Optional[float] = None, by: str = "params", scope: str = "global",
+               rank: str = "entry", floor: int = 0, round_to: int = 1) -> Member:
+        """The member that fits a budget.
+
+        Give exactly one of:
+            keep: fraction of the prunable cost (``by``) to keep;
+            remove: fraction of the prunable cost to remove;
+            budget: absolute cost of the whole model (parameters, FLOPs per image or mask
+                elements), ``scope="global"`` only.
+
+        Args:
+            by: ``"params"`` (default), ``"flops"`` (at the family's input size) or ``"elements"``.
+            scope: ``"global"`` ranks all pairs together (default); ``"pair"`` meets the
+                fraction within each pair type separately, on each element's own cost.
+            rank: ``"entry"`` (entry step, ties by larger |z|; the paper's) or ``"z"``
+                (final |z| alone).
+            floor: keep at least this many entries of every pair of every block.
+            round_to: round each kept width to a multiple of this (≥ 1 entry kept whenever any
+                was); moves the cost off the target by up to half a multiple per width.
+
+        Without floor and rounding, the kept elements are a prefix of one ranking, so a member
+        at a smaller budget is a subset of every member at a larger one, and the global scope
+        hits its target within one element's cost (an element that brings a head back to life
+        costs what it revives).
+        """
+        if by not in BUDGET_KINDS:
+            raise ValueError(f"by={by!r}: choose one of {BUDGET_KINDS}")
+        if scope not in SCOPES:
+            raise ValueError(f"scope={scope!r}: choose one of {SCOPES}")
+        if sum(x is not None for x in (keep, remove, budget)) != 1:
+            raise ValueError("give exactly one of keep=, remove= or budget=")
+        if floor < 0 or round_to < 1:
+            raise ValueError(f"floor={floor} must be >= 0 and round_to={round_to} >= 1")
+        prunable = self.prunable(by)
+        if budget is not None:
+            if scope != "global":
+                raise ValueError("budget= works with scope='global'; use keep= or remove= per pair")
+            keep = (budget - self._constant(by) - self._total(self._empty(), by)) / prunable
+        elif remove is not None:
+            keep = 1.0 - remove
+        if not 0.0 <= keep <= 1.0:
+            raise ValueError(f"the target keeps {keep:.4f} of the prunable {by}; it must lie in [0, 1]"
+                             + (f" (the model's unprunable part alone costs "
+                                f"{self._constant(by) + self._total(self._empty(), by):,})" if budget is not None else ""))
+        order, forced = self._apply_floor(self.ranking(rank), floor)
+        if scope == "global":
+            chosen = self._walk_global(order, keep * prunable, by, forced)
+        else:
+            chosen = self._walk_pair(order, keep, by, forced)
+        kept = np.zeros(self.block.size, bool)
+        kept[chosen] = True
+        if round_to > 1:
+            kept = self._round(kept, self.ranking(rank), round_to)
+        masks = self._masks(kept)
+        return Member(masks, self.summarize(masks, by=by, target=keep))
+
+    def _round(self, kept: np.ndarray, order: np.ndarray, multiple: int) -> np.ndarray:
+        kept = kept.copy()
+        rounded_pairs = PAIRS if self.granularity == "dim" else ("mlp",)
+        for b in range(len(self.geoms)):
+            for pair in rounded_pairs:
+                p = PAIRS.index(pair)
+                group = order[(self.block[order] == b) & (self.pair[order] == p)]
+                k = int(kept[group].sum())
+                if k == 0:
+                    continue
+                k = min(group.size, max(multiple, int(round(k / multiple)) * multiple))
+                kept[group] = False
+                kept[group[:k]] = True
+        return kept
+
+    def _masks(self, kept: np.ndarray) -> Dict[str, torch.Tensor]:
+        masks: Dict[str, torch.Tensor] = {}
+        for g in self.geoms:
+            names = mask_names(g)
+            sel = {p: kept[(self.block == g.index) & (self.pair == PAIRS.index(p))] for p in PAIRS}
+            qk, v = sel["qk"], sel["v"]
+            qk = qk & v if self.granularity == "head" else (qk & v.any())  # dead heads keep no qk
+            for pair, value in (("qk", qk), ("v", v), ("mlp", sel["mlp"])):
+                masks[names[pair]] = torch.from_numpy(value.astype(np.float32))
+        return masks
+
+    def summarize(self, masks: Dict[str, torch.Tensor], by: str = "params", target: float = float("nan")) -> Summary:
+        """Costs and widths of the member given by ``masks``."""
+        from .structure import widths_from_masks
+
+        widths = [widths_from_masks(g, *(masks[mask_names(g)[p]] for p in PAIRS), self.granularity)
+                  for g in self.geoms]
+        empty = self._total(self._empty(), by)
+        kept = (self._total(widths, by) - empty) / max(self.prunable(by), 1)
+        elements = {p: [0, 0] for p in PAIRS}
+        for g in self.geoms:
+            for p, name in mask_names(g).items():
+                elements[p][0] += int((masks[name] != 0).sum())
+                elements[p][1] += masks[name].numel()
+        return Summary(by=by, target=float(target), kept=float(kept),
+                       params_before=self.params_before,
+                       params_after=self._constant("params") + self._total(widths, "params"),
+                       flops_before=self.flops_before,
+                       flops_after=self._constant("flops") + self._total(widths, "flops"),
+                       widths=widths, elements=elements)
+
+
+def _with_tokens(geom: BlockGeometry, model: nn.Module, input_size: Sequence[int]) -> BlockGeometry:
+    import dataclasses
+    patch = model.patch_embed.patch_size
+    grid = (input_size[1] // patch[0]) * (input_size[2] // patch[1])
+    return dataclasses.replace(geom, tokens=grid + model.num_prefix_tokens)

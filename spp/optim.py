@@ -1,0 +1,249 @@
+"""Linearized Bregman Iteration (LBI) over mask parameters: the SPP optimizer."""
+from __future__ import annotations
+
+from typing import Iterable, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = ["LBI", "lbi"]
+
+_PRECONDITIONERS = ("none", "adam")
+_SHRINKS = ("two_sided", "one_sided")
+
+
+class LBI(Optimizer):
+    r"""Linearized Bregman Iteration: a discretized differential inclusion for sparse masks.
+
+    Paper: Ding et al., "Adaptive Pruning of Pretrained Transformer via Differential
+    Inclusions", ICLR 2025 (https://arxiv.org/abs/2501.03289); optimizer from Fu et al.,
+    "DessiLBI", ICML 2020.
+
+    Each parameter ``M`` (a mask) has a sparse companion ``Γ`` and its dual ``z``. With step
+    ``α`` (``lr``), one step on a minibatch gradient ``g`` is::
+
+        d       = M_k - Γ_k
+        z_{k+1} = z_k + (α / ν) d
+        M_{k+1} = M_k - κ α (g_k + d / ν)
+        Γ_{k+1} = κ · shrink(z_{k+1}, λ)
+
+    with ``shrink(z, λ) = sign(z) max(|z| - λ, 0)`` (``"two_sided"``) or ``max(z - λ, 0)``
+    (``"one_sided"``). ``M₀`` is the parameter as given (masks start at 1), ``z₀ = Γ₀ = 0``.
+    The support of ``Γ`` grows from empty to full along the path: structures that enter
+    early are the important ones. ``entry_step`` records, per element, the first step at
+    which ``Γ`` became non-zero (``inf`` if never).
+
+    With ``preconditioner="adam"`` the loss gradient ``g`` is replaced by its Adam direction
+    ``m̂ / (√v̂ + eps)`` (the authors' code does this); the coupling term is unchanged.
+
+    Defaults (``lr=3, kappa=10, lam=0.1, nu=3000``, plain gradient, two-sided shrink) are the
+    settings that ranked structures best in the prototype of ``ALGORITHM.md`` §6 (a ViT on
+    Fashion-MNIST, mean cross-entropy, batch 128): ``κλ = 1`` lets only elements with
+    gradient support enter, and ``κα/ν = 0.01`` spreads entries over a few hundred steps.
+    ``nu`` must match the loss-gradient scale (the mask sits near ``-ν g``); see
+    :func:`spp.calibrate_nu` to set it from the gradients at the start of a search.
+    Adam preconditioning spread the path but ranked worse (it normalises away the
+    gradient size, which is the signal).
+
+    Args:
+        params: mask parameters or param groups (every key below can be set per group).
+        lr: step size α > 0.
+        kappa: damping κ > 0 (Γ = κ shrink(z)).
+        nu: coupling ν > 0 between M and Γ.
+        lam: sparsity threshold λ ≥ 0 of the shrink.
+        preconditioner: ``"none"`` (the paper's equations) or ``"adam"``.
+        betas: Adam coefficients, used with ``preconditioner="adam"``.
+        eps: Adam denominator term.
+        shrink: ``"two_sided"`` or ``"one_sided"``.
+        foreach: use the ``torch._foreach_*`` implementation (default: on when supported).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 3.0,
+        kappa: float = 10.0,
+        nu: float = 3000.0,
+        lam: float = 0.1,
+        preconditioner: str = "none",
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        shrink: str = "two_sided",
+        foreach: Optional[bool] = None,
+    ):
+        _check_hyperparameters(lr=lr, kappa=kappa, nu=nu, lam=lam, preconditioner=preconditioner,
+                               betas=betas, eps=eps, shrink=shrink)
+        defaults = dict(lr=lr, kappa=kappa, nu=nu, lam=lam, preconditioner=preconditioner,
+                        betas=betas, eps=eps, shrink=shrink, foreach=foreach)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            _check_hyperparameters(**{k: group[k] for k in defaults if k != "foreach"})
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("preconditioner", "none")
+            group.setdefault("betas", (0.9, 0.999))
+            group.setdefault("eps", 1e-8)
+            group.setdefault("shrink", "two_sided")
+            group.setdefault("foreach", None)
+
+    def _init_group(self, group, params, grads, masks_state):
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("LBI does not support sparse gradients")
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0)
+                state["z"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["gamma"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["entry_step"] = torch.full_like(p, float("inf"), memory_format=torch.preserve_format)
+            if group["preconditioner"] == "adam" and "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            masks_state.append(state)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Performs one LBI step. ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params: List[Tensor] = []
+            grads: List[Tensor] = []
+            states: List[dict] = []
+            self._init_group(group, params, grads, states)
+            if not params:
+                continue
+            adam = group["preconditioner"] == "adam"
+            lbi(
+                params,
+                grads,
+                [s["z"] for s in states],
+                [s["gamma"] for s in states],
+                [s["entry_step"] for s in states],
+                [s["step"] for s in states],
+                [s["exp_avg"] for s in states] if adam else None,
+                [s["exp_avg_sq"] for s in states] if adam else None,
+                lr=group["lr"], kappa=group["kappa"], nu=group["nu"], lam=group["lam"],
+                betas=group["betas"], eps=group["eps"], shrink=group["shrink"],
+                foreach=group["foreach"],
+            )
+        return loss
+
+
+def _check_hyperparameters(*, lr, kappa, nu, lam, preconditioner, betas, eps, shrink):
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"Invalid learning rate lr={lr!r}: must be a number > 0")
+    if not (isinstance(kappa, (int, float)) and kappa > 0):
+        raise ValueError(f"Invalid kappa={kappa!r}: must be a number > 0")
+    if not (isinstance(nu, (int, float)) and nu > 0):
+        raise ValueError(f"Invalid nu={nu!r}: must be a number > 0")
+    if not (isinstance(lam, (int, float)) and lam >= 0):
+        raise ValueError(f"Invalid lam={lam!r}: must be a number >= 0")
+    if preconditioner not in _PRECONDITIONERS:
+        raise ValueError(f"Invalid preconditioner={preconditioner!r}: choose one of {_PRECONDITIONERS}")
+    if shrink not in _SHRINKS:
+        raise ValueError(f"Invalid shrink={shrink!r}: choose one of {_SHRINKS}")
+    if not (len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"Invalid betas={betas!r}: need two values in [0, 1)")
+    if not eps >= 0:
+        raise ValueError(f"Invalid eps={eps!r}: must be >= 0")
+
+
+def lbi(
+    params: List[Tensor],
+    grads: List[Tensor],
+    zs: List[Tensor],
+    gammas: List[Tensor],
+    entry_steps: List[Tensor],
+    steps: List[Tensor],
+    exp_avgs: Optional[List[Tensor]],
+    exp_avg_sqs: Optional[List[Tensor]],
+    *,
+    lr: float,
+    kappa: float,
+    nu: float,
+    lam: float,
+    betas: Tuple[float, float],
+    eps: float,
+    shrink: str,
+    foreach: Optional[bool] = None,
+):
+    """Functional LBI step (see :class:`LBI`); updates every tensor in place."""
+    if foreach is None:
+        foreach = all(p.device.type in ("cuda", "cpu") for p in params) and not torch.jit.is_scripting()
+    fn = _multi_tensor_lbi if foreach else _single_tensor_lbi
+    fn(params, grads, zs, gammas, entry_steps, steps, exp_avgs, exp_avg_sqs,
+       lr=lr, kappa=kappa, nu=nu, lam=lam, betas=betas, eps=eps, shrink=shrink)
+
+
+def _adam_direction(grad, exp_avg, exp_avg_sq, step, betas, eps):
+    beta1, beta2 = betas
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias1 = 1 - beta1 ** step
+    bias2 = 1 - beta2 ** step
+    return (exp_avg / bias1) / ((exp_avg_sq / bias2).sqrt_().add_(eps))
+
+
+def _single_tensor_lbi(params, grads, zs, gammas, entry_steps, steps, exp_avgs, exp_avg_sqs,
+                       *, lr, kappa, nu, lam, betas, eps, shrink):
+    for i, mask in enumerate(params):
+        z, gamma, entry, step_t = zs[i], gammas[i], entry_steps[i], steps[i]
+        step_t += 1
+        step = step_t.item()
+        grad = grads[i]
+        if exp_avgs is not None:
+            grad = _adam_direction(grad, exp_avgs[i], exp_avg_sqs[i], step, betas, eps)
+
+        coupling = mask - gamma                                    # M_k - Γ_k
+        z.add_(coupling, alpha=lr / nu)                            # z_{k+1}
+        mask.sub_(grad + coupling / nu, alpha=kappa * lr)          # M_{k+1}
+        if shrink == "two_sided":
+            shrunk = z.sign() * (z.abs() - lam).clamp_(min=0)
+        else:
+            shrunk = (z - lam).clamp_(min=0)
+        gamma.copy_(shrunk.mul_(kappa))                            # Γ_{k+1}
+        entered = (gamma != 0) & torch.isinf(entry)
+        entry.masked_fill_(entered, step)
+
+
+def _multi_tensor_lbi(params, grads, zs, gammas, entry_steps, steps, exp_avgs, exp_avg_sqs,
+                      *, lr, kappa, nu, lam, betas, eps, shrink):
+    torch._foreach_add_(steps, 1)
+    step = steps[0].item()
+    if any(s.item() != step for s in steps):
+        raise RuntimeError("LBI foreach path needs every parameter of a group at the same step")
+    if exp_avgs is not None:
+        beta1, beta2 = betas
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        denom = torch._foreach_div(exp_avg_sqs, 1 - beta2 ** step)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, eps)
+        grads = torch._foreach_div(exp_avgs, 1 - beta1 ** step)
+        torch._foreach_div_(grads, denom)
+
+    coupling = torch._foreach_sub(params, gammas)                  # M_k - Γ_k
+    torch._foreach_add_(zs, coupling, alpha=lr / nu)               # z_{k+1}
+    update = torch._foreach_div(coupling, nu)
+    torch._foreach_add_(update, grads)
+    torch._foreach_add_(params, update, alpha=-kappa * lr)         # M_{k+1}
+    # shrink(z, λ) = z - clamp(z, -λ, λ) (two-sided) or z - min(z, λ) (one-sided)
+    clipped = torch._foreach_clamp_max(zs, lam)
+    if shrink == "two_sided":
+        torch._foreach_clamp_min_(clipped, -lam)
+    new_gammas = torch._foreach_sub(zs, clipped)
+    torch._foreach_mul_(new_gammas, kappa)
+    torch._foreach_copy_(gammas, new_gammas)                       # Γ_{k+1}
+    for gamma, entry in zip(gammas, entry_steps):
+        entry.masked_fill_((gamma != 0) & torch.isinf(entry), step)

@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+import spp
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
+
+
+def tiny_vit(name="vit_tiny_patch16_224", seed=0, **overrides):
+    torch.manual_seed(seed)
+    kwargs = {**TINY, **overrides}
+    model = spp.create_model(name, **kwargs)
+    # timm initialises some tensors to zero (biases, tokens); randomise everything so a
+    # slicing error cannot hide behind a zero.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.eval()
+
+
+@pytest.fixture
+def vit():
+    return tiny_vit()
+
+
+def random_masks(model, granularity, keep=0.6, seed=0, binary=True):
+    from spp.structure import mask_names, model_geometry
+    g = torch.Generator().manual_seed(seed)
+    masks = {}
+    for geom in model_geometry(model):
+        n_attn = geom.mask_shape(granularity)
+        for pair, name in mask_names(geom).items():
+            size = geom.mlp_hidden if pair == "mlp" else n_attn
+            m = (torch.rand(size, generator=g) < keep).float()
+            if not binary:
+                m = m * torch.rand(size, generator=g) * 2
+            masks[name] = m
+    return masks

@@ -1,0 +1,170 @@
+import numpy as np
+import pytest
+import torch
+
+import spp
+from spp.structure import mask_names, model_geometry
+
+from conftest import tiny_vit
+
+
+def fake_path(model, seed=0, never=0.1):
+    """A path with random entry steps (some never entering) and random z."""
+    g = torch.Generator().manual_seed(seed)
+    entries = {}
+    for name, p in spp.mask_parameters(model):
+        entry = torch.randint(1, 500, p.shape, generator=g).float()
+        entry[torch.rand(p.shape, generator=g) < never] = float("inf")
+        entries[name] = {"entry_step": entry, "z": torch.randn(p.shape, generator=g),
+                         "gamma": torch.zeros(p.shape), "mask": torch.ones(p.shape)}
+    pairs = {n: (pair, geom.index) for geom in model_geometry(model) for pair, n in mask_names(geom).items()}
+    return spp.SolutionPath(entries, pairs, spp.masks.granularity_of(model), 500)
+
+
+@pytest.fixture(params=["dim", "head"])
+def family(request):
+    model = spp.add_masks(tiny_vit(), request.param)
+    return spp.WeightFamily(model, fake_path(model))
+
+
+def _kept_set(masks):
+    return {(n, i) for n, m in masks.items() for i in torch.nonzero(m).flatten().tolist()}
+
+
+def _max_step(family, by):
+    """The most one element can add: a value entry that revives its head's query-keys."""
+    units = [g.unit_costs(by, family.granularity) for g in family.geoms]
+    scale = [g.head_dim if family.granularity == "dim" else 1 for g in family.geoms]
+    return max(max(u["mlp"], u["v"] + s * u["qk"]) for u, s in zip(units, scale))
+
+
+@pytest.mark.parametrize("by", ["params", "flops", "elements"])
+def test_select_hits_target_within_one_element(family, by):
+    prunable = family.prunable(by)
+    for keep in np.linspace(0.05, 0.95, 10):
+        s = family.select(keep=float(keep), by=by).summary
+        assert s.kept <= keep + 1e-9
+        assert (keep - s.kept) * prunable <= _max_step(family, by) * (1 + 1e-9), (keep, s.kept)
+
+
+@pytest.mark.parametrize("rank", ["entry", "z"])
+def test_members_are_nested_and_monotone(family, rank):
+    previous_set, previous_params = None, -1
+    for keep in np.linspace(0.0, 1.0, 15):
+        m = family.select(keep=float(keep), rank=rank)
+        kept = _kept_set(m.masks)
+        assert m.summary.params_after >= previous_params
+        if previous_set is not None:
+            assert previous_set <= kept
+        previous_set, previous_params = kept, m.summary.params_after
+    assert m.summary.params_after == m.summary.params_before
+
+
+def test_remove_and_budget_agree_with_keep(family):
+    a = family.select(keep=0.4)
+    b = family.select(remove=0.6)
+    assert _kept_set(a.masks) == _kept_set(b.masks)
+    target = a.summary.params_after
+    c = family.select(budget=target)
+    assert c.summary.params_after == target
+    with pytest.raises(ValueError, match="unprunable"):
+        family.select(budget=10)
+
+
+def test_entry_order_puts_early_elements_first(family):
+    m = family.select(keep=0.3)
+    kept_entries, dropped_entries = [], []
+    for name, mask in m.masks.items():
+        entry = family.path.entries[name]["entry_step"]
+        kept_entries += entry[mask != 0].tolist()
+        if not name.endswith("qk_mask"):  # dead-head query-keys are dropped whatever their rank
+            dropped_entries += entry[mask == 0].tolist()
+    assert max(kept_entries) <= min(dropped_entries)
+
+
+def test_pair_scope_meets_each_pair_target(family):
+    m = family.select(keep=0.5, scope="pair", by="elements")
+    for pair, (kept, total) in m.summary.elements.items():
+        if pair == "qk":
+            assert kept <= total * 0.5 + 1
+        else:
+            assert abs(kept - total * 0.5) <= 1, (pair, kept, total)
+
+
+def test_floor_keeps_entries_in_every_block(family):
+    m = family.select(keep=0.0, floor=2)
+    for name, mask in m.masks.items():
+        assert (mask != 0).sum() >= 2, name
+
+
+def test_round_to_multiples():
+    model = spp.add_masks(tiny_vit(), "dim")
+    family = spp.WeightFamily(model, fake_path(model))
+    m = family.select(keep=0.37, round_to=8)
+    for w in m.summary.widths:
+        assert w.mlp_hidden % 8 == 0 and w.v_dim % 8 == 0 and w.qk_dim % 8 == 0
+        assert w.mlp_hidden > 0
+
+
+def test_bad_select_arguments(family):
+    for kwargs, word in [(dict(keep=0.5, remove=0.5), "exactly one"), (dict(keep=1.5), "lie in"),
+                         (dict(keep=0.5, by="bytes"), "by="), (dict(keep=0.5, scope="layer"), "scope="),
+                         (dict(keep=0.5, rank="random"), "rank="), (dict(budget=1e5, scope="pair"), "budget")]:
+        with pytest.raises(ValueError, match=word):
+            family.select(**kwargs)
+
+
+def test_path_from_another_model_is_rejected():
+    model = spp.add_masks(tiny_vit(), "dim")
+    other = tiny_vit(embed_dim=96, num_heads=4)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        spp.WeightFamily(other, fake_path(model))
+
+
+def test_path_save_load_gives_the_same_family(tmp_path):
+    model = spp.add_masks(tiny_vit(), "dim")
+    path = fake_path(model)
+    path.support = [(10, {"qk": 1, "v": 0, "mlp": 3})]
+    path.save(str(tmp_path))
+    loaded = spp.SolutionPath.load(str(tmp_path))
+    assert loaded.support == path.support and loaded.granularity == "dim"
+    a = spp.WeightFamily(model, path).select(keep=0.5)
+    b = spp.WeightFamily(model, loaded).select(keep=0.5)
+    assert _kept_set(a.masks) == _kept_set(b.masks)
+    (tmp_path / "path.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot read the solution path"):
+        spp.SolutionPath.load(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="path.json"):
+        spp.SolutionPath.load(str(tmp_path / "missing"))
+
+
+def test_family_works_on_a_dense_model_and_flops_at_other_input_size():
+    masked = spp.add_masks(tiny_vit(), "dim")
+    path = fake_path(masked)
+    dense = tiny_vit(img_size=48)
+    family = spp.WeightFamily(dense, path, input_size=(3, 48, 48))
+    m = family.select(keep=0.5, by="flops")
+    pruned = spp.compress(dense, m.masks)
+    assert spp.count_flops(pruned, (3, 48, 48)) == m.summary.flops_after
+
+
+def test_real_search_gives_a_path():
+    """A few LBI steps on a tiny model: Γ's support grows and the path selects members."""
+    torch.manual_seed(0)
+    model = spp.add_masks(tiny_vit(), "dim")
+    opt = spp.LBI([p for _, p in spp.mask_parameters(model)], lr=3.0, kappa=10.0, nu=30.0, lam=0.1)
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    sizes = []
+    for step in range(40):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sizes.append(sum(spp.support_sizes(opt, model).values()))
+    assert sizes[0] < sizes[-1] and sizes[-1] > 0
+    path = spp.SolutionPath.from_optimizer(opt, model)
+    assert path.steps == 40
+    steps, fraction = path.entry_curve()
+    assert steps.numel() > 0 and fraction[-1] <= 1
+    member = spp.WeightFamily(model, path).select(keep=0.5)
+    assert 0.45 < member.summary.kept <= 0.5

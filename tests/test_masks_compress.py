@@ -1,0 +1,257 @@
+import json
+import os
+
+import pytest
+import torch
+
+import spp
+from spp.structure import mask_names, model_geometry
+
+from conftest import random_masks, tiny_vit
+
+VARIANTS = {
+    "cls": dict(name="vit_tiny_patch16_224"),
+    "no_cls": dict(name="vit_tiny_patch16_224", class_token=False, global_pool="avg"),
+    "distilled": dict(name="deit_tiny_distilled_patch16_224"),
+}
+
+
+def _x(n=3, seed=1):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _out(model, x):
+    with torch.no_grad():
+        y = model(x)
+    return torch.cat(y, -1) if isinstance(y, tuple) else y
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("granularity", ["dim", "head"])
+def test_masks_at_one_leave_output_unchanged(variant, granularity):
+    model = tiny_vit(**VARIANTS[variant])
+    x = _x()
+    before = _out(model, x)
+    spp.add_masks(model, granularity)
+    torch.testing.assert_close(_out(model, x), before, atol=1e-6, rtol=0)
+    shapes = {n: p.shape[0] for n, p in spp.mask_parameters(model)}
+    assert shapes["blocks.0.attn.qk_mask"] == (16 if granularity == "dim" else 4)
+    assert shapes["blocks.1.mlp.mask"] == 256
+
+
+def test_add_masks_freezes_weights_and_only_masks_get_gradients(vit):
+    spp.add_masks(vit)
+    _out_grad = vit(_x()).sum()
+    _out_grad.backward()
+    masks = {id(p) for _, p in spp.mask_parameters(vit)}
+    for name, p in vit.named_parameters():
+        if id(p) in masks:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+
+
+def test_masked_attention_uses_sdpa(vit, monkeypatch):
+    spp.add_masks(vit)
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    vit(_x())
+    assert len(calls) == 2
+
+
+def test_unsupported_model_names_supported_families():
+    import timm
+    with pytest.raises(TypeError, match="VisionTransformer"):
+        spp.add_masks(timm.create_model("resnet18", num_classes=2))
+    with pytest.raises(TypeError, match="qk_norm"):
+        spp.add_masks(tiny_vit(qk_norm=True))
+    with pytest.raises(ValueError, match="granularity"):
+        spp.add_masks(tiny_vit(), granularity="row")
+
+
+def test_remove_masks_restores_timm_modules(vit):
+    x = _x()
+    before = _out(vit, x)
+    spp.add_masks(vit)
+    spp.remove_masks(vit)
+    assert not spp.masks.is_masked(vit)
+    torch.testing.assert_close(_out(vit, x), before)
+
+
+def _check_exact(model, masks, granularity):
+    x = _x()
+    spp.add_masks(model, granularity)
+    spp.set_masks(model, masks)
+    pruned = spp.compress(model)
+    diff = (_out(model, x) - _out(pruned, x)).abs().max().item()
+    assert diff <= 1e-5, diff
+    assert not spp.masks.is_masked(pruned)
+    return pruned
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("granularity", ["dim", "head"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_compressed_equals_masked_for_random_binary_masks(variant, granularity, seed):
+    model = tiny_vit(**VARIANTS[variant], seed=seed)
+    masks = random_masks(model, granularity, keep=0.5, seed=seed)
+    pruned = _check_exact(model, masks, granularity)
+    assert spp.count_params(pruned) < spp.count_params(model)
+
+
+@pytest.mark.parametrize("granularity", ["dim", "head"])
+def test_compressed_equals_masked_for_non_binary_masks(granularity):
+    model = tiny_vit()
+    _check_exact(model, random_masks(model, granularity, keep=0.7, binary=False), granularity)
+
+
+EDGE_CASES = {
+    "qk_removed": lambda m: m["blocks.0.attn.qk_mask"].zero_(),
+    "v_removed": lambda m: m["blocks.0.attn.v_mask"].zero_(),
+    "mlp_removed": lambda m: m["blocks.1.mlp.mask"].zero_(),
+    "attention_removed": lambda m: (m["blocks.1.attn.qk_mask"].zero_(), m["blocks.1.attn.v_mask"].zero_()),
+    "everything_removed": lambda m: [t.zero_() for t in m.values()],
+    "nothing_removed": lambda m: [t.fill_(1) for t in m.values()],
+}
+
+
+@pytest.mark.parametrize("case", list(EDGE_CASES))
+@pytest.mark.parametrize("granularity", ["dim", "head"])
+def test_compressed_equals_masked_edge_cases(case, granularity):
+    model = tiny_vit()
+    masks = random_masks(model, granularity, keep=0.6, seed=3)
+    EDGE_CASES[case](masks)
+    pruned = _check_exact(model, masks, granularity)
+    if case == "v_removed":
+        attn = pruned.blocks[0].attn
+        assert attn.num_heads == 0 and attn.qkv.out_features == 0
+        assert attn.proj.bias is not None  # the constant branch is kept
+    if case == "qk_removed":
+        assert pruned.blocks[0].attn.num_qk_heads == 0
+
+
+def test_head_granularity_removes_heads_and_uniform_heads():
+    model = tiny_vit()
+    masks = random_masks(model, "head", keep=1.0)
+    masks["blocks.0.attn.v_mask"][1] = 0      # head 1 deleted
+    masks["blocks.0.attn.qk_mask"][2] = 0     # head 2 attends uniformly
+    pruned = _check_exact(model, masks, "head")
+    attn = pruned.blocks[0].attn
+    assert (attn.num_heads, attn.num_qk_heads, attn.qk_dim, attn.v_dim) == (3, 2, 16, 16)
+
+
+def test_softmax_scale_is_the_original_one():
+    model = tiny_vit()
+    masks = random_masks(model, "dim", keep=0.5, seed=4)
+    pruned = _check_exact(model, masks, "dim")
+    assert pruned.blocks[0].attn.scale == pytest.approx(16 ** -0.5)
+    assert pruned.blocks[0].attn.qk_dim < 16
+
+
+@pytest.mark.parametrize("granularity", ["dim", "head"])
+def test_compress_takes_masks_on_a_dense_model(granularity):
+    model = tiny_vit()
+    masks = random_masks(model, granularity, keep=0.5, seed=5)
+    pruned = spp.compress(model, masks, granularity=granularity)
+    reference = spp.compress(spp.set_masks(spp.add_masks(tiny_vit(), granularity), masks))
+    torch.testing.assert_close(_out(pruned, _x()), _out(reference, _x()))
+
+
+@pytest.mark.parametrize("granularity", ["dim", "head"])
+def test_predicted_params_and_flops_equal_compressed(granularity):
+    model = spp.add_masks(tiny_vit(), granularity)
+    opt = spp.LBI([p for _, p in spp.mask_parameters(model)])
+    for n, p in spp.mask_parameters(model):
+        g = torch.Generator().manual_seed(len(n))
+        opt.state[p].update(entry_step=torch.randint(1, 100, p.shape, generator=g).float(),
+                            z=torch.rand(p.shape, generator=g), gamma=torch.zeros_like(p), step=torch.tensor(100.0))
+    family = spp.WeightFamily(model, spp.SolutionPath.from_optimizer(opt, model))
+    for keep in (0.0, 0.05, 0.3, 0.7, 1.0):
+        for by in ("params", "flops"):
+            member = family.select(keep=keep, by=by)
+            pruned = spp.compress(model, member.masks)
+            assert spp.count_params(pruned) == member.summary.params_after
+            assert spp.count_flops(pruned) == member.summary.flops_after
+            got = [(b.attn.num_heads, b.attn.num_qk_heads, b.attn.qk_dim, b.attn.v_dim, b.mlp.fc1.out_features)
+                   for b in pruned.blocks]
+            assert got == [tuple(w.to_dict().values()) for w in member.summary.widths]
+
+
+@pytest.mark.parametrize("variant", ["cls", "distilled"])
+@pytest.mark.parametrize("granularity", ["dim", "head"])
+def test_save_load_round_trip(tmp_path, variant, granularity):
+    model = tiny_vit(**VARIANTS[variant])
+    pruned = spp.compress(model, random_masks(model, granularity, keep=0.5, seed=6), granularity=granularity)
+    spp.save_pruned(pruned, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    loaded = spp.load_pruned(str(tmp_path))
+    torch.testing.assert_close(_out(loaded.eval(), _x()), _out(pruned, _x()), atol=0, rtol=0)
+    assert json.load(open(tmp_path / "config.json"))["base"]["name"] == VARIANTS[variant]["name"]
+
+
+def test_load_pruned_errors_name_the_file(tmp_path):
+    model = tiny_vit()
+    pruned = spp.compress(model, random_masks(model, "dim", seed=7), granularity="dim")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        spp.load_pruned(str(tmp_path))
+    spp.save_pruned(pruned, str(tmp_path))
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors.*truncated or corrupt"):
+        spp.load_pruned(str(tmp_path))
+    other = spp.compress(model, random_masks(model, "dim", seed=8), granularity="dim")
+    spp.save_pruned(other, str(tmp_path / "other"))
+    (tmp_path / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="shape mismatches"):
+        spp.load_pruned(str(tmp_path))
+    (tmp_path / "config.json").write_text("{ not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        spp.load_pruned(str(tmp_path))
+
+
+def test_save_pruned_needs_a_compressed_model(tmp_path, vit):
+    with pytest.raises(ValueError, match="compress"):
+        spp.save_pruned(vit, str(tmp_path))
+
+
+def test_load_checkpoint_formats(tmp_path):
+    from safetensors.torch import save_file
+    source = tiny_vit(seed=10)
+    state = source.state_dict()
+    torch.save({"model": state, "epoch": 3}, tmp_path / "deit.pth")
+    torch.save(state, tmp_path / "plain.pth")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
+    for name in ("deit.pth", "plain.pth", "w.safetensors"):
+        target = spp.add_masks(tiny_vit(seed=11))
+        result = spp.load_checkpoint(target, str(tmp_path / name))
+        assert result.missing_keys == [] and result.unexpected_keys == []
+        torch.testing.assert_close(target.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        spp.load_checkpoint(tiny_vit(), str(tmp_path / "nope.pth"))
+    wide = tiny_vit(embed_dim=96, num_heads=4)
+    torch.save({"model": wide.state_dict()}, tmp_path / "wide.pth")
+    with pytest.raises(ValueError, match=r"shapes differ.*blocks.0.attn.qkv.weight: checkpoint \(288, 96\) vs model \(192, 64\)"):
+        spp.load_checkpoint(tiny_vit(), str(tmp_path / "wide.pth"))
+    torch.save({"model": {"extra.weight": torch.ones(1)}}, tmp_path / "partial.pth")
+    result = spp.load_checkpoint(tiny_vit(), str(tmp_path / "partial.pth"))
+    assert result.unexpected_keys == ["extra.weight"] and "blocks.0.attn.qkv.weight" in result.missing_keys
+    with pytest.raises(ValueError, match="missing keys"):
+        spp.load_checkpoint(tiny_vit(), str(tmp_path / "partial.pth"), strict=True)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"model": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match="weights_only"):
+        spp.load_checkpoint(tiny_vit(), str(tmp_path / "evil.pth"))

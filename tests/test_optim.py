@@ -1,0 +1,152 @@
+import copy
+
+import pytest
+import torch
+
+import spp
+from spp.optim import LBI
+
+
+def reference_lbi(m0, grads, lr, kappa, nu, lam, shrink="two_sided"):
+    """The equations of ALGORITHM.md §2, written out in float64."""
+    m, z, gamma = m0.clone().double(), torch.zeros_like(m0).double(), torch.zeros_like(m0).double()
+    entry = torch.full_like(m, float("inf"))
+    for k, g in enumerate(grads, start=1):
+        d = m - gamma
+        z = z + lr / nu * d
+        m = m - kappa * lr * (g.double() + d / nu)
+        if shrink == "two_sided":
+            gamma = kappa * torch.sign(z) * torch.clamp(z.abs() - lam, min=0)
+        else:
+            gamma = kappa * torch.clamp(z - lam, min=0)
+        entry = torch.where((gamma != 0) & torch.isinf(entry), torch.full_like(entry, k), entry)
+    return m, z, gamma, entry
+
+
+def run_lbi(m0, grads, foreach, **kw):
+    p = torch.nn.Parameter(m0.clone())
+    opt = LBI([p], foreach=foreach, **kw)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    return p, opt
+
+
+@pytest.mark.parametrize("shrink", ["two_sided", "one_sided"])
+@pytest.mark.parametrize("foreach", [False, True])
+def test_matches_float64_reference(shrink, foreach):
+    torch.manual_seed(0)
+    m0 = torch.ones(50, dtype=torch.float64)
+    grads = [torch.randn(50, dtype=torch.float64) * 0.05 for _ in range(30)]
+    hp = dict(lr=0.5, kappa=4.0, nu=2.0, lam=0.3)
+    p, opt = run_lbi(m0, grads, foreach, shrink=shrink, **hp)
+    m, z, gamma, entry = reference_lbi(m0, grads, shrink=shrink, **hp)
+    state = opt.state[p]
+    torch.testing.assert_close(p.detach(), m)
+    torch.testing.assert_close(state["z"], z)
+    torch.testing.assert_close(state["gamma"], gamma)
+    assert torch.equal(state["entry_step"], entry)
+    assert torch.isfinite(entry).any() and torch.isinf(entry).any(), "test must see entries and non-entries"
+
+
+@pytest.mark.parametrize("preconditioner", ["none", "adam"])
+def test_foreach_equals_for_loop(preconditioner):
+    torch.manual_seed(1)
+    shapes = [(7,), (3, 4), (16,)]
+    params = {f: [torch.nn.Parameter(torch.ones(s, dtype=torch.float64)) for s in shapes] for f in (False, True)}
+    opts = {f: LBI(params[f], lr=0.3, kappa=5.0, nu=1.0, lam=0.2, preconditioner=preconditioner, foreach=f)
+            for f in (False, True)}
+    for _ in range(12):
+        grads = [torch.randn(s, dtype=torch.float64) for s in shapes]
+        for f in (False, True):
+            for p, g in zip(params[f], grads):
+                p.grad = g.clone()
+            opts[f].step()
+    for a, b in zip(params[False], params[True]):
+        torch.testing.assert_close(a, b)
+        for key in ("z", "gamma", "entry_step"):
+            torch.testing.assert_close(opts[False].state[a][key], opts[True].state[b][key])
+        if preconditioner == "adam":
+            torch.testing.assert_close(opts[False].state[a]["exp_avg_sq"], opts[True].state[b]["exp_avg_sq"])
+
+
+def test_adam_preconditioner_uses_adam_direction():
+    g = torch.tensor([0.001, -2.0], dtype=torch.float64)
+    p, _ = run_lbi(torch.ones(2, dtype=torch.float64), [g], False, lr=0.1, kappa=1.0, nu=1e9, lam=1.0,
+                   preconditioner="adam", eps=0.0)
+    # first Adam step: m̂/√v̂ = sign(g); the coupling is zero at step one (M - Γ = 1, ν huge)
+    torch.testing.assert_close(p.detach(), torch.ones(2, dtype=torch.float64) - 0.1 * torch.sign(g), atol=1e-8, rtol=0)
+
+
+def test_state_dict_round_trip_continues_identically():
+    torch.manual_seed(2)
+    grads = [torch.randn(20) for _ in range(10)]
+    p, opt = run_lbi(torch.ones(20), grads[:5], True, lr=1.0, kappa=3.0, nu=1.0, lam=0.5, preconditioner="adam")
+    saved_p, saved_state = p.detach().clone(), copy.deepcopy(opt.state_dict())
+    for g in grads[5:]:
+        p.grad = g.clone()
+        opt.step()
+    q = torch.nn.Parameter(saved_p)
+    opt2 = LBI([q], lr=99.0)  # hyperparameters come back from the state dict
+    opt2.load_state_dict(saved_state)
+    for g in grads[5:]:
+        q.grad = g.clone()
+        opt2.step()
+    torch.testing.assert_close(p, q)
+    for key in ("z", "gamma", "entry_step", "exp_avg"):
+        torch.testing.assert_close(opt.state[p][key], opt2.state[q][key])
+
+
+@pytest.mark.parametrize("kwargs,word", [
+    (dict(lr=0.0), "lr"), (dict(lr=-1.0), "lr"), (dict(kappa=0.0), "kappa"), (dict(nu=-2.0), "nu"),
+    (dict(lam=-0.1), "lam"), (dict(preconditioner="sgd"), "preconditioner"), (dict(shrink="soft"), "shrink"),
+    (dict(betas=(0.9, 1.0)), "betas"), (dict(eps=-1.0), "eps"),
+])
+def test_bad_hyperparameters_raise(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        LBI([torch.nn.Parameter(torch.ones(2))], **kwargs)
+
+
+def test_bad_param_group_value_raises():
+    with pytest.raises(ValueError, match="nu"):
+        LBI([{"params": [torch.nn.Parameter(torch.ones(2))], "nu": 0.0}])
+
+
+def test_per_group_hyperparameters():
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = LBI([{"params": [a]}, {"params": [b], "lam": 100.0}], lr=1.0, kappa=1.0, nu=0.5, lam=0.01)
+    for _ in range(5):
+        a.grad, b.grad = -torch.ones(3), -torch.ones(3)
+        opt.step()
+    assert torch.isfinite(opt.state[a]["entry_step"]).all()
+    assert torch.isinf(opt.state[b]["entry_step"]).all()
+
+
+def test_sparse_regression_true_support_enters_first():
+    """y = X β with a sparse β: the true features enter the path before the noise ones."""
+    torch.manual_seed(0)
+    n, d, support = 400, 40, [3, 11, 25, 31]
+    X = torch.randn(n, d)
+    beta = torch.zeros(d)
+    beta[support] = torch.tensor([1.5, -2.0, 1.0, 2.5])
+    y = X @ beta + 0.1 * torch.randn(n)
+    w = torch.nn.Parameter(torch.zeros(d))
+    opt = LBI([w], lr=0.01, kappa=10.0, nu=1.0, lam=1.0)
+    for _ in range(3000):
+        opt.zero_grad()
+        loss = 0.5 * ((X @ w - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+    entry = opt.state[w]["entry_step"]
+    first = set(torch.argsort(entry)[:len(support)].tolist())
+    assert first == set(support)
+    assert entry[support].max() < entry[[i for i in range(d) if i not in support]].min()
+    torch.testing.assert_close(w.detach()[support], beta[support], atol=0.1, rtol=0)
+
+
+def test_skips_params_without_grad_and_lbi_is_exported():
+    assert spp.LBI is LBI
+    a = torch.nn.Parameter(torch.ones(2))
+    opt = LBI([a])
+    opt.step()
+    assert len(opt.state) == 0
