@@ -1,0 +1,73 @@
+"""Objects a run builds from its config: model, loaders, loss."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .checkpoint import create_model
+from .config import Config, DataConfig
+from .data import build_datasets, build_loader
+from .engine import DistillationLoss
+from .runtime import Runtime, main_print
+
+__all__ = ["build_model", "build_loaders", "build_criterion", "model_name"]
+
+
+def model_name(cfg: Config) -> str:
+    return cfg.model.name
+
+
+def build_model(cfg: Config, runtime: Optional[Runtime] = None) -> nn.Module:
+    """The dense model of ``cfg.model``, with pretrained weights if configured."""
+    kwargs = dict(cfg.model.kwargs)
+    kwargs.setdefault("num_classes", cfg.data.num_classes)
+    kwargs.setdefault("img_size", cfg.data.img_size)
+    kwargs.setdefault("in_chans", cfg.data.in_chans)
+    if cfg.model.drop_path:
+        kwargs["drop_path_rate"] = cfg.model.drop_path
+    checkpoint = cfg.model.checkpoint
+    if checkpoint and not checkpoint.startswith("timm:") and not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"model.checkpoint={checkpoint} not found. Give a local DeiT .pth or "
+                                f".safetensors file, model.checkpoint=timm:{cfg.model.name} (online), or "
+                                "try spp without ImageNet weights: make demo")
+    model = create_model(cfg.model.name, pretrained=cfg.model.pretrained, **kwargs)
+    if checkpoint:
+        from .checkpoint import load_checkpoint
+        result = load_checkpoint(model, checkpoint)
+        if runtime is not None and (result.missing_keys or result.unexpected_keys):
+            main_print(runtime, f"loaded {checkpoint}: missing {result.missing_keys[:6]}, "
+                                f"unexpected {result.unexpected_keys[:6]}")
+    return model
+
+
+def build_loaders(cfg: Config, runtime: Runtime) -> Dict[str, torch.utils.data.DataLoader]:
+    datasets = build_datasets(cfg.data, cfg.seed)
+    pin = runtime.device.type == "cuda"
+    common = dict(workers=cfg.data.workers, seed=cfg.seed, num_replicas=runtime.world_size,
+                  rank=runtime.rank, pin_memory=pin)
+    return {"train": build_loader(datasets["train"], cfg.data.batch_size, True, **common),
+            "val": build_loader(datasets["val"], cfg.data.eval_batch_size, False, **common),
+            "test": build_loader(datasets["test"], cfg.data.eval_batch_size, False, **common)}
+
+
+def build_criterion(data: DataConfig, teacher: Optional[nn.Module] = None, distill: float = 0.0,
+                    temperature: float = 1.0) -> Tuple[Optional[Callable], Callable]:
+    """``(mixup_fn, criterion)``; ``criterion(inputs, outputs, targets)``."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    mixup_fn = None
+    if data.mixup > 0 or data.cutmix > 0:
+        mixup_fn = Mixup(mixup_alpha=data.mixup, cutmix_alpha=data.cutmix, label_smoothing=data.smoothing,
+                         num_classes=data.num_classes)
+        base: nn.Module = SoftTargetCrossEntropy()
+    elif data.smoothing > 0:
+        base = LabelSmoothingCrossEntropy(data.smoothing)
+    else:
+        base = nn.CrossEntropyLoss()
+    if teacher is not None and distill > 0:
+        return mixup_fn, DistillationLoss(base, teacher, distill, temperature)
+    return mixup_fn, lambda inputs, outputs, targets: base(outputs, targets)

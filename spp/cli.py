@@ -1,0 +1,65 @@
+"""Command line: ``spp {search,family,export,retrain,eval,demo} CONFIG [key=value ...]``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from .config import ConfigError, load_config
+
+COMMANDS = {
+    "search": "run the LBI search over the masks; writes the solution path and the family table",
+    "family": "evaluate family members at family.targets without retraining; table + plot",
+    "export": "select one member (export.keep/remove/budget), compress and save it",
+    "retrain": "finetune a member (train.source) or train a dense model, DeiT recipe",
+    "eval": "top-1/top-5, params, FLOPs and throughput of train.source (or the dense model)",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spp", description="Solution Path Pruning for vision transformers")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("config", help="YAML config (see configs/)")
+        p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. search.lr=5e-4")
+    demo = sub.add_parser("demo", help="pretrain, search, family, export and retrain on Fashion-MNIST")
+    demo.add_argument("--output", default="outputs/demo", help="where the demo writes (default outputs/demo)")
+    demo.add_argument("--fresh", action="store_true", help="pretrain again even if a cached model exists")
+    demo.add_argument("overrides", nargs="*", help="key=value overrides applied to every stage")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    from .data import DatasetNotFound
+    from .runtime import CheckpointError, NonFiniteLoss
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
+            run_demo(args.output, args.overrides, fresh=args.fresh)
+            return 0
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "search":
+            from .search import run_search
+            run_search(cfg)
+        elif args.command == "family":
+            from .report import run_family
+            run_family(cfg)
+        elif args.command == "export":
+            from .report import run_export
+            run_export(cfg)
+        elif args.command == "retrain":
+            from .retrain import run_retrain
+            run_retrain(cfg)
+        else:
+            from .report import run_eval
+            run_eval(cfg)
+    except (ConfigError, DatasetNotFound, FileNotFoundError, CheckpointError, NonFiniteLoss) as e:
+        print(f"spp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Typed run configuration: YAML defaults, ``key=value`` overrides, strict checking.
+
+A config has one section per stage. ``load_config(path, overrides)`` reads the YAML file
+with ``yaml.safe_load``, applies dotted overrides (``search.lr=5e-4``), and checks every
+key and type: an unknown key lists the valid keys of its section, a wrong type names the
+key and the expected type. ``save_config`` writes the resolved config beside a run's outputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import yaml
+
+__all__ = ["Config", "load_config", "save_config", "parse_overrides", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    name: str = "deit_small_patch16_224"   # timm model name
+    pretrained: bool = False                # timm's pretrained weights (needs the internet)
+    checkpoint: Optional[str] = None        # local .pth / .safetensors / timm:NAME
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+    granularity: str = "dim"                # mask granularity: dim | head
+    drop_path: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "imagenet"               # imagenet | imagefolder | fashion_mnist | synthetic
+    root: Optional[str] = None
+    img_size: int = 224
+    in_chans: int = 3
+    num_classes: int = 1000
+    batch_size: int = 256                   # per process
+    eval_batch_size: int = 256
+    workers: int = 8
+    val_fraction: float = 0.0               # hold out this fraction of train as validation
+    synthetic_size: int = 256
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    color_jitter: float = 0.3
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    smoothing: float = 0.1
+
+
+@dataclass
+class SearchConfig:
+    steps: int = 0                          # total LBI steps; 0 means epochs * steps per epoch
+    epochs: int = 60
+    lr: Union[float, str] = "auto"          # α; "auto" sets α = rho * nu / kappa
+    rho: float = 0.01                       # per-step pull of M toward Γ (κα/ν)
+    kappa: float = 10.0
+    nu: Union[float, str] = "auto"          # ν; "auto" calibrates it from the mask gradients
+    nu_scale: float = 1.0                   # auto ν = nu_scale / RMS of mask gradients at M = 1
+    calibration_batches: int = 8
+    lam: float = 0.1
+    preconditioner: str = "none"
+    shrink: str = "two_sided"
+    log_every: int = 20
+    checkpoint_every: int = 500
+    targets: List[float] = field(default_factory=lambda: [0.9, 0.7, 0.5, 0.3, 0.15])  # kept fractions in the family table
+
+
+@dataclass
+class FamilyConfig:
+    path: Optional[str] = None              # search output dir (default: the run's output)
+    targets: List[float] = field(default_factory=lambda: [1.0, 0.85, 0.7, 0.5, 0.3, 0.15])
+    by: str = "params"
+    scope: str = "global"
+    rank: str = "entry"
+    floor: int = 0
+    round_to: int = 1
+    max_batches: int = 0                    # 0 = the whole validation set
+
+
+@dataclass
+class ExportConfig:
+    path: Optional[str] = None              # search output dir (default: the run's output)
+    keep: Optional[float] = None
+    remove: Optional[float] = 0.5
+    budget: Optional[float] = None
+    by: str = "params"
+    scope: str = "global"
+    rank: str = "entry"
+    floor: int = 0
+    round_to: int = 1
+    out: Optional[str] = None               # default: <output>/pruned
+
+
+@dataclass
+class TrainConfig:
+    source: Optional[str] = None            # save_pruned dir; None = build the model of `model` (dense)
+    epochs: int = 300
+    steps: int = 0                          # stop after this many steps (0 = all epochs)
+    lr: float = 1e-4                        # scaled by (batch size * world size) / 512
+    min_lr: float = 1e-6
+    warmup_epochs: int = 5
+    warmup_lr: float = 1e-6
+    weight_decay: float = 0.05
+    opt: str = "adamw"
+    clip_grad: Optional[float] = None
+    ema: bool = False
+    ema_decay: float = 0.99996
+    distill: float = 0.0                    # weight of the soft KL to the dense teacher
+    distill_temperature: float = 1.0
+    eval_every: int = 1
+    checkpoint_every: int = 0               # steps between mid-epoch checkpoints (0 = epoch ends only)
+    log_every: int = 20
+
+
+@dataclass
+class Config:
+    output: str = "outputs/run"
+    seed: int = 0
+    device: str = "auto"                    # auto | cpu | cuda
+    amp: str = "auto"                       # auto | bf16 | fp16 | off
+    resume: Optional[str] = "auto"          # auto | a checkpoint file | null
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    family: FamilyConfig = field(default_factory=FamilyConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        errors = []
+        for option in typing.get_args(tp):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
+    if origin in (list, List):
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads 5e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is str and isinstance(value, str):
+        return value
+    if tp in (int, bool) and type(value) is tp:
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _merge(obj, data: Dict[str, Any], prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            section = prefix.rstrip(".") or "top level"
+            raise ConfigError(f"unknown config key {full!r}; valid keys in {section}: {', '.join(fields)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, f"{full}.")
+        else:
+            setattr(obj, key, _coerce(full, value, hints[key]))
+
+
+def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
+    """``["search.lr=5e-4", "data.root=/x"]`` → nested dict (values parsed as YAML)."""
+    out: Dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (for example search.lr=5e-4)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_update(base: Dict, extra: Dict) -> Dict:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    data: Dict[str, Any] = {}
+    if path:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found (the shipped ones are in configs/)") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    _deep_update(data, parse_overrides(overrides))
+    config = Config()
+    _merge(config, data)
+    _validate(config)
+    return config
+
+
+def _choice(key: str, value: Any, options: Sequence[Any]) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}={value!r}: choose one of {', '.join(map(str, options))}")
+
+
+def _validate(c: Config) -> None:
+    _choice("device", c.device, ("auto", "cpu", "cuda"))
+    _choice("amp", c.amp, ("auto", "bf16", "fp16", "off"))
+    _choice("model.granularity", c.model.granularity, ("dim", "head"))
+    _choice("data.dataset", c.data.dataset, ("imagenet", "imagefolder", "fashion_mnist", "synthetic"))
+    for key, value in (("search.lr", c.search.lr), ("search.nu", c.search.nu)):
+        if isinstance(value, str) and value != "auto":
+            raise ConfigError(f"{key}={value!r}: give a number or auto")
+    for section in (c.family, c.export):
+        name = "family" if section is c.family else "export"
+        _choice(f"{name}.by", section.by, ("params", "flops", "elements"))
+        _choice(f"{name}.scope", section.scope, ("global", "pair"))
+        _choice(f"{name}.rank", section.rank, ("entry", "z"))
+
+
+def save_config(config: Config, path: str) -> None:
+    from .checkpoint import atomic_write
+
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    atomic_write(path, lambda f: open(f, "w").write(text))

@@ -1,0 +1,239 @@
+"""Datasets and loaders: ImageNet / any ImageFolder tree, Fashion-MNIST, synthetic.
+
+Every sample's augmentation is seeded by ``(seed, epoch, index)`` and batches come from a
+sampler that can start mid-epoch, so a resumed run sees exactly the data an uninterrupted
+one would, whatever the number of loader workers.
+"""
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import random
+from typing import Callable, Dict, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .config import DataConfig
+
+__all__ = ["build_datasets", "build_loader", "ResumableSampler", "FASHION_MNIST_DIRS", "DatasetNotFound"]
+
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FASHION_MEAN, FASHION_STD = (0.2860,), (0.3530,)
+_FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                  "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+class DatasetNotFound(FileNotFoundError):
+    pass
+
+
+class AugmentedDataset(Dataset):
+    """``transform(base[i])`` with the RNGs seeded by ``(seed, epoch, i)`` for that sample only."""
+
+    def __init__(self, base: Dataset, transform: Optional[Callable], seed: int = 0, indices=None):
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+        self.indices = indices
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices) if self.indices is not None else len(self.base)
+
+    def __getitem__(self, i: int):
+        index = int(self.indices[i]) if self.indices is not None else i
+        image, label = self.base[index]
+        if self.transform is None:
+            return image, label
+        sample_seed = (self.seed * 1_000_003 + self.epoch * 10_007 + index) % (2 ** 31)
+        if isinstance(self.transform, TensorTransform):
+            return self.transform(image, torch.Generator().manual_seed(sample_seed)), label
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            np.random.seed(sample_seed)
+            image = self.transform(image)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        return image, label
+
+
+class TensorImages(Dataset):
+    """Images held as one uint8 tensor ``(N, C, H, W)`` with integer labels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.labels[i])
+
+
+def _read_idx(path: str) -> torch.Tensor:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).view(*shape)
+
+
+def _find_fashion_mnist(root: Optional[str]) -> str:
+    candidates = []
+    if root:
+        candidates += [root, os.path.join(root, "FashionMNIST", "raw")]
+    candidates += list(FASHION_MNIST_DIRS)
+    candidates.append(os.path.join(os.path.expanduser("~"), ".cache", "spp", "FashionMNIST", "raw"))
+    for directory in candidates:
+        name = _FASHION_FILES["train"][0]
+        if any(os.path.isfile(os.path.join(directory, name + ext)) for ext in ("", ".gz")):
+            return directory
+    try:  # online: let torchvision download it into the cache
+        from torchvision.datasets import FashionMNIST
+        cache = os.path.join(os.path.expanduser("~"), ".cache", "spp")
+        FashionMNIST(cache, train=True, download=True)
+        return os.path.join(cache, "FashionMNIST", "raw")
+    except Exception as e:  # noqa: BLE001 - no network is the usual cause
+        raise DatasetNotFound(
+            "Fashion-MNIST not found; looked in " + ", ".join(candidates) + f" (download failed: {e}). "
+            "Install it with `apt-get install dataset-fashion-mnist` or set data.root=DIR") from None
+
+
+def _fashion_mnist(root: Optional[str], split: str) -> TensorImages:
+    directory = _find_fashion_mnist(root)
+    paths = []
+    for name in _FASHION_FILES[split]:
+        path = os.path.join(directory, name)
+        paths.append(path if os.path.isfile(path) else path + ".gz")
+    images, labels = (_read_idx(p) for p in paths)
+    return TensorImages(images.unsqueeze(1), labels.long())
+
+
+def _synthetic(cfg: DataConfig, split: str, seed: int) -> TensorImages:
+    """Class-dependent patterns plus noise: learnable, deterministic, no files."""
+    n = cfg.synthetic_size if split == "train" else max(cfg.synthetic_size // 4, cfg.num_classes)
+    g = torch.Generator().manual_seed(1234)
+    prototypes = torch.rand(cfg.num_classes, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g)
+    g.manual_seed(seed + (0 if split == "train" else 1))
+    labels = torch.randint(0, cfg.num_classes, (n,), generator=g)
+    noise = torch.rand(n, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g)
+    images = (0.6 * prototypes[labels] + 0.4 * noise).mul(255).to(torch.uint8)
+    return TensorImages(images, labels)
+
+
+class TensorTransform:
+    """Fast augmentation of uint8 image tensors: random crop from a padded image, flip, normalise.
+
+    Takes its randomness from the generator it is given (seeded per sample).
+    """
+
+    def __init__(self, img_size: int, train: bool, mean: Sequence[float], std: Sequence[float]):
+        self.img_size, self.train = img_size, train
+        self.padding = max(img_size // 14, 1)
+        self.mean = torch.tensor(mean).view(-1, 1, 1)
+        self.std = torch.tensor(std).view(-1, 1, 1)
+
+    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = image.float().div_(255)                                   # (C, H, W)
+        if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
+            x = torch.nn.functional.interpolate(x[None], size=(self.img_size, self.img_size),
+                                                mode="bilinear", antialias=True, align_corners=False)[0]
+        if self.train:
+            p = self.padding
+            x = torch.nn.functional.pad(x, (p, p, p, p))
+            top, left = torch.randint(0, 2 * p + 1, (2,), generator=generator).tolist()
+            x = x[:, top:top + self.img_size, left:left + self.img_size]
+            if torch.rand(1, generator=generator).item() < 0.5:
+                x = x.flip(-1)
+        return (x - self.mean) / self.std
+
+
+def _imagefolder(cfg: DataConfig, split: str):
+    from torchvision.datasets import ImageFolder
+
+    root = cfg.root
+    if not root:
+        raise DatasetNotFound(f"data.root is not set; point it at a folder with train/ and val/ "
+                              f"(data.root=/path/to/imagenet), or run the demo: make demo")
+    directory = os.path.join(root, "train" if split == "train" else "val")
+    if not os.path.isdir(directory):
+        raise DatasetNotFound(f"{directory} not found; data.root must hold train/ and val/ class folders "
+                              "(ImageNet layout). To try spp without ImageNet, run: make demo")
+    return ImageFolder(directory)
+
+
+def build_datasets(cfg: DataConfig, seed: int = 0) -> Dict[str, Dataset]:
+    """``{"train", "val", "test"}``; ``val`` is held out from train when ``val_fraction > 0``."""
+    if cfg.dataset in ("imagenet", "imagefolder"):
+        from timm.data import create_transform
+        train_base, test_base = _imagefolder(cfg, "train"), _imagefolder(cfg, "val")
+        train_tf = create_transform(cfg.img_size, is_training=True, auto_augment=cfg.auto_augment,
+                                    re_prob=cfg.reprob, color_jitter=cfg.color_jitter, interpolation="bicubic")
+        eval_tf = create_transform(cfg.img_size, is_training=False, interpolation="bicubic")
+    else:
+        if cfg.dataset == "fashion_mnist":
+            if cfg.in_chans != 1:
+                raise ValueError("Fashion-MNIST is grayscale: set data.in_chans=1")
+            train_base, test_base = _fashion_mnist(cfg.root, "train"), _fashion_mnist(cfg.root, "test")
+            mean, std = FASHION_MEAN, FASHION_STD
+        else:
+            train_base, test_base = _synthetic(cfg, "train", seed), _synthetic(cfg, "test", seed)
+            mean, std = (0.5,) * cfg.in_chans, (0.25,) * cfg.in_chans
+        train_tf = TensorTransform(cfg.img_size, True, mean, std)
+        eval_tf = TensorTransform(cfg.img_size, False, mean, std)
+    n = len(train_base)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    n_val = int(round(cfg.val_fraction * n))
+    train_idx = np.sort(order[n_val:]) if n_val else None
+    out = {"train": AugmentedDataset(train_base, train_tf, seed, train_idx),
+           "test": AugmentedDataset(test_base, eval_tf, seed)}
+    out["val"] = AugmentedDataset(train_base, eval_tf, seed, np.sort(order[:n_val])) if n_val else out["test"]
+    return out
+
+
+class ResumableSampler(Sampler[int]):
+    """Shuffled (or ordered) indices for one rank, reproducible per epoch, startable mid-epoch."""
+
+    def __init__(self, size: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = False):
+        self.size, self.num_replicas, self.rank = size, num_replicas, rank
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.epoch, self.start = 0, 0
+        if drop_last:
+            self.per_rank = size // num_replicas
+        else:
+            self.per_rank = math.ceil(size / num_replicas)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Use epoch ``epoch``'s order and skip its first ``start`` samples of this rank."""
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.size)
+        total = self.per_rank * self.num_replicas
+        if total > self.size:
+            order = torch.cat([order, order[: total - self.size]])
+        mine = order[:total][self.rank::self.num_replicas]
+        return iter(mine[self.start:].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+def build_loader(dataset: Dataset, batch_size: int, train: bool, workers: int, seed: int,
+                 num_replicas: int = 1, rank: int = 0, pin_memory: bool = False) -> DataLoader:
+    sampler = ResumableSampler(len(dataset), num_replicas, rank, shuffle=train, seed=seed, drop_last=train)
+    # an explicit generator keeps DataLoader from drawing its worker seed from the global RNG,
+    # so a resumed run's RNG stream matches an uninterrupted one
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      drop_last=train, pin_memory=pin_memory, persistent_workers=False,
+                      generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,121 @@
+"""The training and evaluation loops, shared by the search and the retrain.
+
+``train_one_epoch`` and ``evaluate`` are plain functions that return averaged metrics;
+checkpointing and logging live in the caller, reached through ``on_step``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .runtime import NonFiniteLoss, Runtime
+
+__all__ = ["train_one_epoch", "evaluate", "DistillationLoss"]
+
+
+class DistillationLoss(nn.Module):
+    """``(1 - w) * base(student, target) + w * T² KL(softmax(teacher/T) || softmax(student/T))``."""
+
+    def __init__(self, base: nn.Module, teacher: nn.Module, weight: float, temperature: float):
+        super().__init__()
+        self.base, self.teacher, self.weight, self.temperature = base, teacher, weight, temperature
+
+    def forward(self, inputs: torch.Tensor, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = self.base(outputs, target)
+        if self.weight == 0:
+            return loss
+        with torch.no_grad():
+            teacher = self.teacher(inputs)
+        t = self.temperature
+        kl = F.kl_div(F.log_softmax(outputs / t, dim=-1), F.log_softmax(teacher / t, dim=-1),
+                      reduction="batchmean", log_target=True) * (t * t)
+        return (1 - self.weight) * loss + self.weight * kl
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: Callable,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    runtime: Runtime,
+    *,
+    step: int,
+    max_steps: Optional[int] = None,
+    mixup_fn: Optional[Callable] = None,
+    scaler: Optional[torch.amp.GradScaler] = None,
+    clip_grad: Optional[float] = None,
+    on_step: Optional[Callable[[int, float], None]] = None,
+    desc: str = "train",
+) -> Dict[str, float]:
+    """One pass over ``loader`` (or until global step ``max_steps``).
+
+    ``criterion(inputs, outputs, targets)`` gives the loss. ``on_step(step, loss)`` runs
+    after every optimizer step, with the new global step. Raises :class:`NonFiniteLoss`
+    before stepping on a NaN or infinite loss.
+    """
+    model.train()
+    total, count = 0.0, 0
+    bar = tqdm(loader, desc=desc, disable=not runtime.is_main, dynamic_ncols=True, leave=False, mininterval=1.0)
+    for images, targets in bar:
+        if max_steps is not None and step >= max_steps:
+            break
+        images = images.to(runtime.device, non_blocking=True)
+        targets = targets.to(runtime.device, non_blocking=True)
+        if mixup_fn is not None:
+            images, targets = mixup_fn(images, targets)
+        with runtime.autocast():
+            outputs = model(images)
+            loss = criterion(images, outputs, targets)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"loss is {value} at step {step + 1}")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        step += 1
+        total, count = total + value, count + 1
+        bar.set_postfix(loss=f"{value:.4f}", step=step)
+        if on_step is not None:
+            on_step(step, value)
+    return {"loss": runtime.all_mean(total / max(count, 1)), "steps": count, "step": step}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, runtime: Runtime, max_batches: int = 0,
+             desc: str = "eval") -> Dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy, summed over all ranks."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=runtime.device)  # loss, top1, top5, n
+    for i, (images, targets) in enumerate(tqdm(loader, desc=desc, disable=not runtime.is_main,
+                                               dynamic_ncols=True, leave=False, mininterval=1.0)):
+        if max_batches and i >= max_batches:
+            break
+        images, targets = images.to(runtime.device), targets.to(runtime.device)
+        with runtime.autocast():
+            outputs = model(images)
+        outputs = outputs.float()
+        top = outputs.topk(min(5, outputs.shape[-1]), dim=-1).indices
+        correct = top == targets[:, None]
+        sums += torch.tensor([F.cross_entropy(outputs, targets, reduction="sum").item(),
+                              correct[:, :1].sum().item(), correct.sum().item(), targets.numel()],
+                             dtype=torch.float64, device=runtime.device)
+    if runtime.distributed:
+        torch.distributed.all_reduce(sums)
+    loss, top1, top5, n = sums.tolist()
+    n = max(n, 1)
+    return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "n": int(n)}

@@ -1,0 +1,181 @@
+"""`spp family`, `spp export`, `spp eval`, and the tables and plots they write."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .build import build_loaders, build_model
+from .checkpoint import atomic_write
+from .compress import compress, load_pruned, save_pruned
+from .config import Config, save_config
+from .engine import evaluate
+from .family import WeightFamily
+from .flops import count_flops, count_params, input_size_of
+from .path import SolutionPath
+from .runtime import Runtime, main_print, setup_runtime
+from .structure import PAIRS
+
+__all__ = ["run_family", "run_export", "run_eval", "write_table", "plot_path", "plot_family", "throughput"]
+
+
+def write_table(rows: List[Dict], stem: str) -> str:
+    """Write ``rows`` as ``stem.json`` and a Markdown table ``stem.md``; return the Markdown."""
+    keys = list(rows[0]) if rows else []
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    markdown = "\n".join(lines) + "\n"
+    atomic_write(stem + ".json", lambda f: open(f, "w").write(json.dumps(rows, indent=1) + "\n"))
+    atomic_write(stem + ".md", lambda f: open(f, "w").write(markdown))
+    return markdown
+
+
+def plot_path(path: SolutionPath, filename: str) -> None:
+    """Support size of Γ per pair type against the step, and the cumulative entries."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = path.sizes()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if path.support:
+        steps = [s for s, _ in path.support]
+        for pair in PAIRS:
+            ax.plot(steps, [100 * c[pair] / max(sizes[pair], 1) for _, c in path.support], label=f"support of Γ: {pair}")
+    entry_steps, fraction = path.entry_curve()
+    if entry_steps.numel():
+        ax.step(entry_steps.numpy(), 100 * fraction.numpy(), where="post", color="k", ls="--", label="entered (all)")
+    ax.set_xlabel("LBI step")
+    ax.set_ylabel("% of mask entries")
+    ax.set_title("Solution path")
+    ax.set_ylim(0, 101)
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(filename, dpi=120)
+    plt.close(fig)
+
+
+def plot_family(rows: List[Dict], filename: str, dense: Optional[Dict] = None, label: str = "SPP family") -> None:
+    """Accuracy against parameters (M) for the members of one family."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["params"] / 1e6 for r in rows], [r["top1"] for r in rows], "o-", label=label)
+    for r in rows:
+        ax.annotate(f"{r['flops_kept']:.0%} FLOPs", (r["params"] / 1e6, r["top1"]), fontsize=7,
+                    textcoords="offset points", xytext=(4, -10))
+    if dense:
+        ax.axhline(dense["top1"], color="gray", ls=":", label=f"dense ({dense['top1']:.2f}%)")
+    ax.set_xlabel("parameters (M)")
+    ax.set_ylabel("top-1 accuracy (%), no retraining")
+    ax.set_title("One search, every budget")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(filename, dpi=120)
+    plt.close(fig)
+
+
+def _search_dir(cfg: Config, explicit: Optional[str]) -> str:
+    directory = explicit or cfg.output
+    if not os.path.isfile(os.path.join(directory, "path.json")):
+        raise FileNotFoundError(f"no solution path in {directory} (path.json); run `spp search` first "
+                                "or point family.path / export.path at a search output folder")
+    return directory
+
+
+def _family(cfg: Config, directory: str, runtime: Runtime):
+    model = build_model(cfg, runtime).to(runtime.device)
+    path = SolutionPath.load(directory)
+    return model, WeightFamily(model, path)
+
+
+def run_family(cfg: Config) -> List[Dict]:
+    """Evaluate members at ``family.targets`` without retraining; table + plot of accuracy vs size."""
+    runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
+    directory = _search_dir(cfg, cfg.family.path)
+    model, family = _family(cfg, directory, runtime)
+    loader = build_loaders(cfg, runtime)["val"]
+    f = cfg.family
+    rows = []
+    for keep in f.targets:
+        member = family.select(keep=keep, by=f.by, scope=f.scope, rank=f.rank, floor=f.floor, round_to=f.round_to)
+        pruned = compress(model, member.masks, granularity=family.granularity)
+        metrics = evaluate(pruned, loader, runtime, f.max_batches, desc=f"keep {keep:.0%}")
+        s = member.summary
+        rows.append({"target": keep, "kept": round(s.kept, 4), "params": s.params_after,
+                     "params_kept": round(s.params_after / s.params_before, 4), "flops": s.flops_after,
+                     "flops_kept": round(s.flops_after / s.flops_before, 4),
+                     "top1": round(metrics["top1"], 2), "top5": round(metrics["top5"], 2)})
+        main_print(runtime, f"keep {keep:.0%} of prunable {f.by}: {s.params_after / 1e6:.3f}M params, "
+                            f"{s.flops_after / 1e9:.4f} GFLOPs, top-1 {metrics['top1']:.2f}%")
+    if runtime.is_main:
+        out = os.path.join(cfg.output, "family_eval")
+        write_table(rows, out)
+        plot_family(rows, out + ".png")
+        main_print(runtime, f"wrote {out}.md, {out}.json, {out}.png")
+    return rows
+
+
+def run_export(cfg: Config) -> str:
+    """Select one member, compress it and ``save_pruned`` it."""
+    runtime = setup_runtime("cpu", "off", cfg.seed)
+    directory = _search_dir(cfg, cfg.export.path)
+    model, family = _family(cfg, directory, runtime)
+    e = cfg.export
+    member = family.select(keep=e.keep, remove=e.remove if e.keep is None and e.budget is None else None,
+                           budget=e.budget, by=e.by, scope=e.scope, rank=e.rank, floor=e.floor, round_to=e.round_to)
+    pruned = compress(model, member.masks, granularity=family.granularity)
+    out = e.out or os.path.join(cfg.output, "pruned")
+    save_pruned(pruned, out)
+    atomic_write(os.path.join(out, "summary.json"),
+                 lambda f: open(f, "w").write(json.dumps(member.summary.to_dict(), indent=1) + "\n"))
+    print(member.summary)
+    print(f"wrote {out}/model.safetensors, config.json, summary.json")
+    return out
+
+
+@torch.no_grad()
+def throughput(model: nn.Module, input_size: Sequence[int], batch_size: int, device: torch.device,
+               amp_dtype=None, repeats: int = 10, warmup: int = 3) -> float:
+    """Images per second (median of ``repeats`` timed forwards after ``warmup``)."""
+    from contextlib import nullcontext
+    model.eval()
+    x = torch.randn(batch_size, *input_size, device=device)
+    ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    times = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with ctx:
+            model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    times.sort()
+    return batch_size / times[len(times) // 2]
+
+
+def run_eval(cfg: Config) -> Dict:
+    """Top-1/top-5, params, FLOPs and throughput of a saved model (train.source) or the dense one."""
+    runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
+    source = cfg.train.source
+    model = load_pruned(source) if source else build_model(cfg, runtime)
+    model.to(runtime.device)
+    metrics = evaluate(model, build_loaders(cfg, runtime)["test"], runtime)
+    size = input_size_of(model)
+    result = {"model": source or cfg.model.name, "top1": round(metrics["top1"], 2), "top5": round(metrics["top5"], 2),
+              "params": count_params(model), "flops": count_flops(model, size),
+              "images_per_s": round(throughput(model, size, cfg.data.eval_batch_size, runtime.device,
+                                               runtime.amp_dtype), 1)}
+    main_print(runtime, json.dumps(result))
+    return result

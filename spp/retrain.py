@@ -1,0 +1,174 @@
+"""`spp retrain`: finetune a family member (or train a dense model) with the DeiT recipe."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .build import build_criterion, build_loaders, build_model
+from .checkpoint import atomic_write
+from .compress import compress, load_pruned, save_pruned
+from .config import Config, save_config
+from .engine import evaluate, train_one_epoch
+from .family import WeightFamily
+from .path import SolutionPath
+from .runtime import (CheckpointError, NonFiniteLoss, Runtime, RunLogger, check_shapes,
+                      load_training_checkpoint, main_print, rng_state, save_training_checkpoint,
+                      set_rng_state, setup_runtime)
+
+__all__ = ["run_retrain", "source_model"]
+
+CHECKPOINT = "train_checkpoint.pth"
+
+
+def source_model(cfg: Config, runtime: Optional[Runtime] = None) -> nn.Module:
+    """The model to train: a ``save_pruned`` dir, a member selected from a search dir, or the dense model."""
+    source = cfg.train.source
+    if not source:
+        return build_model(cfg, runtime)
+    if os.path.isfile(os.path.join(source, "config.json")):
+        return load_pruned(source)
+    if os.path.isfile(os.path.join(source, "path.json")):
+        e = cfg.export
+        model = build_model(cfg, runtime)
+        family = WeightFamily(model, SolutionPath.load(source))
+        member = family.select(keep=e.keep, remove=e.remove if e.keep is None and e.budget is None else None,
+                               budget=e.budget, by=e.by, scope=e.scope, rank=e.rank, floor=e.floor,
+                               round_to=e.round_to)
+        if runtime is not None:
+            main_print(runtime, str(member.summary))
+        return compress(model, member.masks, granularity=family.granularity)
+    raise FileNotFoundError(f"train.source={source} holds neither config.json (a pruned model from "
+                            "`spp export`) nor path.json (a search output); run the search first (deit_search.sh), "
+                            "or try the whole pipeline on Fashion-MNIST: make demo")
+
+
+def _save_model(model: nn.Module, directory: str) -> None:
+    """Pruned models as ``save_pruned`` dirs; dense ones as ``<dir>.safetensors``."""
+    if getattr(model, "spp_widths", None) is not None:
+        save_pruned(model, directory)
+    else:
+        from safetensors.torch import save_file
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        atomic_write(directory + ".safetensors", lambda f: save_file(state, f))
+
+
+def _resume_file(cfg: Config) -> Optional[str]:
+    if cfg.resume in (None, "", "none", "off"):
+        return None
+    if cfg.resume == "auto":
+        path = os.path.join(cfg.output, CHECKPOINT)
+        return path if os.path.isfile(path) else None
+    if not os.path.isfile(cfg.resume):
+        raise CheckpointError(f"resume={cfg.resume} not found")
+    return cfg.resume
+
+
+def run_retrain(cfg: Config) -> Dict:
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+
+    runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
+    t = cfg.train
+    if runtime.is_main:
+        os.makedirs(cfg.output, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.output, "config.yaml"))
+    model = source_model(cfg, runtime).to(runtime.device)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    loaders = build_loaders(cfg, runtime)
+    loader = loaders["train"]
+    steps_per_epoch = len(loader)
+    total_steps = min(t.steps or t.epochs * steps_per_epoch, t.epochs * steps_per_epoch)
+    teacher = None
+    if t.distill > 0:
+        teacher = build_model(cfg, runtime).to(runtime.device).eval().requires_grad_(False)
+    mixup_fn, criterion = build_criterion(cfg.data, teacher, t.distill, t.distill_temperature)
+    lr = t.lr * cfg.data.batch_size * runtime.world_size / 512
+    optimizer = create_optimizer_v2(model, t.opt, lr=lr, weight_decay=t.weight_decay)
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=t.epochs, warmup_epochs=t.warmup_epochs,
+                                       min_lr=t.min_lr, warmup_lr=t.warmup_lr, step_on_epochs=False,
+                                       updates_per_epoch=steps_per_epoch)
+    ema = ModelEmaV3(model, decay=t.ema_decay) if t.ema else None
+    scaler = torch.amp.GradScaler(runtime.device.type) if runtime.amp_dtype is torch.float16 else None
+    net = DistributedDataParallel(model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None) \
+        if runtime.distributed else model
+
+    step, epoch, batch, best = 0, 0, 0, {"top1": -1.0}
+    resume = _resume_file(cfg)
+    if resume:
+        state = load_training_checkpoint(resume, "train", cfg.model.name)
+        check_shapes(state["model"], model.state_dict(), resume)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None and "ema" in state:
+            ema.module.load_state_dict(state["ema"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        step, epoch, batch, best = state["step"], state["epoch"], state["batch"], state["best"]
+        set_rng_state(state["rng"])
+        main_print(runtime, f"resumed {resume} at step {step} (epoch {epoch})")
+    main_print(runtime, f"train: {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M params, "
+                        f"{total_steps} steps ({steps_per_epoch}/epoch), lr {lr:.3g}")
+    logger = RunLogger(cfg.output, runtime.is_main)
+
+    def save(global_step: int, at_epoch: int, at_batch: int) -> None:
+        if not runtime.is_main:
+            return
+        state = {"kind": "train", "model_name": cfg.model.name, "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "step": global_step, "epoch": at_epoch,
+                 "batch": at_batch, "best": best, "rng": rng_state()}
+        if ema is not None:
+            state["ema"] = ema.module.state_dict()
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        save_training_checkpoint(state, os.path.join(cfg.output, CHECKPOINT))
+
+    def on_step(global_step: int, loss: float) -> None:
+        scheduler.step_update(num_updates=global_step)
+        if ema is not None:
+            ema.update(model, step=global_step)
+        if global_step % t.log_every == 0:
+            logger.log(global_step, loss=loss, lr=optimizer.param_groups[0]["lr"])
+        if t.checkpoint_every and global_step % t.checkpoint_every == 0:
+            save(global_step, epoch, global_step - epoch_start)
+
+    scheduler.step_update(num_updates=step)
+    metrics: Dict = {}
+    try:
+        while step < total_steps:
+            epoch_start = step - batch
+            loader.sampler.set_epoch(epoch, start=batch * cfg.data.batch_size)
+            loader.dataset.set_epoch(epoch)
+            stats = train_one_epoch(net, criterion, loader, optimizer, runtime, step=step, max_steps=total_steps,
+                                    mixup_fn=mixup_fn, scaler=scaler, clip_grad=t.clip_grad, on_step=on_step,
+                                    desc=f"train epoch {epoch}")
+            step = stats["step"]
+            finished_epoch = step - epoch_start >= steps_per_epoch
+            if (epoch + 1) % t.eval_every == 0 or step >= total_steps:
+                evaluated = ema.module if ema is not None else model
+                metrics = evaluate(evaluated, loaders["val"], runtime, desc="val")
+                logger.log(step, **{f"val/{k}": v for k, v in metrics.items()})
+                main_print(runtime, f"epoch {epoch}: train loss {stats['loss']:.4f}, val top-1 {metrics['top1']:.2f}%")
+                if runtime.is_main:
+                    _save_model(evaluated, os.path.join(cfg.output, "last"))
+                    if metrics["top1"] > best["top1"]:
+                        best = {**metrics, "epoch": epoch, "step": step}
+                        _save_model(evaluated, os.path.join(cfg.output, "best"))
+            epoch, batch = (epoch + 1, 0) if finished_epoch else (epoch, step - epoch_start)
+            save(step, epoch, batch)
+    except NonFiniteLoss as e:
+        logger.close()
+        raise NonFiniteLoss(f"{e}; training stopped. The last good checkpoint is "
+                            f"{os.path.join(cfg.output, CHECKPOINT)}; lower train.lr") from None
+    logger.close()
+    result = {"best": best, "last": metrics, "steps": step}
+    if runtime.is_main:
+        atomic_write(os.path.join(cfg.output, "result.json"), lambda f: open(f, "w").write(json.dumps(result, indent=1)))
+    runtime.barrier()
+    return result

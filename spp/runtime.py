@@ -1,0 +1,177 @@
+"""Run plumbing: device and precision, torchrun/DDP, seeding, logging, checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .checkpoint import atomic_torch_save
+
+__all__ = ["Runtime", "setup_runtime", "RunLogger", "rng_state", "set_rng_state", "CheckpointError",
+           "save_training_checkpoint", "load_training_checkpoint", "NonFiniteLoss"]
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_mean(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item() / self.world_size
+
+
+def setup_runtime(device: str = "auto", amp: str = "auto", seed: int = 0) -> Runtime:
+    """Read torchrun's environment, start the process group, pick device and precision, seed by rank."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if amp == "auto":
+        amp_dtype = torch.bfloat16 if use_cuda and torch.cuda.is_bf16_supported() else None
+    else:
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    if amp_dtype is torch.float16 and not use_cuda:
+        raise RuntimeError("amp=fp16 needs CUDA; use amp=bf16 or amp=off on CPU")
+    seed_everything(seed + rank)
+    return Runtime(dev, amp_dtype, rank, world_size, local_rank)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> Dict[str, Any]:
+    """All RNG states, in types that ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_checkpoint(state: Dict[str, Any], path: str) -> None:
+    """Atomically write ``path``, keeping the previous one as ``<path>.prev``."""
+    if os.path.exists(path):
+        os.replace(path, path + ".prev")
+    atomic_torch_save(state, path)
+
+
+def load_training_checkpoint(path: str, kind: str, model_name: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+        prev = path + ".prev"
+        hint = f" The previous checkpoint is intact: resume={prev}" if os.path.isfile(prev) else ""
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({type(e).__name__}: "
+                              f"{str(e)[:200]}). It was left untouched.{hint}") from None
+    if not isinstance(state, dict) or state.get("kind") != kind:
+        raise CheckpointError(f"{path} is not a {kind} checkpoint (found {state.get('kind') if isinstance(state, dict) else type(state).__name__})")
+    if state.get("model_name") != model_name:
+        raise CheckpointError(f"{path} was written for model {state.get('model_name')!r}, not {model_name!r}")
+    return state
+
+
+def check_shapes(saved: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor], source: str) -> None:
+    diffs = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(v.shape)}"
+             for k, v in own.items() if k in saved and saved[k].shape != v.shape]
+    missing = sorted(set(own) - set(saved))
+    if diffs or missing:
+        raise CheckpointError(f"{source} does not match this model: shapes differ for {diffs[:6]}; "
+                              f"missing {missing[:6]}")
+
+
+class RunLogger:
+    """TensorBoard scalars and a JSON-lines log, written by the main process only."""
+
+    def __init__(self, directory: str, enabled: bool):
+        self.enabled = enabled
+        self.writer = None
+        self.file = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            os.makedirs(directory, exist_ok=True)
+            self.writer = SummaryWriter(os.path.join(directory, "tb"))
+            self.file = open(os.path.join(directory, "log.jsonl"), "a")
+
+    def log(self, step: int, **scalars: Any) -> None:
+        if not self.enabled:
+            return
+        for key, value in scalars.items():
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, step)
+        self.file.write(json.dumps({"step": step, "time": round(time.time(), 3), **scalars}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.file.close()
+
+
+def main_print(runtime: Runtime, *args: Any) -> None:
+    if runtime.is_main:
+        print(*args, flush=True)

@@ -1,0 +1,201 @@
+"""`spp search`: one LBI run over the masks of a frozen pretrained model → the solution path."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Dict, List, Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from .build import build_criterion, build_loaders, build_model
+from .config import Config, save_config
+from .engine import train_one_epoch
+from .family import WeightFamily
+from .masks import add_masks, mask_parameters
+from .optim import LBI
+from .path import SolutionPath, support_sizes
+from .runtime import (CheckpointError, NonFiniteLoss, Runtime, RunLogger, check_shapes,
+                      load_training_checkpoint, main_print, rng_state, save_training_checkpoint,
+                      set_rng_state, setup_runtime)
+
+__all__ = ["run_search", "calibrate_nu"]
+
+CHECKPOINT = "checkpoint.pth"
+
+
+def calibrate_nu(model, loader, criterion, runtime: Runtime, batches: int, scale: float,
+                 mixup_fn=None) -> float:
+    """ν = ``scale`` / RMS of the per-batch mask gradients at M = 1.
+
+    The mask settles near ``-ν g`` (ALGORITHM.md §6), so ν must match the gradient scale,
+    which depends on the loss, the batch size and the model; this makes one setting carry
+    over. On the demo's Fashion-MNIST ViT, ``scale = 1`` gives ν of the order of the
+    hand-tuned 3000 of the prototype.
+    """
+    masks = [p for _, p in mask_parameters(model.module if hasattr(model, "module") else model)]
+    loader.sampler.set_epoch(-1)  # its own order: the search's epochs stay untouched
+    total, count = 0.0, 0
+    model.train()
+    for i, (images, targets) in enumerate(loader):
+        if i >= batches:
+            break
+        images, targets = images.to(runtime.device), targets.to(runtime.device)
+        if mixup_fn is not None:
+            images, targets = mixup_fn(images, targets)
+        with runtime.autocast():
+            loss = criterion(images, model(images), targets)
+        grads = torch.autograd.grad(loss, masks)
+        total += sum(float(g.float().pow(2).sum()) for g in grads)
+        count += sum(g.numel() for g in grads)
+    if count == 0:
+        raise RuntimeError("no training batch to calibrate nu from; the training set is smaller than one batch")
+    rms = math.sqrt(runtime.all_mean(total / count))
+    return scale / max(rms, 1e-12)
+
+
+def _path_checksum(optimizer: LBI, masks) -> torch.Tensor:
+    rows = []
+    for p in masks:
+        s = optimizer.state[p]
+        entry = s["entry_step"]
+        rows.append(torch.stack([s["gamma"].double().sum(), s["z"].double().sum(),
+                                 entry[torch.isfinite(entry)].double().sum(), torch.isinf(entry).double().sum()]))
+    return torch.stack(rows).flatten()
+
+
+def _check_ranks_agree(runtime: Runtime, optimizer: LBI, masks) -> None:
+    if not runtime.distributed:
+        return
+    local = _path_checksum(optimizer, masks).to(runtime.device)
+    gathered = [torch.zeros_like(local) for _ in range(runtime.world_size)]
+    torch.distributed.all_gather(gathered, local)
+    if any(not torch.equal(gathered[0], g) for g in gathered[1:]):
+        raise RuntimeError("Γ or the entry steps differ between ranks; the search is not synchronised")
+    main_print(runtime, f"solution path identical on all {runtime.world_size} ranks")
+
+
+def _resume_file(cfg: Config) -> Optional[str]:
+    if cfg.resume in (None, "", "none", "off"):
+        return None
+    if cfg.resume == "auto":
+        path = os.path.join(cfg.output, CHECKPOINT)
+        return path if os.path.isfile(path) else None
+    if not os.path.isfile(cfg.resume):
+        raise CheckpointError(f"resume={cfg.resume} not found")
+    return cfg.resume
+
+
+def _save(cfg: Config, model_masks, optimizer, support, step, epoch, batch, runtime) -> None:
+    if not runtime.is_main:
+        return
+    state = {"kind": "search", "model_name": cfg.model.name,
+             "masks": {n: p.detach().cpu() for n, p in model_masks},
+             "optimizer": optimizer.state_dict(), "support": support, "step": step,
+             "epoch": epoch, "batch": batch, "rng": rng_state()}
+    save_training_checkpoint(state, os.path.join(cfg.output, CHECKPOINT))
+
+
+def run_search(cfg: Config) -> SolutionPath:
+    runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
+    if runtime.is_main:
+        os.makedirs(cfg.output, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.output, "config.yaml"))
+    model = build_model(cfg, runtime)
+    add_masks(model, cfg.model.granularity, freeze=True)
+    model.to(runtime.device)
+    named_masks = mask_parameters(model)
+    masks = [p for _, p in named_masks]
+    loaders = build_loaders(cfg, runtime)
+    loader = loaders["train"]
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set has fewer samples per process than data.batch_size={cfg.data.batch_size}")
+    total_steps = cfg.search.steps or cfg.search.epochs * steps_per_epoch
+    mixup_fn, criterion = build_criterion(cfg.data)
+    net = DistributedDataParallel(model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None) \
+        if runtime.distributed else model
+    scaler = torch.amp.GradScaler(runtime.device.type) if runtime.amp_dtype is torch.float16 else None
+
+    resume = _resume_file(cfg)
+    support: List = []
+    step, epoch, batch = 0, 0, 0
+    if resume:
+        state = load_training_checkpoint(resume, "search", cfg.model.name)
+        check_shapes(state["masks"], dict(named_masks), resume)
+        with torch.no_grad():
+            for name, p in named_masks:
+                p.copy_(state["masks"][name])
+        optimizer = LBI(masks)
+        optimizer.load_state_dict(state["optimizer"])
+        support, step, epoch, batch = state["support"], state["step"], state["epoch"], state["batch"]
+        set_rng_state(state["rng"])
+        main_print(runtime, f"resumed {resume} at step {step} (epoch {epoch}, batch {batch})")
+    else:
+        s = cfg.search
+        nu = s.nu
+        if nu == "auto":
+            nu = calibrate_nu(net, loader, criterion, runtime, s.calibration_batches, s.nu_scale, mixup_fn)
+        lr = s.lr if s.lr != "auto" else s.rho * nu / s.kappa
+        optimizer = LBI(masks, lr=lr, kappa=s.kappa, nu=nu, lam=s.lam,
+                        preconditioner=s.preconditioner, shrink=s.shrink)
+    group = optimizer.param_groups[0]
+    main_print(runtime, f"search: {total_steps} steps ({steps_per_epoch}/epoch), lr={group['lr']:.4g} "
+                        f"kappa={group['kappa']} nu={group['nu']:.4g} lam={group['lam']}")
+    logger = RunLogger(cfg.output, runtime.is_main)
+
+    def on_step(global_step: int, loss: float) -> None:
+        nonlocal support
+        if global_step % cfg.search.log_every == 0 or global_step == total_steps:
+            sizes = support_sizes(optimizer, model)
+            support.append((global_step, sizes))
+            logger.log(global_step, loss=loss, **{f"support/{k}": v for k, v in sizes.items()})
+        if cfg.search.checkpoint_every and global_step % cfg.search.checkpoint_every == 0:
+            _save(cfg, named_masks, optimizer, support, global_step, current_epoch,
+                  global_step - epoch_start, runtime)
+
+    try:
+        while step < total_steps:
+            current_epoch = epoch
+            epoch_start = step - batch
+            loader.sampler.set_epoch(epoch, start=batch * cfg.data.batch_size)
+            loader.dataset.set_epoch(epoch)
+            stats = train_one_epoch(net, criterion, loader, optimizer, runtime, step=step, max_steps=total_steps,
+                                    mixup_fn=mixup_fn, scaler=scaler, on_step=on_step,
+                                    desc=f"search epoch {epoch}")
+            step = stats["step"]
+            epoch, batch = (epoch + 1, 0) if step - epoch_start >= steps_per_epoch else (epoch, step - epoch_start)
+            _save(cfg, named_masks, optimizer, support, step, epoch, batch, runtime)
+            main_print(runtime, f"epoch {current_epoch}: loss {stats['loss']:.4f}, step {step}/{total_steps}, "
+                                f"support {support[-1][1] if support else {}}")
+    except NonFiniteLoss as e:
+        logger.close()
+        raise NonFiniteLoss(f"{e}; the search stopped. The last good checkpoint is "
+                            f"{os.path.join(cfg.output, CHECKPOINT)}; lower search.lr or raise search.nu") from None
+    _check_ranks_agree(runtime, optimizer, masks)
+    meta = {"model": cfg.model.name, "hyperparameters": {k: group[k] for k in ("lr", "kappa", "nu", "lam",
+                                                                               "preconditioner", "shrink")}}
+    path = SolutionPath.from_optimizer(optimizer, model, support, meta)
+    if runtime.is_main:
+        path.save(cfg.output)
+        write_family_table(model, path, cfg.search.targets, cfg.output)
+        from .report import plot_path
+        plot_path(path, os.path.join(cfg.output, "path.png"))
+        main_print(runtime, f"wrote {cfg.output}/path.json, path.safetensors, family.md, path.png")
+    logger.close()
+    runtime.barrier()
+    return path
+
+
+def write_family_table(model, path: SolutionPath, targets, output: str) -> List[Dict]:
+    from .report import write_table
+
+    family = WeightFamily(model, path)
+    rows = []
+    for keep in targets:
+        s = family.select(keep=keep).summary
+        rows.append({"kept (prunable params)": f"{s.kept:.1%}", "params": f"{s.params_after / 1e6:.3f}M",
+                     "params kept": f"{s.params_after / s.params_before:.1%}", "GFLOPs": f"{s.flops_after / 1e9:.4f}",
+                     "FLOPs kept": f"{s.flops_after / s.flops_before:.1%}"})
+    write_table(rows, os.path.join(output, "family"))
+    return rows

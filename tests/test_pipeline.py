@@ -1,0 +1,178 @@
+"""The commands end to end on synthetic data and a tiny ViT (seconds each)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+import spp
+from spp.cli import main
+from spp.config import ConfigError, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "smoke_synthetic.yaml")
+
+
+def run(command, out, *overrides):
+    return main([command, SMOKE, f"output={out}", *overrides])
+
+
+def test_config_errors_name_the_problem():
+    with pytest.raises(ConfigError, match=r"unknown config key 'search.lrr'; valid keys in search: steps, epochs, lr"):
+        load_config(SMOKE, ["search.lrr=1"])
+    with pytest.raises(ConfigError, match=r"search.epochs: expected int, got 'many'"):
+        load_config(SMOKE, ["search.epochs=many"])
+    with pytest.raises(ConfigError, match=r"data.dataset='cifar': choose one of"):
+        load_config(SMOKE, ["data.dataset=cifar"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_config(SMOKE, ["search.lr"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("nope.yaml")
+    cfg = load_config(SMOKE, ["search.lr=5e-4", "family.targets=[0.5]"])
+    assert cfg.search.lr == 5e-4 and cfg.family.targets == [0.5] and cfg.data.dataset == "synthetic"
+
+
+def test_shipped_configs_load():
+    for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
+        cfg = load_config(os.path.join(ROOT, "configs", name))
+        assert cfg.output
+
+
+def test_end_to_end_search_family_export_retrain(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert run("search", out) == 0
+    for name in ("path.json", "path.safetensors", "family.md", "family.json", "path.png", "config.yaml",
+                 "log.jsonl", "checkpoint.pth"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    resolved = yaml.safe_load(open(os.path.join(out, "config.yaml")))
+    assert resolved["output"] == out and resolved["search"]["steps"] == 24
+    path = spp.SolutionPath.load(out)
+    assert path.steps == 24 and path.support and path.meta["hyperparameters"]["nu"] > 0
+    assert len(json.load(open(os.path.join(out, "family.json")))) == 3
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert log[-1]["step"] == 24 and "support/mlp" in log[-1]
+
+    assert run("family", out) == 0
+    rows = json.load(open(os.path.join(out, "family_eval.json")))
+    assert [r["target"] for r in rows] == [1.0, 0.5, 0.2]
+    assert rows[0]["params"] > rows[1]["params"] > rows[2]["params"]
+    assert os.path.isfile(os.path.join(out, "family_eval.png"))
+
+    assert run("export", out, "export.remove=0.6", "export.round_to=4") == 0
+    pruned = spp.load_pruned(os.path.join(out, "pruned"))
+    summary = json.load(open(os.path.join(out, "pruned", "summary.json")))
+    assert spp.count_params(pruned) == summary["params_after"]
+    assert all(w["mlp_hidden"] % 4 == 0 for w in summary["widths"])
+
+    train_out = str(tmp_path / "retrain")
+    assert main(["retrain", SMOKE, f"output={train_out}", f"train.source={out}/pruned"]) == 0
+    result = json.load(open(os.path.join(train_out, "result.json")))
+    assert result["steps"] == 16 and 0 <= result["best"]["top1"] <= 100
+    best = spp.load_pruned(os.path.join(train_out, "best"))
+    assert spp.count_params(best) == summary["params_after"]
+
+    assert main(["eval", SMOKE, f"output={train_out}", f"train.source={train_out}/best"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(printed)["params"] == summary["params_after"]
+
+
+def test_retrain_from_a_search_folder_selects_a_member(tmp_path):
+    out = str(tmp_path / "run")
+    assert run("search", out, "search.steps=8") == 0
+    train_out = str(tmp_path / "retrain")
+    assert main(["retrain", SMOKE, f"output={train_out}", f"train.source={out}", "export.remove=0.3",
+                 "train.steps=4", "train.ema=false", "train.distill=0"]) == 0
+    assert os.path.isfile(os.path.join(train_out, "best", "model.safetensors"))
+
+
+def _search_cmd(out, *overrides):
+    return [sys.executable, "-m", "spp", "search", SMOKE, f"output={out}", *overrides]
+
+
+def _path_tensors(out):
+    path = spp.SolutionPath.load(out)
+    return path, {f"{n}/{k}": v for n, e in path.entries.items() for k, v in e.items()}
+
+
+def test_killed_search_resumes_to_the_same_path(tmp_path):
+    long = ["search.steps=120", "search.checkpoint_every=10", "data.synthetic_size=256"]
+    reference = str(tmp_path / "reference")
+    subprocess.run(_search_cmd(reference, *long), check=True, capture_output=True)
+
+    out = str(tmp_path / "killed")
+    proc = subprocess.Popen(_search_cmd(out, *long), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = os.path.join(out, "checkpoint.pth")
+    deadline = time.time() + 120
+    while not os.path.isfile(checkpoint) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(checkpoint, weights_only=True)["step"]
+    assert 0 < killed_at < 120, "the run must be killed part-way for this test to mean anything"
+    assert not os.path.isfile(os.path.join(out, "path.json"))
+
+    subprocess.run(_search_cmd(out, *long, "resume=auto"), check=True, capture_output=True)
+    (ref_path, ref), (got_path, got) = _path_tensors(reference), _path_tensors(out)
+    assert ref.keys() == got.keys()
+    for key in ref:
+        assert torch.equal(ref[key], got[key]), key
+    assert ref_path.support == got_path.support
+
+
+def test_corrupt_checkpoint_gives_clear_error_and_is_left_intact(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert run("search", out, "search.steps=8") == 0
+    checkpoint = os.path.join(out, "checkpoint.pth")
+    with open(checkpoint, "r+b") as f:
+        f.truncate(100)
+    before = open(checkpoint, "rb").read()
+    assert run("search", out, "search.steps=16") == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pth is corrupt" in err and "resume=" in err and "checkpoint.pth.prev" in err
+    assert open(checkpoint, "rb").read() == before
+    assert os.path.isfile(checkpoint + ".prev")
+
+
+def test_checkpoint_from_another_model_is_rejected(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert run("search", out, "search.steps=8") == 0
+    assert run("search", out, "search.steps=16", "model.kwargs={patch_size: 8, embed_dim: 96, depth: 2, num_heads: 4}") == 2
+    err = capsys.readouterr().err
+    assert "shapes differ" in err and "blocks.0.attn.qk_mask" in err
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert run("search", out, "search.lr=1e30", "search.nu=1.0", "search.steps=16", "search.checkpoint_every=1") == 2
+    err = capsys.readouterr().err
+    assert "loss is nan" in err.lower() or "loss is inf" in err.lower()
+    assert "last good checkpoint" in err
+    assert not os.path.isfile(os.path.join(out, "path.json"))
+
+
+def test_missing_data_and_checkpoint_say_where_they_looked(tmp_path, capsys):
+    assert main(["search", SMOKE, f"output={tmp_path}", "data.dataset=imagenet", f"data.root={tmp_path}/imagenet"]) == 2
+    assert f"{tmp_path}/imagenet/train not found" in capsys.readouterr().err
+    assert main(["search", SMOKE, f"output={tmp_path}", f"model.checkpoint={tmp_path}/deit.pth"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/deit.pth not found" in err and "make demo" in err
+
+
+def test_torchrun_two_processes_give_one_identical_path(tmp_path):
+    out = str(tmp_path / "ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_port=29517", "-m", "spp", "search", SMOKE, f"output={out}",
+                             "search.steps=12"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "solution path identical on all 2 ranks" in result.stdout
+    assert result.stdout.count("wrote ") == 1  # only rank 0 writes
+    path = spp.SolutionPath.load(out)
+    assert path.steps == 12
+    files = sorted(os.listdir(out))
+    assert files.count("path.json") == 1 and not any("rank" in f for f in files)
