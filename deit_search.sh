@@ -1,12 +1,3 @@
 #!/usr/bin/env bash
-# SPP search on a GPU cluster node:  NPROC=8 bash deit_search.sh [CONFIG] [key=value ...]
-# Default config: DeiT-Small on ImageNet (configs/deit_small_search.yaml).
-set -euo pipefail
-cd "$(dirname "$0")"
-CONFIG=configs/deit_small_search.yaml
-if [[ $# -gt 0 && "$1" != *=* ]]; then CONFIG=$1; shift; fi
-if [[ "${NPROC:-1}" -gt 1 ]]; then
-  exec torchrun --standalone --nproc_per_node="$NPROC" -m spp search "$CONFIG" "$@"
-fi
-exec python3 -m spp search "$CONFIG" "$@"
-
+# SPP search on a GPU node: NPROC=8 bash deit_search.sh [CONFIG] [key=value ...] (default: DeiT-Small, ImageNet)
+exec bash "$(dirname "$0")/scripts/launch.sh" search configs/deit_small_search.yaml "$@"

@@ -8,16 +8,12 @@ import torch
 from torch import nn
 
 from .checkpoint import create_model
-from .config import Config, DataConfig
+from .config import Config, DataConfig, ExportConfig
 from .data import build_datasets, build_loader
 from .engine import DistillationLoss
 from .runtime import Runtime, main_print
 
-__all__ = ["build_model", "build_loaders", "build_criterion", "model_name"]
-
-
-def model_name(cfg: Config) -> str:
-    return cfg.model.name
+__all__ = ["build_model", "build_loaders", "build_criterion", "select_member"]
 
 
 def build_model(cfg: Config, runtime: Optional[Runtime] = None) -> nn.Module:
@@ -71,3 +67,10 @@ def build_criterion(data: DataConfig, teacher: Optional[nn.Module] = None, disti
     if teacher is not None and distill > 0:
         return mixup_fn, DistillationLoss(base, teacher, distill, temperature)
     return mixup_fn, lambda inputs, outputs, targets: base(outputs, targets)
+
+
+def select_member(family, e: ExportConfig):
+    """The member that ``export.*`` asks for (``keep`` or ``budget`` take precedence over ``remove``)."""
+    remove = e.remove if e.keep is None and e.budget is None else None
+    return family.select(keep=e.keep, remove=remove, budget=e.budget, by=e.by, scope=e.scope,
+                         rank=e.rank, floor=e.floor, round_to=e.round_to)

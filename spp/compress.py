@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import atomic_write, base_of, build_base
-from .masks import granularity_of, is_masked, mask_parameters, remove_masks
+from .masks import granularity_of, is_masked, mask_parameters, remove_masks, window_bias
 from .structure import BlockGeometry, Widths, find_blocks, mask_names, model_geometry, widths_from_masks
 
-__all__ = ["PrunedAttention", "compress", "save_pruned", "load_pruned", "pruned_widths"]
+__all__ = ["PrunedAttention", "PrunedWindowAttention", "compress", "save_pruned", "load_pruned", "pruned_widths"]
 
 FORMAT = "spp-pruned"
 FORMAT_VERSION = 1
@@ -59,6 +59,11 @@ class PrunedAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
+        return self._attend(x, attn_mask, is_causal)
+
+    def _attend(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attention with an optional per-head additive ``bias`` ``(B or 1, heads, N, N)``."""
         B, N, _ = x.shape
         hq, qk_width = self.num_qk_heads, self.num_qk_heads * self.qk_dim
         q, k, v = self.qkv(x).split([qk_width, qk_width, self.num_heads * self.v_dim], dim=-1)
@@ -67,17 +72,46 @@ class PrunedAttention(nn.Module):
         if hq:
             q = q.view(B, N, hq, self.qk_dim).transpose(1, 2)            # (B, qk_heads, N, qk_dim)
             k = k.view(B, N, hq, self.qk_dim).transpose(1, 2)
+            mask = bias[:, :hq].to(q.dtype) if bias is not None else attn_mask
             outputs.append(F.scaled_dot_product_attention(
-                q, k, v[:, :hq], attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                q, k, v[:, :hq], attn_mask=mask, is_causal=is_causal, scale=self.scale,
                 dropout_p=self.attn_drop.p if self.training else 0.0))  # (B, qk_heads, N, v_dim)
-        if hq < self.num_heads:
-            if attn_mask is not None or is_causal:
+        if hq < self.num_heads:  # heads without query-key dims: logits are the bias alone
+            if bias is not None:
+                weights = self.attn_drop(torch.softmax(bias[:, hq:].float(), dim=-1).to(v.dtype))
+                outputs.append(weights @ v[:, hq:])                      # (B, heads - qk_heads, N, v_dim)
+            elif attn_mask is not None or is_causal:
                 raise NotImplementedError("heads with no query-key dims need attn_mask=None")
-            uniform = v[:, hq:].mean(dim=2, keepdim=True)               # (B, heads - qk_heads, 1, v_dim)
-            outputs.append(uniform.expand(-1, -1, N, -1))
+            else:
+                uniform = v[:, hq:].mean(dim=2, keepdim=True)           # (B, heads - qk_heads, 1, v_dim)
+                outputs.append(uniform.expand(-1, -1, N, -1))
         x = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0] if outputs else v
         x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.v_dim)  # (B, N, heads * v_dim)
         return self.proj_drop(self.proj(x))
+
+
+class PrunedWindowAttention(PrunedAttention):
+    """:class:`PrunedAttention` for Swin windows, with the relative-position bias of its kept heads."""
+
+    def __init__(self, dim: int, num_heads: int, num_qk_heads: int, qk_dim: int, v_dim: int, scale: float,
+                 window_size, qkv_bias: bool = True, proj_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0):
+        from timm.models.swin_transformer import get_relative_position_index
+
+        super().__init__(dim, num_heads, num_qk_heads, qk_dim, v_dim, scale, qkv_bias, proj_bias, attn_drop, proj_drop)
+        self.window_size = tuple(window_size)
+        wh, ww = self.window_size
+        self.window_area = wh * ww
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
+        self.register_buffer("relative_position_index", get_relative_position_index(wh, ww), persistent=False)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.num_heads == 0:
+            return self._attend(x)
+        n = self.window_area
+        rel = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
+        rel = rel.permute(2, 0, 1).unsqueeze(0)                       # (1, heads, N, N)
+        return self._attend(x, bias=window_bias(rel, mask, x.shape[0]))
 
 
 def _new_linear(in_features: int, out_features: int, bias: bool, **kwargs) -> nn.Linear:
@@ -99,7 +133,7 @@ def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
 
 def _attention_keep(geom: BlockGeometry, qk: torch.Tensor, v: torch.Tensor, granularity: str):
     """Rows of ``qkv`` to keep (q, k, v order), their scales, and the kept ``proj`` columns."""
-    H, hd, C = geom.num_heads, geom.head_dim, geom.dim
+    H, hd = geom.num_heads, geom.head_dim
     if granularity == "dim":
         qk, v = qk.view(1, hd).expand(H, hd), v.view(1, hd).expand(H, hd)
     else:
@@ -113,23 +147,33 @@ def _attention_keep(geom: BlockGeometry, qk: torch.Tensor, v: torch.Tensor, gran
     v_rows = [index[h][v[h] != 0] for h in heads]
     q_rows = torch.cat(q_rows) if q_rows else index.new_zeros(0)
     v_rows = torch.cat(v_rows) if v_rows else index.new_zeros(0)
-    rows = torch.cat([q_rows, q_rows + C, v_rows + 2 * C])
+    rows = torch.cat([q_rows, q_rows + H * hd, v_rows + 2 * H * hd])
     scales = torch.cat([qk.flatten()[q_rows], torch.ones_like(q_rows, dtype=qk.dtype),
                         v.flatten()[v_rows]])
-    return rows, scales, v_rows
+    return rows, scales, v_rows, heads
 
 
 @torch.no_grad()
 def _compress_attention(attn: nn.Module, geom: BlockGeometry, widths: Widths, qk, v, granularity):
-    rows, scales, proj_cols = _attention_keep(geom, qk, v, granularity)
+    rows, scales, proj_cols, heads = _attention_keep(geom, qk, v, granularity)
     scales = scales.to(attn.qkv.weight.dtype)
-    new = PrunedAttention(geom.dim, widths.num_heads, widths.num_qk_heads, widths.qk_dim, widths.v_dim,
-                          scale=attn.scale, qkv_bias=geom.qkv_bias, proj_bias=geom.proj_bias,
-                          attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p)
+    new = _new_attention(attn, geom, widths)
     bias = attn.qkv.bias[rows] * scales if geom.qkv_bias else None
     new.qkv = _linear(attn.qkv.weight[rows] * scales[:, None], bias)
     new.proj = _linear(attn.proj.weight[:, proj_cols], attn.proj.bias)
+    if isinstance(new, PrunedWindowAttention):
+        new.relative_position_bias_table.data = attn.relative_position_bias_table.data[:, heads].clone()
     return new.to(attn.qkv.weight.device)
+
+
+def _new_attention(attn: nn.Module, geom: BlockGeometry, w: Widths) -> PrunedAttention:
+    """An empty pruned attention of widths ``w`` in place of the timm module ``attn``."""
+    args = (geom.dim, w.num_heads, w.num_qk_heads, w.qk_dim, w.v_dim)
+    kwargs = dict(scale=attn.scale, qkv_bias=geom.qkv_bias, proj_bias=geom.proj_bias,
+                  attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p)
+    if geom.windowed:
+        return PrunedWindowAttention(*args, window_size=attn.window_size, **kwargs)
+    return PrunedAttention(*args, **kwargs)
 
 
 @torch.no_grad()
@@ -208,10 +252,7 @@ def _shrink_structure(model: nn.Module, widths: List[Widths]) -> nn.Module:
     if len(widths) != len(geoms):
         raise ValueError(f"config.json lists {len(widths)} blocks but the base model has {len(geoms)}")
     for block, geom, w in zip(find_blocks(model), geoms, widths):
-        attn = block.attn
-        block.attn = PrunedAttention(geom.dim, w.num_heads, w.num_qk_heads, w.qk_dim, w.v_dim,
-                                     scale=attn.scale, qkv_bias=geom.qkv_bias, proj_bias=geom.proj_bias,
-                                     attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p)
+        block.attn = _new_attention(block.attn, geom, w)
         mlp = block.mlp
         mlp.fc1 = _new_linear(geom.dim, w.mlp_hidden, geom.fc1_bias)
         mlp.fc2 = _new_linear(w.mlp_hidden, geom.dim, geom.fc2_bias)

@@ -122,7 +122,7 @@ class Config:
     seed: int = 0
     device: str = "auto"                    # auto | cpu | cuda
     amp: str = "auto"                       # auto | bf16 | fp16 | off
-    resume: Optional[str] = "auto"          # auto | a checkpoint file | null
+    resume: Optional[str] = "auto"          # auto | a checkpoint file | null (start afresh)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -135,7 +135,9 @@ class Config:
 
 
 def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    if typing.get_origin(tp) is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
 
 
 def _coerce(key: str, value: Any, tp) -> Any:
@@ -151,7 +153,8 @@ def _coerce(key: str, value: Any, tp) -> Any:
                 return _coerce(key, value, option)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
+        hint = " (YAML reads off/no/false as booleans: quote the word, or use null)" if isinstance(value, bool) else ""
+        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}{hint}")
     if origin in (list, List):
         (item,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -210,10 +213,12 @@ def parse_overrides(items: Sequence[str]) -> Dict[str, Any]:
     return out
 
 
-def _deep_update(base: Dict, extra: Dict) -> Dict:
+def _deep_update(base: Dict, extra: Dict, schema: Any) -> Dict:
+    """Merge ``extra`` into ``base`` section by section; a value (even a dict) replaces the old one."""
     for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _deep_update(base[k], v)
+        section = getattr(schema, k, None)
+        if dataclasses.is_dataclass(section) and isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v, section)
         else:
             base[k] = v
     return base
@@ -229,8 +234,8 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
             raise ConfigError(f"config file {path} not found (the shipped ones are in configs/)") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
-    _deep_update(data, parse_overrides(overrides))
     config = Config()
+    _deep_update(data, parse_overrides(overrides), config)
     _merge(config, data)
     _validate(config)
     return config

@@ -159,8 +159,8 @@ def _imagefolder(cfg: DataConfig, split: str):
 
     root = cfg.root
     if not root:
-        raise DatasetNotFound(f"data.root is not set; point it at a folder with train/ and val/ "
-                              f"(data.root=/path/to/imagenet), or run the demo: make demo")
+        raise DatasetNotFound("data.root is not set; point it at a folder with train/ and val/ "
+                              "(data.root=/path/to/imagenet), or run the demo: make demo")
     directory = os.path.join(root, "train" if split == "train" else "val")
     if not os.path.isdir(directory):
         raise DatasetNotFound(f"{directory} not found; data.root must hold train/ and val/ class folders "

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import List, Sequence
 
-from .checkpoint import atomic_write
 from .config import load_config
 from .report import run_export, run_family, write_table
 from .retrain import run_retrain
@@ -42,7 +41,7 @@ def run_demo(output: str = "outputs/demo", overrides: Sequence[str] = (), fresh:
     else:
         _banner(f"1/5 pretrained model cached at {checkpoint} (--fresh retrains it)")
     shared = [f"model.checkpoint={checkpoint}", *overrides]
-    search = _config("demo_search.yaml", [f"output={search_dir}", "resume=off", f"export.out={pruned_dir}", *shared])
+    search = _config("demo_search.yaml", [f"output={search_dir}", "resume=null", f"export.out={pruned_dir}", *shared])
     _banner("2/5 search: LBI over the masks of the frozen model")
     run_search(search)
     _banner("3/5 family: members at several sparsities, no retraining")
@@ -50,7 +49,7 @@ def run_demo(output: str = "outputs/demo", overrides: Sequence[str] = (), fresh:
     _banner("4/5 export: half of the prunable parameters removed, compressed")
     run_export(search)
     _banner("5/5 retrain the exported member briefly (distilled from the dense model)")
-    retrain = _config("demo_retrain.yaml", [f"output={output}/retrain", "resume=off", f"train.source={pruned_dir}",
+    retrain = _config("demo_retrain.yaml", [f"output={output}/retrain", "resume=null", f"train.source={pruned_dir}",
                                             *shared])
     result = run_retrain(retrain)
     table = _summary(rows, search.export.remove, result)

@@ -314,6 +314,8 @@ class WeightFamily:
 
 def _with_tokens(geom: BlockGeometry, model: nn.Module, input_size: Sequence[int]) -> BlockGeometry:
     import dataclasses
+    if geom.windowed:
+        raise ValueError("input_size= is for ViT/DeiT; build the Swin model at the input size you want counted")
     patch = model.patch_embed.patch_size
     grid = (input_size[1] // patch[0]) * (input_size[2] // patch[1])
     return dataclasses.replace(geom, tokens=grid + model.num_prefix_tokens)

@@ -9,10 +9,10 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .build import build_loaders, build_model
+from .build import build_loaders, build_model, select_member
 from .checkpoint import atomic_write
 from .compress import compress, load_pruned, save_pruned
-from .config import Config, save_config
+from .config import Config
 from .engine import evaluate
 from .family import WeightFamily
 from .flops import count_flops, count_params, input_size_of
@@ -129,11 +129,9 @@ def run_export(cfg: Config) -> str:
     runtime = setup_runtime("cpu", "off", cfg.seed)
     directory = _search_dir(cfg, cfg.export.path)
     model, family = _family(cfg, directory, runtime)
-    e = cfg.export
-    member = family.select(keep=e.keep, remove=e.remove if e.keep is None and e.budget is None else None,
-                           budget=e.budget, by=e.by, scope=e.scope, rank=e.rank, floor=e.floor, round_to=e.round_to)
+    member = select_member(family, cfg.export)
     pruned = compress(model, member.masks, granularity=family.granularity)
-    out = e.out or os.path.join(cfg.output, "pruned")
+    out = cfg.export.out or os.path.join(cfg.output, "pruned")
     save_pruned(pruned, out)
     atomic_write(os.path.join(out, "summary.json"),
                  lambda f: open(f, "w").write(json.dumps(member.summary.to_dict(), indent=1) + "\n"))

@@ -9,15 +9,15 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .build import build_criterion, build_loaders, build_model
+from .build import build_criterion, build_loaders, build_model, select_member
 from .checkpoint import atomic_write
 from .compress import compress, load_pruned, save_pruned
 from .config import Config, save_config
 from .engine import evaluate, train_one_epoch
 from .family import WeightFamily
 from .path import SolutionPath
-from .runtime import (CheckpointError, NonFiniteLoss, Runtime, RunLogger, check_shapes,
-                      load_training_checkpoint, main_print, rng_state, save_training_checkpoint,
+from .runtime import (NonFiniteLoss, Runtime, RunLogger, check_shapes,
+                      load_training_checkpoint, main_print, resume_file, rng_state, save_training_checkpoint,
                       set_rng_state, setup_runtime)
 
 __all__ = ["run_retrain", "source_model"]
@@ -33,12 +33,9 @@ def source_model(cfg: Config, runtime: Optional[Runtime] = None) -> nn.Module:
     if os.path.isfile(os.path.join(source, "config.json")):
         return load_pruned(source)
     if os.path.isfile(os.path.join(source, "path.json")):
-        e = cfg.export
         model = build_model(cfg, runtime)
         family = WeightFamily(model, SolutionPath.load(source))
-        member = family.select(keep=e.keep, remove=e.remove if e.keep is None and e.budget is None else None,
-                               budget=e.budget, by=e.by, scope=e.scope, rank=e.rank, floor=e.floor,
-                               round_to=e.round_to)
+        member = select_member(family, cfg.export)
         if runtime is not None:
             main_print(runtime, str(member.summary))
         return compress(model, member.masks, granularity=family.granularity)
@@ -55,17 +52,6 @@ def _save_model(model: nn.Module, directory: str) -> None:
         from safetensors.torch import save_file
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         atomic_write(directory + ".safetensors", lambda f: save_file(state, f))
-
-
-def _resume_file(cfg: Config) -> Optional[str]:
-    if cfg.resume in (None, "", "none", "off"):
-        return None
-    if cfg.resume == "auto":
-        path = os.path.join(cfg.output, CHECKPOINT)
-        return path if os.path.isfile(path) else None
-    if not os.path.isfile(cfg.resume):
-        raise CheckpointError(f"resume={cfg.resume} not found")
-    return cfg.resume
 
 
 def run_retrain(cfg: Config) -> Dict:
@@ -100,7 +86,7 @@ def run_retrain(cfg: Config) -> Dict:
         if runtime.distributed else model
 
     step, epoch, batch, best = 0, 0, 0, {"top1": -1.0}
-    resume = _resume_file(cfg)
+    resume = resume_file(cfg.resume, os.path.join(cfg.output, CHECKPOINT))
     if resume:
         state = load_training_checkpoint(resume, "train", cfg.model.name)
         check_shapes(state["model"], model.state_dict(), resume)

@@ -135,6 +135,17 @@ def load_training_checkpoint(path: str, kind: str, model_name: str) -> Dict[str,
     return state
 
 
+def resume_file(resume: Optional[str], default: str) -> Optional[str]:
+    """The checkpoint to resume from: ``resume="auto"`` takes ``default`` if it exists."""
+    if resume in (None, "", "none"):
+        return None
+    if resume == "auto":
+        return default if os.path.isfile(default) else None
+    if not os.path.isfile(resume):
+        raise CheckpointError(f"resume={resume} not found (use resume=auto, a checkpoint file, or null)")
+    return resume
+
+
 def check_shapes(saved: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor], source: str) -> None:
     diffs = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(v.shape)}"
              for k, v in own.items() if k in saved and saved[k].shape != v.shape]

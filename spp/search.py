@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -15,8 +15,8 @@ from .family import WeightFamily
 from .masks import add_masks, mask_parameters
 from .optim import LBI
 from .path import SolutionPath, support_sizes
-from .runtime import (CheckpointError, NonFiniteLoss, Runtime, RunLogger, check_shapes,
-                      load_training_checkpoint, main_print, rng_state, save_training_checkpoint,
+from .runtime import (NonFiniteLoss, Runtime, RunLogger, check_shapes,
+                      load_training_checkpoint, main_print, resume_file, rng_state, save_training_checkpoint,
                       set_rng_state, setup_runtime)
 
 __all__ = ["run_search", "calibrate_nu"]
@@ -75,17 +75,6 @@ def _check_ranks_agree(runtime: Runtime, optimizer: LBI, masks) -> None:
     main_print(runtime, f"solution path identical on all {runtime.world_size} ranks")
 
 
-def _resume_file(cfg: Config) -> Optional[str]:
-    if cfg.resume in (None, "", "none", "off"):
-        return None
-    if cfg.resume == "auto":
-        path = os.path.join(cfg.output, CHECKPOINT)
-        return path if os.path.isfile(path) else None
-    if not os.path.isfile(cfg.resume):
-        raise CheckpointError(f"resume={cfg.resume} not found")
-    return cfg.resume
-
-
 def _save(cfg: Config, model_masks, optimizer, support, step, epoch, batch, runtime) -> None:
     if not runtime.is_main:
         return
@@ -117,7 +106,7 @@ def run_search(cfg: Config) -> SolutionPath:
         if runtime.distributed else model
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.amp_dtype is torch.float16 else None
 
-    resume = _resume_file(cfg)
+    resume = resume_file(cfg.resume, os.path.join(cfg.output, CHECKPOINT))
     support: List = []
     step, epoch, batch = 0, 0, 0
     if resume:
@@ -145,7 +134,6 @@ def run_search(cfg: Config) -> SolutionPath:
     logger = RunLogger(cfg.output, runtime.is_main)
 
     def on_step(global_step: int, loss: float) -> None:
-        nonlocal support
         if global_step % cfg.search.log_every == 0 or global_step == total_steps:
             sizes = support_sizes(optimizer, model)
             support.append((global_step, sizes))

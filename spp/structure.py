@@ -15,11 +15,12 @@ import torch
 from torch import nn
 from timm.layers import Mlp
 from timm.layers.attention import Attention
+from timm.models.swin_transformer import SwinTransformer, WindowAttention
 from timm.models.vision_transformer import VisionTransformer
 
 PAIRS = ("qk", "v", "mlp")
 GRANULARITIES = ("dim", "head")
-SUPPORTED_FAMILIES = "timm VisionTransformer (ViT, DeiT, DeiT distilled)"
+SUPPORTED_FAMILIES = "timm VisionTransformer (ViT, DeiT, DeiT distilled) and SwinTransformer (Swin v1)"
 
 
 @dataclass(frozen=True)
@@ -51,11 +52,18 @@ class BlockGeometry:
     num_heads: int
     head_dim: int
     mlp_hidden: int
-    tokens: int          # sequence length N at the model's input size
+    tokens: int          # tokens through qkv/proj/MLP at the model's input size (padded for windows)
     qkv_bias: bool
     proj_bias: bool
     fc1_bias: bool
     fc2_bias: bool
+    keys: int = 0        # keys each query attends to (window area for Swin; 0 means all tokens)
+    windowed: bool = False  # relative-position bias: heads without query-keys still attend (not uniformly)
+    bias_rows: int = 0   # rows of the relative-position bias table (one column per head)
+
+    @property
+    def span(self) -> int:
+        return self.keys or self.tokens
 
     @property
     def full(self) -> Widths:
@@ -70,7 +78,7 @@ class BlockGeometry:
         v_rows = w.num_heads * w.v_dim
         attn = (qk_rows + v_rows) * (c + self.qkv_bias) + v_rows * c + c * self.proj_bias
         mlp = w.mlp_hidden * (c + self.fc1_bias) + w.mlp_hidden * c + c * self.fc2_bias
-        return attn + mlp
+        return attn + self.bias_rows * w.num_heads + mlp
 
     def flops(self, w: Widths) -> int:
         """Forward FLOPs per image (2 per multiply-add), as ``torch.utils.flop_counter`` counts."""
@@ -78,7 +86,9 @@ class BlockGeometry:
         qk_rows = 2 * w.num_qk_heads * w.qk_dim
         v_rows = w.num_heads * w.v_dim
         projections = 2 * n * c * (qk_rows + v_rows) + 2 * n * v_rows * c
-        attention = w.num_qk_heads * 2 * n * n * (w.qk_dim + w.v_dim)
+        attention = w.num_qk_heads * 2 * n * self.span * (w.qk_dim + w.v_dim)
+        if self.windowed:  # heads with no query-key dims still apply softmax(bias) to their values
+            attention += (w.num_heads - w.num_qk_heads) * 2 * n * self.span * w.v_dim
         mlp = 4 * n * c * w.mlp_hidden
         return projections + attention + mlp
 
@@ -107,11 +117,12 @@ class BlockGeometry:
             v = (c + self.qkv_bias) + c
             mlp = (c + self.fc1_bias) + c
         else:
-            qk = 4 * n * c + 2 * n * n
-            v = 4 * n * c + 2 * n * n
+            qk = 4 * n * c + 2 * n * self.span
+            v = 4 * n * c + 2 * n * self.span
             mlp = 4 * n * c
         scale = heads_per_entry * dims_per_entry
-        return {"qk": qk * scale, "v": v * scale, "mlp": mlp}
+        table = self.bias_rows if by == "params" and granularity == "head" else 0  # a head's bias column
+        return {"qk": qk * scale, "v": v * scale + table, "mlp": mlp}
 
 
 def widths_from_masks(geom: BlockGeometry, qk: torch.Tensor, v: torch.Tensor, mlp: torch.Tensor,
@@ -135,10 +146,12 @@ def widths_from_masks(geom: BlockGeometry, qk: torch.Tensor, v: torch.Tensor, ml
 
 def _check_supported_block(name: str, block: nn.Module) -> None:
     attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
-    if not isinstance(attn, Attention):
-        raise TypeError(f"{name}.attn is {type(attn).__name__}; spp supports timm's Attention "
-                        f"({SUPPORTED_FAMILIES}). Was the model compressed already?")
-    if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)
+    if isinstance(attn, WindowAttention):
+        pass
+    elif not isinstance(attn, Attention):
+        raise TypeError(f"{name}.attn is {type(attn).__name__}; spp supports timm's Attention and "
+                        f"WindowAttention ({SUPPORTED_FAMILIES}). Was the model compressed already?")
+    elif not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)
             and isinstance(attn.norm, nn.Identity) and getattr(attn, "gate", None) is None):
         raise TypeError(f"{name}.attn uses qk_norm, scale_norm or a gate; masks on those "
                         "cannot be compressed exactly. spp supports plain timm Attention.")
@@ -153,6 +166,8 @@ def find_blocks(model: nn.Module) -> List[nn.Module]:
     """The transformer blocks of a supported model, in forward order."""
     if isinstance(model, VisionTransformer):
         return list(model.blocks)
+    if isinstance(model, SwinTransformer):
+        return [block for stage in model.layers for block in stage.blocks]
     raise TypeError(f"spp does not support {type(model).__name__}; supported: {SUPPORTED_FAMILIES}")
 
 
@@ -160,17 +175,24 @@ def model_geometry(model: nn.Module) -> List[BlockGeometry]:
     """One :class:`BlockGeometry` per block, with token counts at the model's input size."""
     blocks = find_blocks(model)
     names = {id(m): n for n, m in model.named_modules()}
-    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
     geoms = []
     for i, block in enumerate(blocks):
         name = names[id(block)]
         _check_supported_block(name, block)
         attn, mlp = block.attn, block.mlp
+        if isinstance(attn, WindowAttention):
+            (h, w), (wh, ww) = block.input_resolution, block.window_size
+            tokens = -(-h // wh) * wh * -(-w // ww) * ww   # padded to whole windows
+            span = dict(keys=wh * ww, windowed=True, bias_rows=attn.relative_position_bias_table.shape[0])
+            head_dim = attn.qkv.out_features // (3 * attn.num_heads)
+        else:
+            tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+            span, head_dim = {}, attn.head_dim
         geoms.append(BlockGeometry(
             name=name, index=i, dim=attn.qkv.in_features,
-            num_heads=attn.num_heads, head_dim=attn.head_dim, mlp_hidden=mlp.fc1.out_features,
+            num_heads=attn.num_heads, head_dim=head_dim, mlp_hidden=mlp.fc1.out_features,
             tokens=tokens, qkv_bias=attn.qkv.bias is not None, proj_bias=attn.proj.bias is not None,
-            fc1_bias=mlp.fc1.bias is not None, fc2_bias=mlp.fc2.bias is not None,
+            fc1_bias=mlp.fc1.bias is not None, fc2_bias=mlp.fc2.bias is not None, **span,
         ))
     return geoms
 

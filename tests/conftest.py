@@ -36,3 +36,16 @@ def random_masks(model, granularity, keep=0.6, seed=0, binary=True):
                 m = m * torch.rand(size, generator=g) * 2
             masks[name] = m
     return masks
+
+
+SWIN = dict(img_size=32, patch_size=2, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4), num_classes=10)
+
+
+def tiny_swin(seed=0, **overrides):
+    """Two stages (patch merging between), window 4, shifted windows in every second block."""
+    torch.manual_seed(seed)
+    model = spp.create_model("swin_tiny_patch4_window7_224", **{**SWIN, **overrides})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.eval()

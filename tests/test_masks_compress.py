@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import spp
-from spp.structure import mask_names, model_geometry
+
 
 from conftest import random_masks, tiny_vit
 

@@ -35,6 +35,8 @@ def test_config_errors_name_the_problem():
         load_config("nope.yaml")
     cfg = load_config(SMOKE, ["search.lr=5e-4", "family.targets=[0.5]"])
     assert cfg.search.lr == 5e-4 and cfg.family.targets == [0.5] and cfg.data.dataset == "synthetic"
+    assert load_config(SMOKE, ["model.kwargs={depth: 3}"]).model.kwargs == {"depth": 3}  # replaced, not merged
+    assert load_config(SMOKE, ["data.batch_size=8"]).data.img_size == 32  # sections merge
 
 
 def test_shipped_configs_load():

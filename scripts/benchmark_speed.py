@@ -1,0 +1,196 @@
+"""Speed and memory of SPP, as ratios measured in one run on one model.
+
+    python scripts/benchmark_speed.py                       # DeiT-Small, CPU-sized batches
+    python scripts/benchmark_speed.py --device cuda --amp bf16 --batch-sizes 1 32 128 --train-batch 64
+
+Prints and writes (``--out``, JSON):
+  * a search step (frozen weights, mask gradients, LBI) against a full finetune step (AdamW
+    on every weight), same model and batch; target ≤ 0.70×;
+  * the LBI optimizer step's share of a search step; target < 5%;
+  * building a family, selecting a member and compressing it; target < 1 s for DeiT-Small;
+  * compressed members (30/50/70% of prunable params removed) against the dense model:
+    latency at each batch size and the fraction of the FLOPs reduction realised as speed-up
+    (speed-up ÷ FLOPs ratio); target ≥ 0.9 at batch ≥ 32;
+  * peak memory of a search step against a finetune step (CUDA only).
+Every figure is the median of ``--repeats`` timed runs after ``--warmup`` untimed ones.
+Weights are random: speed does not depend on them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+import spp
+from spp.structure import mask_names, model_geometry
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats, warmup):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory(fn, device):
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated() / 2 ** 20
+
+
+def random_path(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    entries = {}
+    for name, p in spp.mask_parameters(model):
+        entries[name] = {"entry_step": torch.randint(1, 1000, p.shape, generator=g).float(),
+                         "z": torch.rand(p.shape, generator=g), "gamma": torch.zeros(p.shape),
+                         "mask": torch.ones(p.shape)}
+    pairs = {n: (pair, geom.index) for geom in model_geometry(model) for pair, n in mask_names(geom).items()}
+    return spp.SolutionPath(entries, pairs, "dim", 1000)
+
+
+def train_steps(args, device, autocast):
+    """(search step, its optimizer share, finetune step, peak memories)."""
+    x = torch.randn(args.train_batch, 3, args.img_size, args.img_size, device=device)
+    y = torch.randint(0, 1000, (args.train_batch,), device=device)
+
+    searched = spp.add_masks(spp.create_model(args.model, img_size=args.img_size).to(device), "dim")
+    lbi = spp.LBI([p for _, p in spp.mask_parameters(searched)], lr=3.0, nu=3000.0)
+    searched.train()
+
+    def search_forward_backward():
+        with autocast():
+            loss = F.cross_entropy(searched(x), y)
+        lbi.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def search_step():
+        search_forward_backward()
+        lbi.step()
+
+    search_forward_backward()
+    search = timed(search_step, device, args.repeats, args.warmup)
+    opt_only = timed(lbi.step, device, args.repeats * 5, args.warmup)
+
+    dense = spp.create_model(args.model, img_size=args.img_size).to(device).train()
+    adamw = torch.optim.AdamW(dense.parameters(), lr=1e-4)
+
+    def finetune_step():
+        with autocast():
+            loss = F.cross_entropy(dense(x), y)
+        adamw.zero_grad(set_to_none=True)
+        loss.backward()
+        adamw.step()
+
+    finetune = timed(finetune_step, device, args.repeats, args.warmup)
+    memory = {"search_MiB": peak_memory(search_step, device), "finetune_MiB": peak_memory(finetune_step, device)}
+    return search, opt_only, finetune, memory
+
+
+def selection(args):
+    model = spp.add_masks(spp.create_model(args.model, img_size=args.img_size), "dim")
+    path = random_path(model)
+    start = time.perf_counter()
+    family = spp.WeightFamily(model, path)
+    build = time.perf_counter() - start
+    select = timed(lambda: family.select(remove=0.5), torch.device("cpu"), args.repeats, 1)
+    member = family.select(remove=0.5)
+    compress = timed(lambda: spp.compress(model, member.masks), torch.device("cpu"), args.repeats, 1)
+    return family, build, select, compress
+
+
+def latency(args, family, device, autocast):
+    dense = spp.create_model(args.model, img_size=args.img_size).eval()
+    members = {"dense": (dense, 1.0)}
+    for removed in args.removed:
+        member = family.select(remove=removed, round_to=args.round_to)
+        members[f"-{removed:.0%} params"] = (spp.compress(dense, member.masks, granularity="dim"),
+                                             member.summary.flops_before / member.summary.flops_after)
+    rows = []
+    for batch in args.batch_sizes:
+        x = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
+        base = None
+        for name, (model, flops_ratio) in members.items():
+            model.to(device)
+
+            def forward():
+                with torch.no_grad(), autocast():
+                    model(x)
+
+            seconds = timed(forward, device, args.repeats, args.warmup)
+            base = base or seconds
+            speedup = base / seconds
+            rows.append({"batch": batch, "model": name, "ms": round(1000 * seconds, 2),
+                         "speedup": round(speedup, 3), "flops_ratio": round(flops_ratio, 3),
+                         "realised": round(speedup / flops_ratio, 3)})
+            model.cpu()
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="deit_small_patch16_224")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", default="off", choices=["off", "bf16"])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--train-batch", type=int, default=8)
+    parser.add_argument("--removed", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    parser.add_argument("--round-to", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", default="benchmark_speed.json")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.amp == "bf16" else None
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+    torch.manual_seed(0)
+
+    search, opt_only, finetune, memory = train_steps(args, device, autocast)
+    family, build, select, compress = selection(args)
+    rows = latency(args, family, device, autocast)
+
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    result = {"model": args.model, "device": machine, "amp": args.amp, "train_batch": args.train_batch,
+              "search_step_s": search, "finetune_step_s": finetune, "search_over_finetune": search / finetune,
+              "optimizer_share_of_search_step": opt_only / search, "family_build_s": build,
+              "select_s": select, "compress_s": compress, "memory": memory, "latency": rows}
+    print(f"\n{args.model} on {machine}, amp={args.amp}")
+    print(f"search step {1000 * search:.1f} ms vs finetune step {1000 * finetune:.1f} ms "
+          f"(batch {args.train_batch}): ratio {search / finetune:.2f} (target <= 0.70)")
+    print(f"LBI optimizer step {1000 * opt_only:.3f} ms = {100 * opt_only / search:.2f}% of a search step (target < 5%)")
+    print(f"family build {1000 * build:.0f} ms (once, includes a FLOP count); select {1000 * select:.1f} ms; "
+          f"compress {1000 * compress:.1f} ms; select + compress {select + compress:.3f} s (target < 1 s)")
+    if memory["search_MiB"] is not None:
+        print(f"peak memory: search {memory['search_MiB']:.0f} MiB vs finetune {memory['finetune_MiB']:.0f} MiB "
+              f"(ratio {memory['search_MiB'] / memory['finetune_MiB']:.2f})")
+    print("\n| batch | model | ms | speed-up | FLOPs ratio | realised |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['model']} | {r['ms']} | {r['speedup']:.2f}x | {r['flops_ratio']:.2f}x | {r['realised']:.2f} |")
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
