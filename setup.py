@@ -22,7 +22,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest"],
-        "bench": ["torch-pruning", "scikit-learn"],
+        "bench": ["torch-pruning"],
     },
     entry_points={"console_scripts": ["spp=spp.cli:main"]},
 )

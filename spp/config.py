@@ -59,7 +59,7 @@ class SearchConfig:
     rho: float = 0.01                       # per-step pull of M toward Γ (κα/ν)
     kappa: float = 10.0
     nu: Union[float, str] = "auto"          # ν; "auto" calibrates it from the mask gradients
-    nu_scale: float = 1.0                   # auto ν = nu_scale / RMS of mask gradients at M = 1
+    nu_scale: float = 3.0                   # auto ν = nu_scale / RMS of mask gradients at M = 1
     calibration_batches: int = 8
     lam: float = 0.1
     preconditioner: str = "none"

@@ -198,7 +198,12 @@ def build_datasets(cfg: DataConfig, seed: int = 0) -> Dict[str, Dataset]:
 
 
 class ResumableSampler(Sampler[int]):
-    """Shuffled (or ordered) indices for one rank, reproducible per epoch, startable mid-epoch."""
+    """Shuffled (or ordered) indices for one rank, reproducible per epoch, startable mid-epoch.
+
+    Training (``shuffle=True``) gives every rank the same number of samples (dropping or
+    repeating a few); evaluation splits the data without repeats, so metrics summed over
+    ranks count every sample once.
+    """
 
     def __init__(self, size: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
                  seed: int = 0, drop_last: bool = False):
@@ -207,8 +212,10 @@ class ResumableSampler(Sampler[int]):
         self.epoch, self.start = 0, 0
         if drop_last:
             self.per_rank = size // num_replicas
-        else:
+        elif shuffle:
             self.per_rank = math.ceil(size / num_replicas)
+        else:
+            self.per_rank = len(range(rank, size, num_replicas))
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Use epoch ``epoch``'s order and skip its first ``start`` samples of this rank."""
@@ -218,7 +225,7 @@ class ResumableSampler(Sampler[int]):
         if self.shuffle:
             order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         else:
-            order = torch.arange(self.size)
+            return iter(list(range(self.rank, self.size, self.num_replicas))[self.start:])
         total = self.per_rank * self.num_replicas
         if total > self.size:
             order = torch.cat([order, order[: total - self.size]])

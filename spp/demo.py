@@ -54,7 +54,7 @@ def run_demo(output: str = "outputs/demo", overrides: Sequence[str] = (), fresh:
     result = run_retrain(retrain)
     table = _summary(rows, search.export.remove, result)
     markdown = write_table(table, os.path.join(output, "summary"))
-    print(f"\nSPP demo on Fashion-MNIST (test accuracy, {time.time() - start:.0f} s):\n")
+    print(f"\nSPP demo on Fashion-MNIST (top-1 on 6,000 held-out validation images, {time.time() - start:.0f} s):\n")
     print(markdown)
     print(f"plots: {search_dir}/path.png (solution path), {search_dir}/family_eval.png (accuracy vs size)")
     return markdown

@@ -17,8 +17,8 @@ from .engine import evaluate, train_one_epoch
 from .family import WeightFamily
 from .path import SolutionPath
 from .runtime import (NonFiniteLoss, Runtime, RunLogger, check_shapes,
-                      load_training_checkpoint, main_print, resume_file, rng_state, save_training_checkpoint,
-                      set_rng_state, setup_runtime)
+                      gather_rng_states, load_training_checkpoint, main_print, resume_file,
+                      restore_rng_states, save_training_checkpoint, setup_runtime)
 
 __all__ = ["run_retrain", "source_model"]
 
@@ -97,18 +97,19 @@ def run_retrain(cfg: Config) -> Dict:
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         step, epoch, batch, best = state["step"], state["epoch"], state["batch"], state["best"]
-        set_rng_state(state["rng"])
+        restore_rng_states(state["rng"], runtime)
         main_print(runtime, f"resumed {resume} at step {step} (epoch {epoch})")
     main_print(runtime, f"train: {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M params, "
                         f"{total_steps} steps ({steps_per_epoch}/epoch), lr {lr:.3g}")
     logger = RunLogger(cfg.output, runtime.is_main)
 
     def save(global_step: int, at_epoch: int, at_batch: int) -> None:
+        rng = gather_rng_states(runtime)  # collective: every rank takes part
         if not runtime.is_main:
             return
         state = {"kind": "train", "model_name": cfg.model.name, "model": model.state_dict(),
                  "optimizer": optimizer.state_dict(), "step": global_step, "epoch": at_epoch,
-                 "batch": at_batch, "best": best, "rng": rng_state()}
+                 "batch": at_batch, "best": best, "rng": rng}
         if ema is not None:
             state["ema"] = ema.module.state_dict()
         if scaler is not None:

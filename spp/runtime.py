@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from .checkpoint import atomic_torch_save
 
-__all__ = ["Runtime", "setup_runtime", "RunLogger", "rng_state", "set_rng_state", "CheckpointError",
+__all__ = ["Runtime", "setup_runtime", "RunLogger", "gather_rng_states", "restore_rng_states", "CheckpointError",
            "save_training_checkpoint", "load_training_checkpoint", "NonFiniteLoss"]
 
 
@@ -99,6 +99,23 @@ def rng_state() -> Dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def gather_rng_states(runtime: "Runtime") -> list:
+    """Every rank's RNG states, in rank order (a collective: call it on all ranks)."""
+    state = rng_state()
+    if not runtime.distributed:
+        return [state]
+    states = [None] * runtime.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng_states(states: list, runtime: "Runtime") -> None:
+    if len(states) != runtime.world_size:
+        raise CheckpointError(f"the checkpoint was written by {len(states)} processes, this run has "
+                              f"{runtime.world_size}; resume with the same number of processes")
+    set_rng_state(states[runtime.rank])
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:

@@ -169,7 +169,7 @@ def test_torchrun_two_processes_give_one_identical_path(tmp_path):
     out = str(tmp_path / "ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             "--master_port=29517", "-m", "spp", "search", SMOKE, f"output={out}",
+                             "--standalone", "-m", "spp", "search", SMOKE, f"output={out}",
                              "search.steps=12"], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "solution path identical on all 2 ranks" in result.stdout

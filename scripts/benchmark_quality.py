@@ -1,0 +1,425 @@
+"""Pruning quality: SPP against baselines at the same budgets and structures, in one run.
+
+    pip install -e .[bench] && python scripts/benchmark_quality.py
+
+Model and data: the demo's ViT pretrained on Fashion-MNIST (trained first if missing) with
+6,000 training images held out as a validation split. Every setting (SPP's nu and ranking
+rule, the Lasso weight) is chosen on the validation split; accuracy is reported on the test
+set. Each method ranks the same structures (query-key dims, value dims, MLP neurons); all
+members are cut from the rankings by the same global parameter-budget walk
+(``spp.WeightFamily``), so only the ranking differs. Methods:
+
+  spp-entry / spp-z  ONE LBI search per seed; every budget read off its path
+  random             random ranking
+  magnitude          RMS of the paired weights (q and k rows; v row and proj column; fc1 row and fc2 column)
+  taylor             |m · dL/dm| of the masks at 1, summed over --taylor-batches batches
+  lasso              cross-entropy + lam * |M|_1 on the masks (Adam), ranked by |M|; lam per budget on val
+  tp-{magnitude,taylor}-{uniform,global}
+                     Torch-Pruning's group importances pruning inner dims only (proj, fc2, head
+                     and the patch embedding ignored, so the residual width stays); its pruning
+                     ratio is bisected until the model has the budget's parameter count. Note:
+                     Torch-Pruning removes the same head dims from q, k and v together.
+
+For each: test accuracy with no finetuning and after --finetune-steps of AdamW (same lr,
+schedule and data order for all), over --seeds, and the wall time to produce all budgets.
+Writes JSON, a Markdown table and a plot to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+
+import spp
+from spp.build import build_model
+from spp.config import load_config
+from spp.data import build_datasets, build_loader
+from spp.engine import evaluate, train_one_epoch
+from spp.runtime import Runtime, seed_everything
+from spp.search import run_search
+from spp.structure import mask_names, model_geometry
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ranking_path(model, scores: Dict[str, torch.Tensor]) -> spp.SolutionPath:
+    """A path whose entry order is the descending order of ``scores``."""
+    flat = torch.cat([scores[n].flatten() for n, _ in spp.mask_parameters(model)])
+    order = torch.argsort(flat, descending=True, stable=True)
+    rank = torch.empty_like(order, dtype=torch.float32)
+    rank[order] = torch.arange(order.numel(), dtype=torch.float32) + 1
+    entries, start = {}, 0
+    for name, p in spp.mask_parameters(model):
+        n = p.numel()
+        entries[name] = {"entry_step": rank[start:start + n].view(p.shape), "z": torch.zeros(p.shape),
+                         "gamma": torch.zeros(p.shape), "mask": torch.ones(p.shape)}
+        start += n
+    pairs = {n: (pair, g.index) for g in model_geometry(model) for pair, n in mask_names(g).items()}
+    return spp.SolutionPath(entries, pairs, "dim", int(order.numel()))
+
+
+def magnitude_scores(model) -> Dict[str, torch.Tensor]:
+    scores = {}
+    for geom, block in zip(model_geometry(model), spp.structure.find_blocks(model)):
+        H, hd = geom.num_heads, geom.head_dim
+        w = block.attn.qkv.weight.detach().view(3, H, hd, -1)
+        proj = block.attn.proj.weight.detach().view(-1, H, hd)
+        names = mask_names(geom)
+        scores[names["qk"]] = torch.cat([w[0], w[1]], -1).pow(2).mean((0, 2)).sqrt()
+        scores[names["v"]] = (w[2].pow(2).mean((0, 2)) + proj.pow(2).mean((0, 1))).div(2).sqrt()
+        mlp = block.mlp
+        scores[names["mlp"]] = (mlp.fc1.weight.detach().pow(2).mean(1) + mlp.fc2.weight.detach().pow(2).mean(0)).div(2).sqrt()
+    return scores
+
+
+def taylor_scores(model, loader, batches: int) -> Dict[str, torch.Tensor]:
+    named = spp.mask_parameters(model)
+    total = {n: torch.zeros_like(p) for n, p in named}
+    model.eval()
+    for i, (x, y) in enumerate(loader):
+        if i >= batches:
+            break
+        grads = torch.autograd.grad(F.cross_entropy(model(x), y), [p for _, p in named])
+        for (n, p), g in zip(named, grads):
+            total[n] += (p.detach() * g).abs()
+    return total
+
+
+def lasso_scores(model, loader, lam: float, steps: int, lr: float) -> Dict[str, torch.Tensor]:
+    named = spp.mask_parameters(model)
+    with torch.no_grad():
+        for _, p in named:
+            p.fill_(1.0)
+    opt = torch.optim.Adam([p for _, p in named], lr=lr)
+    model.train()
+    step = 0
+    while step < steps:
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y) + lam * sum(p.abs().sum() for _, p in named)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if step >= steps:
+                break
+    scores = {n: p.detach().abs().clone() for n, p in named}
+    with torch.no_grad():
+        for _, p in named:
+            p.fill_(1.0)
+    return scores
+
+
+def tp_prune(dense, example, ratio, importance, global_pruning, taylor_batches=None):
+    """Torch-Pruning on a copy of ``dense`` at channel ratio ``ratio`` (inner dims only)."""
+    import warnings
+
+    import torch_pruning as tp
+
+    model = copy.deepcopy(dense).eval()
+    if taylor_batches is not None:
+        model.zero_grad()
+        for x, y in taylor_batches:
+            F.cross_entropy(model(x), y).backward()
+    ignored = [model.head, model.patch_embed.proj] + [b.attn.proj for b in model.blocks] + [b.mlp.fc2 for b in model.blocks]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(model, example, importance=importance, global_pruning=global_pruning,
+                                      pruning_ratio=ratio, num_heads={b.attn.qkv: b.attn.num_heads for b in model.blocks},
+                                      prune_head_dims=True, prune_num_heads=False, ignored_layers=ignored)
+        pruner.step()
+    for block in model.blocks:  # timm's Attention reads these in forward; the softmax scale stays
+        attn = block.attn
+        attn.head_dim = attn.qkv.out_features // (3 * attn.num_heads)
+        attn.attn_dim = attn.num_heads * attn.head_dim
+    model.zero_grad(set_to_none=True)
+    return model
+
+
+def tp_member(dense, example, target_params, kind, global_pruning, taylor_batches):
+    """Bisect Torch-Pruning's ratio until the pruned model has at most ``target_params``."""
+    import torch_pruning as tp
+
+    importance = tp.importance.GroupTaylorImportance() if kind == "taylor" else tp.importance.GroupMagnitudeImportance(p=2)
+    low, high = 0.0, 0.99
+    best = None
+    for _ in range(10):
+        mid = (low + high) / 2
+        model = tp_prune(dense, example, mid, importance, global_pruning, taylor_batches if kind == "taylor" else None)
+        if spp.count_params(model) <= target_params:
+            best, high = model, mid
+        else:
+            low = mid
+    return best if best is not None else tp_prune(dense, example, high, importance, global_pruning,
+                                                   taylor_batches if kind == "taylor" else None)
+
+
+def finetune(model, loader, stops: List[int], seed: int, runtime: Runtime, lr: float, measure) -> List[float]:
+    """AdamW at a constant ``lr``; ``measure(model)`` after ``stops[0]`` steps, ``stops[1]`` steps, ..."""
+    seed_everything(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    per_epoch = len(loader)
+    step, results = 0, []
+    for stop in stops:
+        while step < stop:
+            epoch, offset = divmod(step, per_epoch)
+            loader.sampler.set_epoch(1000 + seed + 10_000 * epoch, start=offset * loader.batch_size)
+            loader.dataset.set_epoch(1000 + seed + 10_000 * epoch)
+            step = train_one_epoch(model, lambda i, o, t: F.cross_entropy(o, t), loader, opt, runtime, step=step,
+                                   max_steps=stop, desc="finetune")["step"]
+        results.append(measure(model))
+    return results
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.cfg = load_config(os.path.join(ROOT, "configs", "demo_search.yaml"),
+                               [f"model.checkpoint={args.checkpoint}", "data.workers=0"])
+        self.runtime = Runtime(torch.device("cpu"), None)
+        data = build_datasets(self.cfg.data, seed=0)   # the split is fixed: seed 0
+        self.train, self.val, self.test = data["train"], data["val"], data["test"]
+        self.dense = build_model(self.cfg).eval()
+        self.masked = spp.add_masks(build_model(self.cfg).eval(), "dim")
+
+    def loader(self, split, seed=0, batch=None):
+        dataset = {"train": self.train, "val": self.val, "test": self.test}[split]
+        return build_loader(dataset, batch or (128 if split == "train" else 500), split == "train", 0, seed)
+
+    def accuracy(self, model, split, max_batches=0):
+        return evaluate(model, self.loader(split), self.runtime, max_batches, desc=split)["top1"]
+
+    def member(self, path, removed, rank="entry"):
+        family = spp.WeightFamily(self.dense, path)
+        return spp.compress(self.dense, family.select(remove=removed, rank=rank).masks, granularity="dim")
+
+    def spp_path(self, seed, nu_scale):
+        out = os.path.join(self.args.out, "searches", f"seed{seed}_nu{nu_scale}")
+        cfg = load_config(os.path.join(ROOT, "configs", "demo_search.yaml"),
+                          [f"output={out}", f"seed={seed}", "resume=null", f"model.checkpoint={self.args.checkpoint}",
+                           f"search.nu_scale={nu_scale}", f"search.steps={self.args.search_steps}"])
+        return run_search(cfg)
+
+
+METHODS = ("spp-entry", "spp-z", "random", "magnitude", "taylor", "lasso",
+           "tp-magnitude-uniform", "tp-magnitude-global", "tp-taylor-uniform", "tp-taylor-global")
+
+
+def spp_methods(bench, args, tuning):
+    """One search per seed; nu_scale and the ranking rule chosen on val with the first seed."""
+    paths = {}
+    for scale in args.nu_scales:
+        start = time.time()
+        path = bench.spp_path(args.seeds[0], scale)
+        paths[(scale, args.seeds[0])] = (path, time.time() - start)
+        for rule in ("entry", "z"):
+            val = statistics.mean(bench.accuracy(bench.member(path, r, rule), "val") for r in args.removed)
+            tuning[f"spp nu_scale={scale} rank={rule}"] = round(val, 2)
+            print(f"tuning spp nu_scale={scale} rank={rule}: mean val {val:.2f}%")
+    best = max(args.nu_scales, key=lambda s: max(tuning[f"spp nu_scale={s} rank={r}"] for r in ("entry", "z")))
+    tuning["spp_nu_scale"] = best
+    for seed in args.seeds[1:]:
+        start = time.time()
+        paths[(best, seed)] = (bench.spp_path(seed, best), time.time() - start)
+    methods = {"spp-entry": {}, "spp-z": {}}
+    for seed in args.seeds:
+        path, seconds = paths[(best, seed)]
+        methods["spp-entry"][seed] = (lambda r, p=path: bench.member(p, r, "entry"), seconds)
+        methods["spp-z"][seed] = (lambda r, p=path: bench.member(p, r, "z"), seconds)
+    return methods
+
+
+def lasso_method(bench, args, tuning):
+    """One Lasso run per lam; per budget the lam with the best validation accuracy (seed 0)."""
+    runs = {}
+
+    def run(lam, seed):
+        seed_everything(seed)
+        start = time.time()
+        scores = lasso_scores(bench.masked, bench.loader("train", seed), lam, args.lasso_steps, 1e-2)
+        runs[(lam, seed)] = (ranking_path(bench.masked, scores), time.time() - start)
+
+    for lam in args.lasso_lams:
+        run(lam, args.seeds[0])
+    chosen = {r: max(args.lasso_lams, key=lambda lam: bench.accuracy(bench.member(runs[(lam, args.seeds[0])][0], r), "val"))
+              for r in args.removed}
+    tuning["lasso lam per budget"] = {str(r): lam for r, lam in chosen.items()}
+    for seed in args.seeds[1:]:
+        for lam in sorted(set(chosen.values())):
+            run(lam, seed)
+    return {seed: (lambda r, s=seed: bench.member(runs[(chosen[r], s)][0], r),
+                   sum(runs[(lam, seed)][1] for lam in set(chosen.values()))) for seed in args.seeds}
+
+
+def score_methods(bench, args, magnitude, magnitude_time):
+    """Random, magnitude and first-order Taylor rankings of the same structures."""
+    methods = {"random": {}, "magnitude": {}, "taylor": {}}
+    for seed in args.seeds:
+        g = torch.Generator().manual_seed(seed)
+        rnd = ranking_path(bench.masked, {n: torch.rand(p.shape, generator=g) for n, p in spp.mask_parameters(bench.masked)})
+        methods["random"][seed] = (lambda r, p=rnd: bench.member(p, r), 0.0)
+        methods["magnitude"][seed] = (lambda r: bench.member(magnitude, r), magnitude_time)
+        seed_everything(seed)
+        start = time.time()
+        taylor = ranking_path(bench.masked, taylor_scores(bench.masked, bench.loader("train", seed), args.taylor_batches))
+        methods["taylor"][seed] = (lambda r, p=taylor: bench.member(p, r), time.time() - start)
+    return methods
+
+
+def tp_methods(bench, args, targets, wanted):
+    """Torch-Pruning members at the same parameter budgets (magnitude: one set, reused for every seed)."""
+    example = next(iter(bench.loader("val")))[0][:2]
+    methods = {}
+    for kind in ("magnitude", "taylor"):
+        for scope in ("uniform", "global"):
+            name = f"tp-{kind}-{scope}"
+            if name not in wanted:
+                continue
+            methods[name] = {}
+            for seed in (args.seeds if kind == "taylor" else args.seeds[:1]):
+                batches = [b for _, b in zip(range(args.taylor_batches), bench.loader("train", seed))] if kind == "taylor" else None
+                start = time.time()
+                members = {r: tp_member(bench.dense, example, targets[r], kind, scope == "global", batches)
+                           for r in args.removed}
+                methods[name][seed] = (lambda r, m=members: copy.deepcopy(m[r]), time.time() - start)
+            for seed in args.seeds[1:]:
+                methods[name].setdefault(seed, methods[name][args.seeds[0]])
+    return methods
+
+
+def evaluate_methods(bench, args, methods, targets):
+    """Test accuracy of every member: no finetune, then after each finetune stop; mean and std over seeds."""
+    stops = [args.finetune_steps] + ([len(bench.loader("train"))] if args.epoch_finetune else [])
+    test = lambda m: bench.accuracy(m, "test")  # noqa: E731
+    dense_ft = [finetune(build_model(bench.cfg), bench.loader("train", seed), stops, seed, bench.runtime,
+                         args.finetune_lr, test) for seed in args.seeds]
+    results: List[Dict] = []
+    for method, per_seed in methods.items():
+        for removed in args.removed:
+            before, after, epoch, params = [], [], [], None
+            for seed, (make, _) in per_seed.items():
+                model = make(removed)
+                params = spp.count_params(model)
+                before.append(test(model))
+                accuracies = finetune(model, bench.loader("train", seed), stops, seed, bench.runtime, args.finetune_lr, test)
+                after.append(accuracies[0])
+                epoch += accuracies[1:]
+            row = {"method": method, "removed": removed, "params": params, "budget_params": targets[removed],
+                   "test_no_ft": round(statistics.mean(before), 2), "test_no_ft_std": round(statistics.pstdev(before), 2),
+                   "test_ft": round(statistics.mean(after), 2), "test_ft_std": round(statistics.pstdev(after), 2),
+                   "seconds_all_budgets": round(statistics.mean(s for _, s in per_seed.values()), 1)}
+            if epoch:
+                row.update(test_epoch=round(statistics.mean(epoch), 2), test_epoch_std=round(statistics.pstdev(epoch), 2))
+            results.append(row)
+            print(json.dumps(row))
+    return results, [round(statistics.mean(a), 2) for a in zip(*dense_ft)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="outputs/demo/pretrain/best.safetensors")
+    parser.add_argument("--out", default="outputs/benchmark_quality")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--removed", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.85])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--search-steps", type=int, default=600)
+    parser.add_argument("--nu-scales", type=float, nargs="+", default=[1.0, 3.0, 10.0])
+    parser.add_argument("--lasso-lams", type=float, nargs="+", default=[3e-4, 1e-3])
+    parser.add_argument("--lasso-steps", type=int, default=300)
+    parser.add_argument("--taylor-batches", type=int, default=20)
+    parser.add_argument("--finetune-steps", type=int, default=100)
+    parser.add_argument("--finetune-lr", type=float, default=2e-4)
+    parser.add_argument("--epoch-finetune", action="store_true",
+                        help="continue each finetune to one epoch and report that too (about 5x the run time)")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    if not os.path.isfile(args.checkpoint):
+        print(f"{args.checkpoint} missing: pretraining the demo model first")
+        subprocess.run([sys.executable, "-m", "spp", "retrain", os.path.join(ROOT, "configs", "demo_pretrain.yaml"),
+                        f"output={os.path.dirname(args.checkpoint)}"], check=True)
+    bench = Bench(args)
+    dense_val, dense_test = bench.accuracy(bench.dense, "val"), bench.accuracy(bench.dense, "test")
+    print(f"dense: val {dense_val:.2f}%, test {dense_test:.2f}%")
+
+    start = time.time()
+    magnitude = ranking_path(bench.masked, magnitude_scores(bench.masked))
+    magnitude_time = time.time() - start
+    family = spp.WeightFamily(bench.dense, magnitude)
+    targets = {r: family.select(remove=r).summary.params_after for r in args.removed}
+    tuning: Dict = {}
+    wanted = set(args.methods)
+    methods = spp_methods(bench, args, tuning)
+    if "lasso" in wanted:
+        methods["lasso"] = lasso_method(bench, args, tuning)
+    methods.update(score_methods(bench, args, magnitude, magnitude_time))
+    methods.update(tp_methods(bench, args, targets, wanted))
+    methods = {m: methods[m] for m in METHODS if m in wanted and m in methods}
+    results, dense_ft = evaluate_methods(bench, args, methods, targets)
+
+    summary = {"dense_val": dense_val, "dense_test": dense_test, "dense_ft_test": dense_ft,
+               "tuning_val": tuning, "args": vars(args), "results": results}
+    with open(os.path.join(args.out, "benchmark_quality.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    write_markdown(summary, args, os.path.join(args.out, "benchmark_quality.md"))
+    plot(summary, args, os.path.join(args.out, "benchmark_quality.png"))
+    print(open(os.path.join(args.out, "benchmark_quality.md")).read())
+
+
+def write_markdown(summary, args, filename):
+    by = {(r["method"], r["removed"]): r for r in summary["results"]}
+    methods = list(dict.fromkeys(r["method"] for r in summary["results"]))
+    head = " | ".join(f"-{int(100 * r)}%" for r in args.removed)
+    keys = [("test_no_ft", "no finetune"), ("test_ft", f"{args.finetune_steps}-step finetune")]
+    if args.epoch_finetune:
+        keys.append(("test_epoch", "1-epoch finetune"))
+    dense_ft = ", ".join(f"{a:.2f}" for a in summary["dense_ft_test"])
+    lines = [f"Test accuracy (%) on Fashion-MNIST, mean ± std over seeds {args.seeds}; dense {summary['dense_test']:.2f} "
+             f"(after the same finetune: {dense_ft}). Columns: share of prunable parameters removed.", "",
+             "| method | " + " | ".join(f"{label}: {head}" for _, label in keys) + " | time for all budgets (s) |",
+             "|---|" + "---|" * (len(keys) * len(args.removed) + 1)]
+    def cell(row, key):
+        over = row["params"] > 1.01 * row["budget_params"]  # a method that could not reach the budget
+        return f"{row[key]:.2f} ± {row[key + '_std']:.2f}" + (" †" if over else "")
+
+    for m in methods:
+        cells = " | ".join(cell(by[(m, r)], key) for key, _ in keys for r in args.removed)
+        lines.append(f"| {m} | {cells} | {by[(m, args.removed[0])]['seconds_all_budgets']} |")
+    lines += ["", "† the method could not reach this budget: its model keeps more parameters than the others "
+              "(see `params` in benchmark_quality.json)."]
+    with open(filename, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot(summary, args, filename):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    methods = list(dict.fromkeys(r["method"] for r in summary["results"]))
+    for ax, key, title in ((axes[0], "test_no_ft", "no finetune"), (axes[1], "test_ft", f"{args.finetune_steps}-step finetune")):
+        for m in methods:
+            rows = [r for r in summary["results"] if r["method"] == m]
+            ax.errorbar([r["params"] / 1e6 for r in rows], [r[key] for r in rows], yerr=[r[key + "_std"] for r in rows],
+                        marker="o", capsize=3, label=m)
+        ax.axhline(summary["dense_test"], color="gray", ls=":", label="dense")
+        ax.set_xlabel("parameters (M)")
+        ax.set_ylabel("test top-1 (%)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(filename, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
