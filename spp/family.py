@@ -10,7 +10,7 @@ from torch import nn
 
 from .flops import count_flops, count_params
 from .path import SolutionPath
-from .structure import PAIRS, BlockGeometry, Widths, mask_names, model_geometry
+from .structure import PAIRS, BlockGeometry, Widths, mask_names, model_geometry, widths_from_masks
 
 __all__ = ["WeightFamily", "Member", "Summary"]
 
@@ -293,8 +293,6 @@ class WeightFamily:
 
     def summarize(self, masks: Dict[str, torch.Tensor], by: str = "params", target: float = float("nan")) -> Summary:
         """Costs and widths of the member given by ``masks``."""
-        from .structure import widths_from_masks
-
         widths = [widths_from_masks(g, *(masks[mask_names(g)[p]] for p in PAIRS), self.granularity)
                   for g in self.geoms]
         empty = self._total(self._empty(), by)

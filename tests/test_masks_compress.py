@@ -6,7 +6,6 @@ import torch
 
 import spp
 
-
 from conftest import random_masks, tiny_vit
 
 VARIANTS = {
