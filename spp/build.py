@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -39,14 +39,14 @@ def build_model(cfg: Config, runtime: Optional[Runtime] = None) -> nn.Module:
     return model
 
 
-def build_loaders(cfg: Config, runtime: Runtime) -> Dict[str, torch.utils.data.DataLoader]:
-    datasets = build_datasets(cfg.data, cfg.seed)
-    pin = runtime.device.type == "cuda"
+def build_loaders(cfg: Config, runtime: Runtime,
+                  splits: Sequence[str] = ("train", "val", "test")) -> Dict[str, torch.utils.data.DataLoader]:
+    """Loaders of ``splits``; only the data they need is read (an eval does not scan train/)."""
+    datasets = build_datasets(cfg.data, cfg.seed, splits)
     common = dict(workers=cfg.data.workers, seed=cfg.seed, num_replicas=runtime.world_size,
-                  rank=runtime.rank, pin_memory=pin)
-    return {"train": build_loader(datasets["train"], cfg.data.batch_size, True, **common),
-            "val": build_loader(datasets["val"], cfg.data.eval_batch_size, False, **common),
-            "test": build_loader(datasets["test"], cfg.data.eval_batch_size, False, **common)}
+                  rank=runtime.rank, pin_memory=runtime.device.type == "cuda")
+    return {split: build_loader(data, cfg.data.batch_size if split == "train" else cfg.data.eval_batch_size,
+                                split == "train", **common) for split, data in datasets.items()}
 
 
 def build_criterion(data: DataConfig, teacher: Optional[nn.Module] = None, distill: float = 0.0,

@@ -6,6 +6,7 @@ one would, whatever the number of loader workers.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import math
 import os
@@ -21,6 +22,7 @@ from .config import DataConfig
 __all__ = ["build_datasets", "build_loader", "ResumableSampler", "FASHION_MNIST_DIRS", "DatasetNotFound"]
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+SPLITS = ("train", "val", "test")
 FASHION_MEAN, FASHION_STD = (0.2860,), (0.3530,)
 _FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                   "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -168,11 +170,15 @@ def _imagefolder(cfg: DataConfig, split: str):
     return ImageFolder(directory)
 
 
-def build_datasets(cfg: DataConfig, seed: int = 0) -> Dict[str, Dataset]:
-    """``{"train", "val", "test"}``; ``val`` is held out from train when ``val_fraction > 0``."""
+def build_datasets(cfg: DataConfig, seed: int = 0, splits: Sequence[str] = SPLITS) -> Dict[str, Dataset]:
+    """The datasets of ``splits`` (of train, val, test); ``val`` is held out from train when
+    ``val_fraction > 0``, else it is the test set. Only the image folders a split needs are read."""
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"unknown splits {unknown}; choose from {SPLITS}")
     if cfg.dataset in ("imagenet", "imagefolder"):
         from timm.data import create_transform
-        train_base, test_base = _imagefolder(cfg, "train"), _imagefolder(cfg, "val")
+        load = functools.partial(_imagefolder, cfg)
         train_tf = create_transform(cfg.img_size, is_training=True, auto_augment=cfg.auto_augment,
                                     re_prob=cfg.reprob, color_jitter=cfg.color_jitter, interpolation="bicubic")
         eval_tf = create_transform(cfg.img_size, is_training=False, interpolation="bicubic")
@@ -180,21 +186,28 @@ def build_datasets(cfg: DataConfig, seed: int = 0) -> Dict[str, Dataset]:
         if cfg.dataset == "fashion_mnist":
             if cfg.in_chans != 1:
                 raise ValueError("Fashion-MNIST is grayscale: set data.in_chans=1")
-            train_base, test_base = _fashion_mnist(cfg.root, "train"), _fashion_mnist(cfg.root, "test")
+            load = functools.partial(_fashion_mnist, cfg.root)
             mean, std = FASHION_MEAN, FASHION_STD
         else:
-            train_base, test_base = _synthetic(cfg, "train", seed), _synthetic(cfg, "test", seed)
+            load = functools.partial(_synthetic, cfg, seed=seed)
             mean, std = (0.5,) * cfg.in_chans, (0.25,) * cfg.in_chans
         train_tf = TensorTransform(cfg.img_size, True, mean, std)
         eval_tf = TensorTransform(cfg.img_size, False, mean, std)
-    n = len(train_base)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
-    n_val = int(round(cfg.val_fraction * n))
-    train_idx = np.sort(order[n_val:]) if n_val else None
-    out = {"train": AugmentedDataset(train_base, train_tf, seed, train_idx),
-           "test": AugmentedDataset(test_base, eval_tf, seed)}
-    out["val"] = AugmentedDataset(train_base, eval_tf, seed, np.sort(order[:n_val])) if n_val else out["test"]
-    return out
+    held_out = cfg.val_fraction > 0
+    out: Dict[str, Dataset] = {}
+    if "train" in splits or ("val" in splits and held_out):
+        train_base = load(split="train")
+        n = len(train_base)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+        n_val = int(round(cfg.val_fraction * n))
+        if "train" in splits:
+            out["train"] = AugmentedDataset(train_base, train_tf, seed, np.sort(order[n_val:]) if n_val else None)
+        if "val" in splits and held_out:
+            out["val"] = AugmentedDataset(train_base, eval_tf, seed, np.sort(order[:n_val]))
+    if "test" in splits or ("val" in splits and not held_out):
+        test = AugmentedDataset(load(split="test"), eval_tf, seed)
+        out.update({s: test for s in ("test", "val") if s in splits and (s == "test" or not held_out)})
+    return {s: out[s] for s in splits}
 
 
 class ResumableSampler(Sampler[int]):

@@ -10,7 +10,7 @@ from torch import nn
 
 from .flops import count_flops, count_params
 from .path import SolutionPath
-from .structure import PAIRS, BlockGeometry, Widths, mask_names, model_geometry, widths_from_masks
+from .structure import PAIRS, BlockGeometry, Widths, mask_names, model_geometry, widths_from_counts, widths_from_masks
 
 __all__ = ["WeightFamily", "Member", "Summary"]
 
@@ -74,13 +74,8 @@ class _BlockWalk:
         self.both += bool(self.on[other][index])
 
     def widths(self) -> Widths:
-        qk, v, mlp = self.count["qk"], self.count["v"], self.count["mlp"]
-        if self.granularity == "dim":
-            heads = self.geom.num_heads if v else 0
-            qk_dim = qk if v else 0
-            return Widths(heads, heads if qk_dim else 0, qk_dim, v, mlp)
-        hd = self.geom.head_dim
-        return Widths(v, self.both, hd if self.both else 0, hd if v else 0, mlp)
+        return widths_from_counts(self.geom, self.granularity, self.count["qk"], self.count["v"],
+                                  self.count["mlp"], self.both)
 
 
 class WeightFamily:

@@ -102,7 +102,7 @@ def run_family(cfg: Config) -> List[Dict]:
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
     directory = _search_dir(cfg, cfg.family.path)
     model, family = _family(cfg, directory, runtime)
-    loader = build_loaders(cfg, runtime)["val"]
+    loader = build_loaders(cfg, runtime, ["val"])["val"]
     f = cfg.family
     rows = []
     for keep in f.targets:
@@ -169,7 +169,7 @@ def run_eval(cfg: Config) -> Dict:
     source = cfg.train.source
     model = load_pruned(source) if source else build_model(cfg, runtime)
     model.to(runtime.device)
-    metrics = evaluate(model, build_loaders(cfg, runtime)["test"], runtime)
+    metrics = evaluate(model, build_loaders(cfg, runtime, ["test"])["test"], runtime)
     size = input_size_of(model)
     result = {"model": source or cfg.model.name, "top1": round(metrics["top1"], 2), "top5": round(metrics["top5"], 2),
               "params": count_params(model), "flops": count_flops(model, size),

@@ -125,23 +125,27 @@ class BlockGeometry:
         return {"qk": qk * scale, "v": v * scale + table, "mlp": mlp}
 
 
+def widths_from_counts(geom: BlockGeometry, granularity: str, qk: int, v: int, mlp: int,
+                       qk_heads: int = 0) -> Widths:
+    """Widths of the compressed block that keeps ``qk``, ``v`` and ``mlp`` mask entries.
+
+    ``qk`` and ``v`` count dims (``granularity="dim"``) or heads (``"head"``); with heads,
+    ``qk_heads`` counts the heads that keep both their query-keys and their values. A head
+    with no value dims left contributes nothing, so its query-key dims go too.
+    """
+    if granularity == "dim":
+        qk_dim = qk if v else 0
+        num_heads = geom.num_heads if v else 0
+        return Widths(num_heads, num_heads if qk_dim else 0, qk_dim, v, mlp)
+    return Widths(v, qk_heads, geom.head_dim if qk_heads else 0, geom.head_dim if v else 0, mlp)
+
+
 def widths_from_masks(geom: BlockGeometry, qk: torch.Tensor, v: torch.Tensor, mlp: torch.Tensor,
                       granularity: str) -> Widths:
-    """Widths of the compressed block for masks ``qk``, ``v``, ``mlp`` (non-zero = kept).
-
-    A head with no value dims left contributes nothing, so its query-key dims go too.
-    """
-    mlp_hidden = int((mlp != 0).sum())
-    if granularity == "dim":
-        v_dim = int((v != 0).sum())
-        qk_dim = int((qk != 0).sum()) if v_dim else 0
-        num_heads = geom.num_heads if v_dim else 0
-        return Widths(num_heads, num_heads if qk_dim else 0, qk_dim, v_dim, mlp_hidden)
-    v_on = v != 0
-    num_heads = int(v_on.sum())
-    num_qk_heads = int((v_on & (qk != 0)).sum())
-    return Widths(num_heads, num_qk_heads, geom.head_dim if num_qk_heads else 0,
-                  geom.head_dim if num_heads else 0, mlp_hidden)
+    """Widths of the compressed block for masks ``qk``, ``v``, ``mlp`` (non-zero = kept)."""
+    qk_on, v_on = qk != 0, v != 0
+    return widths_from_counts(geom, granularity, int(qk_on.sum()), int(v_on.sum()), int((mlp != 0).sum()),
+                              int((qk_on & v_on).sum()) if granularity == "head" else 0)
 
 
 def _check_supported_block(name: str, block: nn.Module) -> None:

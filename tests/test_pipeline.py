@@ -165,6 +165,26 @@ def test_missing_data_and_checkpoint_say_where_they_looked(tmp_path, capsys):
     assert f"{tmp_path}/deit.pth not found" in err and "make demo" in err
 
 
+def test_eval_reads_only_the_split_it_needs(tmp_path):
+    """An eval on an ImageFolder tree reads val/ and never scans train/ (ImageNet's is 1.2M files)."""
+    from PIL import Image
+
+    from spp.data import build_datasets
+
+    for label in ("a", "b"):
+        os.makedirs(tmp_path / "val" / label)
+        Image.new("RGB", (40, 40), (10, 200, 30)).save(tmp_path / "val" / label / "0.png")
+    cfg = load_config(SMOKE, ["data.dataset=imagefolder", f"data.root={tmp_path}", "data.in_chans=3",
+                              "data.val_fraction=0.0"]).data
+    data = build_datasets(cfg, splits=["test"])
+    assert list(data) == ["test"] and len(data["test"]) == 2
+    assert build_datasets(cfg, splits=["val"])["val"][0][0].shape == (3, cfg.img_size, cfg.img_size)
+    with pytest.raises(spp.data.DatasetNotFound, match="train not found"):
+        build_datasets(cfg, splits=["train", "test"])
+    with pytest.raises(ValueError, match=r"unknown splits \['dev'\]"):
+        build_datasets(cfg, splits=["dev"])
+
+
 def test_torchrun_two_processes_give_one_identical_path(tmp_path):
     out = str(tmp_path / "ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
