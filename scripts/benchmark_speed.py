@@ -11,7 +11,8 @@ Prints and writes (``--out``, JSON):
   * compressed members (30/50/70% of prunable params removed) against the dense model:
     latency at each batch size and the fraction of the FLOPs reduction realised as speed-up
     (speed-up ÷ FLOPs ratio); target ≥ 0.9 at batch ≥ 32;
-  * peak memory of a search step against a finetune step (CUDA only).
+  * peak memory of a search step against a finetune step (CUDA: allocator peak; CPU: peak
+    resident memory of a fresh process, less that of one holding only the model and input).
 Every figure is the median of ``--repeats`` timed runs after ``--warmup`` untimed ones.
 Weights are random: speed does not depend on them.
 """
@@ -19,7 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from contextlib import nullcontext
 
@@ -69,41 +73,88 @@ def random_path(model, seed=0):
     return spp.SolutionPath(entries, pairs, "dim", 1000)
 
 
-def train_steps(args, device, autocast):
-    """(search step, its optimizer share, finetune step, peak memories)."""
+def search_step_fn(args, device, autocast):
+    """A search step: frozen weights, mask gradients, LBI. Returns ``(step, forward_backward, lbi)``."""
     x = torch.randn(args.train_batch, 3, args.img_size, args.img_size, device=device)
     y = torch.randint(0, 1000, (args.train_batch,), device=device)
-
     searched = spp.add_masks(spp.create_model(args.model, img_size=args.img_size).to(device), "dim")
     lbi = spp.LBI([p for _, p in spp.mask_parameters(searched)], lr=3.0, nu=3000.0)
     searched.train()
 
-    def search_forward_backward():
+    def forward_backward():
         with autocast():
             loss = F.cross_entropy(searched(x), y)
         lbi.zero_grad(set_to_none=True)
         loss.backward()
 
-    def search_step():
-        search_forward_backward()
+    def step():
+        forward_backward()
         lbi.step()
 
-    search_forward_backward()
-    search = timed(search_step, device, args.repeats, args.warmup)
-    opt_only = timed(lbi.step, device, args.repeats * 5, args.warmup)
+    return step, forward_backward, lbi
 
+
+def finetune_step_fn(args, device, autocast):
+    """A full finetune step: AdamW on every weight of the dense model."""
+    x = torch.randn(args.train_batch, 3, args.img_size, args.img_size, device=device)
+    y = torch.randint(0, 1000, (args.train_batch,), device=device)
     dense = spp.create_model(args.model, img_size=args.img_size).to(device).train()
     adamw = torch.optim.AdamW(dense.parameters(), lr=1e-4)
 
-    def finetune_step():
+    def step():
         with autocast():
             loss = F.cross_entropy(dense(x), y)
         adamw.zero_grad(set_to_none=True)
         loss.backward()
         adamw.step()
 
+    return step
+
+
+def cpu_peak_memory(args):
+    """Peak resident memory (MiB) a search step and a finetune step add to a process that holds
+    only the model and its input; each measured in a fresh process (``ru_maxrss``)."""
+    def probe(kind):
+        command = [sys.executable, os.path.abspath(__file__), "--memory-probe", kind, "--model", args.model,
+                   "--img-size", str(args.img_size), "--train-batch", str(args.train_batch)]
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        return float(out.strip().splitlines()[-1]) / 1024
+
+    idle = probe("idle")
+    return {"search_MiB": probe("search") - idle, "finetune_MiB": probe("finetune") - idle}
+
+
+def memory_probe(args):
+    """Child process of :func:`cpu_peak_memory`: build, run two steps of ``kind``, print ru_maxrss (KiB)."""
+    import resource
+
+    device = torch.device("cpu")
+    if args.memory_probe == "search":
+        step = search_step_fn(args, device, nullcontext)[0]
+    elif args.memory_probe == "finetune":
+        step = finetune_step_fn(args, device, nullcontext)
+    else:
+        spp.create_model(args.model, img_size=args.img_size)
+        torch.randn(args.train_batch, 3, args.img_size, args.img_size)
+        step = None
+    if step is not None:
+        step()
+        step()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def train_steps(args, device, autocast):
+    """(search step, its optimizer share, finetune step, peak memories)."""
+    search_step, search_forward_backward, lbi = search_step_fn(args, device, autocast)
+    search_forward_backward()
+    search = timed(search_step, device, args.repeats, args.warmup)
+    opt_only = timed(lbi.step, device, args.repeats * 5, args.warmup)
+    finetune_step = finetune_step_fn(args, device, autocast)
     finetune = timed(finetune_step, device, args.repeats, args.warmup)
-    memory = {"search_MiB": peak_memory(search_step, device), "finetune_MiB": peak_memory(finetune_step, device)}
+    if device.type == "cuda":
+        memory = {"search_MiB": peak_memory(search_step, device), "finetune_MiB": peak_memory(finetune_step, device)}
+    else:
+        memory = cpu_peak_memory(args)
     return search, opt_only, finetune, memory
 
 
@@ -160,7 +211,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="benchmark_speed.json")
+    parser.add_argument("--memory-probe", choices=["idle", "search", "finetune"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_probe:
+        return memory_probe(args)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.amp == "bf16" else None
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext

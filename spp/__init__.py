@@ -4,7 +4,7 @@ One LBI search over pair-wise structured masks gives a whole family of pruned mo
 any member is compressed exactly into a smaller dense model.
 """
 from .checkpoint import create_model, load_checkpoint
-from .compress import PrunedAttention, compress, load_pruned, pruned_widths, save_pruned
+from .compress import PrunedAttention, compress, load_pruned, nominal_attention, pruned_widths, save_pruned
 from .family import Member, Summary, WeightFamily
 from .flops import count_flops, count_params
 from .masks import (MaskedAttention, MaskedMlp, add_masks, freeze_weights, mask_parameters,
@@ -18,6 +18,6 @@ __version__ = "0.1.0"
 __all__ = [
     "LBI", "add_masks", "remove_masks", "mask_parameters", "freeze_weights", "set_masks",
     "MaskedAttention", "MaskedMlp", "SolutionPath", "support_sizes", "WeightFamily", "Member",
-    "Summary", "compress", "pruned_widths", "PrunedAttention", "save_pruned", "load_pruned",
+    "Summary", "compress", "pruned_widths", "nominal_attention", "PrunedAttention", "save_pruned", "load_pruned",
     "create_model", "load_checkpoint", "count_flops", "count_params", "PAIRS", "Widths",
 ]

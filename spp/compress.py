@@ -12,6 +12,7 @@ not. Three details keep it exact:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -26,7 +27,21 @@ from .checkpoint import atomic_write, base_of, build_base
 from .masks import granularity_of, is_masked, mask_parameters, remove_masks, window_bias
 from .structure import BlockGeometry, Widths, find_blocks, mask_names, model_geometry, widths_from_masks
 
-__all__ = ["PrunedAttention", "PrunedWindowAttention", "compress", "save_pruned", "load_pruned", "pruned_widths"]
+__all__ = ["PrunedAttention", "PrunedWindowAttention", "compress", "save_pruned", "load_pruned", "pruned_widths",
+           "nominal_attention"]
+
+_PAD_ON_CPU = [True]
+
+
+@contextlib.contextmanager
+def nominal_attention():
+    """Run attention at its true head widths, without the CPU zero-padding (for FLOP counts)."""
+    previous = _PAD_ON_CPU[0]
+    _PAD_ON_CPU[0] = False
+    try:
+        yield
+    finally:
+        _PAD_ON_CPU[0] = previous
 
 FORMAT = "spp-pruned"
 FORMAT_VERSION = 1
@@ -73,9 +88,17 @@ class PrunedAttention(nn.Module):
             q = q.view(B, N, hq, self.qk_dim).transpose(1, 2)            # (B, qk_heads, N, qk_dim)
             k = k.view(B, N, hq, self.qk_dim).transpose(1, 2)
             mask = bias[:, :hq].to(q.dtype) if bias is not None else attn_mask
+            vq = v[:, :hq]
+            pad = self.v_dim - self.qk_dim
+            if pad and x.device.type == "cpu" and _PAD_ON_CPU[0]:
+                # PyTorch's fused CPU kernel needs one head width for q, k and v; with two it falls
+                # back to the unfused math path (attention map materialised, ~1.5x slower here).
+                # Zero columns change no dot product and only add output columns cut off below.
+                q, k = (F.pad(q, (0, pad)), F.pad(k, (0, pad))) if pad > 0 else (q, k)
+                vq = F.pad(vq, (0, -pad)) if pad < 0 else vq
             outputs.append(F.scaled_dot_product_attention(
-                q, k, v[:, :hq], attn_mask=mask, is_causal=is_causal, scale=self.scale,
-                dropout_p=self.attn_drop.p if self.training else 0.0))  # (B, qk_heads, N, v_dim)
+                q, k, vq, attn_mask=mask, is_causal=is_causal, scale=self.scale,
+                dropout_p=self.attn_drop.p if self.training else 0.0)[..., :self.v_dim])  # (B, qk_heads, N, v_dim)
         if hq < self.num_heads:  # heads without query-key dims: logits are the bias alone
             if bias is not None:
                 weights = self.attn_drop(torch.softmax(bias[:, hq:].float(), dim=-1).to(v.dtype))

@@ -28,13 +28,19 @@ def input_size_of(model: nn.Module) -> Sequence[int]:
 
 @torch.no_grad()
 def count_flops(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> int:
-    """Forward FLOPs for one image (2 per multiply-add), counted by ``FlopCounterMode``."""
+    """Forward FLOPs for one image (2 per multiply-add), counted by ``FlopCounterMode``.
+
+    Compressed attention is counted at its true head widths (:func:`spp.compress.nominal_attention`),
+    not with the zero columns it pads on CPU to reach the fused kernel.
+    """
+    from .compress import nominal_attention
+
     input_size = tuple(input_size or input_size_of(model))
     param = next(model.parameters())
     x = torch.zeros(1, *input_size, device=param.device, dtype=param.dtype)
     was_training = model.training
     model.eval()
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, nominal_attention():
         model(x)
     model.train(was_training)
     return int(counter.get_total_flops())

@@ -153,6 +153,35 @@ def test_softmax_scale_is_the_original_one():
     assert pruned.blocks[0].attn.qk_dim < 16
 
 
+@pytest.mark.parametrize("keep_qk,keep_v", [(0.3, 0.8), (0.8, 0.3)])
+def test_unequal_head_widths_reach_the_fused_cpu_kernel(keep_qk, keep_v):
+    """qk_dim != v_dim: zero-padded to one width on CPU so SDPA takes its fused kernel, with the
+    same output as the unpadded math path and FLOPs counted at the true widths."""
+    from torch.profiler import profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny_vit()
+    masks = random_masks(model, "dim", keep=1.0)
+    g = torch.Generator().manual_seed(0)
+    for name in masks:
+        keep = keep_qk if "qk" in name else keep_v if "v_mask" in name else 1.0
+        masks[name] = (torch.rand(masks[name].shape, generator=g) < keep).float()
+    pruned = _check_exact(model, masks, "dim")
+    attn = pruned.blocks[0].attn
+    assert attn.qk_dim != attn.v_dim and attn.num_qk_heads == attn.num_heads
+    x = _x()
+    with profile() as prof:
+        padded = _out(pruned, x)
+    kernels = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in kernels
+    assert "aten::_scaled_dot_product_attention_math" not in kernels
+    with spp.nominal_attention():
+        torch.testing.assert_close(_out(pruned, x), padded, atol=1e-5, rtol=0)
+    with torch.no_grad(), FlopCounterMode(display=False) as executed:
+        pruned(x[:1])
+    assert executed.get_total_flops() > spp.count_flops(pruned)  # the zero columns are not counted
+
+
 @pytest.mark.parametrize("granularity", ["dim", "head"])
 def test_compress_takes_masks_on_a_dense_model(granularity):
     model = tiny_vit()
