@@ -1,0 +1,196 @@
+"""Why does a search rank well or badly at high sparsity? Variants of one LBI search, judged on val.
+
+    python scripts/ablate_search.py --variants base long nu5 per_type
+
+Same model, data split, seed and data order as ``scripts/benchmark_quality.py`` (the demo's
+Fashion-MNIST ViT, 6,000 training images held out). Each variant runs one search over the
+masks, then reads members off its path at ``--removed`` (global parameter budget, entry and
+final-z rankings) and reports validation accuracy with no finetuning, the share of each pair
+type kept, and the search time. Lasso (one run per lam) is the reference the benchmark found
+ahead of SPP at 70% and 85% removed. Writes ``ablation.json`` and ``ablation.md`` to --out.
+
+Variants (all plain gradient, kappa 10, lam 0.1 unless named):
+  base      nu = 3 / RMS(mask gradient at M = 1), rho = 0.01, 600 steps (the defaults)
+  long      rho = 0.005, 1200 steps: the same path, resolved with twice the data per unit of path
+  longer    rho = 0.0025, 2400 steps
+  nu5       nu_scale 5 (between the sweep's 3 and 10)
+  per_type  nu calibrated separately for query-key, value and MLP masks (their gradients differ ~10x)
+  per_mask  nu calibrated separately for every mask tensor (every pair type of every block)
+  nu1       nu_scale 1
+  lam0.2    lam 0.2 (c = kappa * lam = 2): entries need twice the evidence, so they come later,
+  lam0.4    lam 0.4   when M has settled further from its dense start
+  lam1      lam 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmark_quality as bq  # noqa: E402  (the benchmark's model, split and baselines)
+
+import spp  # noqa: E402
+from spp.runtime import seed_everything  # noqa: E402
+from spp.structure import mask_names, model_geometry  # noqa: E402
+
+VARIANTS = {
+    "base": dict(nu_scale=3.0, rho=0.01, steps=600, calibrate="all"),
+    "long": dict(nu_scale=3.0, rho=0.005, steps=1200, calibrate="all"),
+    "longer": dict(nu_scale=3.0, rho=0.0025, steps=2400, calibrate="all"),
+    "nu5": dict(nu_scale=5.0, rho=0.01, steps=600, calibrate="all"),
+    "per_type": dict(nu_scale=3.0, rho=0.01, steps=600, calibrate="type"),
+    "per_mask": dict(nu_scale=3.0, rho=0.01, steps=600, calibrate="mask"),
+    "nu1": dict(nu_scale=1.0, rho=0.01, steps=600, calibrate="all"),
+    "lam0.2": dict(nu_scale=3.0, rho=0.01, steps=600, calibrate="all", lam=0.2),
+    "lam0.4": dict(nu_scale=3.0, rho=0.01, steps=600, calibrate="all", lam=0.4),
+    "lam1": dict(nu_scale=3.0, rho=0.01, steps=600, calibrate="all", lam=1.0),
+}
+KAPPA, LAM = 10.0, 0.1
+
+
+def gradient_rms(model, loader, batches: int = 8) -> Dict[str, float]:
+    """RMS of the per-batch cross-entropy gradient of every mask tensor at M = 1."""
+    named = spp.mask_parameters(model)
+    squares: Dict[str, List[float]] = {n: [] for n, _ in named}
+    model.train()
+    loader.sampler.set_epoch(-1)
+    for i, (x, y) in enumerate(loader):
+        if i >= batches:
+            break
+        grads = torch.autograd.grad(F.cross_entropy(model(x), y), [p for _, p in named])
+        for (n, _), g in zip(named, grads):
+            squares[n].append(float(g.pow(2).mean()))
+    return {n: math.sqrt(statistics.mean(s)) for n, s in squares.items()}
+
+
+def pair_types(model) -> Dict[str, str]:
+    return {n: pair for g in model_geometry(model) for pair, n in mask_names(g).items()}
+
+
+def search(bench, variant: Dict, seed: int) -> spp.SolutionPath:
+    """One LBI run over the masks (same loop and data order as ``spp search``), nu per the variant."""
+    model = bench.masked
+    named = spp.mask_parameters(model)
+    with torch.no_grad():
+        for _, p in named:
+            p.fill_(1.0)
+    seed_everything(seed)
+    loader = bench.loader("train", seed)
+    rms = gradient_rms(model, loader)
+    types = pair_types(model)
+    if variant["calibrate"] == "all":
+        numel = {n: p.numel() for n, p in named}
+        shared = math.sqrt(sum(rms[n] ** 2 * numel[n] for n in rms) / sum(numel.values()))  # as spp search
+        scale = {n: shared for n in rms}
+    elif variant["calibrate"] == "type":
+        per = {t: math.sqrt(statistics.mean(rms[n] ** 2 for n in rms if types[n] == t)) for t in set(types.values())}
+        scale = {n: per[types[n]] for n in rms}
+    else:
+        scale = dict(rms)
+    groups = []
+    for n, p in named:
+        nu = variant["nu_scale"] / scale[n]
+        groups.append({"params": [p], "nu": nu, "lr": variant["rho"] * nu / KAPPA})
+    opt = spp.LBI(groups, kappa=KAPPA, lam=variant.get("lam", LAM))
+    model.train()
+    step, epoch = 0, 0
+    while step < variant["steps"]:
+        loader.sampler.set_epoch(epoch)
+        loader.dataset.set_epoch(epoch)
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step >= variant["steps"]:
+                break
+        epoch += 1
+    path = spp.SolutionPath.from_optimizer(opt, model)
+    with torch.no_grad():
+        for _, p in named:
+            p.fill_(1.0)
+    return path
+
+
+def judge(bench, path, removed, rules=("entry", "z")) -> Dict:
+    types = pair_types(bench.masked)
+    sizes = path.sizes()
+    family = spp.WeightFamily(bench.dense, path)
+    out = {}
+    for rule in rules:
+        for r in removed:
+            member = family.select(remove=r, rank=rule)
+            kept = {t: 0 for t in sizes}
+            for n, m in member.masks.items():
+                kept[types[n]] += int(m.sum())
+            acc = bench.accuracy(spp.compress(bench.dense, member.masks, granularity="dim"), "val")
+            out[f"{rule}@{r}"] = {"val": round(acc, 2), "kept": {t: f"{kept[t] / sizes[t]:.0%}" for t in sizes}}
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="outputs/demo/pretrain/best.safetensors")
+    parser.add_argument("--out", default="outputs/ablate_search")
+    parser.add_argument("--variants", nargs="+", default=["base", "long", "nu5", "per_type"], choices=VARIANTS)
+    parser.add_argument("--removed", type=float, nargs="+", default=[0.5, 0.7, 0.85])
+    parser.add_argument("--lasso-lams", type=float, nargs="*", default=[3e-4, 1e-3])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    bench = bq.Bench(argparse.Namespace(checkpoint=args.checkpoint, out=args.out))
+    rows = {}
+    rms = gradient_rms(bench.masked, bench.loader("train", args.seed))
+    types = pair_types(bench.masked)
+    print("gradient RMS at M = 1:", {n: f"{r:.1e}" for n, r in rms.items()})
+    for lam in args.lasso_lams:
+        seed_everything(args.seed)
+        start = time.time()
+        scores = bq.lasso_scores(bench.masked, bench.loader("train", args.seed), lam, 300, 1e-2)
+        seconds = time.time() - start
+        rows[f"lasso lam={lam}"] = {"seconds": round(seconds, 1),
+                                    **judge(bench, bq.ranking_path(bench.masked, scores), args.removed, ("entry",))}
+        print(json.dumps({f"lasso lam={lam}": rows[f"lasso lam={lam}"]}))
+    for name in args.variants:
+        start = time.time()
+        path = search(bench, VARIANTS[name], args.seed)
+        seconds = time.time() - start
+        path.save(os.path.join(args.out, name))
+        rows[name] = {"seconds": round(seconds, 1), **judge(bench, path, args.removed)}
+        print(json.dumps({name: rows[name]}))
+    write_tables(rows, rms, types, args.out)
+
+
+def write_tables(rows: Dict, rms: Dict, types: Dict, out: str) -> None:
+    """Merge ``rows`` into ``out``/ablation.json (earlier variants are kept) and write ablation.md."""
+    filename = os.path.join(out, "ablation.json")
+    if os.path.isfile(filename):
+        with open(filename) as f:
+            rows = {**json.load(f)["rows"], **rows}
+    with open(filename, "w") as f:
+        json.dump({"gradient_rms": rms, "pair_types": types, "variants": VARIANTS, "rows": rows}, f, indent=1)
+    keys = sorted({k for row in rows.values() for k in row if k != "seconds"},
+                  key=lambda k: (k.split("@")[0], float(k.split("@")[1])))
+    lines = ["| variant | " + " | ".join(keys) + " | search s |", "|---" * (len(keys) + 2) + "|"]
+    for name, row in rows.items():
+        cells = [f"{row[k]['val']:.2f} (qk {row[k]['kept']['qk']}, v {row[k]['kept']['v']}, mlp {row[k]['kept']['mlp']})"
+                 if k in row else "" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['seconds']} |")
+    with open(os.path.join(out, "ablation.md"), "w") as f:
+        f.write("Validation accuracy (%) with no finetuning; in brackets the share of each pair type kept.\n\n")
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
