@@ -221,11 +221,11 @@ class Bench:
         family = spp.WeightFamily(self.dense, path)
         return spp.compress(self.dense, family.select(remove=removed, rank=rank).masks, granularity="dim")
 
-    def spp_path(self, seed, nu_scale):
-        out = os.path.join(self.args.out, "searches", f"seed{seed}_nu{nu_scale}")
+    def spp_path(self, seed, nu_scale, lam):
+        out = os.path.join(self.args.out, "searches", f"seed{seed}_nu{nu_scale}_lam{lam}")
         cfg = load_config(os.path.join(ROOT, "configs", "demo_search.yaml"),
                           [f"output={out}", f"seed={seed}", "resume=null", f"model.checkpoint={self.args.checkpoint}",
-                           f"search.nu_scale={nu_scale}", f"search.steps={self.args.search_steps}"])
+                           f"search.nu_scale={nu_scale}", f"search.lam={lam}", f"search.steps={self.args.search_steps}"])
         return run_search(cfg)
 
 
@@ -234,24 +234,25 @@ METHODS = ("spp-entry", "spp-z", "random", "magnitude", "taylor", "lasso",
 
 
 def spp_methods(bench, args, tuning):
-    """One search per seed; nu_scale and the ranking rule chosen on val with the first seed."""
+    """One search per seed; nu_scale, lam and the ranking rule chosen on val with the first seed."""
     paths = {}
-    for scale in args.nu_scales:
+    settings = [(scale, lam) for scale in args.nu_scales for lam in args.lams]
+    for scale, lam in settings:
         start = time.time()
-        path = bench.spp_path(args.seeds[0], scale)
-        paths[(scale, args.seeds[0])] = (path, time.time() - start)
+        path = bench.spp_path(args.seeds[0], scale, lam)
+        paths[(scale, lam, args.seeds[0])] = (path, time.time() - start)
         for rule in ("entry", "z"):
             val = statistics.mean(bench.accuracy(bench.member(path, r, rule), "val") for r in args.removed)
-            tuning[f"spp nu_scale={scale} rank={rule}"] = round(val, 2)
-            print(f"tuning spp nu_scale={scale} rank={rule}: mean val {val:.2f}%")
-    best = max(args.nu_scales, key=lambda s: max(tuning[f"spp nu_scale={s} rank={r}"] for r in ("entry", "z")))
-    tuning["spp_nu_scale"] = best
+            tuning[f"spp nu_scale={scale} lam={lam} rank={rule}"] = round(val, 2)
+            print(f"tuning spp nu_scale={scale} lam={lam} rank={rule}: mean val {val:.2f}%")
+    best = max(settings, key=lambda s: max(tuning[f"spp nu_scale={s[0]} lam={s[1]} rank={r}"] for r in ("entry", "z")))
+    tuning["spp_nu_scale"], tuning["spp_lam"] = best
     for seed in args.seeds[1:]:
         start = time.time()
-        paths[(best, seed)] = (bench.spp_path(seed, best), time.time() - start)
+        paths[(*best, seed)] = (bench.spp_path(seed, *best), time.time() - start)
     methods = {"spp-entry": {}, "spp-z": {}}
     for seed in args.seeds:
-        path, seconds = paths[(best, seed)]
+        path, seconds = paths[(*best, seed)]
         methods["spp-entry"][seed] = (lambda r, p=path: bench.member(p, r, "entry"), seconds)
         methods["spp-z"][seed] = (lambda r, p=path: bench.member(p, r, "z"), seconds)
     return methods
@@ -365,6 +366,8 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--search-steps", type=int, default=600)
     parser.add_argument("--nu-scales", type=float, nargs="+", default=[1.0, 3.0, 10.0])
+    parser.add_argument("--lams", type=float, nargs="+", default=[0.1],
+                        help="SPP lam values tuned with the nu scales (scripts/ablate_search.py found 0.4 better on val)")
     parser.add_argument("--lasso-lams", type=float, nargs="+", default=[3e-4, 1e-3])
     parser.add_argument("--lasso-steps", type=int, default=300)
     parser.add_argument("--taylor-batches", type=int, default=20)
