@@ -12,8 +12,9 @@ Prints and writes (``--out``, JSON):
     latency at each batch size and the fraction of the FLOPs reduction realised as speed-up
     (speed-up ÷ FLOPs ratio); target ≥ 0.9 at batch ≥ 32;
   * peak memory of a search step against a finetune step (CUDA: allocator peak; CPU: peak
-    resident memory of a fresh process, less that of one holding only the model and input).
-Every figure is the median of ``--repeats`` timed runs after ``--warmup`` untimed ones.
+    resident memory of a fresh process, growth over the steps once the model and input are built).
+Every figure is the median of ``--repeats`` timed runs after ``--warmup`` untimed ones; the
+models compared in a ratio are timed in turn within each repeat.
 Weights are random: speed does not depend on them.
 """
 from __future__ import annotations
@@ -39,17 +40,25 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeats, warmup):
+def timed_together(fns, device, repeats, warmup):
+    """Median seconds of each function in ``fns`` (name → callable), timed in turn within every
+    repeat, so a slow spell of a shared machine slows all of them alike and ratios hold."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def timed(fn, device, repeats, warmup):
+    return timed_together({"": fn}, device, repeats, warmup)[""]
 
 
 def peak_memory(fn, device):
@@ -112,45 +121,47 @@ def finetune_step_fn(args, device, autocast):
 
 
 def cpu_peak_memory(args):
-    """Peak resident memory (MiB) a search step and a finetune step add to a process that holds
-    only the model and its input; each measured in a fresh process (``ru_maxrss``)."""
+    """Peak resident memory (MiB) a search step and a finetune step add on CPU, each measured in a
+    fresh process: Linux's high-water mark (VmHWM), reset once the model and input are built."""
     def probe(kind):
         command = [sys.executable, os.path.abspath(__file__), "--memory-probe", kind, "--model", args.model,
                    "--img-size", str(args.img_size), "--train-batch", str(args.train_batch)]
-        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        return float(out.strip().splitlines()[-1]) / 1024
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            print(f"memory probe failed: {result.stderr.strip().splitlines()[-1:]}")
+            return None
+        return float(result.stdout.strip().splitlines()[-1]) / 1024
 
-    idle = probe("idle")
-    return {"search_MiB": probe("search") - idle, "finetune_MiB": probe("finetune") - idle}
+    return {"search_MiB": probe("search"), "finetune_MiB": probe("finetune")}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def memory_probe(args):
-    """Child process of :func:`cpu_peak_memory`: build, run two steps of ``kind``, print ru_maxrss (KiB)."""
-    import resource
-
+    """Child process of :func:`cpu_peak_memory`: build, reset the peak, run two steps, print the
+    growth of the peak over the resident memory before them (KiB)."""
     device = torch.device("cpu")
-    if args.memory_probe == "search":
-        step = search_step_fn(args, device, nullcontext)[0]
-    elif args.memory_probe == "finetune":
-        step = finetune_step_fn(args, device, nullcontext)
-    else:
-        spp.create_model(args.model, img_size=args.img_size)
-        torch.randn(args.train_batch, 3, args.img_size, args.img_size)
-        step = None
-    if step is not None:
-        step()
-        step()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    step = (search_step_fn(args, device, nullcontext)[0] if args.memory_probe == "search"
+            else finetune_step_fn(args, device, nullcontext))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident size
+    before = _status_kib("VmRSS")
+    step()
+    step()
+    print(_status_kib("VmHWM") - before)
 
 
 def train_steps(args, device, autocast):
     """(search step, its optimizer share, finetune step, peak memories)."""
     search_step, search_forward_backward, lbi = search_step_fn(args, device, autocast)
     search_forward_backward()
-    search = timed(search_step, device, args.repeats, args.warmup)
     opt_only = timed(lbi.step, device, args.repeats * 5, args.warmup)
     finetune_step = finetune_step_fn(args, device, autocast)
-    finetune = timed(finetune_step, device, args.repeats, args.warmup)
+    steps = timed_together({"search": search_step, "finetune": finetune_step}, device, args.repeats, args.warmup)
+    search, finetune = steps["search"], steps["finetune"]
     if device.type == "cuda":
         memory = {"search_MiB": peak_memory(search_step, device), "finetune_MiB": peak_memory(finetune_step, device)}
     else:
@@ -177,24 +188,28 @@ def latency(args, family, device, autocast):
         member = family.select(remove=removed, round_to=args.round_to)
         members[f"-{removed:.0%} params"] = (spp.compress(dense, member.masks, granularity="dim"),
                                              member.summary.flops_before / member.summary.flops_after)
+    if device.type == "cpu":  # the last member again on the unfused path, to show what the padding buys
+        last = list(members)[-1]
+        members[f"{last}, unpadded"] = members[last]
     rows = []
+    for model, _ in members.values():
+        model.to(device)
     for batch in args.batch_sizes:
         x = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
-        base = None
-        for name, (model, flops_ratio) in members.items():
-            model.to(device)
 
-            def forward():
-                with torch.no_grad(), autocast():
+        def forward(model, padded=True):
+            def run():
+                with torch.no_grad(), autocast(), nullcontext() if padded else spp.nominal_attention():
                     model(x)
+            return run
 
-            seconds = timed(forward, device, args.repeats, args.warmup)
-            base = base or seconds
-            speedup = base / seconds
-            rows.append({"batch": batch, "model": name, "ms": round(1000 * seconds, 2),
+        fns = {name: forward(m, padded=not name.endswith("unpadded")) for name, (m, _) in members.items()}
+        seconds = timed_together(fns, device, args.repeats, args.warmup)
+        for name, (_, flops_ratio) in members.items():
+            speedup = seconds["dense"] / seconds[name]
+            rows.append({"batch": batch, "model": name, "ms": round(1000 * seconds[name], 2),
                          "speedup": round(speedup, 3), "flops_ratio": round(flops_ratio, 3),
                          "realised": round(speedup / flops_ratio, 3)})
-            model.cpu()
     return rows
 
 
@@ -211,7 +226,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="benchmark_speed.json")
-    parser.add_argument("--memory-probe", choices=["idle", "search", "finetune"], help=argparse.SUPPRESS)
+    parser.add_argument("--memory-probe", choices=["search", "finetune"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
         return memory_probe(args)
@@ -235,7 +250,7 @@ def main():
     print(f"LBI optimizer step {1000 * opt_only:.3f} ms = {100 * opt_only / search:.2f}% of a search step (target < 5%)")
     print(f"family build {1000 * build:.0f} ms (once, includes a FLOP count); select {1000 * select:.1f} ms; "
           f"compress {1000 * compress:.1f} ms; select + compress {select + compress:.3f} s (target < 1 s)")
-    if memory["search_MiB"] is not None:
+    if memory["search_MiB"] and memory["finetune_MiB"]:
         print(f"peak memory: search {memory['search_MiB']:.0f} MiB vs finetune {memory['finetune_MiB']:.0f} MiB "
               f"(ratio {memory['search_MiB'] / memory['finetune_MiB']:.2f})")
     print("\n| batch | model | ms | speed-up | FLOPs ratio | realised |\n|---|---|---|---|---|---|")
