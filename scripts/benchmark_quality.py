@@ -341,8 +341,9 @@ def evaluate_methods(bench, args, methods, targets):
                 stats.update({key: round(statistics.mean(values), 2), f"{key}_std": round(statistics.pstdev(values), 2)})
         return stats
 
-    dense = {"method": "dense", "removed": 0.0, "params": spp.count_params(bench.dense),
-             **row(lambda seed: bench.dense, args.seeds, bool(args.epoch_removed))}
+    dense = {"method": "dense", "removed": 0.0, "params": spp.count_params(bench.dense), "test_no_ft": bench.accuracy(bench.dense, "test")}
+    if not args.no_dense_finetune:
+        dense.update(row(lambda seed: bench.dense, args.seeds, bool(args.epoch_removed)))
     print(json.dumps(dense))
     results: List[Dict] = []
     for method, per_seed in methods.items():
@@ -376,6 +377,7 @@ def main():
     parser.add_argument("--epoch-removed", type=float, nargs="*", default=[0.7, 0.85],
                         help="budgets that also get a one-epoch finetune (each adds 10-25 min on 2 cores)")
     parser.add_argument("--epoch-steps", type=int, default=0, help="steps of the long finetune (default: one epoch)")
+    parser.add_argument("--no-dense-finetune", action="store_true", help="skip the dense reference finetunes")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if not os.path.isfile(args.checkpoint):
@@ -393,7 +395,7 @@ def main():
     targets = {r: family.select(remove=r).summary.params_after for r in args.removed}
     tuning: Dict = {}
     wanted = set(args.methods)
-    methods = spp_methods(bench, args, tuning)
+    methods = spp_methods(bench, args, tuning) if wanted & {"spp-entry", "spp-z"} else {}
     if "lasso" in wanted:
         methods["lasso"] = lasso_method(bench, args, tuning)
     methods.update(score_methods(bench, args, magnitude, magnitude_time))
@@ -423,7 +425,7 @@ def write_markdown(summary, args, filename):
     methods = list(dict.fromkeys(r["method"] for r in summary["results"]))
     groups = columns(args)
     dense = summary["dense_ft"]
-    reference = "; ".join(f"{label} {dense[key]:.2f} ± {dense[key + '_std']:.2f}" for key, label, _ in groups if key in dense)
+    reference = "; ".join(f"{label} {dense[key]:.2f} ± {dense.get(key + '_std', 0.0):.2f}" for key, label, _ in groups if key in dense)
     lines = [f"Test accuracy (%) on Fashion-MNIST, mean ± std over seeds {args.seeds}. Dense model: {reference}. "
              "Columns: share of prunable parameters removed.", "",
              "| method | " + " | ".join(f"{label}: -{100 * r:.0f}%" if i == 0 else f"-{100 * r:.0f}%"
@@ -432,6 +434,8 @@ def write_markdown(summary, args, filename):
              "|---|" + "---|" * (sum(len(b) for _, _, b in groups) + 1)]
 
     def cell(row, key):
+        if key not in row:
+            return "–"
         over = row["params"] > 1.01 * row["budget_params"]  # a method that could not reach the budget
         return f"{row[key]:.2f} ± {row[key + '_std']:.2f}" + (" †" if over else "")
 
@@ -454,7 +458,7 @@ def plot(summary, args, filename):
     methods = list(dict.fromkeys(r["method"] for r in summary["results"]))
     for ax, (key, title, budgets) in zip(axes[0], groups):
         for m in methods:
-            rows = [r for r in summary["results"] if r["method"] == m and r["removed"] in budgets]
+            rows = [r for r in summary["results"] if r["method"] == m and r["removed"] in budgets and key in r]
             ax.errorbar([r["params"] / 1e6 for r in rows], [r[key] for r in rows], yerr=[r[key + "_std"] for r in rows],
                         marker="o", capsize=3, label=m)
         ax.axhline(summary["dense_ft"].get(key, summary["dense_test"]), color="gray", ls=":", label="dense")
