@@ -30,7 +30,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Dict, List
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ import benchmark_quality as bq  # noqa: E402  (the benchmark's model, split and 
 
 import spp  # noqa: E402
 from spp.runtime import seed_everything  # noqa: E402
+from spp.search import mask_gradient_rms  # noqa: E402
 from spp.structure import mask_names, model_geometry  # noqa: E402
 
 VARIANTS = {
@@ -57,19 +58,12 @@ VARIANTS = {
 KAPPA, LAM = 10.0, 0.1
 
 
-def gradient_rms(model, loader, batches: int = 8) -> Dict[str, float]:
-    """RMS of the per-batch cross-entropy gradient of every mask tensor at M = 1."""
-    named = spp.mask_parameters(model)
-    squares: Dict[str, List[float]] = {n: [] for n, _ in named}
-    model.train()
-    loader.sampler.set_epoch(-1)
-    for i, (x, y) in enumerate(loader):
-        if i >= batches:
-            break
-        grads = torch.autograd.grad(F.cross_entropy(model(x), y), [p for _, p in named])
-        for (n, _), g in zip(named, grads):
-            squares[n].append(float(g.pow(2).mean()))
-    return {n: math.sqrt(statistics.mean(s)) for n, s in squares.items()}
+def gradient_rms(bench, seed: int) -> Dict[str, float]:
+    """RMS of the per-batch cross-entropy gradient of every mask tensor at M = 1 (as ``spp search``
+    calibrates ν from)."""
+    rms = mask_gradient_rms(bench.masked, bench.loader("train", seed), lambda i, o, t: F.cross_entropy(o, t),
+                            bench.runtime, batches=8)
+    return {n: r for n, (r, _) in rms.items()}
 
 
 def pair_types(model) -> Dict[str, str]:
@@ -85,7 +79,7 @@ def search(bench, variant: Dict, seed: int) -> spp.SolutionPath:
             p.fill_(1.0)
     seed_everything(seed)
     loader = bench.loader("train", seed)
-    rms = gradient_rms(model, loader)
+    rms = gradient_rms(bench, seed)
     types = pair_types(model)
     if variant["calibrate"] == "all":
         numel = {n: p.numel() for n, p in named}
@@ -150,7 +144,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     bench = bq.Bench(argparse.Namespace(checkpoint=args.checkpoint, out=args.out))
     rows = {}
-    rms = gradient_rms(bench.masked, bench.loader("train", args.seed))
+    rms = gradient_rms(bench, args.seed)
     types = pair_types(bench.masked)
     print("gradient RMS at M = 1:", {n: f"{r:.1e}" for n, r in rms.items()})
     for lam in args.lasso_lams:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
@@ -210,9 +211,9 @@ class Bench:
         self.dense = build_model(self.cfg).eval()
         self.masked = spp.add_masks(build_model(self.cfg).eval(), "dim")
 
-    def loader(self, split, seed=0, batch=None):
+    def loader(self, split, seed=0):
         dataset = {"train": self.train, "val": self.val, "test": self.test}[split]
-        return build_loader(dataset, batch or (128 if split == "train" else 500), split == "train", 0, seed)
+        return build_loader(dataset, 128 if split == "train" else 500, split == "train", 0, seed)
 
     def accuracy(self, model, split, max_batches=0):
         return evaluate(model, self.loader(split), self.runtime, max_batches, desc=split)["top1"]
@@ -283,11 +284,12 @@ def lasso_method(bench, args, tuning):
 def score_methods(bench, args, magnitude, magnitude_time):
     """Random, magnitude and first-order Taylor rankings of the same structures."""
     methods = {"random": {}, "magnitude": {}, "taylor": {}}
+    magnitude_member = functools.lru_cache(maxsize=None)(lambda r: bench.member(magnitude, r))
     for seed in args.seeds:
         g = torch.Generator().manual_seed(seed)
         rnd = ranking_path(bench.masked, {n: torch.rand(p.shape, generator=g) for n, p in spp.mask_parameters(bench.masked)})
         methods["random"][seed] = (lambda r, p=rnd: bench.member(p, r), 0.0)
-        methods["magnitude"][seed] = (lambda r: bench.member(magnitude, r), magnitude_time)
+        methods["magnitude"][seed] = (magnitude_member, magnitude_time)
         seed_everything(seed)
         start = time.time()
         taylor = ranking_path(bench.masked, taylor_scores(bench.masked, bench.loader("train", seed), args.taylor_batches))
@@ -311,13 +313,13 @@ def tp_methods(bench, args, targets, wanted):
                     if kind == "taylor" else None
                 members = {r: tp_member(bench.dense, example, targets[r], kind, scope == "global", grads)
                            for r in args.removed}
-                methods[name][seed] = (lambda r, m=members: copy.deepcopy(m[r]), time.time() - start)
+                methods[name][seed] = (members.__getitem__, time.time() - start)
             for seed in args.seeds[1:]:
                 methods[name].setdefault(seed, methods[name][args.seeds[0]])
     return methods
 
 
-def evaluate_methods(bench, args, methods, targets):
+def evaluate_methods(bench, args, methods, targets, dense_test):
     """Test accuracy of every member with no finetune, after --finetune-steps, and after one epoch
     (at --epoch-removed); mean and std over seeds. Returns (rows, dense reference row)."""
     epoch = args.epoch_steps or len(bench.loader("train"))
@@ -327,11 +329,14 @@ def evaluate_methods(bench, args, methods, targets):
         return test(finetune(copy.deepcopy(model), bench.loader("train", seed), steps, seed, bench.runtime,
                              args.finetune_lr))
 
-    def row(model_of_seed, seeds, with_epoch):
+    def row(model_of_seed, seeds, with_epoch, known=None):
         before, after, whole = [], [], []
+        untuned = {} if known is None else {id(known[0]): known[1]}  # a model shared by seeds is tested once
         for seed in seeds:
             model = model_of_seed(seed)
-            before.append(test(model))
+            if id(model) not in untuned:
+                untuned[id(model)] = test(model)
+            before.append(untuned[id(model)])
             after.append(tuned(model, args.finetune_steps, seed))
             if with_epoch:
                 whole.append(tuned(model, epoch, seed))
@@ -341,9 +346,9 @@ def evaluate_methods(bench, args, methods, targets):
                 stats.update({key: round(statistics.mean(values), 2), f"{key}_std": round(statistics.pstdev(values), 2)})
         return stats
 
-    dense = {"method": "dense", "removed": 0.0, "params": spp.count_params(bench.dense), "test_no_ft": bench.accuracy(bench.dense, "test")}
+    dense = {"method": "dense", "removed": 0.0, "params": spp.count_params(bench.dense), "test_no_ft": dense_test}
     if not args.no_dense_finetune:
-        dense.update(row(lambda seed: bench.dense, args.seeds, bool(args.epoch_removed)))
+        dense.update(row(lambda seed: bench.dense, args.seeds, bool(args.epoch_removed), (bench.dense, dense_test)))
     print(json.dumps(dense))
     results: List[Dict] = []
     for method, per_seed in methods.items():
@@ -401,7 +406,7 @@ def main():
     methods.update(score_methods(bench, args, magnitude, magnitude_time))
     methods.update(tp_methods(bench, args, targets, wanted))
     methods = {m: methods[m] for m in METHODS if m in wanted and m in methods}
-    results, dense_ft = evaluate_methods(bench, args, methods, targets)
+    results, dense_ft = evaluate_methods(bench, args, methods, targets, dense_test)
 
     summary = {"dense_val": dense_val, "dense_test": dense_test, "dense_ft": dense_ft,
                "tuning_val": tuning, "args": vars(args), "results": results}

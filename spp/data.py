@@ -205,8 +205,9 @@ def build_datasets(cfg: DataConfig, seed: int = 0, splits: Sequence[str] = SPLIT
         if "val" in splits and held_out:
             out["val"] = AugmentedDataset(train_base, eval_tf, seed, np.sort(order[:n_val]))
     if "test" in splits or ("val" in splits and not held_out):
-        test = AugmentedDataset(load(split="test"), eval_tf, seed)
-        out.update({s: test for s in ("test", "val") if s in splits and (s == "test" or not held_out)})
+        out["test"] = AugmentedDataset(load(split="test"), eval_tf, seed)
+        if not held_out:
+            out["val"] = out["test"]
     return {s: out[s] for s in splits}
 
 

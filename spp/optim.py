@@ -42,7 +42,7 @@ class LBI(Optimizer):
     Fashion-MNIST, mean cross-entropy, batch 128): ``κλ = 1`` lets only elements with
     gradient support enter, and ``κα/ν = 0.01`` spreads entries over a few hundred steps.
     ``nu`` must match the loss-gradient scale (the mask sits near ``-ν g``); see
-    :func:`spp.calibrate_nu` to set it from the gradients at the start of a search.
+    :func:`spp.search.calibrate_nu` to set it from the gradients at the start of a search.
     Adam preconditioning spread the path but ranked worse (it normalises away the
     gradient size, which is the signal).
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -19,23 +19,20 @@ from .runtime import (NonFiniteLoss, Runtime, RunLogger, check_shapes,
                       gather_rng_states, load_training_checkpoint, main_print, resume_file,
                       restore_rng_states, save_training_checkpoint, setup_runtime)
 
-__all__ = ["run_search", "calibrate_nu"]
+__all__ = ["run_search", "calibrate_nu", "mask_gradient_rms"]
 
 CHECKPOINT = "checkpoint.pth"
 
 
-def calibrate_nu(model, loader, criterion, runtime: Runtime, batches: int, scale: float,
-                 mixup_fn=None) -> float:
-    """ν = ``scale`` / RMS of the per-batch mask gradients at M = 1.
-
-    The mask settles near ``-ν g`` (ALGORITHM.md §6), so ν must match the gradient scale,
-    which depends on the loss, the batch size and the model; this makes one setting carry
-    over. On the demo's Fashion-MNIST ViT, ``scale = 3`` gives ν ≈ 3000, the prototype's
-    hand-tuned value; of ``scale`` 1, 3 and 10 it kept the most accuracy.
-    """
-    masks = [p for _, p in mask_parameters(model.module if hasattr(model, "module") else model)]
-    loader.sampler.set_epoch(-1)  # its own order: the search's epochs stay untouched
-    total, count = 0.0, 0
+def mask_gradient_rms(model, loader, criterion, runtime: Runtime, batches: int,
+                      mixup_fn=None) -> Dict[str, Tuple[float, int]]:
+    """``{mask name: (RMS of its per-batch gradients, numel)}`` at the current masks, over the
+    first ``batches`` batches of ``loader`` in an order of its own (the search's epochs stay
+    untouched), averaged over ranks."""
+    named = mask_parameters(model.module if hasattr(model, "module") else model)
+    loader.sampler.set_epoch(-1)
+    squares = dict.fromkeys((n for n, _ in named), 0.0)
+    seen = 0
     model.train()
     for i, (images, targets) in enumerate(loader):
         if i >= batches:
@@ -45,13 +42,26 @@ def calibrate_nu(model, loader, criterion, runtime: Runtime, batches: int, scale
             images, targets = mixup_fn(images, targets)
         with runtime.autocast():
             loss = criterion(images, model(images), targets)
-        grads = torch.autograd.grad(loss, masks)
-        total += sum(float(g.float().pow(2).sum()) for g in grads)
-        count += sum(g.numel() for g in grads)
-    if count == 0:
+        for (name, _), g in zip(named, torch.autograd.grad(loss, [p for _, p in named])):
+            squares[name] += float(g.float().pow(2).sum())
+        seen += 1
+    if seen == 0:
         raise RuntimeError("no training batch to calibrate nu from; the training set is smaller than one batch")
-    rms = math.sqrt(runtime.all_mean(total / count))
-    return scale / max(rms, 1e-12)
+    return {n: (math.sqrt(runtime.all_mean(squares[n] / (seen * p.numel()))), p.numel()) for n, p in named}
+
+
+def calibrate_nu(model, loader, criterion, runtime: Runtime, batches: int, scale: float,
+                 mixup_fn=None) -> float:
+    """ν = ``scale`` / RMS of the per-batch mask gradients at M = 1 (all masks pooled).
+
+    The mask settles near ``-ν g`` (ALGORITHM.md §6), so ν must match the gradient scale,
+    which depends on the loss, the batch size and the model; this makes one setting carry
+    over. On the demo's Fashion-MNIST ViT, ``scale = 3`` gives ν ≈ 3000, the prototype's
+    hand-tuned value; of ``scale`` 1, 3 and 10 it kept the most accuracy.
+    """
+    rms = mask_gradient_rms(model, loader, criterion, runtime, batches, mixup_fn)
+    pooled = math.sqrt(sum(r * r * n for r, n in rms.values()) / sum(n for _, n in rms.values()))
+    return scale / max(pooled, 1e-12)
 
 
 def _path_checksum(optimizer: LBI, masks) -> torch.Tensor:
