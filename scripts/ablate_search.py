@@ -9,13 +9,14 @@ final-z rankings) and reports validation accuracy with no finetuning, the share 
 type kept, and the search time. Lasso (one run per lam) is the reference the benchmark found
 ahead of SPP at 70% and 85% removed. Writes ``ablation.json`` and ``ablation.md`` to --out.
 
-Variants (all plain gradient, kappa 10, lam 0.1 unless named):
+Every variant is ``spp search`` (``run_search``) on configs/demo_search.yaml with the overrides
+in ``VARIANTS`` (all plain gradient, kappa 10, lam 0.1 unless named):
   base      nu = 3 / RMS(mask gradient at M = 1), rho = 0.01, 600 steps (the defaults)
   long      rho = 0.005, 1200 steps: the same path, resolved with twice the data per unit of path
   longer    rho = 0.0025, 2400 steps
   nu5       nu_scale 5 (between the sweep's 3 and 10)
-  per_type  nu calibrated separately for query-key, value and MLP masks (their gradients differ ~10x)
-  per_mask  nu calibrated separately for every mask tensor (every pair type of every block)
+  per_type  search.nu_calibration=pair: one nu per query-key, value and MLP masks (their gradients differ ~10x)
+  per_mask  search.nu_calibration=mask: one nu per mask tensor (every pair type of every block)
   nu1       nu_scale 1
   lam0.2    lam 0.2 (c = kappa * lam = 2): entries need twice the evidence, so they come later,
   lam0.4    lam 0.4   when M has settled further from its dense start
@@ -25,14 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import statistics
 import sys
 import time
 from typing import Dict
 
-import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -43,23 +41,22 @@ from spp.runtime import seed_everything  # noqa: E402
 from spp.search import mask_gradient_rms  # noqa: E402
 from spp.structure import mask_names, model_geometry  # noqa: E402
 
-VARIANTS = {
-    "base": dict(nu_scale=3.0, rho=0.01, steps=600, calibrate="all"),
-    "long": dict(nu_scale=3.0, rho=0.005, steps=1200, calibrate="all"),
-    "longer": dict(nu_scale=3.0, rho=0.0025, steps=2400, calibrate="all"),
-    "nu5": dict(nu_scale=5.0, rho=0.01, steps=600, calibrate="all"),
-    "per_type": dict(nu_scale=3.0, rho=0.01, steps=600, calibrate="type"),
-    "per_mask": dict(nu_scale=3.0, rho=0.01, steps=600, calibrate="mask"),
-    "nu1": dict(nu_scale=1.0, rho=0.01, steps=600, calibrate="all"),
-    "lam0.2": dict(nu_scale=3.0, rho=0.01, steps=600, calibrate="all", lam=0.2),
-    "lam0.4": dict(nu_scale=3.0, rho=0.01, steps=600, calibrate="all", lam=0.4),
-    "lam1": dict(nu_scale=3.0, rho=0.01, steps=600, calibrate="all", lam=1.0),
+VARIANTS = {  # config overrides of configs/demo_search.yaml
+    "base": [],
+    "long": ["search.rho=0.005", "search.steps=1200"],
+    "longer": ["search.rho=0.0025", "search.steps=2400"],
+    "nu5": ["search.nu_scale=5"],
+    "per_type": ["search.nu_calibration=pair"],
+    "per_mask": ["search.nu_calibration=mask"],
+    "nu1": ["search.nu_scale=1"],
+    "lam0.2": ["search.lam=0.2"],
+    "lam0.4": ["search.lam=0.4"],
+    "lam1": ["search.lam=1"],
 }
-KAPPA, LAM = 10.0, 0.1
 
 
 def gradient_rms(bench, seed: int) -> Dict[str, float]:
-    """RMS of the per-batch cross-entropy gradient of every mask tensor at M = 1 (as ``spp search``
+    """RMS of the per-batch cross-entropy gradient of every mask tensor at M = 1 (what ``spp search``
     calibrates ν from)."""
     rms = mask_gradient_rms(bench.masked, bench.loader("train", seed), lambda i, o, t: F.cross_entropy(o, t),
                             bench.runtime, batches=8)
@@ -68,52 +65,6 @@ def gradient_rms(bench, seed: int) -> Dict[str, float]:
 
 def pair_types(model) -> Dict[str, str]:
     return {n: pair for g in model_geometry(model) for pair, n in mask_names(g).items()}
-
-
-def search(bench, variant: Dict, seed: int) -> spp.SolutionPath:
-    """One LBI run over the masks (same loop and data order as ``spp search``), nu per the variant."""
-    model = bench.masked
-    named = spp.mask_parameters(model)
-    with torch.no_grad():
-        for _, p in named:
-            p.fill_(1.0)
-    seed_everything(seed)
-    loader = bench.loader("train", seed)
-    rms = gradient_rms(bench, seed)
-    types = pair_types(model)
-    if variant["calibrate"] == "all":
-        numel = {n: p.numel() for n, p in named}
-        shared = math.sqrt(sum(rms[n] ** 2 * numel[n] for n in rms) / sum(numel.values()))  # as spp search
-        scale = {n: shared for n in rms}
-    elif variant["calibrate"] == "type":
-        per = {t: math.sqrt(statistics.mean(rms[n] ** 2 for n in rms if types[n] == t)) for t in set(types.values())}
-        scale = {n: per[types[n]] for n in rms}
-    else:
-        scale = dict(rms)
-    groups = []
-    for n, p in named:
-        nu = variant["nu_scale"] / scale[n]
-        groups.append({"params": [p], "nu": nu, "lr": variant["rho"] * nu / KAPPA})
-    opt = spp.LBI(groups, kappa=KAPPA, lam=variant.get("lam", LAM))
-    model.train()
-    step, epoch = 0, 0
-    while step < variant["steps"]:
-        loader.sampler.set_epoch(epoch)
-        loader.dataset.set_epoch(epoch)
-        for x, y in loader:
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if step >= variant["steps"]:
-                break
-        epoch += 1
-    path = spp.SolutionPath.from_optimizer(opt, model)
-    with torch.no_grad():
-        for _, p in named:
-            p.fill_(1.0)
-    return path
 
 
 def judge(bench, path, removed, rules=("entry", "z")) -> Dict:
@@ -142,7 +93,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    bench = bq.Bench(argparse.Namespace(checkpoint=args.checkpoint, out=args.out))
+    bench = bq.Bench(argparse.Namespace(checkpoint=args.checkpoint, out=args.out, device="cpu"))
     rows = {}
     rms = gradient_rms(bench, args.seed)
     types = pair_types(bench.masked)
@@ -157,9 +108,8 @@ def main():
         print(json.dumps({f"lasso lam={lam}": rows[f"lasso lam={lam}"]}))
     for name in args.variants:
         start = time.time()
-        path = search(bench, VARIANTS[name], args.seed)
+        path = bench.search(args.seed, os.path.join(args.out, name), VARIANTS[name])
         seconds = time.time() - start
-        path.save(os.path.join(args.out, name))
         rows[name] = {"seconds": round(seconds, 1), **judge(bench, path, args.removed)}
         print(json.dumps({name: rows[name]}))
     write_tables(rows, rms, types, args.out)

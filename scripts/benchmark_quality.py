@@ -56,7 +56,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def ranking_path(model, scores: Dict[str, torch.Tensor]) -> spp.SolutionPath:
     """A path whose entry order is the descending order of ``scores``."""
-    flat = torch.cat([scores[n].flatten() for n, _ in spp.mask_parameters(model)])
+    flat = torch.cat([scores[n].flatten().cpu() for n, _ in spp.mask_parameters(model)])
     order = torch.argsort(flat, descending=True, stable=True)
     rank = torch.empty_like(order, dtype=torch.float32)
     rank[order] = torch.arange(order.numel(), dtype=torch.float32) + 1
@@ -88,9 +88,11 @@ def taylor_scores(model, loader, batches: int) -> Dict[str, torch.Tensor]:
     named = spp.mask_parameters(model)
     total = {n: torch.zeros_like(p) for n, p in named}
     model.eval()
+    device = named[0][1].device
     for i, (x, y) in enumerate(loader):
         if i >= batches:
             break
+        x, y = x.to(device), y.to(device)
         grads = torch.autograd.grad(F.cross_entropy(model(x), y), [p for _, p in named])
         for (n, p), g in zip(named, grads):
             total[n] += (p.detach() * g).abs()
@@ -104,9 +106,11 @@ def lasso_scores(model, loader, lam: float, steps: int, lr: float) -> Dict[str, 
             p.fill_(1.0)
     opt = torch.optim.Adam([p for _, p in named], lr=lr)
     model.train()
+    device = named[0][1].device
     step = 0
     while step < steps:
         for x, y in loader:
+            x, y = x.to(device), y.to(device)
             loss = F.cross_entropy(model(x), y) + lam * sum(p.abs().sum() for _, p in named)
             opt.zero_grad()
             loss.backward()
@@ -126,8 +130,9 @@ def taylor_gradients(dense, batches) -> Dict[str, torch.Tensor]:
     importance reads from ``.grad`` (computed once, reused by every pruning ratio tried)."""
     model = copy.deepcopy(dense).eval()
     model.zero_grad()
+    device = next(model.parameters()).device
     for x, y in batches:
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(model(x.to(device)), y.to(device)).backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -204,12 +209,16 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.cfg = load_config(os.path.join(ROOT, "configs", "demo_search.yaml"),
-                               [f"model.checkpoint={args.checkpoint}", "data.workers=0"])
-        self.runtime = Runtime(torch.device("cpu"), None)
+                               [f"model.checkpoint={args.checkpoint}", "data.workers=0", *self.data_root()])
+        self.runtime = Runtime(torch.device(args.device), None)   # fp32 everywhere, the searches too
         data = build_datasets(self.cfg.data, seed=0)   # the split is fixed: seed 0
         self.train, self.val, self.test = data["train"], data["val"], data["test"]
-        self.dense = build_model(self.cfg).eval()
-        self.masked = spp.add_masks(build_model(self.cfg).eval(), "dim")
+        self.dense = build_model(self.cfg).to(args.device).eval()
+        self.masked = spp.add_masks(build_model(self.cfg).eval(), "dim").to(args.device)
+
+    def data_root(self):
+        root = getattr(self.args, "data_root", None)
+        return [f"data.root={root}"] if root else []
 
     def loader(self, split, seed=0):
         dataset = {"train": self.train, "val": self.val, "test": self.test}[split]
@@ -222,12 +231,16 @@ class Bench:
         family = spp.WeightFamily(self.dense, path)
         return spp.compress(self.dense, family.select(remove=removed, rank=rank).masks, granularity="dim")
 
-    def spp_path(self, seed, nu_scale, lam):
-        out = os.path.join(self.args.out, "searches", f"seed{seed}_nu{nu_scale}_lam{lam}")
+    def search(self, seed, out, overrides=()):
+        """``spp search`` (configs/demo_search.yaml) from this benchmark's checkpoint into ``out``."""
         cfg = load_config(os.path.join(ROOT, "configs", "demo_search.yaml"),
                           [f"output={out}", f"seed={seed}", "resume=null", f"model.checkpoint={self.args.checkpoint}",
-                           f"search.nu_scale={nu_scale}", f"search.lam={lam}", f"search.steps={self.args.search_steps}"])
+                           f"device={self.args.device}", "amp='off'", *self.data_root(), *overrides])
         return run_search(cfg)
+
+    def spp_path(self, seed, nu_scale, lam):
+        return self.search(seed, os.path.join(self.args.out, "searches", f"seed{seed}_nu{nu_scale}_lam{lam}"),
+                           [f"search.nu_scale={nu_scale}", f"search.lam={lam}", f"search.steps={self.args.search_steps}"])
 
 
 METHODS = ("spp-entry", "spp-z", "random", "magnitude", "taylor", "lasso",
@@ -299,7 +312,7 @@ def score_methods(bench, args, magnitude, magnitude_time):
 
 def tp_methods(bench, args, targets, wanted):
     """Torch-Pruning members at the same parameter budgets (magnitude: one set, reused for every seed)."""
-    example = next(iter(bench.loader("val")))[0][:2]
+    example = next(iter(bench.loader("val")))[0][:2].to(args.device)
     methods = {}
     for kind in ("magnitude", "taylor"):
         for scope in ("uniform", "global"):
@@ -367,13 +380,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="outputs/demo/pretrain/best.safetensors")
     parser.add_argument("--out", default="outputs/benchmark_quality")
+    parser.add_argument("--data-root", help="folder with the Fashion-MNIST files (default: where the Debian package puts them)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where every model runs (fp32); scripts/gpu_check.sh uses cuda")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--removed", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.85])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--search-steps", type=int, default=600)
     parser.add_argument("--nu-scales", type=float, nargs="+", default=[1.0, 3.0, 10.0])
-    parser.add_argument("--lams", type=float, nargs="+", default=[0.1],
-                        help="SPP lam values tuned with the nu scales (scripts/ablate_search.py found 0.4 better on val)")
+    parser.add_argument("--lams", type=float, nargs="+", default=[0.1, 0.4],
+                        help="SPP lam values tuned with the nu scales (0.1 is the config default; "
+                             "scripts/ablate_search.py found 0.4 better on val)")
     parser.add_argument("--lasso-lams", type=float, nargs="+", default=[3e-4, 1e-3])
     parser.add_argument("--lasso-steps", type=int, default=300)
     parser.add_argument("--taylor-batches", type=int, default=20)
@@ -388,7 +405,8 @@ def main():
     if not os.path.isfile(args.checkpoint):
         print(f"{args.checkpoint} missing: pretraining the demo model first")
         subprocess.run([sys.executable, "-m", "spp", "retrain", os.path.join(ROOT, "configs", "demo_pretrain.yaml"),
-                        f"output={os.path.dirname(args.checkpoint)}"], check=True)
+                        f"output={os.path.dirname(args.checkpoint)}",
+                        *([f"data.root={args.data_root}"] if args.data_root else [])], check=True)
     bench = Bench(args)
     dense_val, dense_test = bench.accuracy(bench.dense, "val"), bench.accuracy(bench.dense, "test")
     print(f"dense: val {dense_val:.2f}%, test {dense_test:.2f}%")

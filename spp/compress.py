@@ -212,6 +212,7 @@ def _compress_mlp(mlp: nn.Module, mask: torch.Tensor) -> nn.Module:
 def _block_masks(model: nn.Module, geoms: List[BlockGeometry], masks: Optional[Mapping[str, torch.Tensor]]):
     if masks is None:
         masks = {name: p.detach() for name, p in mask_parameters(model)}
+    device = next(model.parameters()).device  # selected members' masks live on the CPU
     out = []
     for geom in geoms:
         names = mask_names(geom)
@@ -219,7 +220,7 @@ def _block_masks(model: nn.Module, geoms: List[BlockGeometry], masks: Optional[M
         if missing:
             raise KeyError(f"masks lack {missing}; give one tensor per mask "
                            "(spp.mask_parameters or WeightFamily.select names them)")
-        out.append({pair: masks[name].detach() for pair, name in names.items()})
+        out.append({pair: masks[name].detach().to(device) for pair, name in names.items()})
     return out
 
 

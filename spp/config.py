@@ -60,6 +60,7 @@ class SearchConfig:
     kappa: float = 10.0
     nu: Union[float, str] = "auto"          # ν; "auto" calibrates it from the mask gradients
     nu_scale: float = 3.0                   # auto ν = nu_scale / RMS of mask gradients at M = 1
+    nu_calibration: str = "pooled"          # masks sharing one ν: pooled (all), pair (per pair type), mask
     calibration_batches: int = 8
     lam: float = 0.1
     preconditioner: str = "none"
@@ -254,6 +255,9 @@ def _validate(c: Config) -> None:
     for key, value in (("search.lr", c.search.lr), ("search.nu", c.search.nu)):
         if isinstance(value, str) and value != "auto":
             raise ConfigError(f"{key}={value!r}: give a number or auto")
+    _choice("search.nu_calibration", c.search.nu_calibration, ("pooled", "pair", "mask"))
+    _choice("search.preconditioner", c.search.preconditioner, ("none", "adam"))
+    _choice("search.shrink", c.search.shrink, ("two_sided", "one_sided"))
     for section in (c.family, c.export):
         name = "family" if section is c.family else "export"
         _choice(f"{name}.by", section.by, ("params", "flops", "elements"))

@@ -14,12 +14,12 @@ from .engine import train_one_epoch
 from .family import WeightFamily
 from .masks import add_masks, mask_parameters
 from .optim import LBI
-from .path import SolutionPath, support_sizes
-from .runtime import (NonFiniteLoss, Runtime, RunLogger, check_shapes,
+from .path import SolutionPath, _pair_of_names, support_sizes
+from .runtime import (CheckpointError, NonFiniteLoss, Runtime, RunLogger, check_shapes,
                       gather_rng_states, load_training_checkpoint, main_print, resume_file,
                       restore_rng_states, save_training_checkpoint, setup_runtime)
 
-__all__ = ["run_search", "calibrate_nu", "mask_gradient_rms"]
+__all__ = ["run_search", "calibrate_nu", "mask_gradient_rms", "nu_from_rms", "lbi_groups"]
 
 CHECKPOINT = "checkpoint.pth"
 
@@ -50,18 +50,58 @@ def mask_gradient_rms(model, loader, criterion, runtime: Runtime, batches: int,
     return {n: (math.sqrt(runtime.all_mean(squares[n] / (seen * p.numel()))), p.numel()) for n, p in named}
 
 
+NU_CALIBRATIONS = ("pooled", "pair", "mask")
+
+
+def _nu_key(calibration: str, pairs: Dict[str, Tuple[str, int]]):
+    """Which masks share one ν: all (``pooled``), those of one pair type (``pair``), or none (``mask``)."""
+    if calibration not in NU_CALIBRATIONS:
+        raise ValueError(f"nu calibration {calibration!r}: choose one of {', '.join(NU_CALIBRATIONS)}")
+    return {"pooled": lambda name: "all", "pair": lambda name: pairs[name][0], "mask": lambda name: name}[calibration]
+
+
+def nu_from_rms(rms: Dict[str, Tuple[float, int]], scale: float, key) -> Dict[str, float]:
+    """``{mask name: ν}`` with ν = ``scale`` / RMS of the gradients of the masks sharing ``key(name)``
+    (the RMS pooled over their elements)."""
+    squares: Dict[str, float] = {}
+    counts: Dict[str, int] = {}
+    for name, (r, n) in rms.items():
+        squares[key(name)] = squares.get(key(name), 0.0) + r * r * n
+        counts[key(name)] = counts.get(key(name), 0) + n
+    return {name: scale / max(math.sqrt(squares[key(name)] / counts[key(name)]), 1e-12) for name in rms}
+
+
 def calibrate_nu(model, loader, criterion, runtime: Runtime, batches: int, scale: float,
-                 mixup_fn=None) -> float:
-    """ν = ``scale`` / RMS of the per-batch mask gradients at M = 1 (all masks pooled).
+                 mixup_fn=None, per: str = "pooled") -> Dict[str, float]:
+    """``{mask name: ν}`` with ν = ``scale`` / RMS of the per-batch mask gradients at M = 1.
 
     The mask settles near ``-ν g`` (ALGORITHM.md §6), so ν must match the gradient scale,
     which depends on the loss, the batch size and the model; this makes one setting carry
     over. On the demo's Fashion-MNIST ViT, ``scale = 3`` gives ν ≈ 3000, the prototype's
     hand-tuned value; of ``scale`` 1, 3 and 10 it kept the most accuracy.
+
+    ``per`` says which masks share one ν: ``"pooled"`` (all: one ν, the default), ``"pair"``
+    (one per pair type: query-key, value, MLP) or ``"mask"`` (one per mask tensor). On the
+    demo the pair types' gradients differ ~10x, and pooling ranked best: the gap is signal
+    (``scripts/ablate_search.py``).
     """
     rms = mask_gradient_rms(model, loader, criterion, runtime, batches, mixup_fn)
-    pooled = math.sqrt(sum(r * r * n for r, n in rms.values()) / sum(n for _, n in rms.values()))
-    return scale / max(pooled, 1e-12)
+    pairs = _pair_of_names(model.module if hasattr(model, "module") else model)
+    return nu_from_rms(rms, scale, _nu_key(per, pairs))
+
+
+def lbi_groups(named_masks, calibration: str, pairs, nu: Dict[str, float] = None, **settings) -> List[Dict]:
+    """LBI parameter groups: one per set of masks sharing a ν under ``calibration`` (in mask order),
+    with that ν when ``nu`` is given. The same masks and calibration always give the same groups,
+    so a checkpoint's optimizer state loads into them."""
+    key = _nu_key(calibration, pairs)
+    groups: Dict[str, Dict] = {}
+    for name, p in named_masks:
+        group = groups.setdefault(key(name), {"params": [], **settings})
+        group["params"].append(p)
+        if nu is not None:
+            group["nu"] = nu[name]
+    return list(groups.values())
 
 
 def _path_checksum(optimizer: LBI, masks) -> torch.Tensor:
@@ -120,28 +160,37 @@ def run_search(cfg: Config) -> SolutionPath:
     resume = resume_file(cfg.resume, os.path.join(cfg.output, CHECKPOINT))
     support: List = []
     step, epoch, batch = 0, 0, 0
+    s = cfg.search
+    pairs = _pair_of_names(model)
     if resume:
         state = load_training_checkpoint(resume, "search", cfg.model.name)
         check_shapes(state["masks"], dict(named_masks), resume)
         with torch.no_grad():
             for name, p in named_masks:
                 p.copy_(state["masks"][name])
-        optimizer = LBI(masks)
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer = LBI(lbi_groups(named_masks, s.nu_calibration, pairs))
+        if len(optimizer.param_groups) != len(state["optimizer"]["param_groups"]):
+            raise CheckpointError(f"{resume} was written with another search.nu_calibration "
+                             f"({len(state['optimizer']['param_groups'])} ν groups, this config makes "
+                             f"{len(optimizer.param_groups)}); resume with the setting it was started with")
+        optimizer.load_state_dict(state["optimizer"])  # restores every group's lr and ν too
         support, step, epoch, batch = state["support"], state["step"], state["epoch"], state["batch"]
         restore_rng_states(state["rng"], runtime)
         main_print(runtime, f"resumed {resume} at step {step} (epoch {epoch}, batch {batch})")
     else:
-        s = cfg.search
-        nu = s.nu
-        if nu == "auto":
-            nu = calibrate_nu(net, loader, criterion, runtime, s.calibration_batches, s.nu_scale, mixup_fn)
-        lr = s.lr if s.lr != "auto" else s.rho * nu / s.kappa
-        optimizer = LBI(masks, lr=lr, kappa=s.kappa, nu=nu, lam=s.lam,
-                        preconditioner=s.preconditioner, shrink=s.shrink)
+        if s.nu == "auto":
+            nu = calibrate_nu(net, loader, criterion, runtime, s.calibration_batches, s.nu_scale, mixup_fn,
+                              per=s.nu_calibration)
+        else:
+            nu = dict.fromkeys((n for n, _ in named_masks), float(s.nu))
+        groups = lbi_groups(named_masks, s.nu_calibration, pairs, nu)
+        for group in groups:
+            group["lr"] = s.lr if s.lr != "auto" else s.rho * group["nu"] / s.kappa
+        optimizer = LBI(groups, kappa=s.kappa, lam=s.lam, preconditioner=s.preconditioner, shrink=s.shrink)
     group = optimizer.param_groups[0]
+    per_group = "" if len(optimizer.param_groups) == 1 else f" ({s.nu_calibration} 1 of {len(optimizer.param_groups)})"
     main_print(runtime, f"search: {total_steps} steps ({steps_per_epoch}/epoch), lr={group['lr']:.4g} "
-                        f"kappa={group['kappa']} nu={group['nu']:.4g} lam={group['lam']}")
+                        f"kappa={group['kappa']} nu={group['nu']:.4g}{per_group} lam={group['lam']}")
     logger = RunLogger(cfg.output, runtime.is_main)
 
     def on_step(global_step: int, loss: float) -> None:
@@ -172,8 +221,12 @@ def run_search(cfg: Config) -> SolutionPath:
         raise NonFiniteLoss(f"{e}; the search stopped. The last good checkpoint is "
                             f"{os.path.join(cfg.output, CHECKPOINT)}; lower search.lr or raise search.nu") from None
     _check_ranks_agree(runtime, optimizer, masks)
-    meta = {"model": cfg.model.name, "hyperparameters": {k: group[k] for k in ("lr", "kappa", "nu", "lam",
-                                                                               "preconditioner", "shrink")}}
+    hyper = {k: group[k] for k in ("lr", "kappa", "nu", "lam", "preconditioner", "shrink")}
+    if len(optimizer.param_groups) > 1:  # lr and ν per mask
+        for k in ("lr", "nu"):
+            hyper[k] = {name: g[k] for g in optimizer.param_groups for name, p in named_masks
+                        if any(p is q for q in g["params"])}
+    meta = {"model": cfg.model.name, "nu_calibration": s.nu_calibration, "hyperparameters": hyper}
     path = SolutionPath.from_optimizer(optimizer, model, support, meta)
     if runtime.is_main:
         path.save(cfg.output)

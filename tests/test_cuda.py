@@ -1,4 +1,6 @@
 """CUDA checks, run by scripts/gpu_check.sh on a GPU machine."""
+import copy
+
 import pytest
 import torch
 
@@ -20,6 +22,19 @@ def test_compressed_equals_masked_on_cuda(granularity):
     x = torch.randn(4, 3, 32, 32, device="cuda")
     with torch.no_grad():
         assert (model(x) - pruned(x)).abs().max().item() <= 1e-4  # TF32 matmuls on the GPU
+
+
+def test_cuda_model_compresses_with_masks_on_the_cpu():
+    # WeightFamily.select returns CPU masks; compressing a model on the GPU must take them as they are
+    dense = tiny_vit().cuda().eval()
+    masks = random_masks(dense, "dim", keep=0.5, binary=False)
+    masked = spp.add_masks(copy.deepcopy(dense), "dim")
+    spp.set_masks(masked, {k: v.cuda() for k, v in masks.items()})
+    pruned = spp.compress(dense, masks)
+    assert next(pruned.parameters()).is_cuda
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        assert (masked(x) - pruned(x)).abs().max().item() <= 1e-4
 
 
 def test_lbi_on_cuda_matches_cpu():

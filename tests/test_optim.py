@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -150,3 +151,29 @@ def test_skips_params_without_grad_and_lbi_is_exported():
     opt = LBI([a])
     opt.step()
     assert len(opt.state) == 0
+
+
+def test_nu_calibration_shares_nu_within_its_groups():
+    from spp.search import lbi_groups, nu_from_rms
+
+    # two blocks; gradient RMS and element counts per mask
+    rms = {"b0.qk": (2.0, 8), "b0.v": (1.0, 8), "b0.mlp": (0.1, 32), "b1.qk": (4.0, 8), "b1.v": (1.0, 8), "b1.mlp": (0.1, 32)}
+    pairs = {n: (n.split(".")[1], int(n[1])) for n in rms}
+    pooled = nu_from_rms(rms, 3.0, lambda n: "all")
+    rms_all = math.sqrt(sum(r * r * k for r, k in rms.values()) / sum(k for _, k in rms.values()))
+    assert list(pooled.values()) == pytest.approx([3.0 / rms_all] * 6)
+    per_pair = nu_from_rms(rms, 3.0, lambda n: pairs[n][0])
+    assert per_pair["b0.qk"] == per_pair["b1.qk"] == pytest.approx(3.0 / math.sqrt((4 + 16) / 2))
+    assert per_pair["b0.mlp"] == pytest.approx(30.0) and per_pair["b0.v"] == pytest.approx(3.0)
+    per_mask = nu_from_rms(rms, 3.0, lambda n: n)
+    assert per_mask["b1.qk"] == pytest.approx(0.75)
+
+    masks = [(n, torch.nn.Parameter(torch.ones(k))) for n, (_, k) in rms.items()]
+    for calibration, count in (("pooled", 1), ("pair", 3), ("mask", 6)):
+        groups = lbi_groups(masks, calibration, pairs, per_pair, lr=1.0)
+        assert len(groups) == count and sum(len(g["params"]) for g in groups) == 6
+        assert all(g["lr"] == 1.0 for g in groups)
+    pair_groups = lbi_groups(masks, "pair", pairs, per_pair)
+    assert [g["nu"] for g in pair_groups] == [per_pair["b0.qk"], per_pair["b0.v"], per_pair["b0.mlp"]]
+    with pytest.raises(ValueError, match="choose one of pooled, pair, mask"):
+        lbi_groups(masks, "type", pairs)

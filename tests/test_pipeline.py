@@ -29,6 +29,8 @@ def test_config_errors_name_the_problem():
         load_config(SMOKE, ["search.epochs=many"])
     with pytest.raises(ConfigError, match=r"data.dataset='cifar': choose one of"):
         load_config(SMOKE, ["data.dataset=cifar"])
+    with pytest.raises(ConfigError, match=r"search.nu_calibration='type': choose one of pooled, pair, mask"):
+        load_config(SMOKE, ["search.nu_calibration=type"])
     with pytest.raises(ConfigError, match="not key=value"):
         load_config(SMOKE, ["search.lr"])
     with pytest.raises(ConfigError, match="not found"):
@@ -99,6 +101,23 @@ def _search_cmd(out, *overrides):
 def _path_tensors(out):
     path = spp.SolutionPath.load(out)
     return path, {f"{n}/{k}": v for n, e in path.entries.items() for k, v in e.items()}
+
+
+def test_search_with_one_nu_per_pair_type(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert run("search", out, "search.nu_calibration=pair", "search.steps=8") == 0
+    path = spp.SolutionPath.load(out)
+    hyper = path.meta["hyperparameters"]
+    assert path.meta["nu_calibration"] == "pair" and set(hyper["nu"]) == set(path.entries)
+    by_pair = {}
+    for name, nu in hyper["nu"].items():
+        by_pair.setdefault(path.pairs[name][0], set()).add(nu)
+        assert hyper["lr"][name] == pytest.approx(0.01 * nu / 10.0)  # rho * nu / kappa, per group
+    assert all(len(v) == 1 for v in by_pair.values()) and len({v.pop() for v in by_pair.values()}) == 3
+    # its checkpoint cannot be resumed under another grouping of the masks
+    capsys.readouterr()
+    assert run("search", out, "search.steps=16", "resume=auto") != 0
+    assert "another search.nu_calibration (3 ν groups, this config makes 1)" in capsys.readouterr().err
 
 
 def test_killed_search_resumes_to_the_same_path(tmp_path):
