@@ -54,6 +54,11 @@ from spp.structure import mask_names, model_geometry
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def data_root(root):
+    """The config override that points the data at ``root`` (none: the Debian package's folder)."""
+    return [f"data.root={root}"] if root else []
+
+
 def ranking_path(model, scores: Dict[str, torch.Tensor]) -> spp.SolutionPath:
     """A path whose entry order is the descending order of ``scores``."""
     flat = torch.cat([scores[n].flatten().cpu() for n, _ in spp.mask_parameters(model)])
@@ -209,16 +214,12 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.cfg = load_config(os.path.join(ROOT, "configs", "demo_search.yaml"),
-                               [f"model.checkpoint={args.checkpoint}", "data.workers=0", *self.data_root()])
+                               [f"model.checkpoint={args.checkpoint}", "data.workers=0", *data_root(args.data_root)])
         self.runtime = Runtime(torch.device(args.device), None)   # fp32 everywhere, the searches too
         data = build_datasets(self.cfg.data, seed=0)   # the split is fixed: seed 0
         self.train, self.val, self.test = data["train"], data["val"], data["test"]
         self.dense = build_model(self.cfg).to(args.device).eval()
         self.masked = spp.add_masks(build_model(self.cfg).eval(), "dim").to(args.device)
-
-    def data_root(self):
-        root = getattr(self.args, "data_root", None)
-        return [f"data.root={root}"] if root else []
 
     def loader(self, split, seed=0):
         dataset = {"train": self.train, "val": self.val, "test": self.test}[split]
@@ -235,7 +236,7 @@ class Bench:
         """``spp search`` (configs/demo_search.yaml) from this benchmark's checkpoint into ``out``."""
         cfg = load_config(os.path.join(ROOT, "configs", "demo_search.yaml"),
                           [f"output={out}", f"seed={seed}", "resume=null", f"model.checkpoint={self.args.checkpoint}",
-                           f"device={self.args.device}", "amp='off'", *self.data_root(), *overrides])
+                           f"device={self.args.device}", "amp='off'", *data_root(self.args.data_root), *overrides])
         return run_search(cfg)
 
     def spp_path(self, seed, nu_scale, lam):
@@ -406,7 +407,7 @@ def main():
         print(f"{args.checkpoint} missing: pretraining the demo model first")
         subprocess.run([sys.executable, "-m", "spp", "retrain", os.path.join(ROOT, "configs", "demo_pretrain.yaml"),
                         f"output={os.path.dirname(args.checkpoint)}",
-                        *([f"data.root={args.data_root}"] if args.data_root else [])], check=True)
+                        *data_root(args.data_root)], check=True)
     bench = Bench(args)
     dense_val, dense_test = bench.accuracy(bench.dense, "val"), bench.accuracy(bench.dense, "test")
     print(f"dense: val {dense_val:.2f}%, test {dense_test:.2f}%")

@@ -10,7 +10,7 @@
 # the Debian package can take a copy in the repository (ignored by git) and the checkpoint:
 #   mkdir -p data && cp -r /usr/share/datasets/fashion-mnist data/
 #   (carry data/fashion-mnist and outputs/demo/pretrain/best.safetensors to the machine)
-# Without the checkpoint the benchmark pretrains the model first (about a minute on a GPU).
+# Without the checkpoint the benchmark pretrains the model first (5-8 min on 2 CPU cores; not timed on a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_results}

@@ -51,6 +51,9 @@ class DataConfig:
     smoothing: float = 0.1
 
 
+NU_CALIBRATIONS = ("pooled", "pair", "mask")   # which masks share one calibrated ν
+
+
 @dataclass
 class SearchConfig:
     steps: int = 0                          # total LBI steps; 0 means epochs * steps per epoch
@@ -255,7 +258,7 @@ def _validate(c: Config) -> None:
     for key, value in (("search.lr", c.search.lr), ("search.nu", c.search.nu)):
         if isinstance(value, str) and value != "auto":
             raise ConfigError(f"{key}={value!r}: give a number or auto")
-    _choice("search.nu_calibration", c.search.nu_calibration, ("pooled", "pair", "mask"))
+    _choice("search.nu_calibration", c.search.nu_calibration, NU_CALIBRATIONS)
     _choice("search.preconditioner", c.search.preconditioner, ("none", "adam"))
     _choice("search.shrink", c.search.shrink, ("two_sided", "one_sided"))
     for section in (c.family, c.export):

@@ -9,7 +9,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .build import build_criterion, build_loaders, build_model
-from .config import Config, save_config
+from .config import NU_CALIBRATIONS, Config, save_config
 from .engine import train_one_epoch
 from .family import WeightFamily
 from .masks import add_masks, mask_parameters
@@ -48,9 +48,6 @@ def mask_gradient_rms(model, loader, criterion, runtime: Runtime, batches: int,
     if seen == 0:
         raise RuntimeError("no training batch to calibrate nu from; the training set is smaller than one batch")
     return {n: (math.sqrt(runtime.all_mean(squares[n] / (seen * p.numel()))), p.numel()) for n, p in named}
-
-
-NU_CALIBRATIONS = ("pooled", "pair", "mask")
 
 
 def _nu_key(calibration: str, pairs: Dict[str, Tuple[str, int]]):
@@ -171,8 +168,8 @@ def run_search(cfg: Config) -> SolutionPath:
         optimizer = LBI(lbi_groups(named_masks, s.nu_calibration, pairs))
         if len(optimizer.param_groups) != len(state["optimizer"]["param_groups"]):
             raise CheckpointError(f"{resume} was written with another search.nu_calibration "
-                             f"({len(state['optimizer']['param_groups'])} ν groups, this config makes "
-                             f"{len(optimizer.param_groups)}); resume with the setting it was started with")
+                                  f"({len(state['optimizer']['param_groups'])} ν groups, this config makes "
+                                  f"{len(optimizer.param_groups)}); resume with the setting it was started with")
         optimizer.load_state_dict(state["optimizer"])  # restores every group's lr and ν too
         support, step, epoch, batch = state["support"], state["step"], state["epoch"], state["batch"]
         restore_rng_states(state["rng"], runtime)
@@ -223,9 +220,9 @@ def run_search(cfg: Config) -> SolutionPath:
     _check_ranks_agree(runtime, optimizer, masks)
     hyper = {k: group[k] for k in ("lr", "kappa", "nu", "lam", "preconditioner", "shrink")}
     if len(optimizer.param_groups) > 1:  # lr and ν per mask
+        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         for k in ("lr", "nu"):
-            hyper[k] = {name: g[k] for g in optimizer.param_groups for name, p in named_masks
-                        if any(p is q for q in g["params"])}
+            hyper[k] = {name: group_of[id(p)][k] for name, p in named_masks}
     meta = {"model": cfg.model.name, "nu_calibration": s.nu_calibration, "hyperparameters": hyper}
     path = SolutionPath.from_optimizer(optimizer, model, support, meta)
     if runtime.is_main:
