@@ -21,7 +21,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "torch-pruning"],   # torch-pruning: tests of the benchmark's baselines
         "bench": ["torch-pruning"],
     },
     entry_points={"console_scripts": ["spp=spp.cli:main"]},

@@ -39,7 +39,6 @@ import benchmark_quality as bq  # noqa: E402  (the benchmark's model, split and 
 import spp  # noqa: E402
 from spp.runtime import seed_everything  # noqa: E402
 from spp.search import mask_gradient_rms  # noqa: E402
-from spp.structure import mask_names, model_geometry  # noqa: E402
 
 VARIANTS = {  # config overrides of configs/demo_search.yaml
     "base": [],
@@ -64,7 +63,7 @@ def gradient_rms(bench, seed: int) -> Dict[str, float]:
 
 
 def pair_types(model) -> Dict[str, str]:
-    return {n: pair for g in model_geometry(model) for pair, n in mask_names(g).items()}
+    return {n: pair for n, (pair, _) in spp.mask_pairs(model).items()}
 
 
 def judge(bench, path, removed, rules=("entry", "z")) -> Dict:

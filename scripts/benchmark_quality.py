@@ -71,7 +71,7 @@ def ranking_path(model, scores: Dict[str, torch.Tensor]) -> spp.SolutionPath:
         entries[name] = {"entry_step": rank[start:start + n].view(p.shape), "z": torch.zeros(p.shape),
                          "gamma": torch.zeros(p.shape), "mask": torch.ones(p.shape)}
         start += n
-    pairs = {n: (pair, g.index) for g in model_geometry(model) for pair, n in mask_names(g).items()}
+    pairs = spp.mask_pairs(model)
     return spp.SolutionPath(entries, pairs, "dim", int(order.numel()))
 
 

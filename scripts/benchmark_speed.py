@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 
 import spp
-from spp.structure import mask_names, model_geometry
 
 
 def sync(device):
@@ -71,6 +70,65 @@ def peak_memory(fn, device):
     return torch.cuda.max_memory_allocated() / 2 ** 20
 
 
+# Self time of these ops, per category (anything else counts as "other"). Layer norms, residual adds and the
+# patch embedding do the same work in every member: they bound the realised fraction from above.
+CATEGORIES = {
+    "linear layers": ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear"),
+    "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
+                  "aten::_scaled_dot_product_attention_math", "aten::_softmax", "aten::softmax"),
+    "GELU": ("aten::gelu",),
+    "layer norm": ("aten::native_layer_norm", "aten::layer_norm"),
+    "residual adds": ("aten::add", "aten::add_"),
+    "patch embedding": ("aten::mkldnn_convolution", "aten::convolution", "aten::_convolution", "aten::conv2d"),
+    "copies and padding": ("aten::copy_", "aten::cat", "aten::constant_pad_nd", "aten::pad", "aten::clone",
+                           "aten::contiguous"),
+}
+FIXED = ("layer norm", "residual adds", "patch embedding")
+
+
+def op_breakdown(models, x, runs=2):
+    """Milliseconds per forward of each model in ``models`` (name → model), split into
+    :data:`CATEGORIES` by the self CPU time torch.profiler records."""
+    from torch.profiler import ProfilerActivity, profile
+
+    category_of = {op: category for category, ops in CATEGORIES.items() for op in ops}
+    result = {}
+    for name, model in models.items():
+        with torch.no_grad():
+            model(x)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(runs):
+                    model(x)
+        ms = dict.fromkeys([*CATEGORIES, "other"], 0.0)
+        for event in prof.key_averages():
+            ms[category_of.get(event.key, "other")] += event.self_cpu_time_total / 1000 / runs
+        result[name] = ms
+    return result
+
+
+def print_breakdown(breakdown, flops_ratios, batch):
+    """The breakdown as a table, and the realised fraction each member would reach if everything but
+    the fixed work (:data:`FIXED`) shrank exactly by its FLOPs ratio."""
+    names = list(breakdown)
+    print(f"\nwhere the time goes, batch {batch} (ms per forward, self CPU time by torch.profiler; "
+          f"fixed work: {', '.join(FIXED)})")
+    print("| op | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    for category in [*CATEGORIES, "other", "total"]:
+        cells = [sum(b.values()) if category == "total" else b[category] for b in breakdown.values()]
+        print(f"| {category} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
+    dense = breakdown[names[0]]
+    dense_total, dense_fixed = sum(dense.values()), sum(dense[c] for c in FIXED)
+    bounds = {}
+    for name in names[1:]:
+        ratio = flops_ratios[name]
+        ideal = sum(breakdown[name][c] for c in FIXED) + (dense_total - dense_fixed) / ratio
+        bounds[name] = round(dense_total / ideal / ratio, 3)
+        print(f"{name}: fixed work is {100 * sum(breakdown[name][c] for c in FIXED) / sum(breakdown[name].values()):.0f}% "
+              f"of its time ({100 * dense_fixed / dense_total:.0f}% of dense); with the rest shrinking exactly by the "
+              f"FLOPs ratio it would realise {bounds[name]:.2f}")
+    return bounds
+
+
 def random_path(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     entries = {}
@@ -78,15 +136,33 @@ def random_path(model, seed=0):
         entries[name] = {"entry_step": torch.randint(1, 1000, p.shape, generator=g).float(),
                          "z": torch.rand(p.shape, generator=g), "gamma": torch.zeros(p.shape),
                          "mask": torch.ones(p.shape)}
-    pairs = {n: (pair, geom.index) for geom in model_geometry(model) for pair, n in mask_names(geom).items()}
+    pairs = spp.mask_pairs(model)
     return spp.SolutionPath(entries, pairs, "dim", 1000)
+
+
+def make_model(args):
+    """The benchmarked model, freshly created: ``--model`` at ``--img-size`` with ``--model-args``."""
+    return spp.create_model(args.model, img_size=args.img_size, **args.model_args)
+
+
+def model_args(items):
+    """``["depth=2", "embed_dim=64"]`` → ``{"depth": 2, "embed_dim": 64}`` (values parsed as YAML)."""
+    import yaml
+
+    parsed = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--model-args {item!r}: write key=value, e.g. depth=2")
+        parsed[key] = yaml.safe_load(value)
+    return parsed
 
 
 def search_step_fn(args, device, autocast):
     """A search step: frozen weights, mask gradients, LBI. Returns ``(step, forward_backward, lbi)``."""
     x = torch.randn(args.train_batch, 3, args.img_size, args.img_size, device=device)
-    y = torch.randint(0, 1000, (args.train_batch,), device=device)
-    searched = spp.add_masks(spp.create_model(args.model, img_size=args.img_size).to(device), "dim")
+    searched = spp.add_masks(make_model(args).to(device), "dim")
+    y = torch.randint(0, searched.num_classes, (args.train_batch,), device=device)
     lbi = spp.LBI([p for _, p in spp.mask_parameters(searched)], lr=3.0, nu=3000.0)
     searched.train()
 
@@ -106,8 +182,8 @@ def search_step_fn(args, device, autocast):
 def finetune_step_fn(args, device, autocast):
     """A full finetune step: AdamW on every weight of the dense model."""
     x = torch.randn(args.train_batch, 3, args.img_size, args.img_size, device=device)
-    y = torch.randint(0, 1000, (args.train_batch,), device=device)
-    dense = spp.create_model(args.model, img_size=args.img_size).to(device).train()
+    dense = make_model(args).to(device).train()
+    y = torch.randint(0, dense.num_classes, (args.train_batch,), device=device)
     adamw = torch.optim.AdamW(dense.parameters(), lr=1e-4)
 
     def step():
@@ -125,7 +201,8 @@ def cpu_peak_memory(args):
     fresh process: Linux's high-water mark (VmHWM), reset once the model and input are built."""
     def probe(kind):
         command = [sys.executable, os.path.abspath(__file__), "--memory-probe", kind, "--model", args.model,
-                   "--img-size", str(args.img_size), "--train-batch", str(args.train_batch)]
+                   "--img-size", str(args.img_size), "--train-batch", str(args.train_batch),
+                   "--model-args", *(f"{k}={json.dumps(v)}" for k, v in args.model_args.items())]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             print(f"memory probe failed: {result.stderr.strip().splitlines()[-1:]}")
@@ -170,7 +247,7 @@ def train_steps(args, device, autocast):
 
 
 def selection(args):
-    model = spp.add_masks(spp.create_model(args.model, img_size=args.img_size), "dim")
+    model = spp.add_masks(make_model(args), "dim")
     path = random_path(model)
     start = time.perf_counter()
     family = spp.WeightFamily(model, path)
@@ -182,7 +259,7 @@ def selection(args):
 
 
 def latency(args, family, device, autocast):
-    dense = spp.create_model(args.model, img_size=args.img_size).eval()
+    dense = make_model(args).eval()
     members = {"dense": (dense, 1.0)}
     for removed in args.removed:
         member = family.select(remove=removed, round_to=args.round_to)
@@ -210,13 +287,22 @@ def latency(args, family, device, autocast):
             rows.append({"batch": batch, "model": name, "ms": round(1000 * seconds[name], 2),
                          "speedup": round(speedup, 3), "flops_ratio": round(flops_ratio, 3),
                          "realised": round(speedup / flops_ratio, 3)})
-    return rows
+    breakdown = None
+    if device.type == "cpu":  # where the time goes at the largest batch (CPU profiler; on CUDA read a trace)
+        batch = max(args.batch_sizes)
+        x = torch.randn(batch, 3, args.img_size, args.img_size)
+        timed_members = {name: member for name, member in members.items() if not name.endswith("unpadded")}
+        breakdown = {"batch": batch, "ms": op_breakdown({name: m for name, (m, _) in timed_members.items()}, x),
+                     "flops_ratio": {name: ratio for name, (_, ratio) in timed_members.items()}}
+    return rows, breakdown
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="deit_small_patch16_224")
     parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--model-args", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="more arguments for timm.create_model, e.g. depth=6 num_classes=10")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", default="off", choices=["off", "bf16"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
@@ -228,6 +314,7 @@ def main():
     parser.add_argument("--out", default="benchmark_speed.json")
     parser.add_argument("--memory-probe", choices=["search", "finetune"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.model_args = model_args(args.model_args)
     if args.memory_probe:
         return memory_probe(args)
     device = torch.device(args.device)
@@ -237,13 +324,13 @@ def main():
 
     search, opt_only, finetune, memory = train_steps(args, device, autocast)
     family, build, select, compress = selection(args)
-    rows = latency(args, family, device, autocast)
+    rows, breakdown = latency(args, family, device, autocast)
 
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     result = {"model": args.model, "device": machine, "amp": args.amp, "train_batch": args.train_batch,
               "search_step_s": search, "finetune_step_s": finetune, "search_over_finetune": search / finetune,
               "optimizer_share_of_search_step": opt_only / search, "family_build_s": build,
-              "select_s": select, "compress_s": compress, "memory": memory, "latency": rows}
+              "select_s": select, "compress_s": compress, "memory": memory, "latency": rows, "breakdown": breakdown}
     print(f"\n{args.model} on {machine}, amp={args.amp}")
     print(f"search step {1000 * search:.1f} ms vs finetune step {1000 * finetune:.1f} ms "
           f"(batch {args.train_batch}): ratio {search / finetune:.2f} (target <= 0.70)")
@@ -256,6 +343,9 @@ def main():
     print("\n| batch | model | ms | speed-up | FLOPs ratio | realised |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['batch']} | {r['model']} | {r['ms']} | {r['speedup']:.2f}x | {r['flops_ratio']:.2f}x | {r['realised']:.2f} |")
+    if breakdown:
+        breakdown["realised_bound_from_fixed_work"] = print_breakdown(breakdown["ms"], breakdown["flops_ratio"],
+                                                                      breakdown["batch"])
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\nwrote {args.out}")

@@ -10,7 +10,7 @@ from torch import nn
 
 from .checkpoint import atomic_write
 from .masks import granularity_of, mask_parameters
-from .structure import PAIRS, mask_names, model_geometry
+from .structure import PAIRS, mask_pairs
 
 __all__ = ["SolutionPath", "support_sizes"]
 
@@ -18,15 +18,10 @@ FIELDS = ("entry_step", "z", "gamma", "mask")
 PATH_VERSION = 1
 
 
-def _pair_of_names(model: nn.Module) -> Dict[str, Tuple[str, int]]:
-    return {name: (pair, geom.index) for geom in model_geometry(model)
-            for pair, name in mask_names(geom).items()}
-
-
 @torch.no_grad()
 def support_sizes(optimizer: torch.optim.Optimizer, model: nn.Module) -> Dict[str, int]:
     """Number of non-zero entries of Γ per pair type (``qk``, ``v``, ``mlp``)."""
-    pairs = _pair_of_names(model)
+    pairs = mask_pairs(model)
     counts = dict.fromkeys(PAIRS, 0)
     for name, p in mask_parameters(model):
         gamma = optimizer.state.get(p, {}).get("gamma")
@@ -68,7 +63,7 @@ class SolutionPath:
             else:
                 entries[name] = {"entry_step": torch.full_like(p, float("inf")), "z": torch.zeros_like(p),
                                  "gamma": torch.zeros_like(p), "mask": p.detach()}
-        return cls(entries, _pair_of_names(model), granularity_of(model), steps, support, meta)
+        return cls(entries, mask_pairs(model), granularity_of(model), steps, support, meta)
 
     def entered_by(self, step: float) -> Dict[str, int]:
         """Elements per pair type that had entered the support by ``step``."""

@@ -14,7 +14,8 @@ from .engine import train_one_epoch
 from .family import WeightFamily
 from .masks import add_masks, mask_parameters
 from .optim import LBI
-from .path import SolutionPath, _pair_of_names, support_sizes
+from .path import SolutionPath, support_sizes
+from .structure import mask_pairs
 from .runtime import (CheckpointError, NonFiniteLoss, Runtime, RunLogger, check_shapes,
                       gather_rng_states, load_training_checkpoint, main_print, resume_file,
                       restore_rng_states, save_training_checkpoint, setup_runtime)
@@ -83,7 +84,7 @@ def calibrate_nu(model, loader, criterion, runtime: Runtime, batches: int, scale
     (``scripts/ablate_search.py``).
     """
     rms = mask_gradient_rms(model, loader, criterion, runtime, batches, mixup_fn)
-    pairs = _pair_of_names(model.module if hasattr(model, "module") else model)
+    pairs = mask_pairs(model.module if hasattr(model, "module") else model)
     return nu_from_rms(rms, scale, _nu_key(per, pairs))
 
 
@@ -158,7 +159,7 @@ def run_search(cfg: Config) -> SolutionPath:
     support: List = []
     step, epoch, batch = 0, 0, 0
     s = cfg.search
-    pairs = _pair_of_names(model)
+    pairs = mask_pairs(model)
     if resume:
         state = load_training_checkpoint(resume, "search", cfg.model.name)
         check_shapes(state["masks"], dict(named_masks), resume)

@@ -9,7 +9,7 @@ Every supported block has one attention with query-key (``qk``) and value-projec
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -205,3 +205,8 @@ def mask_names(geom: BlockGeometry) -> Dict[str, str]:
     """Parameter names of a block's masks, by pair."""
     return {"qk": f"{geom.name}.attn.qk_mask", "v": f"{geom.name}.attn.v_mask",
             "mlp": f"{geom.name}.mlp.mask"}
+
+
+def mask_pairs(model: nn.Module) -> Dict[str, Tuple[str, int]]:
+    """``{mask name: (pair type, block index)}`` for every mask a masked ``model`` has (or would have)."""
+    return {name: (pair, geom.index) for geom in model_geometry(model) for pair, name in mask_names(geom).items()}

@@ -3,7 +3,6 @@ import pytest
 import torch
 
 import spp
-from spp.structure import mask_names, model_geometry
 
 from conftest import tiny_vit
 
@@ -17,7 +16,7 @@ def fake_path(model, seed=0, never=0.1):
         entry[torch.rand(p.shape, generator=g) < never] = float("inf")
         entries[name] = {"entry_step": entry, "z": torch.randn(p.shape, generator=g),
                          "gamma": torch.zeros(p.shape), "mask": torch.ones(p.shape)}
-    pairs = {n: (pair, geom.index) for geom in model_geometry(model) for pair, n in mask_names(geom).items()}
+    pairs = spp.mask_pairs(model)
     return spp.SolutionPath(entries, pairs, spp.masks.granularity_of(model), 500)
 
 

@@ -36,6 +36,9 @@ def test_masks_at_one_leave_output_unchanged(variant, granularity):
     shapes = {n: p.shape[0] for n, p in spp.mask_parameters(model)}
     assert shapes["blocks.0.attn.qk_mask"] == (16 if granularity == "dim" else 4)
     assert shapes["blocks.1.mlp.mask"] == 256
+    pairs = spp.mask_pairs(model)
+    assert list(pairs) == list(shapes)  # the same names, in mask_parameters' order
+    assert pairs["blocks.0.attn.qk_mask"] == ("qk", 0) and pairs["blocks.1.mlp.mask"] == ("mlp", 1)
 
 
 def test_add_masks_freezes_weights_and_only_masks_get_gradients(vit):

@@ -1,0 +1,107 @@
+"""The benchmark scripts run end to end on a tiny model, and their rankings mean what they say."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import spp
+
+from conftest import TINY, tiny_vit
+
+SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(SCRIPTS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _batches(n=3, batch=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(n)]
+
+
+def test_speed_benchmark_runs_on_a_tiny_model(tmp_path):
+    out = tmp_path / "speed.json"
+    model_args = [f"{k}={v}" for k, v in TINY.items() if k != "img_size"]
+    command = [sys.executable, os.path.join(SCRIPTS, "benchmark_speed.py"), "--model", "vit_tiny_patch16_224",
+               "--img-size", "32", "--model-args", *model_args, "--batch-sizes", "1", "4", "--train-batch", "4",
+               "--repeats", "1", "--warmup", "0", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["search_step_s"] > 0 and report["finetune_step_s"] > 0
+    assert 0 < report["optimizer_share_of_search_step"] < 1
+    assert report["memory"]["search_MiB"] is not None and report["memory"]["finetune_MiB"] is not None
+    rows = {(r["batch"], r["model"]): r for r in report["latency"]}
+    assert set(rows) == {(b, m) for b in (1, 4) for m in ("dense", "-30% params", "-50% params", "-70% params",
+                                                           "-70% params, unpadded")}
+    ratios = [rows[(4, f"-{p}% params")]["flops_ratio"] for p in (30, 50, 70)]
+    assert 1 < ratios[0] < ratios[1] < ratios[2]  # more removed, fewer FLOPs
+    breakdown = report["breakdown"]
+    assert breakdown["batch"] == 4 and set(breakdown["ms"]) == {"dense", "-30% params", "-50% params", "-70% params"}
+    assert breakdown["ms"]["dense"]["linear layers"] > 0 and breakdown["ms"]["dense"]["attention"] > 0
+    assert set(breakdown["realised_bound_from_fixed_work"]) == {"-30% params", "-50% params", "-70% params"}
+    assert "where the time goes" in result.stdout
+
+
+def test_ranking_path_enters_the_highest_scores_first():
+    bench = _script("benchmark_quality")
+    model = spp.add_masks(tiny_vit(), "dim")
+    g = torch.Generator().manual_seed(0)
+    scores = {n: torch.rand(p.shape, generator=g) for n, p in spp.mask_parameters(model)}
+    path = bench.ranking_path(model, scores)
+    flat_scores = torch.cat([s.flatten() for s in scores.values()])
+    flat_entry = torch.cat([path.entries[n]["entry_step"].flatten() for n in scores])
+    assert torch.equal(flat_entry.argsort(), flat_scores.argsort(descending=True))
+    assert sorted(flat_entry.tolist()) == list(range(1, flat_entry.numel() + 1))
+
+
+def test_magnitude_scores_follow_the_paired_weights():
+    bench = _script("benchmark_quality")
+    model = spp.add_masks(tiny_vit(), "dim")
+    with torch.no_grad():
+        model.blocks[1].mlp.fc1.weight[5] *= 100      # neuron 5: a large fc1 row
+        model.blocks[0].attn.proj.weight[:, 3::16] *= 100   # value dim 3 of every head: large proj columns
+    scores = bench.magnitude_scores(model)
+    assert scores["blocks.1.mlp.mask"].argmax() == 5
+    assert scores["blocks.0.attn.v_mask"].argmax() == 3
+    assert set(scores) == {n for n, _ in spp.mask_parameters(model)}
+
+
+def test_lasso_shrinks_masks_and_restores_them():
+    bench = _script("benchmark_quality")
+    model = spp.add_masks(tiny_vit(), "dim")
+    weak = bench.lasso_scores(model, _batches(), lam=1e-4, steps=6, lr=1e-2)
+    strong = bench.lasso_scores(model, _batches(), lam=1.0, steps=6, lr=1e-2)
+    assert all(torch.all(p == 1) for _, p in spp.mask_parameters(model))  # the model is left as it was
+    mean = lambda s: torch.cat([v.flatten() for v in s.values()]).mean()  # noqa: E731
+    assert mean(strong) < mean(weak) < 1.0 + 1e-6
+
+
+def test_taylor_scores_are_zero_for_a_mask_that_does_nothing():
+    bench = _script("benchmark_quality")
+    model = spp.add_masks(tiny_vit(), "dim")
+    with torch.no_grad():
+        model.blocks[0].mlp.fc2.weight[:, 7] = 0      # neuron 7 cannot change the output
+    scores = bench.taylor_scores(model, _batches(), batches=2)
+    assert scores["blocks.0.mlp.mask"][7] == 0
+    assert scores["blocks.0.mlp.mask"].sum() > 0
+
+
+def test_torch_pruning_member_meets_the_budget_and_keeps_the_residual_width():
+    pytest.importorskip("torch_pruning", reason="Torch-Pruning is in the [bench] extra: pip install -e .[bench]")
+    bench = _script("benchmark_quality")
+    dense = tiny_vit()
+    target = int(0.6 * spp.count_params(dense))
+    for kind, grads in (("magnitude", None), ("taylor", bench.taylor_gradients(dense, _batches(2)))):
+        member = bench.tp_member(dense, torch.randn(2, 3, 32, 32), target, kind, True, grads)
+        assert spp.count_params(member) <= target
+        assert member.blocks[0].attn.proj.out_features == TINY["embed_dim"]
+        assert member(torch.randn(2, 3, 32, 32)).shape == (2, 10)
