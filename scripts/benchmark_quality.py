@@ -401,8 +401,13 @@ def main():
                         help="budgets that also get a one-epoch finetune (each adds 10-25 min on 2 cores)")
     parser.add_argument("--epoch-steps", type=int, default=0, help="steps of the long finetune (default: one epoch)")
     parser.add_argument("--no-dense-finetune", action="store_true", help="skip the dense reference finetunes")
+    parser.add_argument("--merge", nargs="+", metavar="DIR",
+                        help="run nothing: combine the benchmark_quality.json of earlier runs (e.g. one per group of "
+                             "methods) into one table and plot in --out; a later DIR's rows replace an earlier one's")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.merge:
+        return merge(args.merge, args.out)
     if not os.path.isfile(args.checkpoint):
         print(f"{args.checkpoint} missing: pretraining the demo model first")
         subprocess.run([sys.executable, "-m", "spp", "retrain", os.path.join(ROOT, "configs", "demo_pretrain.yaml"),
@@ -434,6 +439,37 @@ def main():
     write_markdown(summary, args, os.path.join(args.out, "benchmark_quality.md"))
     plot(summary, args, os.path.join(args.out, "benchmark_quality.png"))
     print(open(os.path.join(args.out, "benchmark_quality.md")).read())
+
+
+def merge(directories, out):
+    """One summary from the runs in ``directories``: their rows (a later run's replacing an earlier one's for
+    the same method and budget), the dense reference with the most finetunes, every run's tuning."""
+    summaries = []
+    for directory in directories:
+        filename = os.path.join(directory, "benchmark_quality.json")
+        if not os.path.isfile(filename):
+            raise SystemExit(f"--merge: {filename} not found; each DIR is the --out of an earlier run")
+        with open(filename) as f:
+            summaries.append(json.load(f))
+    for key in ("removed", "seeds", "finetune_steps", "checkpoint"):
+        values = {json.dumps(s["args"][key]) for s in summaries}
+        if len(values) > 1:
+            raise SystemExit(f"--merge: the runs differ in --{key.replace('_', '-')} ({', '.join(sorted(values))}); "
+                             "only runs of the same benchmark can share a table")
+    rows = {(r["method"], r["removed"]): r for s in summaries for r in s["results"]}
+    order = {m: i for i, m in enumerate(METHODS)}
+    args = argparse.Namespace(**summaries[0]["args"])
+    args.epoch_removed = sorted({r for s in summaries for r in s["args"]["epoch_removed"]})
+    args.merged_from = list(directories)
+    summary = {"dense_val": summaries[0]["dense_val"], "dense_test": summaries[0]["dense_test"],
+               "dense_ft": max((s["dense_ft"] for s in summaries), key=len),
+               "tuning_val": {k: v for s in summaries for k, v in s["tuning_val"].items()}, "args": vars(args),
+               "results": sorted(rows.values(), key=lambda r: (order[r["method"]], r["removed"]))}
+    with open(os.path.join(out, "benchmark_quality.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    write_markdown(summary, args, os.path.join(out, "benchmark_quality.md"))
+    plot(summary, args, os.path.join(out, "benchmark_quality.png"))
+    print(open(os.path.join(out, "benchmark_quality.md")).read())
 
 
 def columns(args):

@@ -105,3 +105,36 @@ def test_torch_pruning_member_meets_the_budget_and_keeps_the_residual_width():
         assert spp.count_params(member) <= target
         assert member.blocks[0].attn.proj.out_features == TINY["embed_dim"]
         assert member(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def _summary(directory, methods, seeds=(0, 1, 2), epoch=()):
+    args = {"removed": [0.5], "seeds": list(seeds), "finetune_steps": 100, "checkpoint": "c.safetensors",
+            "epoch_removed": list(epoch)}
+    results = []
+    for method, accuracy in methods.items():
+        row = {"method": method, "removed": 0.5, "params": 10, "budget_params": 10, "test_no_ft": accuracy,
+               "test_no_ft_std": 0.0, "test_ft": accuracy, "test_ft_std": 0.0, "seconds_all_budgets": 1.0}
+        if epoch:
+            row.update(test_epoch=accuracy + 1, test_epoch_std=0.0)
+        results.append(row)
+    os.makedirs(directory)
+    with open(os.path.join(directory, "benchmark_quality.json"), "w") as f:
+        json.dump({"dense_val": 90.0, "dense_test": 89.0, "dense_ft": {"test_no_ft": 89.0}, "tuning_val": {},
+                   "args": args, "results": results}, f)
+
+
+def test_quality_runs_merge_into_one_table(tmp_path):
+    bench = _script("benchmark_quality")
+    _summary(tmp_path / "a", {"spp-entry": 80.0, "random": 50.0})
+    _summary(tmp_path / "b", {"random": 55.0, "taylor": 70.0}, epoch=[0.5])   # reruns random with the epoch
+    bench.merge([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path))
+    merged = json.loads((tmp_path / "benchmark_quality.json").read_text())
+    rows = {r["method"]: r for r in merged["results"]}
+    assert list(rows) == ["spp-entry", "random", "taylor"]   # the benchmark's method order
+    assert rows["random"]["test_no_ft"] == 55.0 and rows["random"]["test_epoch"] == 56.0
+    table = (tmp_path / "benchmark_quality.md").read_text()
+    assert "| spp-entry | 80.00 ± 0.00 | 80.00 ± 0.00 | – |" in table   # no one-epoch figure: a dash
+    assert (tmp_path / "benchmark_quality.png").stat().st_size > 0
+    _summary(tmp_path / "c", {"lasso": 60.0}, seeds=(0,))
+    with pytest.raises(SystemExit, match="--seeds"):
+        bench.merge([str(tmp_path / "a"), str(tmp_path / "c")], str(tmp_path))
