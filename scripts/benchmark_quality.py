@@ -518,7 +518,8 @@ def plot(summary, args, filename):
     methods = list(dict.fromkeys(r["method"] for r in summary["results"]))
     for ax, (key, title, budgets) in zip(axes[0], groups):
         for m in methods:
-            rows = [r for r in summary["results"] if r["method"] == m and r["removed"] in budgets and key in r]
+            rows = sorted((r for r in summary["results"] if r["method"] == m and r["removed"] in budgets and key in r),
+                          key=lambda r: r["params"])   # a method that missed a budget keeps more, not fewer
             ax.errorbar([r["params"] / 1e6 for r in rows], [r[key] for r in rows], yerr=[r[key + "_std"] for r in rows],
                         marker="o", capsize=3, label=m)
         ax.axhline(summary["dense_ft"].get(key, summary["dense_test"]), color="gray", ls=":", label="dense")
