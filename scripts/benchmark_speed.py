@@ -141,7 +141,7 @@ def random_path(model, seed=0):
                          "z": torch.rand(p.shape, generator=g), "gamma": torch.zeros(p.shape),
                          "mask": torch.ones(p.shape)}
     pairs = spp.mask_pairs(model)
-    return spp.SolutionPath(entries, pairs, "dim", 1000)
+    return spp.SolutionPath(entries, pairs, spp.masks.granularity_of(model), 1000)
 
 
 def make_model(args):
@@ -165,7 +165,7 @@ def model_args(items):
 def search_step_fn(args, device, autocast):
     """A search step: frozen weights, mask gradients, LBI. Returns ``(step, forward_backward, lbi)``."""
     x = torch.randn(args.train_batch, 3, args.img_size, args.img_size, device=device)
-    searched = spp.add_masks(make_model(args).to(device), "dim")
+    searched = spp.add_masks(make_model(args).to(device), args.granularity)
     y = torch.randint(0, searched.num_classes, (args.train_batch,), device=device)
     lbi = spp.LBI([p for _, p in spp.mask_parameters(searched)], lr=3.0, nu=3000.0)
     searched.train()
@@ -205,6 +205,7 @@ def cpu_peak_memory(args):
     fresh process: Linux's high-water mark (VmHWM), reset once the model and input are built."""
     def probe(kind):
         command = [sys.executable, os.path.abspath(__file__), "--memory-probe", kind, "--model", args.model,
+                   "--granularity", args.granularity,
                    "--img-size", str(args.img_size), "--train-batch", str(args.train_batch),
                    "--model-args", *(f"{k}={json.dumps(v)}" for k, v in args.model_args.items())]
         result = subprocess.run(command, capture_output=True, text=True)
@@ -251,7 +252,7 @@ def train_steps(args, device, autocast):
 
 
 def selection(args):
-    model = spp.add_masks(make_model(args), "dim")
+    model = spp.add_masks(make_model(args), args.granularity)
     path = random_path(model)
     start = time.perf_counter()
     family = spp.WeightFamily(model, path)
@@ -267,9 +268,10 @@ def latency(args, family, device, autocast):
     members = {"dense": (dense, 1.0)}
     for removed in args.removed:
         member = family.select(remove=removed, round_to=args.round_to)
-        members[f"-{removed:.0%} params"] = (spp.compress(dense, member.masks, granularity="dim"),
+        members[f"-{removed:.0%} params"] = (spp.compress(dense, member.masks, granularity=args.granularity),
                                              member.summary.flops_before / member.summary.flops_after)
-    if device.type == "cpu":  # the last member again on the unfused path, to show what the padding buys
+    if device.type == "cpu" and args.granularity == "dim":
+        # the last member again on the unfused path, to show what the padding buys (whole heads need none)
         last = list(members)[-1]
         members[f"{last}, unpadded"] = members[last]
     rows = []
@@ -307,6 +309,8 @@ def main():
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--model-args", nargs="*", default=[], metavar="KEY=VALUE",
                         help="more arguments for timm.create_model, e.g. depth=6 num_classes=10")
+    parser.add_argument("--granularity", default="dim", choices=["dim", "head"],
+                        help="mask layout: head dims shared by all heads (the paper's), or whole heads")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", default="off", choices=["off", "bf16"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
@@ -331,11 +335,11 @@ def main():
     rows, breakdown = latency(args, family, device, autocast)
 
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    result = {"model": args.model, "device": machine, "amp": args.amp, "train_batch": args.train_batch,
+    result = {"model": args.model, "granularity": args.granularity, "device": machine, "amp": args.amp, "train_batch": args.train_batch,
               "search_step_s": search, "finetune_step_s": finetune, "search_over_finetune": search / finetune,
               "optimizer_share_of_search_step": opt_only / search, "family_build_s": build,
               "select_s": select, "compress_s": compress, "memory": memory, "latency": rows, "breakdown": breakdown}
-    print(f"\n{args.model} on {machine}, amp={args.amp}")
+    print(f"\n{args.model} ({args.granularity} masks) on {machine}, amp={args.amp}")
     print(f"search step {1000 * search:.1f} ms vs finetune step {1000 * finetune:.1f} ms "
           f"(batch {args.train_batch}): ratio {search / finetune:.2f} (target <= 0.70)")
     print(f"LBI optimizer step {1000 * opt_only:.3f} ms = {100 * opt_only / search:.2f}% of a search step (target < 5%)")
