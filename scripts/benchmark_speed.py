@@ -18,7 +18,8 @@ Prints and writes (``--out``, JSON):
     by op category, and the realised fraction the work that does not shrink (layer norms, residual
     adds, patch embedding) allows.
 Every figure is the median of ``--repeats`` timed runs after ``--warmup`` untimed ones; the
-models compared in a ratio are timed in turn within each repeat.
+models compared in a ratio are timed in turn within each repeat, each right after an untimed run
+of its own.
 Weights are random: speed does not depend on them.
 """
 from __future__ import annotations
@@ -45,13 +46,16 @@ def sync(device):
 
 def timed_together(fns, device, repeats, warmup):
     """Median seconds of each function in ``fns`` (name → callable), timed in turn within every
-    repeat, so a slow spell of a shared machine slows all of them alike and ratios hold."""
+    repeat, so a slow spell of a shared machine slows all of them alike and ratios hold. Each timed
+    call follows an untimed call of the same function: it is timed in its own steady state (caches,
+    allocator), as when it runs on its own, not in the state the previous function left."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            fn()
             sync(device)
             start = time.perf_counter()
             fn()
@@ -200,6 +204,22 @@ def finetune_step_fn(args, device, autocast):
     return step
 
 
+def frozen_step_fn(args, device, autocast):
+    """The floor of a search step: the same model without masks, every weight frozen, the gradient
+    taken to the patch embedding's output (through every block, no weight gradients, no optimizer)."""
+    x = torch.randn(args.train_batch, 3, args.img_size, args.img_size, device=device)
+    frozen = make_model(args).to(device).train().requires_grad_(False)
+    y = torch.randint(0, frozen.num_classes, (args.train_batch,), device=device)
+    frozen.patch_embed.register_forward_hook(lambda module, inputs, out: out.detach().requires_grad_())
+
+    def step():
+        with autocast():
+            loss = F.cross_entropy(frozen(x), y)
+        loss.backward()
+
+    return step
+
+
 def cpu_peak_memory(args):
     """Peak resident memory (MiB) a search step and a finetune step add on CPU, each measured in a
     fresh process: Linux's high-water mark (VmHWM), reset once the model and input are built."""
@@ -237,18 +257,19 @@ def memory_probe(args):
 
 
 def train_steps(args, device, autocast):
-    """(search step, its optimizer share, finetune step, peak memories)."""
+    """(search step, its optimizer share, finetune step, frozen step without masks, peak memories)."""
     search_step, search_forward_backward, lbi = search_step_fn(args, device, autocast)
     search_forward_backward()
     opt_only = timed(lbi.step, device, args.repeats * 5, args.warmup)
     finetune_step = finetune_step_fn(args, device, autocast)
-    steps = timed_together({"search": search_step, "finetune": finetune_step}, device, args.repeats, args.warmup)
+    steps = timed_together({"search": search_step, "finetune": finetune_step,
+                            "frozen": frozen_step_fn(args, device, autocast)}, device, args.repeats, args.warmup)
     search, finetune = steps["search"], steps["finetune"]
     if device.type == "cuda":
         memory = {"search_MiB": peak_memory(search_step, device), "finetune_MiB": peak_memory(finetune_step, device)}
     else:
         memory = cpu_peak_memory(args)
-    return search, opt_only, finetune, memory
+    return search, opt_only, finetune, steps["frozen"], memory
 
 
 def selection(args):
@@ -330,18 +351,21 @@ def main():
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
     torch.manual_seed(0)
 
-    search, opt_only, finetune, memory = train_steps(args, device, autocast)
+    search, opt_only, finetune, frozen, memory = train_steps(args, device, autocast)
     family, build, select, compress = selection(args)
     rows, breakdown = latency(args, family, device, autocast)
 
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     result = {"model": args.model, "granularity": args.granularity, "device": machine, "amp": args.amp, "train_batch": args.train_batch,
               "search_step_s": search, "finetune_step_s": finetune, "search_over_finetune": search / finetune,
+              "frozen_step_s": frozen, "frozen_over_finetune": frozen / finetune,
               "optimizer_share_of_search_step": opt_only / search, "family_build_s": build,
               "select_s": select, "compress_s": compress, "memory": memory, "latency": rows, "breakdown": breakdown}
     print(f"\n{args.model} ({args.granularity} masks) on {machine}, amp={args.amp}")
     print(f"search step {1000 * search:.1f} ms vs finetune step {1000 * finetune:.1f} ms "
           f"(batch {args.train_batch}): ratio {search / finetune:.2f} (target <= 0.70)")
+    print(f"  floor: the model without masks, weights frozen, gradient to the input: {1000 * frozen:.1f} ms = "
+          f"{frozen / finetune:.2f} of a finetune step; the masks add {100 * (search / frozen - 1):.0f}% to it")
     print(f"LBI optimizer step {1000 * opt_only:.3f} ms = {100 * opt_only / search:.2f}% of a search step (target < 5%)")
     print(f"family build {1000 * build:.0f} ms (once, includes a FLOP count); select {1000 * select:.1f} ms; "
           f"compress {1000 * compress:.1f} ms; select + compress {select + compress:.3f} s (target < 1 s)")

@@ -36,7 +36,7 @@ def test_speed_benchmark_runs_on_a_tiny_model(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert report["search_step_s"] > 0 and report["finetune_step_s"] > 0
+    assert report["search_step_s"] > 0 and report["finetune_step_s"] > 0 and report["frozen_step_s"] > 0
     assert 0 < report["optimizer_share_of_search_step"] < 1
     assert report["memory"]["search_MiB"] is not None and report["memory"]["finetune_MiB"] is not None
     rows = {(r["batch"], r["model"]): r for r in report["latency"]}
