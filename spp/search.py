@@ -15,10 +15,10 @@ from .family import WeightFamily
 from .masks import add_masks, mask_parameters
 from .optim import LBI
 from .path import SolutionPath, support_sizes
-from .structure import mask_pairs
 from .runtime import (CheckpointError, NonFiniteLoss, Runtime, RunLogger, check_shapes,
                       gather_rng_states, load_training_checkpoint, main_print, resume_file,
                       restore_rng_states, save_training_checkpoint, setup_runtime)
+from .structure import mask_pairs
 
 __all__ = ["run_search", "calibrate_nu", "mask_gradient_rms", "nu_from_rms", "lbi_groups"]
 
