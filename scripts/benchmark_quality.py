@@ -434,11 +434,16 @@ def main():
 
     summary = {"dense_val": dense_val, "dense_test": dense_test, "dense_ft": dense_ft,
                "tuning_val": tuning, "args": vars(args), "results": results}
-    with open(os.path.join(args.out, "benchmark_quality.json"), "w") as f:
+    write_outputs(summary, args, args.out)
+
+
+def write_outputs(summary, args, out):
+    """``benchmark_quality.json``, ``.md`` and ``.png`` in ``out``; prints the table."""
+    with open(os.path.join(out, "benchmark_quality.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    write_markdown(summary, args, os.path.join(args.out, "benchmark_quality.md"))
-    plot(summary, args, os.path.join(args.out, "benchmark_quality.png"))
-    print(open(os.path.join(args.out, "benchmark_quality.md")).read())
+    write_markdown(summary, args, os.path.join(out, "benchmark_quality.md"))
+    plot(summary, args, os.path.join(out, "benchmark_quality.png"))
+    print(open(os.path.join(out, "benchmark_quality.md")).read())
 
 
 def merge(directories, out):
@@ -465,11 +470,7 @@ def merge(directories, out):
                "dense_ft": max((s["dense_ft"] for s in summaries), key=len),
                "tuning_val": {k: v for s in summaries for k, v in s["tuning_val"].items()}, "args": vars(args),
                "results": sorted(rows.values(), key=lambda r: (order[r["method"]], r["removed"]))}
-    with open(os.path.join(out, "benchmark_quality.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    write_markdown(summary, args, os.path.join(out, "benchmark_quality.md"))
-    plot(summary, args, os.path.join(out, "benchmark_quality.png"))
-    print(open(os.path.join(out, "benchmark_quality.md")).read())
+    write_outputs(summary, args, out)
 
 
 def columns(args):

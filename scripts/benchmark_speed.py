@@ -114,27 +114,32 @@ def op_breakdown(models, x, runs=2):
     return result
 
 
-def print_breakdown(breakdown, flops_ratios, batch):
-    """The breakdown as a table, and the realised fraction each member would reach if everything but
-    the fixed work (:data:`FIXED`) shrank exactly by its FLOPs ratio."""
-    names = list(breakdown)
+def fixed_work_bounds(breakdown, flops_ratios):
+    """The realised fraction each member would reach if everything but the fixed work (:data:`FIXED`)
+    shrank exactly by its FLOPs ratio; ``breakdown`` is :func:`op_breakdown`'s, dense model first."""
+    dense = next(iter(breakdown.values()))
+    dense_total, dense_fixed = sum(dense.values()), sum(dense[c] for c in FIXED)
+    bounds = {}
+    for name in list(breakdown)[1:]:
+        ratio = flops_ratios[name]
+        ideal = sum(breakdown[name][c] for c in FIXED) + (dense_total - dense_fixed) / ratio
+        bounds[name] = round(dense_total / ideal / ratio, 3)
+    return bounds
+
+
+def print_breakdown(breakdown):
+    ms, batch, bounds = breakdown["ms"], breakdown["batch"], breakdown["realised_bound_from_fixed_work"]
+    names = list(ms)
     print(f"\nwhere the time goes, batch {batch} (ms per forward, self CPU time by torch.profiler; "
           f"fixed work: {', '.join(FIXED)})")
     print("| op | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
     for category in [*CATEGORIES, "other", "total"]:
-        cells = [sum(b.values()) if category == "total" else b[category] for b in breakdown.values()]
+        cells = [sum(b.values()) if category == "total" else b[category] for b in ms.values()]
         print(f"| {category} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
-    dense = breakdown[names[0]]
-    dense_total, dense_fixed = sum(dense.values()), sum(dense[c] for c in FIXED)
-    bounds = {}
+    share = {name: 100 * sum(b[c] for c in FIXED) / sum(b.values()) for name, b in ms.items()}
     for name in names[1:]:
-        ratio, fixed = flops_ratios[name], sum(breakdown[name][c] for c in FIXED)
-        ideal = fixed + (dense_total - dense_fixed) / ratio   # the member's time if the rest shrank by the ratio
-        bounds[name] = round(dense_total / ideal / ratio, 3)
-        print(f"{name}: fixed work is {100 * fixed / sum(breakdown[name].values()):.0f}% of its time "
-              f"({100 * dense_fixed / dense_total:.0f}% of dense); with the rest shrinking exactly by the "
-              f"FLOPs ratio it would realise {bounds[name]:.2f}")
-    return bounds
+        print(f"{name}: fixed work is {share[name]:.0f}% of its time ({share[names[0]]:.0f}% of dense); with the "
+              f"rest shrinking exactly by the FLOPs ratio it would realise {bounds[name]:.2f}")
 
 
 def random_path(model, seed=0):
@@ -291,10 +296,11 @@ def latency(args, family, device, autocast):
         member = family.select(remove=removed, round_to=args.round_to)
         members[f"-{removed:.0%} params"] = (spp.compress(dense, member.masks, granularity=args.granularity),
                                              member.summary.flops_before / member.summary.flops_after)
+    timed_models = dict(members)
     if device.type == "cpu" and args.granularity == "dim":
         # the last member again on the unfused path, to show what the padding buys (whole heads need none)
         last = list(members)[-1]
-        members[f"{last}, unpadded"] = members[last]
+        timed_models[f"{last}, unpadded"] = members[last]
     rows = []
     for model, _ in members.values():
         model.to(device)
@@ -307,9 +313,9 @@ def latency(args, family, device, autocast):
                     model(x)
             return run
 
-        fns = {name: forward(m, padded=not name.endswith("unpadded")) for name, (m, _) in members.items()}
+        fns = {name: forward(m, padded=name in members) for name, (m, _) in timed_models.items()}
         seconds = timed_together(fns, device, args.repeats, args.warmup)
-        for name, (_, flops_ratio) in members.items():
+        for name, (_, flops_ratio) in timed_models.items():
             speedup = seconds["dense"] / seconds[name]
             rows.append({"batch": batch, "model": name, "ms": round(1000 * seconds[name], 2),
                          "speedup": round(speedup, 3), "flops_ratio": round(flops_ratio, 3),
@@ -318,9 +324,9 @@ def latency(args, family, device, autocast):
     if device.type == "cpu":  # where the time goes at the largest batch (CPU profiler; on CUDA read a trace)
         batch = max(args.batch_sizes)
         x = torch.randn(batch, 3, args.img_size, args.img_size)
-        profiled = {name: member for name, member in members.items() if not name.endswith("unpadded")}
-        breakdown = {"batch": batch, "ms": op_breakdown({name: m for name, (m, _) in profiled.items()}, x),
-                     "flops_ratio": {name: ratio for name, (_, ratio) in profiled.items()}}
+        ms = op_breakdown({name: m for name, (m, _) in members.items()}, x)
+        bounds = fixed_work_bounds(ms, {name: ratio for name, (_, ratio) in members.items()})
+        breakdown = {"batch": batch, "ms": ms, "realised_bound_from_fixed_work": bounds}
     return rows, breakdown
 
 
@@ -376,8 +382,7 @@ def main():
     for r in rows:
         print(f"| {r['batch']} | {r['model']} | {r['ms']} | {r['speedup']:.2f}x | {r['flops_ratio']:.2f}x | {r['realised']:.2f} |")
     if breakdown:
-        breakdown["realised_bound_from_fixed_work"] = print_breakdown(breakdown["ms"], breakdown["flops_ratio"],
-                                                                      breakdown["batch"])
+        print_breakdown(breakdown)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\nwrote {args.out}")
