@@ -27,15 +27,17 @@ def _batches(n=3, batch=8, seed=0):
     return [(torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(n)]
 
 
-def test_speed_benchmark_runs_on_a_tiny_model(tmp_path):
+@pytest.mark.parametrize("amp", ["off", "bf16"])   # bf16: the autocast path that scripts/gpu_check.sh runs on CUDA
+def test_speed_benchmark_runs_on_a_tiny_model(tmp_path, amp):
     out = tmp_path / "speed.json"
     model_args = [f"{k}={v}" for k, v in TINY.items() if k != "img_size"]
     command = [sys.executable, os.path.join(SCRIPTS, "benchmark_speed.py"), "--model", "vit_tiny_patch16_224",
                "--img-size", "32", "--model-args", *model_args, "--batch-sizes", "1", "4", "--train-batch", "4",
-               "--repeats", "1", "--warmup", "0", "--out", str(out)]
+               "--repeats", "1", "--warmup", "0", "--amp", amp, "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
+    assert report["amp"] == amp
     assert report["search_step_s"] > 0 and report["finetune_step_s"] > 0 and report["frozen_step_s"] > 0
     assert 0 < report["optimizer_share_of_search_step"] < 1
     assert report["memory"]["search_MiB"] is not None and report["memory"]["finetune_MiB"] is not None
@@ -138,3 +140,68 @@ def test_quality_runs_merge_into_one_table(tmp_path):
     _summary(tmp_path / "c", {"lasso": 60.0}, seeds=(0,))
     with pytest.raises(SystemExit, match="--seeds"):
         bench.merge([str(tmp_path / "a"), str(tmp_path / "c")], str(tmp_path))
+
+
+def _write_idx(path, tensor):
+    """A gzipped IDX file, the format Fashion-MNIST ships in."""
+    import gzip
+    header = bytes([0, 0, 8, tensor.dim()]) + b"".join(int(s).to_bytes(4, "big") for s in tensor.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + tensor.numpy().tobytes())
+
+
+def _fake_fashion_mnist(root, train=1000, test=300):
+    """Class prototypes plus noise in Fashion-MNIST's files (28x28, 10 classes), so no test needs the Debian package."""
+    g = torch.Generator().manual_seed(0)
+    prototypes = torch.rand(10, 28, 28, generator=g)
+    for split, n in (("train", train), ("t10k", test)):
+        labels = torch.randint(0, 10, (n,), generator=g)
+        images = (0.6 * prototypes[labels] + 0.4 * torch.rand(n, 28, 28, generator=g)).mul(255).to(torch.uint8)
+        _write_idx(os.path.join(root, f"{split}-images-idx3-ubyte.gz"), images)
+        _write_idx(os.path.join(root, f"{split}-labels-idx1-ubyte.gz"), labels.to(torch.uint8))
+
+
+def test_quality_benchmark_runs_end_to_end(tmp_path):
+    """The whole script (tuning on val, the methods, both finetunes, outputs), cut to a few steps.
+
+    Two of the four Torch-Pruning variants stand for the others (uniform magnitude, global Taylor: each code
+    path once); the global ones bisect their ratio, which costs about 20 s per variant here.
+    """
+    from safetensors.torch import save_file
+    from spp.build import build_model
+    from spp.config import load_config
+
+    data = tmp_path / "fashion-mnist"
+    data.mkdir()
+    _fake_fashion_mnist(str(data))
+    checkpoint = str(tmp_path / "dense.safetensors")   # the demo's architecture, untrained
+    save_file(build_model(load_config(os.path.join(SCRIPTS, "..", "configs", "demo_search.yaml"),
+                                      ["model.checkpoint=null"])).state_dict(), checkpoint)
+    out = tmp_path / "quality"
+    methods = [m for m in _script("benchmark_quality").METHODS if m not in ("tp-magnitude-global", "tp-taylor-uniform")]
+    command = [sys.executable, os.path.join(SCRIPTS, "benchmark_quality.py"), "--data-root", str(data),
+               "--checkpoint", checkpoint, "--out", str(out), "--removed", "0.5", "0.85", "--seeds", "0", "1",
+               "--search-steps", "20", "--nu-scales", "3", "--lams", "0.1", "0.4", "--lasso-lams", "3e-4", "1e-3",
+               "--lasso-steps", "10", "--taylor-batches", "2", "--finetune-steps", "3",
+               "--epoch-removed", "0.85", "--epoch-steps", "4", "--methods", *methods]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "benchmark_quality.json").read_text())
+    rows = {(r["method"], r["removed"]): r for r in summary["results"]}
+    assert set(rows) == {(m, r) for m in methods for r in (0.5, 0.85)}
+    for (method, removed), row in rows.items():
+        assert row["budget_params"] == rows[("random", removed)]["budget_params"]   # the same budgets for all
+        if not method.startswith("tp-") or method.endswith("uniform"):
+            assert row["params"] <= 1.01 * row["budget_params"], (method, removed)
+        assert ("test_epoch" in row) == (removed == 0.85)
+        for key in ("test_no_ft", "test_ft") + (("test_epoch",) if removed == 0.85 else ()):
+            assert 0 <= row[key] <= 100 and row[key + "_std"] >= 0
+    assert rows[("spp-entry", 0.5)]["params"] > rows[("spp-entry", 0.85)]["params"]
+    tuning = summary["tuning_val"]
+    assert tuning["spp_nu_scale"] == 3.0 and tuning["spp_lam"] in (0.1, 0.4)
+    assert set(tuning["lasso lam per budget"].values()) <= {3e-4, 1e-3}
+    assert {"test_no_ft", "test_ft", "test_epoch"} <= set(summary["dense_ft"])
+    table = (out / "benchmark_quality.md").read_text()
+    assert all(f"| {m} |" in table for m in methods) and "1-epoch finetune: -85%" in table
+    assert (out / "benchmark_quality.png").stat().st_size > 0
+    assert len(list((out / "searches").iterdir())) == 3   # two tuning searches on seed 0, one more for seed 1
