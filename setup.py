@@ -10,9 +10,9 @@ setup(
     packages=find_packages(include=["spp", "spp.*"]),
     python_requires=">=3.9",
     install_requires=[
-        "torch>=2.1",
+        "torch>=2.3",     # torch.amp.GradScaler(device); tested on 2.14
         "torchvision",
-        "timm>=1.0",
+        "timm>=1.0.16",   # timm.layers.attention (1.0.16)
         "numpy",
         "pyyaml",
         "tensorboard",
@@ -21,8 +21,10 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "torch-pruning"],   # torch-pruning: tests of the benchmark's baselines
-        "bench": ["torch-pruning"],
+        # Torch-Pruning baselines (benchmark and its tests): timm's Attention must follow pruned head
+        # widths (attn_dim, 1.0.23)
+        "test": ["pytest", "torch-pruning", "timm>=1.0.23"],
+        "bench": ["torch-pruning", "timm>=1.0.23"],
     },
     entry_points={"console_scripts": ["spp=spp.cli:main"]},
 )

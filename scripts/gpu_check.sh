@@ -6,18 +6,29 @@
 #      fits (QUALITY_ARGS overrides that; QUALITY_TIMEOUT caps it, its JSON lines print as it goes).
 # Results land in $OUT (or ./gpu_results).
 #
-# The quality benchmark needs Fashion-MNIST and the demo's pretrained ViT. A GPU machine without
-# the Debian package can take a copy in the repository (ignored by git) and the checkpoint:
-#   mkdir -p data && cp -r /usr/share/datasets/fashion-mnist data/
-#   (carry data/fashion-mnist and outputs/demo/pretrain/best.safetensors to the machine)
-# Without the checkpoint the benchmark pretrains the model first (5-8 min on 2 CPU cores; not timed on a GPU).
+# On a machine with a package index this installs spp with `pip install -e ".[test,bench]"`. On one
+# without (a lent GPU machine that has PyTorch but cannot download), prepare everything here first:
+#   bash scripts/gpu_prepare.sh
+# It puts the wheels of the packages such a machine may lack or hold too old (timm, torch-pruning)
+# in .whl/, a copy of Fashion-MNIST in data/fashion-mnist and checks for the demo's pretrained ViT;
+# carry .whl, data/fashion-mnist and outputs/demo/pretrain/best.safetensors to the machine. This
+# script then installs the wheels into /tmp/spp-site and runs spp from this checkout (PYTHONPATH).
+# Without the checkpoint the quality benchmark pretrains the model first (minutes; not timed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_results}
 QUALITY_ARGS=${QUALITY_ARGS:---seeds 0 --nu-scales 3 --epoch-removed}
 QUALITY_TIMEOUT=${QUALITY_TIMEOUT:-300}
 mkdir -p "$OUT"
-python3 -m pip install -q -e ".[test,bench]" 2>&1 | tail -2
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/spp-site .whl/*.whl \
+    || { echo "installing the wheels in .whl failed"; exit 1; }
+  export PYTHONPATH="/tmp/spp-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  python3 -m pip install -q -e ".[test,bench]" 2>&1 | tail -2
+fi
+python3 -c "import sys, torch, timm, spp; print('python', sys.version.split()[0], 'torch', torch.__version__, 'timm', timm.__version__)" \
+  | tee "$OUT/versions.txt" || { echo "spp does not import: see above"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -m pytest -q tests/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.txt"
 PYTHONUNBUFFERED=1 python3 scripts/benchmark_speed.py --device cuda --amp bf16 \

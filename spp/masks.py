@@ -69,7 +69,7 @@ class MaskedAttention(_AttentionMasks, Attention):
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0,
             is_causal=is_causal, scale=self.scale)                # (B, heads, N, head_dim)
-        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)        # (B, N, heads * head_dim)
+        x = x.transpose(1, 2).reshape(B, N, -1)                   # (B, N, heads * head_dim)
         x = self.proj(x)
         return self.proj_drop(x)
 
