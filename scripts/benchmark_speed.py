@@ -14,9 +14,9 @@ Prints and writes (``--out``, JSON):
     (speed-up ÷ FLOPs ratio); target ≥ 0.9 at batch ≥ 32;
   * peak memory of a search step against a finetune step (CUDA: allocator peak; CPU: peak
     resident memory of a fresh process, growth over the steps once the model and input are built);
-  * on CPU, where the time goes at the largest batch: one profiled forward of each model, self time
-    by op category, and the realised fraction the work that does not shrink (layer norms, residual
-    adds, patch embedding) allows.
+  * where the time goes at the largest batch: two profiled forwards of each model, self time by op
+    category (CPU time on the CPU, kernel time on CUDA), and the realised fraction the work that does
+    not shrink (layer norms, residual adds, patch embedding) allows.
 Every figure is the median of ``--repeats`` timed runs after ``--warmup`` untimed ones; the
 models compared in a ratio are timed in turn within each repeat, each right after an untimed run
 of its own.
@@ -83,33 +83,45 @@ def peak_memory(fn, device):
 CATEGORIES = {
     "linear layers": ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear"),
     "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
-                  "aten::_scaled_dot_product_attention_math", "aten::_softmax", "aten::softmax"),
+                  "aten::_scaled_dot_product_attention_math", "aten::_softmax", "aten::softmax",
+                  # CUDA kernels
+                  "aten::_scaled_dot_product_flash_attention", "aten::_flash_attention_forward",
+                  "aten::_scaled_dot_product_efficient_attention", "aten::_efficient_attention_forward",
+                  "aten::_scaled_dot_product_cudnn_attention"),
     "GELU": ("aten::gelu",),
     "layer norm": ("aten::native_layer_norm", "aten::layer_norm"),
     "residual adds": ("aten::add", "aten::add_"),
-    "patch embedding": ("aten::mkldnn_convolution", "aten::convolution", "aten::_convolution", "aten::conv2d"),
+    "patch embedding": ("aten::mkldnn_convolution", "aten::convolution", "aten::_convolution", "aten::conv2d",
+                        "aten::cudnn_convolution"),
     "copies and padding": ("aten::copy_", "aten::cat", "aten::constant_pad_nd", "aten::pad", "aten::clone",
-                           "aten::contiguous"),
+                           "aten::contiguous", "aten::_to_copy"),
 }
 FIXED = ("layer norm", "residual adds", "patch embedding")
 
 
-def op_breakdown(models, x, runs=2):
+def op_breakdown(models, x, autocast=nullcontext, runs=2):
     """Milliseconds per forward of each model in ``models`` (name → model), split into
-    :data:`CATEGORIES` by the self CPU time torch.profiler records."""
+    :data:`CATEGORIES` by the self time torch.profiler records: CPU time on the CPU, the time of the
+    kernels each op launched on CUDA."""
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = x.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     category_of = {op: category for category, ops in CATEGORIES.items() for op in ops}
     result = {}
     for name, model in models.items():
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             model(x)
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            sync(x.device)
+            with profile(activities=activities) as prof:
                 for _ in range(runs):
                     model(x)
+                sync(x.device)
         ms = dict.fromkeys([*CATEGORIES, "other"], 0.0)
         for event in prof.key_averages():
-            ms[category_of.get(event.key, "other")] += event.self_cpu_time_total / 1000 / runs
+            us = (getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+                  if cuda else event.self_cpu_time_total)
+            ms[category_of.get(event.key, "other")] += us / 1000 / runs
         result[name] = ms
     return result
 
@@ -130,7 +142,7 @@ def fixed_work_bounds(breakdown, flops_ratios):
 def print_breakdown(breakdown):
     ms, batch, bounds = breakdown["ms"], breakdown["batch"], breakdown["realised_bound_from_fixed_work"]
     names = list(ms)
-    print(f"\nwhere the time goes, batch {batch} (ms per forward, self CPU time by torch.profiler; "
+    print(f"\nwhere the time goes, batch {batch} (ms per forward, self {breakdown['clock']} time by torch.profiler; "
           f"fixed work: {', '.join(FIXED)})")
     print("| op | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
     for category in [*CATEGORIES, "other", "total"]:
@@ -320,13 +332,16 @@ def latency(args, family, device, autocast):
             rows.append({"batch": batch, "model": name, "ms": round(1000 * seconds[name], 2),
                          "speedup": round(speedup, 3), "flops_ratio": round(flops_ratio, 3),
                          "realised": round(speedup / flops_ratio, 3)})
-    breakdown = None
-    if device.type == "cpu":  # where the time goes at the largest batch (CPU profiler; on CUDA read a trace)
-        batch = max(args.batch_sizes)
-        x = torch.randn(batch, 3, args.img_size, args.img_size)
-        ms = op_breakdown({name: m for name, (m, _) in members.items()}, x)
-        bounds = fixed_work_bounds(ms, {name: ratio for name, (_, ratio) in members.items()})
-        breakdown = {"batch": batch, "ms": ms, "realised_bound_from_fixed_work": bounds}
+    batch = max(args.batch_sizes)   # where the time goes, at the largest batch
+    x = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
+    try:
+        ms = op_breakdown({name: m for name, (m, _) in members.items()}, x, autocast)
+    except Exception as e:  # noqa: BLE001 - the profile explains the timings; never lose them to it
+        print(f"profiling the forward failed ({type(e).__name__}: {e}); the timings stand without it")
+        return rows, None
+    bounds = fixed_work_bounds(ms, {name: ratio for name, (_, ratio) in members.items()})
+    breakdown = {"batch": batch, "clock": "CUDA kernel" if device.type == "cuda" else "CPU", "ms": ms,
+                 "realised_bound_from_fixed_work": bounds}
     return rows, breakdown
 
 
