@@ -65,7 +65,7 @@ class SearchConfig:
     nu_scale: float = 3.0                   # auto ν = nu_scale / RMS of mask gradients at M = 1
     nu_calibration: str = "pooled"          # masks sharing one ν: pooled (all), pair (per pair type), mask
     calibration_batches: int = 8
-    lam: float = 0.1
+    lam: float = 0.4                        # κλ = 4: see spp.LBI (0.1, κλ = 1, ranked worse on the benchmark)
     preconditioner: str = "none"
     shrink: str = "two_sided"
     log_every: int = 20
