@@ -177,3 +177,18 @@ def test_nu_calibration_shares_nu_within_its_groups():
     assert [g["nu"] for g in pair_groups] == [per_pair["b0.qk"], per_pair["b0.v"], per_pair["b0.mlp"]]
     with pytest.raises(ValueError, match="choose one of pooled, pair, mask"):
         lbi_groups(masks, "type", pairs)
+
+
+def test_dense_start_adds_one_over_kappa_to_z():
+    """With no loss gradient, the decay from M = 1 brings z to 1/κ (why the default κλ is above 1)."""
+    kappa, rho, nu = 10.0, 0.01, 3000.0
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = spp.LBI([p], lr=rho * nu / kappa, kappa=kappa, nu=nu, lam=1.0 / kappa)
+    for step in range(1000):
+        p.grad = torch.tensor([0.0, 0.0, -1e-4])   # the third mask is held up by the loss (M ≈ -ν g = 0.3)
+        opt.step()
+        if step == 137:
+            assert torch.allclose(opt.state[p]["z"][0], torch.tensor(0.075), atol=1e-3)   # 3/4 of λ by step 138
+    z, entry = opt.state[p]["z"], opt.state[p]["entry_step"]
+    assert torch.allclose(z[:2], torch.full((2,), 1.0 / kappa), atol=1e-4) and torch.isinf(entry[:2]).all()
+    assert entry[2] < 200   # gradient support on top of the transient crosses κλ = 1 early
