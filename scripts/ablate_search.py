@@ -12,7 +12,7 @@ ahead of SPP at 85% removed (and at 70% with lam 0.1). Writes ``ablation.json`` 
 Every variant is ``spp search`` (``run_search``) on configs/demo_search.yaml with ``BASE`` and then
 the overrides in ``VARIANTS`` (all plain gradient, kappa 10, lam 0.1 unless named: the table in the
 README was measured when 0.1 was the default; it is 0.4 now, the lam0.4 row):
-  base      nu = 3 / RMS(mask gradient at M = 1), rho = 0.01, 600 steps (the defaults)
+  base      nu = 3 / RMS(mask gradient at M = 1), rho = 0.01, 600 steps, lam 0.1 (the defaults until lam 0.4)
   long      rho = 0.005, 1200 steps: the same path, resolved with twice the data per unit of path
   longer    rho = 0.0025, 2400 steps
   nu5       nu_scale 5 (between the sweep's 3 and 10)

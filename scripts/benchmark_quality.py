@@ -72,7 +72,7 @@ def ranking_path(model, scores: Dict[str, torch.Tensor]) -> spp.SolutionPath:
                          "gamma": torch.zeros(p.shape), "mask": torch.ones(p.shape)}
         start += n
     pairs = spp.mask_pairs(model)
-    return spp.SolutionPath(entries, pairs, "dim", int(order.numel()))
+    return spp.SolutionPath(entries, pairs, spp.masks.granularity_of(model), int(order.numel()))
 
 
 def magnitude_scores(model) -> Dict[str, torch.Tensor]:

@@ -98,7 +98,7 @@ def test_taylor_scores_are_zero_for_a_mask_that_does_nothing():
 
 
 def test_torch_pruning_member_meets_the_budget_and_keeps_the_residual_width():
-    pytest.importorskip("torch_pruning", reason="Torch-Pruning is in the [bench] extra: pip install -e .[bench]")
+    pytest.importorskip("torch_pruning", reason="Torch-Pruning is in the [test] and [bench] extras: pip install -e .[test]")
     bench = _script("benchmark_quality")
     dense = tiny_vit()
     target = int(0.6 * spp.count_params(dense))
@@ -150,15 +150,17 @@ def _write_idx(path, tensor):
         f.write(header + tensor.numpy().tobytes())
 
 
-def _fake_fashion_mnist(root, train=1000, test=300):
-    """Class prototypes plus noise in Fashion-MNIST's files (28x28, 10 classes), so no test needs the Debian package."""
-    g = torch.Generator().manual_seed(0)
-    prototypes = torch.rand(10, 28, 28, generator=g)
-    for split, n in (("train", train), ("t10k", test)):
-        labels = torch.randint(0, 10, (n,), generator=g)
-        images = (0.6 * prototypes[labels] + 0.4 * torch.rand(n, 28, 28, generator=g)).mul(255).to(torch.uint8)
-        _write_idx(os.path.join(root, f"{split}-images-idx3-ubyte.gz"), images)
-        _write_idx(os.path.join(root, f"{split}-labels-idx1-ubyte.gz"), labels.to(torch.uint8))
+def _fake_fashion_mnist(root, train=1000):
+    """spp's synthetic images (class patterns plus noise) in Fashion-MNIST's files (28x28, 10 classes; the test
+    split a quarter of ``train``), so no test needs the Debian package."""
+    from spp.config import DataConfig
+    from spp.data import _synthetic
+
+    cfg = DataConfig(dataset="synthetic", img_size=28, in_chans=1, num_classes=10, synthetic_size=train)
+    for split, name in (("train", "train"), ("test", "t10k")):
+        data = _synthetic(cfg, split, seed=0)
+        _write_idx(os.path.join(root, f"{name}-images-idx3-ubyte.gz"), data.images[:, 0])
+        _write_idx(os.path.join(root, f"{name}-labels-idx1-ubyte.gz"), data.labels.to(torch.uint8))
 
 
 def test_quality_benchmark_runs_end_to_end(tmp_path):
