@@ -41,6 +41,14 @@ def main():
         print("saved and reloaded:", torch.equal(loaded(x), pruned(x)))
     print(member.summary)
 
+    # Any other importance criterion gives a family too: here the norm of each MLP neuron's fc1 row
+    # (attention masks all scored 0), read off by the same budget walk.
+    scores = {n: torch.zeros(p.shape) for n, p in spp.mask_parameters(model)}
+    for i, block in enumerate(model.blocks):
+        scores[f"blocks.{i}.mlp.mask"] = block.mlp.fc1.weight.norm(dim=1).detach()
+    baseline = spp.WeightFamily(model, spp.SolutionPath.from_scores(model, scores)).select(keep=0.5, by="params")
+    print("fc1-norm member at 50% of params:", [w.mlp_hidden for w in baseline.summary.widths], "MLP neurons kept")
+
 
 if __name__ == "__main__":
     main()

@@ -59,22 +59,6 @@ def data_root(root):
     return [f"data.root={root}"] if root else []
 
 
-def ranking_path(model, scores: Dict[str, torch.Tensor]) -> spp.SolutionPath:
-    """A path whose entry order is the descending order of ``scores``."""
-    flat = torch.cat([scores[n].flatten().cpu() for n, _ in spp.mask_parameters(model)])
-    order = torch.argsort(flat, descending=True, stable=True)
-    rank = torch.empty_like(order, dtype=torch.float32)
-    rank[order] = torch.arange(order.numel(), dtype=torch.float32) + 1
-    entries, start = {}, 0
-    for name, p in spp.mask_parameters(model):
-        n = p.numel()
-        entries[name] = {"entry_step": rank[start:start + n].view(p.shape), "z": torch.zeros(p.shape),
-                         "gamma": torch.zeros(p.shape), "mask": torch.ones(p.shape)}
-        start += n
-    pairs = spp.mask_pairs(model)
-    return spp.SolutionPath(entries, pairs, spp.masks.granularity_of(model), int(order.numel()))
-
-
 def magnitude_scores(model) -> Dict[str, torch.Tensor]:
     scores = {}
     for geom, block in zip(model_geometry(model), spp.structure.find_blocks(model)):
@@ -281,7 +265,7 @@ def lasso_method(bench, args, tuning):
         seed_everything(seed)
         start = time.time()
         scores = lasso_scores(bench.masked, bench.loader("train", seed), lam, args.lasso_steps, 1e-2)
-        runs[(lam, seed)] = (ranking_path(bench.masked, scores), time.time() - start)
+        runs[(lam, seed)] = (spp.SolutionPath.from_scores(bench.masked, scores), time.time() - start)
 
     for lam in args.lasso_lams:
         run(lam, args.seeds[0])
@@ -301,12 +285,12 @@ def score_methods(bench, args, magnitude, magnitude_time):
     magnitude_member = functools.lru_cache(maxsize=None)(lambda r: bench.member(magnitude, r))
     for seed in args.seeds:
         g = torch.Generator().manual_seed(seed)
-        rnd = ranking_path(bench.masked, {n: torch.rand(p.shape, generator=g) for n, p in spp.mask_parameters(bench.masked)})
+        rnd = spp.SolutionPath.from_scores(bench.masked, {n: torch.rand(p.shape, generator=g) for n, p in spp.mask_parameters(bench.masked)})
         methods["random"][seed] = (lambda r, p=rnd: bench.member(p, r), 0.0)
         methods["magnitude"][seed] = (magnitude_member, magnitude_time)
         seed_everything(seed)
         start = time.time()
-        taylor = ranking_path(bench.masked, taylor_scores(bench.masked, bench.loader("train", seed), args.taylor_batches))
+        taylor = spp.SolutionPath.from_scores(bench.masked, taylor_scores(bench.masked, bench.loader("train", seed), args.taylor_batches))
         methods["taylor"][seed] = (lambda r, p=taylor: bench.member(p, r), time.time() - start)
     return methods
 
@@ -418,7 +402,7 @@ def main():
     print(f"dense: val {dense_val:.2f}%, test {dense_test:.2f}%")
 
     start = time.time()
-    magnitude = ranking_path(bench.masked, magnitude_scores(bench.masked))
+    magnitude = spp.SolutionPath.from_scores(bench.masked, magnitude_scores(bench.masked))
     magnitude_time = time.time() - start
     family = spp.WeightFamily(bench.dense, magnitude)
     targets = {r: family.select(remove=r).summary.params_after for r in args.removed}

@@ -155,14 +155,13 @@ def print_breakdown(breakdown):
 
 
 def random_path(model, seed=0):
+    """A path with random entry steps in 1..999 (ties broken by a random z)."""
     g = torch.Generator().manual_seed(seed)
-    entries = {}
+    entry, z = {}, {}
     for name, p in spp.mask_parameters(model):
-        entries[name] = {"entry_step": torch.randint(1, 1000, p.shape, generator=g).float(),
-                         "z": torch.rand(p.shape, generator=g), "gamma": torch.zeros(p.shape),
-                         "mask": torch.ones(p.shape)}
-    pairs = spp.mask_pairs(model)
-    return spp.SolutionPath(entries, pairs, spp.masks.granularity_of(model), 1000)
+        entry[name] = torch.randint(1, 1000, p.shape, generator=g).float()
+        z[name] = torch.rand(p.shape, generator=g)
+    return spp.SolutionPath.from_entries(model, entry, z, steps=1000)
 
 
 def make_model(args):

@@ -65,6 +65,70 @@ class SolutionPath:
                                  "gamma": torch.zeros_like(p), "mask": p.detach()}
         return cls(entries, mask_pairs(model), granularity_of(model), steps, support, meta)
 
+    @classmethod
+    def from_entries(cls, model: nn.Module, entry_step: Mapping[str, torch.Tensor],
+                     z: Optional[Mapping[str, torch.Tensor]] = None, steps: Optional[int] = None,
+                     meta: Optional[Mapping] = None) -> "SolutionPath":
+        """A path over ``model``'s masks from given entry steps, for rankings that no LBI run made.
+
+        ``entry_step[name]`` is shaped like the mask ``name`` (``inf``: never entered); ``z``
+        (default 0) breaks ties between equal steps and is the final-z ranking's key. Γ is left
+        at 0 and the masks at 1. ``steps`` defaults to the last finite entry step.
+        """
+        masks = dict(mask_parameters(model))
+        if not masks:
+            raise ValueError("the model has no masks: call spp.add_masks(model) first")
+        z = z if z is not None else {n: torch.zeros_like(p) for n, p in masks.items()}
+        problems = [f"{what} lacks {n}" for what, given in (("entry_step", entry_step), ("z", z))
+                    for n in masks if n not in given]
+        problems += [f"{what} has {n}, which is not a mask of the model" for what, given in
+                     (("entry_step", entry_step), ("z", z)) for n in given if n not in masks]
+        problems += [f"{what}[{n!r}] has shape {tuple(given[n].shape)}, the mask {tuple(p.shape)}"
+                     for what, given in (("entry_step", entry_step), ("z", z)) for n, p in masks.items()
+                     if n in given and given[n].shape != p.shape]
+        if problems:
+            raise ValueError("entries do not fit the model's masks (spp.mask_parameters(model) names "
+                             "them): " + "; ".join(problems[:6]))
+        entry = {n: entry_step[n].detach().float().cpu() for n in masks}
+        if any(torch.isnan(e).any() for e in entry.values()):
+            raise ValueError("entry_step has NaN entries; use inf for elements that never entered")
+        if steps is None:
+            finite = [e[torch.isfinite(e)] for e in entry.values()]
+            steps = int(max((f.max().item() for f in finite if f.numel()), default=0))
+        entries = {n: {"entry_step": entry[n], "z": z[n], "gamma": torch.zeros_like(entry[n]),
+                       "mask": torch.ones_like(entry[n])} for n in masks}
+        return cls(entries, mask_pairs(model), granularity_of(model), steps, meta=meta)
+
+    @classmethod
+    def from_scores(cls, model: nn.Module, scores: Mapping[str, torch.Tensor],
+                    meta: Optional[Mapping] = None) -> "SolutionPath":
+        """A path that ranks ``model``'s mask elements by descending ``scores``.
+
+        Turns any importance criterion (weight magnitude, first-order Taylor, a Lasso run,
+        your own) into a family: :class:`spp.WeightFamily` reads its members off by the same
+        budget walk, floors and rounding as a search's. ``scores[name]`` is shaped like the mask
+        ``name``; the element with the highest score enters at step 1, the next at step 2 and so
+        on (equal scores in mask order), and both rankings (``entry``, ``z``) give that order.
+        """
+        names = [n for n, _ in mask_parameters(model)]
+        missing, extra = [n for n in names if n not in scores], [n for n in scores if n not in names]
+        if missing or extra:
+            raise ValueError(f"scores lack masks {missing[:5]} and have names that are not masks {extra[:5]}; "
+                             "give one tensor per mask of spp.mask_parameters(model)")
+        flat = torch.cat([scores[n].detach().float().cpu().flatten() for n in names])
+        if torch.isnan(flat).any():
+            raise ValueError("scores have NaN entries: every element needs a score to be ranked")
+        order = torch.argsort(flat, descending=True, stable=True)
+        rank = torch.empty(flat.numel())
+        rank[order] = torch.arange(1, flat.numel() + 1, dtype=torch.float32)
+        entry, z, start = {}, {}, 0
+        for n in names:
+            size = scores[n].numel()
+            entry[n] = rank[start:start + size].view(scores[n].shape)
+            z[n] = 1 - (entry[n] - 1) / flat.numel()  # positive and falling with rank, for rank="z"
+            start += size
+        return cls.from_entries(model, entry, z, flat.numel(), meta)
+
     def entered_by(self, step: float) -> Dict[str, int]:
         """Elements per pair type that had entered the support by ``step``."""
         counts = dict.fromkeys(PAIRS, 0)

@@ -53,18 +53,6 @@ def test_speed_benchmark_runs_on_a_tiny_model(tmp_path, amp):
     assert "where the time goes" in result.stdout
 
 
-def test_ranking_path_enters_the_highest_scores_first():
-    bench = _script("benchmark_quality")
-    model = spp.add_masks(tiny_vit(), "dim")
-    g = torch.Generator().manual_seed(0)
-    scores = {n: torch.rand(p.shape, generator=g) for n, p in spp.mask_parameters(model)}
-    path = bench.ranking_path(model, scores)
-    flat_scores = torch.cat([s.flatten() for s in scores.values()])
-    flat_entry = torch.cat([path.entries[n]["entry_step"].flatten() for n in scores])
-    assert torch.equal(flat_entry.argsort(), flat_scores.argsort(descending=True))
-    assert sorted(flat_entry.tolist()) == list(range(1, flat_entry.numel() + 1))
-
-
 def test_magnitude_scores_follow_the_paired_weights():
     bench = _script("benchmark_quality")
     model = spp.add_masks(tiny_vit(), "dim")

@@ -10,14 +10,12 @@ from conftest import tiny_vit
 def fake_path(model, seed=0, never=0.1):
     """A path with random entry steps (some never entering) and random z."""
     g = torch.Generator().manual_seed(seed)
-    entries = {}
+    entry, z = {}, {}
     for name, p in spp.mask_parameters(model):
-        entry = torch.randint(1, 500, p.shape, generator=g).float()
-        entry[torch.rand(p.shape, generator=g) < never] = float("inf")
-        entries[name] = {"entry_step": entry, "z": torch.randn(p.shape, generator=g),
-                         "gamma": torch.zeros(p.shape), "mask": torch.ones(p.shape)}
-    pairs = spp.mask_pairs(model)
-    return spp.SolutionPath(entries, pairs, spp.masks.granularity_of(model), 500)
+        entry[name] = torch.randint(1, 500, p.shape, generator=g).float()
+        entry[name][torch.rand(p.shape, generator=g) < never] = float("inf")
+        z[name] = torch.randn(p.shape, generator=g)
+    return spp.SolutionPath.from_entries(model, entry, z, steps=500)
 
 
 @pytest.fixture(params=["dim", "head"])
@@ -135,6 +133,50 @@ def test_path_save_load_gives_the_same_family(tmp_path):
         spp.SolutionPath.load(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="path.json"):
         spp.SolutionPath.load(str(tmp_path / "missing"))
+
+
+def test_path_from_scores_enters_the_highest_scores_first():
+    model = spp.add_masks(tiny_vit(), "dim")
+    g = torch.Generator().manual_seed(0)
+    scores = {n: torch.rand(p.shape, generator=g) for n, p in spp.mask_parameters(model)}
+    path = spp.SolutionPath.from_scores(model, scores, meta={"criterion": "random"})
+    flat_scores = torch.cat([s.flatten() for s in scores.values()])
+    flat_entry = torch.cat([path.entries[n]["entry_step"].flatten() for n in scores])
+    assert torch.equal(flat_entry.argsort(), flat_scores.argsort(descending=True))
+    assert sorted(flat_entry.tolist()) == list(range(1, flat_entry.numel() + 1))
+    assert path.steps == flat_entry.numel() and path.meta == {"criterion": "random"}
+    family = spp.WeightFamily(model, path)
+    assert np.array_equal(family.ranking("entry"), family.ranking("z"))
+    # per pair type, the member keeps the highest-scoring MLP neurons of all blocks
+    member = family.select(keep=0.5, scope="pair", by="elements")
+    mlp = [n for n in scores if path.pairs[n][0] == "mlp"]
+    kept = torch.cat([scores[n][member.masks[n].bool()] for n in mlp])
+    dropped = torch.cat([scores[n][~member.masks[n].bool()] for n in mlp])
+    assert kept.numel() and dropped.numel() and kept.min() > dropped.max()
+
+
+def test_path_from_entries_or_scores_checks_names_shapes_and_nan():
+    model = spp.add_masks(tiny_vit(), "dim")
+    masks = dict(spp.mask_parameters(model))
+    ones = {n: torch.ones(p.shape) for n, p in masks.items()}
+    first = next(iter(masks))
+    with pytest.raises(ValueError, match=f"lacks {first}"):
+        spp.SolutionPath.from_entries(model, {n: t for n, t in ones.items() if n != first})
+    with pytest.raises(ValueError, match="not a mask of the model"):
+        spp.SolutionPath.from_entries(model, {**ones, "blocks.9.mlp.mask": torch.ones(3)})
+    with pytest.raises(ValueError, match=r"has shape \(3,\)"):
+        spp.SolutionPath.from_entries(model, {**ones, first: torch.ones(3)})
+    with pytest.raises(ValueError, match="use inf"):
+        spp.SolutionPath.from_entries(model, {**ones, first: torch.full(masks[first].shape, float("nan"))})
+    with pytest.raises(ValueError, match="scores lack masks"):
+        spp.SolutionPath.from_scores(model, {first: ones[first]})
+    with pytest.raises(ValueError, match="NaN"):
+        spp.SolutionPath.from_scores(model, {**ones, first: torch.full(masks[first].shape, float("nan"))})
+    with pytest.raises(ValueError, match="add_masks"):
+        spp.SolutionPath.from_scores(tiny_vit(), {})
+    never = {**ones, first: torch.full(masks[first].shape, float("inf"))}
+    path = spp.SolutionPath.from_entries(model, never)
+    assert path.steps == 1 and path.entered_by(1)[path.pairs[first][0]] < path.sizes()[path.pairs[first][0]]
 
 
 def test_family_works_on_a_dense_model_and_flops_at_other_input_size():
