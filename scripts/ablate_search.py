@@ -22,6 +22,12 @@ README was measured when 0.1 was the default; it is 0.4 now, the lam0.4 row):
   lam0.2    lam 0.2 (c = kappa * lam = 2): entries need twice the evidence, so they come later,
   lam0.4    lam 0.4   when M has settled further from its dense start
   lam1      lam 1
+The path rows (lam 0.4, the default; a path spans about rho * steps units of pull, 6 by default):
+  lam0.4_rho0.005  rho 0.005: half the pull, 3 units
+  lam0.4_long      rho 0.005, 1200 steps: the default's 6 units with twice the data
+  lam0.4_long3     1800 steps: 18 units (the first 600 steps are the lam0.4 run)
+  lam0.4_rho0.03   rho 0.03: 18 units in 600 steps
+  lam0.4_rho0.1    rho 0.1: 60 units in 600 steps (the DeiT configs' path is ~375 units)
 """
 from __future__ import annotations
 
@@ -53,6 +59,11 @@ VARIANTS = {  # config overrides of configs/demo_search.yaml, after BASE
     "lam0.2": ["search.lam=0.2"],
     "lam0.4": ["search.lam=0.4"],
     "lam1": ["search.lam=1"],
+    "lam0.4_rho0.03": ["search.lam=0.4", "search.rho=0.03"],
+    "lam0.4_rho0.1": ["search.lam=0.4", "search.rho=0.1"],
+    "lam0.4_long3": ["search.lam=0.4", "search.steps=1800"],
+    "lam0.4_rho0.005": ["search.lam=0.4", "search.rho=0.005"],
+    "lam0.4_long": ["search.lam=0.4", "search.rho=0.005", "search.steps=1200"],
 }
 
 
@@ -105,13 +116,14 @@ def main():
         scores = bq.lasso_scores(bench.masked, bench.loader("train", args.seed), lam, 300, 1e-2)
         seconds = time.time() - start
         rows[f"lasso lam={lam}"] = {"seconds": round(seconds, 1),
-                                    **judge(bench, bq.ranking_path(bench.masked, scores), args.removed, ("entry",))}
+                                    **judge(bench, spp.SolutionPath.from_scores(bench.masked, scores), args.removed, ("entry",))}
         print(json.dumps({f"lasso lam={lam}": rows[f"lasso lam={lam}"]}))
     for name in args.variants:
         start = time.time()
         path = bench.search(args.seed, os.path.join(args.out, name), BASE + VARIANTS[name])
         seconds = time.time() - start
-        rows[name] = {"seconds": round(seconds, 1), **judge(bench, path, args.removed)}
+        entered = sum(path.entered_by(path.steps).values()) / sum(path.sizes().values())
+        rows[name] = {"seconds": round(seconds, 1), "entered": round(entered, 3), **judge(bench, path, args.removed)}
         print(json.dumps({name: rows[name]}))
     write_tables(rows, rms, types, args.out)
 
@@ -124,13 +136,14 @@ def write_tables(rows: Dict, rms: Dict, types: Dict, out: str) -> None:
             rows = {**json.load(f)["rows"], **rows}
     with open(filename, "w") as f:
         json.dump({"gradient_rms": rms, "pair_types": types, "base": BASE, "variants": VARIANTS, "rows": rows}, f, indent=1)
-    keys = sorted({k for row in rows.values() for k in row if k != "seconds"},
+    keys = sorted({k for row in rows.values() for k in row if k not in ("seconds", "entered")},
                   key=lambda k: (k.split("@")[0], float(k.split("@")[1])))
-    lines = ["| variant | " + " | ".join(keys) + " | search s |", "|---" * (len(keys) + 2) + "|"]
+    lines = ["| variant | " + " | ".join(keys) + " | entered | search s |", "|---" * (len(keys) + 3) + "|"]
     for name, row in rows.items():
         cells = [f"{row[k]['val']:.2f} (qk {row[k]['kept']['qk']}, v {row[k]['kept']['v']}, mlp {row[k]['kept']['mlp']})"
                  if k in row else "" for k in keys]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['seconds']} |")
+        entered = f"{row['entered']:.0%}" if "entered" in row else ""
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {entered} | {row['seconds']} |")
     with open(os.path.join(out, "ablation.md"), "w") as f:
         f.write("Validation accuracy (%) with no finetuning; in brackets the share of each pair type kept.\n\n")
         f.write("\n".join(lines) + "\n")
