@@ -111,10 +111,12 @@ class SolutionPath:
         on (equal scores in mask order), and both rankings (``entry``, ``z``) give that order.
         """
         names = [n for n, _ in mask_parameters(model)]
-        missing, extra = [n for n in names if n not in scores], [n for n in scores if n not in names]
-        if missing or extra:
-            raise ValueError(f"scores lack masks {missing[:5]} and have names that are not masks {extra[:5]}; "
-                             "give one tensor per mask of spp.mask_parameters(model)")
+        if not names:
+            raise ValueError("the model has no masks: call spp.add_masks(model) first")
+        problems = [f"scores lack {n}" for n in names if n not in scores]
+        problems += [f"scores have {n}, which is not a mask of the model" for n in scores if n not in names]
+        if problems:
+            raise ValueError("; ".join(problems[:6]) + "; give one tensor per mask of spp.mask_parameters(model)")
         flat = torch.cat([scores[n].detach().float().cpu().flatten() for n in names])
         if torch.isnan(flat).any():
             raise ValueError("scores have NaN entries: every element needs a score to be ranked")

@@ -168,8 +168,10 @@ def test_path_from_entries_or_scores_checks_names_shapes_and_nan():
         spp.SolutionPath.from_entries(model, {**ones, first: torch.ones(3)})
     with pytest.raises(ValueError, match="use inf"):
         spp.SolutionPath.from_entries(model, {**ones, first: torch.full(masks[first].shape, float("nan"))})
-    with pytest.raises(ValueError, match="scores lack masks"):
+    with pytest.raises(ValueError, match="scores lack"):
         spp.SolutionPath.from_scores(model, {first: ones[first]})
+    with pytest.raises(ValueError, match="not a mask of the model"):
+        spp.SolutionPath.from_scores(model, {**ones, "head.mask": torch.ones(3)})
     with pytest.raises(ValueError, match="NaN"):
         spp.SolutionPath.from_scores(model, {**ones, first: torch.full(masks[first].shape, float("nan"))})
     with pytest.raises(ValueError, match="add_masks"):
