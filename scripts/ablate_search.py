@@ -96,6 +96,7 @@ def judge(bench, path, removed, rules=("entry", "z")) -> Dict:
 
 
 def main():
+    sys.stdout.reconfigure(line_buffering=True)  # figures show as they are measured, also in a log file
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="outputs/demo/pretrain/best.safetensors")
     parser.add_argument("--out", default="outputs/ablate_search")

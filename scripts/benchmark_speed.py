@@ -345,6 +345,7 @@ def latency(args, family, device, autocast):
 
 
 def main():
+    sys.stdout.reconfigure(line_buffering=True)  # figures show as they are measured, also in a log file
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="deit_small_patch16_224")
     parser.add_argument("--img-size", type=int, default=224)
