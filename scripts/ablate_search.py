@@ -6,8 +6,10 @@ Same model, data split, seed and data order as ``scripts/benchmark_quality.py`` 
 Fashion-MNIST ViT, 6,000 training images held out). Each variant runs one search over the
 masks, then reads members off its path at ``--removed`` (global parameter budget, entry and
 final-z rankings) and reports validation accuracy with no finetuning, the share of each pair
-type kept, and the search time. Lasso (one run per lam) is the reference the benchmark found
-ahead of SPP at 85% removed (and at 70% with lam 0.1). Writes ``ablation.json`` and ``ablation.md`` to --out.
+type kept, the share of elements that entered, and the search time. Lasso (one run per lam) is the
+reference the benchmark found ahead of SPP at 85% removed (and at 70% with lam 0.1). Writes
+``ablation.json`` and ``ablation.md`` to --out, keeping the rows of earlier runs into the same --out.
+``--overrides`` apply after every variant's own (``search.steps=100`` for a quick look).
 
 Every variant is ``spp search`` (``run_search``) on configs/demo_search.yaml with ``BASE`` and then
 the overrides in ``VARIANTS`` (all plain gradient, kappa 10, lam 0.1 unless named: the table in the
@@ -103,10 +105,14 @@ def main():
     parser.add_argument("--variants", nargs="+", default=["base", "long", "nu5", "per_type"], choices=VARIANTS)
     parser.add_argument("--removed", type=float, nargs="+", default=[0.5, 0.7, 0.85])
     parser.add_argument("--lasso-lams", type=float, nargs="*", default=[3e-4, 1e-3])
+    parser.add_argument("--lasso-steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-root", help="folder with the Fashion-MNIST files (default: where the Debian package puts them)")
+    parser.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides applied after every variant's own, e.g. search.steps=100")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    bench = bq.Bench(argparse.Namespace(checkpoint=args.checkpoint, out=args.out, device="cpu", data_root=None))
+    bench = bq.Bench(argparse.Namespace(checkpoint=args.checkpoint, out=args.out, device="cpu", data_root=args.data_root))
     rows = {}
     rms = gradient_rms(bench, args.seed)
     types = pair_types(bench.masked)
@@ -114,14 +120,14 @@ def main():
     for lam in args.lasso_lams:
         seed_everything(args.seed)
         start = time.time()
-        scores = bq.lasso_scores(bench.masked, bench.loader("train", args.seed), lam, 300, 1e-2)
+        scores = bq.lasso_scores(bench.masked, bench.loader("train", args.seed), lam, args.lasso_steps, 1e-2)
         seconds = time.time() - start
         rows[f"lasso lam={lam}"] = {"seconds": round(seconds, 1),
                                     **judge(bench, spp.SolutionPath.from_scores(bench.masked, scores), args.removed, ("entry",))}
         print(json.dumps({f"lasso lam={lam}": rows[f"lasso lam={lam}"]}))
     for name in args.variants:
         start = time.time()
-        path = bench.search(args.seed, os.path.join(args.out, name), BASE + VARIANTS[name])
+        path = bench.search(args.seed, os.path.join(args.out, name), BASE + VARIANTS[name] + args.overrides)
         seconds = time.time() - start
         entered = sum(path.entered_by(path.steps).values()) / sum(path.sizes().values())
         rows[name] = {"seconds": round(seconds, 1), "entered": round(entered, 3), **judge(bench, path, args.removed)}

@@ -195,3 +195,40 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
     assert all(f"| {m} |" in table for m in methods) and "1-epoch finetune: -85%" in table
     assert (out / "benchmark_quality.png").stat().st_size > 0
     assert len(list((out / "searches").iterdir())) == 3   # two tuning searches on seed 0, one more for seed 1
+
+
+def test_ablation_script_runs_and_keeps_earlier_rows(tmp_path):
+    """scripts/ablate_search.py (the README's ablation commands) on fake Fashion-MNIST files and an untrained
+    checkpoint, its searches cut to a few steps; a second run adds its variant to the first run's table."""
+    from safetensors.torch import save_file
+    from spp.build import build_model
+    from spp.config import load_config
+
+    data = tmp_path / "fashion-mnist"
+    data.mkdir()
+    _fake_fashion_mnist(str(data), train=600)
+    checkpoint = str(tmp_path / "dense.safetensors")
+    save_file(build_model(load_config(os.path.join(SCRIPTS, "..", "configs", "demo_search.yaml"),
+                                      ["model.checkpoint=null"])).state_dict(), checkpoint)
+    out = tmp_path / "ablation"
+    common = [sys.executable, os.path.join(SCRIPTS, "ablate_search.py"), "--data-root", str(data), "--checkpoint",
+              checkpoint, "--out", str(out), "--removed", "0.5", "0.85", "--overrides", "search.steps=6",
+              "search.log_every=2"]
+    first = subprocess.run(common + ["--variants", "base", "lam0.4_long3", "--lasso-lams", "1e-3", "--lasso-steps", "3"],
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run(common + ["--variants", "nu5", "--lasso-lams"], capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    report = json.loads((out / "ablation.json").read_text())
+    rows = report["rows"]
+    assert list(rows) == ["lasso lam=0.001", "base", "lam0.4_long3", "nu5"]
+    assert set(rows["lasso lam=0.001"]) == {"seconds", "entry@0.5", "entry@0.85"}
+    for name in ("base", "lam0.4_long3", "nu5"):
+        assert set(rows[name]) == {"seconds", "entered"} | {f"{r}@{b}" for r in ("entry", "z") for b in (0.5, 0.85)}
+        assert 0 <= rows[name]["entered"] <= 1
+        assert all(0 <= rows[name][k]["val"] <= 100 for k in rows[name] if "@" in k)
+        assert spp.SolutionPath.load(str(out / name)).steps == 6   # --overrides came after the variant's 1800 steps
+    assert report["variants"]["lam0.4_long3"] == ["search.lam=0.4", "search.steps=1800"]
+    table = (out / "ablation.md").read_text().splitlines()
+    assert table[2].startswith("| variant | entry@0.5 | entry@0.85 | z@0.5 | z@0.85 | entered | search s |")
+    assert len(table) == 3 + 1 + len(rows)
