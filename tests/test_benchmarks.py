@@ -151,22 +151,29 @@ def _fake_fashion_mnist(root, train=1000):
         _write_idx(os.path.join(root, f"{name}-labels-idx1-ubyte.gz"), data.labels.to(torch.uint8))
 
 
-def test_quality_benchmark_runs_end_to_end(tmp_path):
-    """The whole script (tuning on val, the methods, both finetunes, outputs), cut to a few steps.
-
-    Two of the four Torch-Pruning variants stand for the others (uniform magnitude, global Taylor: each code
-    path once); the global ones bisect their ratio, which costs about 20 s per variant here.
-    """
+def _fake_inputs(tmp_path, train=1000):
+    """Fake Fashion-MNIST files and an untrained checkpoint of the demo's architecture: what the benchmark
+    scripts read. Returns ``(data folder, checkpoint file)``."""
     from safetensors.torch import save_file
     from spp.build import build_model
     from spp.config import load_config
 
     data = tmp_path / "fashion-mnist"
     data.mkdir()
-    _fake_fashion_mnist(str(data))
-    checkpoint = str(tmp_path / "dense.safetensors")   # the demo's architecture, untrained
+    _fake_fashion_mnist(str(data), train)
+    checkpoint = str(tmp_path / "dense.safetensors")
     save_file(build_model(load_config(os.path.join(SCRIPTS, "..", "configs", "demo_search.yaml"),
                                       ["model.checkpoint=null"])).state_dict(), checkpoint)
+    return data, checkpoint
+
+
+def test_quality_benchmark_runs_end_to_end(tmp_path):
+    """The whole script (tuning on val, the methods, both finetunes, outputs), cut to a few steps.
+
+    Two of the four Torch-Pruning variants stand for the others (uniform magnitude, global Taylor: each code
+    path once); the global ones bisect their ratio, which costs about 20 s per variant here.
+    """
+    data, checkpoint = _fake_inputs(tmp_path)
     out = tmp_path / "quality"
     methods = [m for m in _script("benchmark_quality").METHODS if m not in ("tp-magnitude-global", "tp-taylor-uniform")]
     command = [sys.executable, os.path.join(SCRIPTS, "benchmark_quality.py"), "--data-root", str(data),
@@ -200,16 +207,7 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
 def test_ablation_script_runs_and_keeps_earlier_rows(tmp_path):
     """scripts/ablate_search.py (the README's ablation commands) on fake Fashion-MNIST files and an untrained
     checkpoint, its searches cut to a few steps; a second run adds its variant to the first run's table."""
-    from safetensors.torch import save_file
-    from spp.build import build_model
-    from spp.config import load_config
-
-    data = tmp_path / "fashion-mnist"
-    data.mkdir()
-    _fake_fashion_mnist(str(data), train=600)
-    checkpoint = str(tmp_path / "dense.safetensors")
-    save_file(build_model(load_config(os.path.join(SCRIPTS, "..", "configs", "demo_search.yaml"),
-                                      ["model.checkpoint=null"])).state_dict(), checkpoint)
+    data, checkpoint = _fake_inputs(tmp_path, train=600)
     out = tmp_path / "ablation"
     common = [sys.executable, os.path.join(SCRIPTS, "ablate_search.py"), "--data-root", str(data), "--checkpoint",
               checkpoint, "--out", str(out), "--removed", "0.5", "0.85", "--overrides", "search.steps=6",
