@@ -27,7 +27,8 @@ README was measured when 0.1 was the default; it is 0.4 now, the lam0.4 row):
 The path rows (lam 0.4, the default; a path spans about rho * steps units of pull, 6 by default):
   lam0.4_rho0.005  rho 0.005: half the pull, 3 units
   lam0.4_long      rho 0.005, 1200 steps: the default's 6 units with twice the data
-  lam0.4_long3     1800 steps: 18 units (the first 600 steps are the lam0.4 run)
+  lam0.4_long3     1800 steps: 18 units (its first 600 steps are the benchmark's seed-0 lam 0.4 search;
+                   the lam0.4 row above came from the script's earlier search loop)
   lam0.4_rho0.03   rho 0.03: 18 units in 600 steps
   lam0.4_rho0.1    rho 0.1: 60 units in 600 steps (the DeiT configs' path is ~375 units)
 """

@@ -75,20 +75,9 @@ class SolutionPath:
         (default 0) breaks ties between equal steps and is the final-z ranking's key. Γ is left
         at 0 and the masks at 1. ``steps`` defaults to the last finite entry step.
         """
-        masks = dict(mask_parameters(model))
-        if not masks:
-            raise ValueError("the model has no masks: call spp.add_masks(model) first")
+        masks = _masks_of(model)
         z = z if z is not None else {n: torch.zeros_like(p) for n, p in masks.items()}
-        problems = [f"{what} lacks {n}" for what, given in (("entry_step", entry_step), ("z", z))
-                    for n in masks if n not in given]
-        problems += [f"{what} has {n}, which is not a mask of the model" for what, given in
-                     (("entry_step", entry_step), ("z", z)) for n in given if n not in masks]
-        problems += [f"{what}[{n!r}] has shape {tuple(given[n].shape)}, the mask {tuple(p.shape)}"
-                     for what, given in (("entry_step", entry_step), ("z", z)) for n, p in masks.items()
-                     if n in given and given[n].shape != p.shape]
-        if problems:
-            raise ValueError("entries do not fit the model's masks (spp.mask_parameters(model) names "
-                             "them): " + "; ".join(problems[:6]))
+        _check_fit(masks, {"entry_step": entry_step, "z": z})
         entry = {n: entry_step[n].detach().float().cpu() for n in masks}
         if any(torch.isnan(e).any() for e in entry.values()):
             raise ValueError("entry_step has NaN entries; use inf for elements that never entered")
@@ -110,25 +99,19 @@ class SolutionPath:
         ``name``; the element with the highest score enters at step 1, the next at step 2 and so
         on (equal scores in mask order), and both rankings (``entry``, ``z``) give that order.
         """
-        names = [n for n, _ in mask_parameters(model)]
-        if not names:
-            raise ValueError("the model has no masks: call spp.add_masks(model) first")
-        problems = [f"scores lack {n}" for n in names if n not in scores]
-        problems += [f"scores have {n}, which is not a mask of the model" for n in scores if n not in names]
-        if problems:
-            raise ValueError("; ".join(problems[:6]) + "; give one tensor per mask of spp.mask_parameters(model)")
-        flat = torch.cat([scores[n].detach().float().cpu().flatten() for n in names])
+        masks = _masks_of(model)
+        _check_fit(masks, {"scores": scores})
+        flat = torch.cat([scores[n].detach().float().cpu().flatten() for n in masks])
         if torch.isnan(flat).any():
             raise ValueError("scores have NaN entries: every element needs a score to be ranked")
         order = torch.argsort(flat, descending=True, stable=True)
         rank = torch.empty(flat.numel())
         rank[order] = torch.arange(1, flat.numel() + 1, dtype=torch.float32)
         entry, z, start = {}, {}, 0
-        for n in names:
-            size = scores[n].numel()
-            entry[n] = rank[start:start + size].view(scores[n].shape)
+        for n, p in masks.items():
+            entry[n] = rank[start:start + p.numel()].view(p.shape)
             z[n] = 1 - (entry[n] - 1) / flat.numel()  # positive and falling with rank, for rank="z"
-            start += size
+            start += p.numel()
         return cls.from_entries(model, entry, z, flat.numel(), meta)
 
     def entered_by(self, step: float) -> Dict[str, int]:
@@ -188,3 +171,24 @@ class SolutionPath:
             raise ValueError(f"{tensor_path} lacks tensors for masks {incomplete[:5]}")
         return cls(entries, {n: tuple(v) for n, v in info["pairs"].items()}, info["granularity"],
                    info["steps"], info.get("support"), info.get("meta"))
+
+
+def _masks_of(model: nn.Module) -> Dict[str, torch.Tensor]:
+    masks = dict(mask_parameters(model))
+    if not masks:
+        raise ValueError("the model has no masks: call spp.add_masks(model) first")
+    return masks
+
+
+def _check_fit(masks: Mapping[str, torch.Tensor], given: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """Raise if any of ``given`` (``{what: {mask name: tensor}}``) lacks a mask, names something that is
+    not a mask, or holds a tensor not shaped like its mask."""
+    problems = []
+    for what, tensors in given.items():
+        problems += [f"{what} lacks {n}" for n in masks if n not in tensors]
+        problems += [f"{what} has {n}, which is not a mask of the model" for n in tensors if n not in masks]
+        problems += [f"{what}[{n!r}] has shape {tuple(tensors[n].shape)}, the mask {tuple(p.shape)}"
+                     for n, p in masks.items() if n in tensors and tensors[n].shape != p.shape]
+    if problems:
+        raise ValueError("; ".join(problems[:6]) + " (spp.mask_parameters(model) names the masks: "
+                         "give one tensor per mask, shaped like it)")
