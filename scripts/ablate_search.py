@@ -7,13 +7,15 @@ Fashion-MNIST ViT, 6,000 training images held out). Each variant runs one search
 masks, then reads members off its path at ``--removed`` (global parameter budget, entry and
 final-z rankings) and reports validation accuracy with no finetuning, the share of each pair
 type kept, the share of elements that entered, and the search time. Lasso (one run per lam) is the
-reference the benchmark found ahead of SPP at 85% removed (and at 70% with lam 0.1). Writes
+reference the benchmark found ahead of SPP at 85% removed until nu_scale 1.5 (and at 70% with lam 0.1).
+``--swap`` also judges each variant's choice of elements at each Lasso member's count per mask
+tensor, and the other way round (rows "A choice, B counts"). Writes
 ``ablation.json`` and ``ablation.md`` to --out, keeping the rows of earlier runs into the same --out.
 ``--overrides`` apply after every variant's own (``search.steps=100`` for a quick look).
 
 Every variant is ``spp search`` (``run_search``) on configs/demo_search.yaml with ``BASE`` and then
-the overrides in ``VARIANTS`` (all plain gradient, kappa 10, lam 0.1 unless named: the table in the
-README was measured when 0.1 was the default; it is 0.4 now, the lam0.4 row):
+the overrides in ``VARIANTS`` (all plain gradient, kappa 10, lam 0.1, nu_scale 3, rho 0.01 unless named:
+the table in the README was measured when those were the defaults; the defaults now are the lam0.4_nu1.5 row):
   base      nu = 3 / RMS(mask gradient at M = 1), rho = 0.01, 600 steps, lam 0.1 (the defaults until lam 0.4)
   long      rho = 0.005, 1200 steps: the same path, resolved with twice the data per unit of path
   longer    rho = 0.0025, 2400 steps
@@ -24,13 +26,19 @@ README was measured when 0.1 was the default; it is 0.4 now, the lam0.4 row):
   lam0.2    lam 0.2 (c = kappa * lam = 2): entries need twice the evidence, so they come later,
   lam0.4    lam 0.4   when M has settled further from its dense start
   lam1      lam 1
-The path rows (lam 0.4, the default; a path spans about rho * steps units of pull, 6 by default):
+The path rows (lam 0.4, nu_scale 3; a path spans about rho * steps units of pull, 6 at rho 0.01):
   lam0.4_rho0.005  rho 0.005: half the pull, 3 units
-  lam0.4_long      rho 0.005, 1200 steps: the default's 6 units with twice the data
+  lam0.4_long      rho 0.005, 1200 steps: rho 0.01's 6 units with twice the data
   lam0.4_long3     1800 steps: 18 units (its first 600 steps are the benchmark's seed-0 lam 0.4 search;
                    the lam0.4 row above came from the script's earlier search loop)
   lam0.4_rho0.03   rho 0.03: 18 units in 600 steps
-  lam0.4_rho0.1    rho 0.1: 60 units in 600 steps (the DeiT configs' path is ~375 units)
+  lam0.4_rho0.1    rho 0.1: 60 units in 600 steps (the DeiT configs' path is ~750 units at rho 0.02)
+  lam0.4_adam      Adam-preconditioned gradient (auto nu = nu_scale, the Adam direction's scale)
+The nu rows (lam 0.4 unless named) hold the mask's gradient step kappa*alpha = rho*nu at 0.03 / RMS
+gradient, the base's, and move nu with rho = 0.03 / nu_scale (the configs' default now: nu_scale 1.5,
+rho 0.02); the step0.* rows change the step too:
+  lam0.4_nu1.5, lam0.4_nu1, lam0.4_nu0.6, lam0.4_nu0.3, lam1_nu1, lam1_nu0.3
+  lam0.4_nu1_step0.015, lam0.4_nu0.1_step0.01, lam0.4_nu1_step0.1, lam0.4_nu0.3_step0.09
 """
 from __future__ import annotations
 
@@ -41,6 +49,8 @@ import sys
 import time
 from typing import Dict
 
+import numpy as np
+import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +60,8 @@ import spp  # noqa: E402
 from spp.runtime import seed_everything  # noqa: E402
 from spp.search import mask_gradient_rms  # noqa: E402
 
-BASE = ["search.lam=0.1"]   # what every variant changes from (a variant's own overrides come after)
+# what every variant changes from (a variant's own overrides come after): the defaults until lam 0.4
+BASE = ["search.lam=0.1", "search.nu_scale=3", "search.rho=0.01"]
 VARIANTS = {  # config overrides of configs/demo_search.yaml, after BASE
     "base": [],
     "long": ["search.rho=0.005", "search.steps=1200"],
@@ -67,6 +78,18 @@ VARIANTS = {  # config overrides of configs/demo_search.yaml, after BASE
     "lam0.4_long3": ["search.lam=0.4", "search.steps=1800"],
     "lam0.4_rho0.005": ["search.lam=0.4", "search.rho=0.005"],
     "lam0.4_long": ["search.lam=0.4", "search.rho=0.005", "search.steps=1200"],
+    "lam0.4_adam": ["search.lam=0.4", "search.preconditioner=adam"],
+    # nu against the gradient step: kappa*alpha = rho*nu = (rho * nu_scale) / RMS gradient
+    "lam0.4_nu1.5": ["search.lam=0.4", "search.nu_scale=1.5", "search.rho=0.02"],
+    "lam0.4_nu1": ["search.lam=0.4", "search.nu_scale=1", "search.rho=0.03"],
+    "lam0.4_nu0.6": ["search.lam=0.4", "search.nu_scale=0.6", "search.rho=0.05"],
+    "lam0.4_nu0.3": ["search.lam=0.4", "search.nu_scale=0.3", "search.rho=0.1"],
+    "lam1_nu1": ["search.lam=1", "search.nu_scale=1", "search.rho=0.03"],
+    "lam1_nu0.3": ["search.lam=1", "search.nu_scale=0.3", "search.rho=0.1"],
+    "lam0.4_nu1_step0.015": ["search.lam=0.4", "search.nu_scale=1", "search.rho=0.015"],
+    "lam0.4_nu0.1_step0.01": ["search.lam=0.4", "search.nu_scale=0.1", "search.rho=0.1"],
+    "lam0.4_nu1_step0.1": ["search.lam=0.4", "search.nu_scale=1", "search.rho=0.1"],
+    "lam0.4_nu0.3_step0.09": ["search.lam=0.4", "search.nu_scale=0.3", "search.rho=0.3"],
 }
 
 
@@ -82,19 +105,42 @@ def pair_types(model) -> Dict[str, str]:
     return {n: pair for n, (pair, _) in spp.mask_pairs(model).items()}
 
 
-def judge(bench, path, removed, rules=("entry", "z")) -> Dict:
+def judge_masks(bench, masks, sizes) -> Dict:
+    """Validation accuracy of the member given by binary ``masks`` and the share of each pair type it keeps."""
     types = pair_types(bench.masked)
-    sizes = path.sizes()
+    kept = {t: 0 for t in sizes}
+    for n, m in masks.items():
+        kept[types[n]] += int(m.sum())
+    acc = bench.accuracy(spp.compress(bench.dense, masks, granularity="dim"), "val")
+    return {"val": round(acc, 2), "kept": {t: f"{kept[t] / sizes[t]:.0%}" for t in sizes}}
+
+
+def judge(bench, path, removed, rules=("entry", "z")) -> Dict:
     family = spp.WeightFamily(bench.dense, path)
+    return {f"{rule}@{r}": judge_masks(bench, family.select(remove=r, rank=rule).masks, path.sizes())
+            for rule in rules for r in removed}
+
+
+def choice_at_counts(path, counts: Dict[str, int]) -> Dict[str, torch.Tensor]:
+    """Binary masks keeping, in every mask tensor, its ``counts[name]`` elements that entered ``path``
+    first (ties by larger |z|): the path's choice of elements with another member's budget per tensor."""
+    masks = {}
+    for name, e in path.entries.items():
+        order = np.lexsort((-e["z"].abs().numpy().ravel(), e["entry_step"].numpy().ravel()))
+        kept = np.zeros(order.size, np.float32)
+        kept[order[:counts[name]]] = 1.0
+        masks[name] = torch.from_numpy(kept).view_as(e["entry_step"])
+    return masks
+
+
+def swap(bench, a, b, removed) -> Dict:
+    """At each budget, path ``a``'s choice of elements at the per-tensor counts of ``b``'s member (entry
+    order both): tells whether two rankings differ in how they spread the budget or in what they keep."""
+    family = spp.WeightFamily(bench.dense, b)
     out = {}
-    for rule in rules:
-        for r in removed:
-            member = family.select(remove=r, rank=rule)
-            kept = {t: 0 for t in sizes}
-            for n, m in member.masks.items():
-                kept[types[n]] += int(m.sum())
-            acc = bench.accuracy(spp.compress(bench.dense, member.masks, granularity="dim"), "val")
-            out[f"{rule}@{r}"] = {"val": round(acc, 2), "kept": {t: f"{kept[t] / sizes[t]:.0%}" for t in sizes}}
+    for r in removed:
+        counts = {n: int(m.sum()) for n, m in family.select(remove=r).masks.items()}
+        out[f"entry@{r}"] = judge_masks(bench, choice_at_counts(a, counts), a.sizes())
     return out
 
 
@@ -109,6 +155,9 @@ def main():
     parser.add_argument("--lasso-steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-root", help="folder with the Fashion-MNIST files (default: where the Debian package puts them)")
+    parser.add_argument("--swap", action="store_true",
+                        help="also judge each variant's choice of elements at each Lasso member's count per mask "
+                             "tensor, and the other way round")
     parser.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides applied after every variant's own, e.g. search.steps=100")
     args = parser.parse_args()
@@ -118,13 +167,15 @@ def main():
     rms = gradient_rms(bench, args.seed)
     types = pair_types(bench.masked)
     print("gradient RMS at M = 1:", {n: f"{r:.1e}" for n, r in rms.items()})
+    lasso = {}
     for lam in args.lasso_lams:
         seed_everything(args.seed)
         start = time.time()
         scores = bq.lasso_scores(bench.masked, bench.loader("train", args.seed), lam, args.lasso_steps, 1e-2)
         seconds = time.time() - start
+        lasso[f"lasso lam={lam}"] = spp.SolutionPath.from_scores(bench.masked, scores)
         rows[f"lasso lam={lam}"] = {"seconds": round(seconds, 1),
-                                    **judge(bench, spp.SolutionPath.from_scores(bench.masked, scores), args.removed, ("entry",))}
+                                    **judge(bench, lasso[f"lasso lam={lam}"], args.removed, ("entry",))}
         print(json.dumps({f"lasso lam={lam}": rows[f"lasso lam={lam}"]}))
     for name in args.variants:
         start = time.time()
@@ -133,6 +184,11 @@ def main():
         entered = sum(path.entered_by(path.steps).values()) / sum(path.sizes().values())
         rows[name] = {"seconds": round(seconds, 1), "entered": round(entered, 3), **judge(bench, path, args.removed)}
         print(json.dumps({name: rows[name]}))
+        for other, other_path in lasso.items() if args.swap else ():
+            for chooser, counter, a, b in ((name, other, path, other_path), (other, name, other_path, path)):
+                key = f"{chooser} choice, {counter} counts"
+                rows[key] = {"seconds": 0.0, **swap(bench, a, b, args.removed)}
+                print(json.dumps({key: rows[key]}))
     write_tables(rows, rms, types, args.out)
 
 

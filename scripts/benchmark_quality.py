@@ -224,8 +224,12 @@ class Bench:
         return run_search(cfg)
 
     def spp_path(self, seed, nu_scale, lam):
-        return self.search(seed, os.path.join(self.args.out, "searches", f"seed{seed}_nu{nu_scale}_lam{lam}"),
-                           [f"search.nu_scale={nu_scale}", f"search.lam={lam}", f"search.steps={self.args.search_steps}"])
+        """One search with ν = nu_scale / RMS gradient and the pull ρ = --search-step / nu_scale, so that
+        every ν is tried at the same gradient step κα = ρν (in units of 1 / RMS gradient)."""
+        rho = self.args.search_step / nu_scale
+        return self.search(seed, os.path.join(self.args.out, "searches", f"seed{seed}_nu{nu_scale}_rho{rho:.3g}_lam{lam}"),
+                           [f"search.nu_scale={nu_scale}", f"search.rho={rho}", f"search.lam={lam}",
+                            f"search.steps={self.args.search_steps}"])
 
 
 METHODS = ("spp-entry", "spp-z", "random", "magnitude", "taylor", "lasso",
@@ -233,19 +237,25 @@ METHODS = ("spp-entry", "spp-z", "random", "magnitude", "taylor", "lasso",
 
 
 def spp_methods(bench, args, tuning):
-    """One search per seed; nu_scale, lam and the ranking rule chosen on val with the first seed."""
+    """One search per seed; nu_scale (with rho = --search-step / nu_scale), lam and the ranking rule
+    chosen on val with the first seed."""
     paths = {}
     settings = [(scale, lam) for scale in args.nu_scales for lam in args.lams]
+
+    def key(scale, lam, rule):
+        return f"spp nu_scale={scale} rho={args.search_step / scale:.3g} lam={lam} rank={rule}"
+
     for scale, lam in settings:
         start = time.time()
         path = bench.spp_path(args.seeds[0], scale, lam)
         paths[(scale, lam, args.seeds[0])] = (path, time.time() - start)
         for rule in ("entry", "z"):
             val = statistics.mean(bench.accuracy(bench.member(path, r, rule), "val") for r in args.removed)
-            tuning[f"spp nu_scale={scale} lam={lam} rank={rule}"] = round(val, 2)
-            print(f"tuning spp nu_scale={scale} lam={lam} rank={rule}: mean val {val:.2f}%")
-    best = max(settings, key=lambda s: max(tuning[f"spp nu_scale={s[0]} lam={s[1]} rank={r}"] for r in ("entry", "z")))
+            tuning[key(scale, lam, rule)] = round(val, 2)
+            print(f"tuning {key(scale, lam, rule)}: mean val {val:.2f}%")
+    best = max(settings, key=lambda s: max(tuning[key(*s, rule)] for rule in ("entry", "z")))
     tuning["spp_nu_scale"], tuning["spp_lam"] = best
+    tuning["spp_rho"] = args.search_step / best[0]
     for seed in args.seeds[1:]:
         start = time.time()
         paths[(*best, seed)] = (bench.spp_path(seed, *best), time.time() - start)
@@ -373,7 +383,12 @@ def main():
     parser.add_argument("--removed", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.85])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--search-steps", type=int, default=600)
-    parser.add_argument("--nu-scales", type=float, nargs="+", default=[1.0, 3.0, 10.0])
+    parser.add_argument("--nu-scales", type=float, nargs="+", default=[0.3, 1.0, 1.5, 3.0],
+                        help="SPP nu values tried, as nu_scale (nu = nu_scale / RMS mask gradient at M = 1)")
+    parser.add_argument("--search-step", type=float, default=0.03,
+                        help="SPP gradient step kappa*alpha = rho*nu held fixed while nu varies, in units of "
+                             "1 / RMS gradient: each search gets rho = search_step / nu_scale (0.03: the configs' "
+                             "rho 0.03 at nu_scale 1)")
     parser.add_argument("--lams", type=float, nargs="+", default=[0.1, 0.4],
                         help="SPP lam values tuned with the nu scales (0.1 is the config default; "
                              "scripts/ablate_search.py found 0.4 better on val)")

@@ -17,7 +17,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_results}
-QUALITY_ARGS=${QUALITY_ARGS:---seeds 0 --nu-scales 3 --epoch-removed}
+QUALITY_ARGS=${QUALITY_ARGS:---seeds 0 --nu-scales 1.5 --epoch-removed}
 QUALITY_TIMEOUT=${QUALITY_TIMEOUT:-300}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then

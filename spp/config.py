@@ -59,10 +59,10 @@ class SearchConfig:
     steps: int = 0                          # total LBI steps; 0 means epochs * steps per epoch
     epochs: int = 60
     lr: Union[float, str] = "auto"          # α; "auto" sets α = rho * nu / kappa
-    rho: float = 0.01                       # per-step pull of M toward Γ (κα/ν)
+    rho: float = 0.02                       # per-step pull of M toward Γ (κα/ν)
     kappa: float = 10.0
     nu: Union[float, str] = "auto"          # ν; "auto" calibrates it from the mask gradients
-    nu_scale: float = 3.0                   # auto ν = nu_scale / RMS of mask gradients at M = 1
+    nu_scale: float = 1.5                   # auto ν = nu_scale / RMS of mask gradients at M = 1 (with adam: nu_scale)
     nu_calibration: str = "pooled"          # masks sharing one ν: pooled (all), pair (per pair type), mask
     calibration_batches: int = 8
     lam: float = 0.4                        # κλ = 4: see spp.LBI (0.1, κλ = 1, ranked worse on the benchmark)

@@ -37,18 +37,22 @@ class LBI(Optimizer):
     With ``preconditioner="adam"`` the loss gradient ``g`` is replaced by its Adam direction
     ``m̂ / (√v̂ + eps)`` (the authors' code does this); the coupling term is unchanged.
 
-    Defaults (``lr=3, kappa=10, lam=0.4, nu=3000``, plain gradient, two-sided shrink) are the
+    Defaults (``lr=3, kappa=10, lam=0.4, nu=1500``, plain gradient, two-sided shrink) are the
     settings that ranked structures best in our quality benchmark (a ViT on Fashion-MNIST, mean
-    cross-entropy, batch 128; ``λ`` chosen on a validation split). ``κα/ν = 0.01`` spreads
-    entries over a few hundred steps. ``κλ`` sets how much evidence an entry needs: the decay of
+    cross-entropy, batch 128; ``ν`` and ``λ`` chosen on a validation split). ``ρ = κα/ν = 0.02``
+    spreads entries over a few hundred steps. ``κλ`` sets how much evidence an entry needs: the decay of
     a mask from its dense start ``M = 1`` alone adds ``(α/ν) Σ (1 - ρ)^k = (α/ν)/ρ = 1/κ`` to every
     ``z`` (``ρ = κα/ν``), so at ``κλ = 1`` (``λ = 0.1``, the prototype of ``ALGORITHM.md`` §6)
     that common transient nearly reaches the threshold by itself and entries are ordered by small
     gradient differences while the network is still near dense; at ``κλ = 4`` three quarters of
     the evidence must come from sustained gradient support (better members at every budget in the
     benchmark).
-    ``nu`` must match the loss-gradient scale (the mask sits near ``-ν g``); see
-    :func:`spp.search.calibrate_nu` to set it from the gradients at the start of a search.
+    ``nu`` must match the loss-gradient scale (a mask outside the support sits near ``-ν g``); see
+    :func:`spp.search.calibrate_nu` to set it from the gradients at the start of a search. The
+    evidence an element gathers per step, ``(α/ν)(M - Γ) ≈ -α g``, does not depend on ``ν``; what
+    ``ν`` sets is how far the network the loss sees sits from the sparse ``Γ``. At a fixed gradient
+    step ``κα``, a smaller ``ν`` (a larger ``ρ``) ranked the sparse end better: the loss is then
+    taken nearer the members the path is read for.
     Adam preconditioning spread the path but ranked worse (it normalises away the
     gradient size, which is the signal).
 
@@ -70,7 +74,7 @@ class LBI(Optimizer):
         params: Iterable,
         lr: float = 3.0,
         kappa: float = 10.0,
-        nu: float = 3000.0,
+        nu: float = 1500.0,
         lam: float = 0.4,
         preconditioner: str = "none",
         betas: Tuple[float, float] = (0.9, 0.999),

@@ -212,14 +212,19 @@ def test_ablation_script_runs_and_keeps_earlier_rows(tmp_path):
     common = [sys.executable, os.path.join(SCRIPTS, "ablate_search.py"), "--data-root", str(data), "--checkpoint",
               checkpoint, "--out", str(out), "--removed", "0.5", "0.85", "--overrides", "search.steps=6",
               "search.log_every=2"]
-    first = subprocess.run(common + ["--variants", "base", "lam0.4_long3", "--lasso-lams", "1e-3", "--lasso-steps", "3"],
-                           capture_output=True, text=True, timeout=600)
+    first = subprocess.run(common + ["--variants", "base", "lam0.4_long3", "--lasso-lams", "1e-3", "--lasso-steps", "3",
+                                     "--swap"], capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     second = subprocess.run(common + ["--variants", "nu5", "--lasso-lams"], capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     report = json.loads((out / "ablation.json").read_text())
     rows = report["rows"]
-    assert list(rows) == ["lasso lam=0.001", "base", "lam0.4_long3", "nu5"]
+    swaps = lambda v: [f"{v} choice, lasso lam=0.001 counts", f"lasso lam=0.001 choice, {v} counts"]  # noqa: E731
+    assert list(rows) == ["lasso lam=0.001", "base", *swaps("base"), "lam0.4_long3", *swaps("lam0.4_long3"), "nu5"]
+    for v in ("base", "lam0.4_long3"):   # a swap keeps the other member's count in every pair type
+        for b in ("entry@0.5", "entry@0.85"):
+            assert rows[swaps(v)[0]][b]["kept"] == rows["lasso lam=0.001"][b]["kept"]
+            assert rows[swaps(v)[1]][b]["kept"] == rows[v][b]["kept"]
     assert set(rows["lasso lam=0.001"]) == {"seconds", "entry@0.5", "entry@0.85"}
     for name in ("base", "lam0.4_long3", "nu5"):
         assert set(rows[name]) == {"seconds", "entered"} | {f"{r}@{b}" for r in ("entry", "z") for b in (0.5, 0.85)}

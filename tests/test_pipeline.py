@@ -112,12 +112,25 @@ def test_search_with_one_nu_per_pair_type(tmp_path, capsys):
     by_pair = {}
     for name, nu in hyper["nu"].items():
         by_pair.setdefault(path.pairs[name][0], set()).add(nu)
-        assert hyper["lr"][name] == pytest.approx(0.01 * nu / 10.0)  # rho * nu / kappa, per group
+        assert hyper["lr"][name] == pytest.approx(load_config(SMOKE).search.rho * nu / 10.0)  # rho nu / kappa
     assert all(len(v) == 1 for v in by_pair.values()) and len({v.pop() for v in by_pair.values()}) == 3
     # its checkpoint cannot be resumed under another grouping of the masks
     capsys.readouterr()
     assert run("search", out, "search.steps=16", "resume=auto") != 0
     assert "another search.nu_calibration (3 ν groups, this config makes 1)" in capsys.readouterr().err
+
+
+def test_adam_search_calibrates_nu_to_the_adam_direction(tmp_path):
+    # The Adam direction has RMS 1 whatever the gradient scale, so auto ν is nu_scale itself; ν
+    # from the raw gradient (~1e3 on the demo) made every element enter at its first steps.
+    out = str(tmp_path / "run")
+    assert run("search", out, "search.preconditioner=adam", "search.nu_scale=2", "search.steps=8") == 0
+    hyper = spp.SolutionPath.load(out).meta["hyperparameters"]
+    assert hyper["preconditioner"] == "adam" and hyper["nu"] == 2.0
+    assert hyper["lr"] == pytest.approx(load_config(SMOKE).search.rho * 2.0 / 10.0)
+    plain = str(tmp_path / "plain")
+    assert run("search", plain, "search.nu_scale=2", "search.steps=8") == 0
+    assert spp.SolutionPath.load(plain).meta["hyperparameters"]["nu"] != pytest.approx(2.0)
 
 
 def test_killed_search_resumes_to_the_same_path(tmp_path):
