@@ -388,7 +388,7 @@ def main():
     parser.add_argument("--search-step", type=float, default=0.03,
                         help="SPP gradient step kappa*alpha = rho*nu held fixed while nu varies, in units of "
                              "1 / RMS gradient: each search gets rho = search_step / nu_scale (0.03: the configs' "
-                             "rho 0.03 at nu_scale 1)")
+                             "rho 0.02 at nu_scale 1.5)")
     parser.add_argument("--lams", type=float, nargs="+", default=[0.1, 0.4],
                         help="SPP lam values tuned with the nu scales (0.1 is the config default; "
                              "scripts/ablate_search.py found 0.4 better on val)")
