@@ -9,7 +9,8 @@ set. Each method ranks the same structures (query-key dims, value dims, MLP neur
 members are cut from the rankings by the same global parameter-budget walk
 (``spp.WeightFamily``), so only the ranking differs. Methods:
 
-  spp-entry / spp-z  ONE LBI search per seed; every budget read off its path
+  spp-entry / spp-z  ONE LBI search per seed; every budget read off its path by entry order / final |z|
+  spp                the same members, each budget by the rule with the better val accuracy (seed 0)
   random             random ranking
   magnitude          RMS of the paired weights (q and k rows; v row and proj column; fc1 row and fc2 column)
   taylor             |m · dL/dm| of the masks at 1, summed over --taylor-batches batches
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import os
 import statistics
@@ -204,6 +204,7 @@ class Bench:
         self.train, self.val, self.test = data["train"], data["val"], data["test"]
         self.dense = build_model(self.cfg).to(args.device).eval()
         self.masked = spp.add_masks(build_model(self.cfg).eval(), "dim").to(args.device)
+        self._members = {}   # (id(path), removed, rank) -> (path, member): the path is kept so its id stays its own
 
     def loader(self, split, seed=0):
         dataset = {"train": self.train, "val": self.val, "test": self.test}[split]
@@ -213,8 +214,14 @@ class Bench:
         return evaluate(model, self.loader(split), self.runtime, max_batches, desc=split)["top1"]
 
     def member(self, path, removed, rank="entry"):
-        family = spp.WeightFamily(self.dense, path)
-        return spp.compress(self.dense, family.select(remove=removed, rank=rank).masks, granularity="dim")
+        """The compressed member; the same object for the same (path, budget, rule), so that rows sharing a
+        member (spp and spp-entry, say) share its test and finetune figures."""
+        key = (id(path), removed, rank)
+        if key not in self._members:
+            family = spp.WeightFamily(self.dense, path)
+            self._members[key] = (path, spp.compress(self.dense, family.select(remove=removed, rank=rank).masks,
+                                                     granularity="dim"))
+        return self._members[key][1]
 
     def search(self, seed, out, overrides=()):
         """``spp search`` (configs/demo_search.yaml) from this benchmark's checkpoint into ``out``."""
@@ -232,14 +239,19 @@ class Bench:
                             f"search.steps={self.args.search_steps}"])
 
 
-METHODS = ("spp-entry", "spp-z", "random", "magnitude", "taylor", "lasso",
+METHODS = ("spp", "spp-entry", "spp-z", "random", "magnitude", "taylor", "lasso",
            "tp-magnitude-uniform", "tp-magnitude-global", "tp-taylor-uniform", "tp-taylor-global")
+
+
+RULES = ("entry", "z")
 
 
 def spp_methods(bench, args, tuning):
     """One search per seed; nu_scale (with rho = --search-step / nu_scale), lam and the ranking rule
-    chosen on val with the first seed."""
-    paths = {}
+    chosen on val with the first seed. spp-entry and spp-z read every budget by one rule; spp takes,
+    per budget, the rule with the better val accuracy (free: a family is read by either rule, as
+    Lasso's lam is picked per budget)."""
+    paths, val = {}, {}
     settings = [(scale, lam) for scale in args.nu_scales for lam in args.lams]
 
     def key(scale, lam, rule):
@@ -249,19 +261,24 @@ def spp_methods(bench, args, tuning):
         start = time.time()
         path = bench.spp_path(args.seeds[0], scale, lam)
         paths[(scale, lam, args.seeds[0])] = (path, time.time() - start)
-        for rule in ("entry", "z"):
-            val = statistics.mean(bench.accuracy(bench.member(path, r, rule), "val") for r in args.removed)
-            tuning[key(scale, lam, rule)] = round(val, 2)
-            print(f"tuning {key(scale, lam, rule)}: mean val {val:.2f}%")
-    best = max(settings, key=lambda s: max(tuning[key(*s, rule)] for rule in ("entry", "z")))
+        for rule in RULES:
+            val[(scale, lam, rule)] = {r: bench.accuracy(bench.member(path, r, rule), "val") for r in args.removed}
+            mean = statistics.mean(val[(scale, lam, rule)].values())
+            tuning[key(scale, lam, rule)] = round(mean, 2)
+            print(f"tuning {key(scale, lam, rule)}: mean val {mean:.2f}%")
+    best = max(settings, key=lambda s: max(tuning[key(*s, rule)] for rule in RULES))
     tuning["spp_nu_scale"], tuning["spp_lam"] = best
     tuning["spp_rho"] = args.search_step / best[0]
+    rule_of = {r: max(RULES, key=lambda rule: val[(*best, rule)][r]) for r in args.removed}  # a tie: entry
+    tuning["spp rank per budget"] = {str(r): rule for r, rule in rule_of.items()}
+    tuning["spp val per budget"] = {rule: {str(r): round(v, 2) for r, v in val[(*best, rule)].items()} for rule in RULES}
     for seed in args.seeds[1:]:
         start = time.time()
         paths[(*best, seed)] = (bench.spp_path(seed, *best), time.time() - start)
-    methods = {"spp-entry": {}, "spp-z": {}}
+    methods = {"spp": {}, "spp-entry": {}, "spp-z": {}}
     for seed in args.seeds:
         path, seconds = paths[(*best, seed)]
+        methods["spp"][seed] = (lambda r, p=path: bench.member(p, r, rule_of[r]), seconds)
         methods["spp-entry"][seed] = (lambda r, p=path: bench.member(p, r, "entry"), seconds)
         methods["spp-z"][seed] = (lambda r, p=path: bench.member(p, r, "z"), seconds)
     return methods
@@ -292,12 +309,11 @@ def lasso_method(bench, args, tuning):
 def score_methods(bench, args, magnitude, magnitude_time):
     """Random, magnitude and first-order Taylor rankings of the same structures."""
     methods = {"random": {}, "magnitude": {}, "taylor": {}}
-    magnitude_member = functools.lru_cache(maxsize=None)(lambda r: bench.member(magnitude, r))
     for seed in args.seeds:
         g = torch.Generator().manual_seed(seed)
         rnd = spp.SolutionPath.from_scores(bench.masked, {n: torch.rand(p.shape, generator=g) for n, p in spp.mask_parameters(bench.masked)})
         methods["random"][seed] = (lambda r, p=rnd: bench.member(p, r), 0.0)
-        methods["magnitude"][seed] = (magnitude_member, magnitude_time)
+        methods["magnitude"][seed] = (lambda r: bench.member(magnitude, r), magnitude_time)   # one ranking for all
         seed_everything(seed)
         start = time.time()
         taylor = spp.SolutionPath.from_scores(bench.masked, taylor_scores(bench.masked, bench.loader("train", seed), args.taylor_batches))
@@ -333,18 +349,22 @@ def evaluate_methods(bench, args, methods, targets, dense_test):
     epoch = args.epoch_steps or len(bench.loader("train"))
     test = lambda m: bench.accuracy(m, "test")  # noqa: E731
 
-    def tuned(model, steps, seed):
-        return test(finetune(copy.deepcopy(model), bench.loader("train", seed), steps, seed, bench.runtime,
-                             args.finetune_lr))
+    # a model shared by seeds (magnitude) or by rows (spp and spp-entry) is tested once, and finetuned
+    # once per seed and length; the models stay alive in ``methods`` and ``bench``, so their ids stay theirs
+    measured = {(id(bench.dense), 0, None): dense_test}
 
-    def row(model_of_seed, seeds, with_epoch, known=None):
+    def tuned(model, steps, seed):
+        key = (id(model), steps, seed if steps else None)
+        if key not in measured:
+            measured[key] = test(model if not steps else finetune(
+                copy.deepcopy(model), bench.loader("train", seed), steps, seed, bench.runtime, args.finetune_lr))
+        return measured[key]
+
+    def row(model_of_seed, seeds, with_epoch):
         before, after, whole = [], [], []
-        untuned = {} if known is None else {id(known[0]): known[1]}  # a model shared by seeds is tested once
         for seed in seeds:
             model = model_of_seed(seed)
-            if id(model) not in untuned:
-                untuned[id(model)] = test(model)
-            before.append(untuned[id(model)])
+            before.append(tuned(model, 0, seed))
             after.append(tuned(model, args.finetune_steps, seed))
             if with_epoch:
                 whole.append(tuned(model, epoch, seed))
@@ -356,7 +376,7 @@ def evaluate_methods(bench, args, methods, targets, dense_test):
 
     dense = {"method": "dense", "removed": 0.0, "params": spp.count_params(bench.dense), "test_no_ft": dense_test}
     if not args.no_dense_finetune:
-        dense.update(row(lambda seed: bench.dense, args.seeds, bool(args.epoch_removed), (bench.dense, dense_test)))
+        dense.update(row(lambda seed: bench.dense, args.seeds, bool(args.epoch_removed)))
     print(json.dumps(dense))
     results: List[Dict] = []
     for method, per_seed in methods.items():
@@ -424,7 +444,7 @@ def main():
     targets = {r: family.select(remove=r).summary.params_after for r in args.removed}
     tuning: Dict = {}
     wanted = set(args.methods)
-    methods = spp_methods(bench, args, tuning) if wanted & {"spp-entry", "spp-z"} else {}
+    methods = spp_methods(bench, args, tuning) if wanted & {"spp", "spp-entry", "spp-z"} else {}
     if "lasso" in wanted:
         methods["lasso"] = lasso_method(bench, args, tuning)
     methods.update(score_methods(bench, args, magnitude, magnitude_time))

@@ -195,6 +195,12 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
             assert 0 <= row[key] <= 100 and row[key + "_std"] >= 0
     assert rows[("spp-entry", 0.5)]["params"] > rows[("spp-entry", 0.85)]["params"]
     tuning = summary["tuning_val"]
+    for removed in (0.5, 0.85):   # spp: per budget, the member of the rule that did better on val
+        rule = tuning["spp rank per budget"][str(removed)]
+        vals = {r: tuning["spp val per budget"][r][str(removed)] for r in ("entry", "z")}
+        assert vals[rule] == max(vals.values())
+        for key in ("params", "test_no_ft", "test_ft", "test_no_ft_std"):
+            assert rows[("spp", removed)][key] == rows[(f"spp-{rule}", removed)][key]
     assert tuning["spp_nu_scale"] == 3.0 and tuning["spp_lam"] in (0.1, 0.4)
     assert set(tuning["lasso lam per budget"].values()) <= {3e-4, 1e-3}
     assert {"test_no_ft", "test_ft", "test_epoch"} <= set(summary["dense_ft"])
