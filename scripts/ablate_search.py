@@ -39,6 +39,10 @@ gradient, the base's, and move nu with rho = 0.03 / nu_scale (the configs' defau
 rho 0.02); the step0.* rows change the step too:
   lam0.4_nu1.5, lam0.4_nu1, lam0.4_nu0.6, lam0.4_nu0.3, lam1_nu1, lam1_nu0.3
   lam0.4_nu1_step0.015, lam0.4_nu0.1_step0.01, lam0.4_nu1_step0.1, lam0.4_nu0.3_step0.09
+The batch rows (run with --seed 0, 1, 2 to see the seed spread): the default at batch 256, nu from batch
+256's own RMS gradient (search.nu_batch=null, as before nu_batch existed):
+  lam0.4_nu1.5_b256   nu_scale 1.5: nu ~1.4x the batch-128 default's (the RMS is mostly noise, ~1/sqrt(batch))
+  lam0.4_nu1.06_b256  nu_scale 1.06 = 1.5 / sqrt(2): the batch-128 default's nu (what nu_batch 128 now does)
 """
 from __future__ import annotations
 
@@ -90,6 +94,14 @@ VARIANTS = {  # config overrides of configs/demo_search.yaml, after BASE
     "lam0.4_nu0.1_step0.01": ["search.lam=0.4", "search.nu_scale=0.1", "search.rho=0.1"],
     "lam0.4_nu1_step0.1": ["search.lam=0.4", "search.nu_scale=1", "search.rho=0.1"],
     "lam0.4_nu0.3_step0.09": ["search.lam=0.4", "search.nu_scale=0.3", "search.rho=0.3"],
+    # the default (lam0.4_nu1.5) with twice the data per step: does it cut the seed spread? Both calibrate nu
+    # at batch 256's own RMS (search.nu_batch=null, as every search did before nu_batch), which is ~1/sqrt(2) of
+    # batch 128's (mostly noise): the first row's nu is ~1.4x the default's; the second keeps the default's nu
+    # (nu_scale 1.5 / sqrt 2, what nu_batch 128 now does) and rho, so its gradient step too
+    "lam0.4_nu1.5_b256": ["search.lam=0.4", "search.nu_scale=1.5", "search.rho=0.02", "data.batch_size=256",
+                          "search.nu_batch=null"],
+    "lam0.4_nu1.06_b256": ["search.lam=0.4", "search.nu_scale=1.06", "search.rho=0.02", "data.batch_size=256",
+                           "search.nu_batch=null"],
 }
 
 

@@ -64,6 +64,7 @@ class SearchConfig:
     nu: Union[float, str] = "auto"          # ν; "auto" calibrates it from the mask gradients
     nu_scale: float = 1.5                   # auto ν = nu_scale / RMS of mask gradients at M = 1 (with adam: nu_scale)
     nu_calibration: str = "pooled"          # masks sharing one ν: pooled (all), pair (per pair type), mask
+    nu_batch: Optional[int] = 128           # auto ν is for this batch: the RMS at batch B is scaled by √(B / nu_batch)
     calibration_batches: int = 8
     lam: float = 0.4                        # κλ = 4: see spp.LBI (0.1, κλ = 1, ranked worse on the benchmark)
     preconditioner: str = "none"
@@ -259,6 +260,9 @@ def _validate(c: Config) -> None:
         if isinstance(value, str) and value != "auto":
             raise ConfigError(f"{key}={value!r}: give a number or auto")
     _choice("search.nu_calibration", c.search.nu_calibration, NU_CALIBRATIONS)
+    if c.search.nu_batch is not None and c.search.nu_batch < 1:
+        raise ConfigError(f"search.nu_batch={c.search.nu_batch!r}: give a batch size (a positive integer; 128 is "
+                          "the batch nu_scale was tuned at) or null to calibrate at the search's own batch")
     _choice("search.preconditioner", c.search.preconditioner, ("none", "adam"))
     _choice("search.shrink", c.search.shrink, ("two_sided", "one_sided"))
     for section in (c.family, c.export):

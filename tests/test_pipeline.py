@@ -1,5 +1,6 @@
 """The commands end to end on synthetic data and a tiny ViT (seconds each)."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -118,6 +119,21 @@ def test_search_with_one_nu_per_pair_type(tmp_path, capsys):
     capsys.readouterr()
     assert run("search", out, "search.steps=16", "resume=auto") != 0
     assert "another search.nu_calibration (3 ν groups, this config makes 1)" in capsys.readouterr().err
+
+
+def test_auto_nu_is_taken_at_nu_batch(tmp_path):
+    # At M = 1 the mask gradient is mostly sampling noise, its per-batch RMS ∝ 1/√batch: auto ν is
+    # calibrated as at search.nu_batch samples, so it stays put when data.batch_size (16 here) changes
+    nus = {}
+    for nu_batch in ("null", "128", "64"):
+        out = str(tmp_path / nu_batch)
+        assert run("search", out, f"search.nu_batch={nu_batch}", "search.steps=2") == 0
+        nus[nu_batch] = spp.SolutionPath.load(out).meta["hyperparameters"]["nu"]
+    batch = load_config(SMOKE).data.batch_size
+    assert nus["128"] == pytest.approx(nus["null"] * math.sqrt(128 / batch))
+    assert nus["64"] == pytest.approx(nus["null"] * math.sqrt(64 / batch))
+    with pytest.raises(ConfigError, match="search.nu_batch=0: give a batch size"):
+        load_config(SMOKE, ["search.nu_batch=0"])
 
 
 def test_adam_search_calibrates_nu_to_the_adam_direction(tmp_path):
