@@ -234,9 +234,11 @@ class Bench:
         """One search with ν = nu_scale / RMS gradient and the pull ρ = --search-step / nu_scale, so that
         every ν is tried at the same gradient step κα = ρν (in units of 1 / RMS gradient)."""
         rho = self.args.search_step / nu_scale
-        return self.search(seed, os.path.join(self.args.out, "searches", f"seed{seed}_nu{nu_scale}_rho{rho:.3g}_lam{lam}"),
+        batch = self.args.search_batch
+        name = f"seed{seed}_nu{nu_scale}_rho{rho:.3g}_lam{lam}" + ("" if batch == 128 else f"_b{batch}")
+        return self.search(seed, os.path.join(self.args.out, "searches", name),
                            [f"search.nu_scale={nu_scale}", f"search.rho={rho}", f"search.lam={lam}",
-                            f"search.steps={self.args.search_steps}"])
+                            f"search.steps={self.args.search_steps}", f"data.batch_size={batch}"])
 
 
 METHODS = ("spp", "spp-entry", "spp-z", "random", "magnitude", "taylor", "lasso",
@@ -403,6 +405,9 @@ def main():
     parser.add_argument("--removed", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.85])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--search-steps", type=int, default=600)
+    parser.add_argument("--search-batch", type=int, default=128,
+                        help="batch size of the SPP searches (nu stays batch 128's: search.nu_batch); the "
+                             "finetunes and the other methods keep 128")
     parser.add_argument("--nu-scales", type=float, nargs="+", default=[0.3, 1.0, 1.5, 3.0],
                         help="SPP nu values tried, as nu_scale (nu = nu_scale / RMS mask gradient at M = 1)")
     parser.add_argument("--search-step", type=float, default=0.03,

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 import spp
 
@@ -178,7 +179,7 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
     methods = [m for m in _script("benchmark_quality").METHODS if m not in ("tp-magnitude-global", "tp-taylor-uniform")]
     command = [sys.executable, os.path.join(SCRIPTS, "benchmark_quality.py"), "--data-root", str(data),
                "--checkpoint", checkpoint, "--out", str(out), "--removed", "0.5", "0.85", "--seeds", "0", "1",
-               "--search-steps", "20", "--nu-scales", "3", "--lams", "0.1", "0.4", "--lasso-lams", "3e-4", "1e-3",
+               "--search-steps", "20", "--search-batch", "64", "--nu-scales", "3", "--lams", "0.1", "0.4", "--lasso-lams", "3e-4", "1e-3",
                "--lasso-steps", "10", "--taylor-batches", "2", "--finetune-steps", "3",
                "--epoch-removed", "0.85", "--epoch-steps", "4", "--methods", *methods]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
@@ -207,7 +208,10 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
     table = (out / "benchmark_quality.md").read_text()
     assert all(f"| {m} |" in table for m in methods) and "1-epoch finetune: -85%" in table
     assert (out / "benchmark_quality.png").stat().st_size > 0
-    assert len(list((out / "searches").iterdir())) == 3   # two tuning searches on seed 0, one more for seed 1
+    searches = list((out / "searches").iterdir())
+    assert len(searches) == 3   # two tuning searches on seed 0, one more for seed 1
+    for search in searches:     # at --search-batch, named for it
+        assert search.name.endswith("_b64") and yaml.safe_load((search / "config.yaml").read_text())["data"]["batch_size"] == 64
 
 
 def test_ablation_script_runs_and_keeps_earlier_rows(tmp_path):
