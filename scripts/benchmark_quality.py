@@ -230,10 +230,14 @@ class Bench:
                            f"device={self.args.device}", "amp='off'", *data_root(self.args.data_root), *overrides])
         return run_search(cfg)
 
+    def rho(self, nu_scale):
+        """The pull ρ = --search-step / nu_scale, so that every ν is tried at the same gradient step κα = ρν
+        (in units of 1 / RMS gradient)."""
+        return self.args.search_step / nu_scale
+
     def spp_path(self, seed, nu_scale, lam):
-        """One search with ν = nu_scale / RMS gradient and the pull ρ = --search-step / nu_scale, so that
-        every ν is tried at the same gradient step κα = ρν (in units of 1 / RMS gradient)."""
-        rho = self.args.search_step / nu_scale
+        """One search with ν = nu_scale / RMS gradient and ρ = :meth:`rho`, at --search-batch."""
+        rho = self.rho(nu_scale)
         batch = self.args.search_batch
         name = f"seed{seed}_nu{nu_scale}_rho{rho:.3g}_lam{lam}" + ("" if batch == 128 else f"_b{batch}")
         return self.search(seed, os.path.join(self.args.out, "searches", name),
@@ -257,7 +261,7 @@ def spp_methods(bench, args, tuning):
     settings = [(scale, lam) for scale in args.nu_scales for lam in args.lams]
 
     def key(scale, lam, rule):
-        return f"spp nu_scale={scale} rho={args.search_step / scale:.3g} lam={lam} rank={rule}"
+        return f"spp nu_scale={scale} rho={bench.rho(scale):.3g} lam={lam} rank={rule}"
 
     for scale, lam in settings:
         start = time.time()
@@ -270,7 +274,7 @@ def spp_methods(bench, args, tuning):
             print(f"tuning {key(scale, lam, rule)}: mean val {mean:.2f}%")
     best = max(settings, key=lambda s: max(tuning[key(*s, rule)] for rule in RULES))
     tuning["spp_nu_scale"], tuning["spp_lam"] = best
-    tuning["spp_rho"] = args.search_step / best[0]
+    tuning["spp_rho"] = bench.rho(best[0])
     rule_of = {r: max(RULES, key=lambda rule: val[(*best, rule)][r]) for r in args.removed}  # a tie: entry
     tuning["spp rank per budget"] = {str(r): rule for r, rule in rule_of.items()}
     tuning["spp val per budget"] = {rule: {str(r): round(v, 2) for r, v in val[(*best, rule)].items()} for rule in RULES}

@@ -9,7 +9,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .build import build_criterion, build_loaders, build_model
-from .config import NU_CALIBRATIONS, Config, save_config
+from .config import NU_CALIBRATIONS, Config, SearchConfig, save_config
 from .engine import train_one_epoch
 from .family import WeightFamily
 from .masks import add_masks, mask_parameters
@@ -70,9 +70,10 @@ def nu_from_rms(rms: Dict[str, Tuple[float, int]], scale: float, key) -> Dict[st
 
 
 def calibrate_nu(model, loader, criterion, runtime: Runtime, batches: int, scale: float,
-                 mixup_fn=None, per: str = "pooled", batch: Optional[int] = 128) -> Dict[str, float]:
+                 mixup_fn=None, per: str = "pooled", batch: Optional[int] = SearchConfig.nu_batch,
+                 preconditioner: str = "none") -> Dict[str, float]:
     """``{mask name: ν}`` with ν = ``scale`` / RMS of the per-batch mask gradients at M = 1, the RMS
-    taken as at ``batch`` samples per batch.
+    taken as at ``batch`` samples per batch; with ``preconditioner="adam"``, ν = ``scale``.
 
     The mask settles near ``-ν g`` (ALGORITHM.md §6), so ν must match the gradient scale,
     which depends on the loss, the batch size and the model; this makes one setting carry
@@ -90,7 +91,14 @@ def calibrate_nu(model, loader, criterion, runtime: Runtime, batches: int, scale
     ν stays put when the batch changes. On the demo (3 seeds, val, 85% removed), batch 256 at its
     own RMS had a ν 1.4x larger and lost 4.3 points to batch 128; at batch 128's ν it gained 1.7,
     and its seed spread fell from 2.9 to 0.6 points. ``batch=None`` takes the RMS at B as it is.
+
+    The Adam direction m̂/(√v̂ + eps) has RMS 1 at its first step (sign(g)) whatever the gradient
+    scale, so the ν for it is ``scale`` itself, with no gradient pass (ν from the raw gradient,
+    ~1e3 on the demo, made every element enter at once).
     """
+    if preconditioner == "adam":
+        return dict.fromkeys((n for n, _ in mask_parameters(model.module if hasattr(model, "module") else model)),
+                             float(scale))
     rms = mask_gradient_rms(model, loader, criterion, runtime, batches, mixup_fn)
     if batch is not None:
         factor = math.sqrt(loader.batch_size / batch)
@@ -187,14 +195,9 @@ def run_search(cfg: Config) -> SolutionPath:
         restore_rng_states(state["rng"], runtime)
         main_print(runtime, f"resumed {resume} at step {step} (epoch {epoch}, batch {batch})")
     else:
-        if s.nu == "auto" and s.preconditioner == "adam":
-            # The Adam direction m̂/(√v̂ + eps) has RMS 1 at its first step (sign(g)), whatever the
-            # gradient scale: the calibrated ν for it is nu_scale itself (ν from the raw gradient,
-            # ~1e3 on the demo, made every element enter at once).
-            nu = dict.fromkeys((n for n, _ in named_masks), float(s.nu_scale))
-        elif s.nu == "auto":
+        if s.nu == "auto":
             nu = calibrate_nu(net, loader, criterion, runtime, s.calibration_batches, s.nu_scale, mixup_fn,
-                              per=s.nu_calibration, batch=s.nu_batch)
+                              per=s.nu_calibration, batch=s.nu_batch, preconditioner=s.preconditioner)
         else:
             nu = dict.fromkeys((n for n, _ in named_masks), float(s.nu))
         groups = lbi_groups(named_masks, s.nu_calibration, pairs, nu)
