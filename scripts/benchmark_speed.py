@@ -16,7 +16,10 @@ Prints and writes (``--out``, JSON):
     resident memory of a fresh process, growth over the steps once the model and input are built);
   * where the time goes at the largest batch: two profiled forwards of each model, self time by op
     category (CPU time on the CPU, kernel time on CUDA), and the realised fraction the work that does
-    not shrink (layer norms, residual adds, patch embedding) allows.
+    not shrink (layer norms, residual adds, patch embedding) allows;
+  * a plot next to the JSON (same name, .png): speed-up against FLOPs ratio at each batch size,
+    and where the time goes. ``--plot-from A.json B.json --out C.json`` draws earlier runs into
+    C.png without measuring anything (the README's figure: one run per batch size and granularity).
 Every figure is the median of ``--repeats`` timed runs after ``--warmup`` untimed ones; the
 models compared in a ratio are timed in turn within each repeat, each right after an untimed run
 of its own.
@@ -152,6 +155,55 @@ def print_breakdown(breakdown):
     for name in names[1:]:
         print(f"{name}: fixed work is {share[name]:.0f}% of its time ({share[names[0]]:.0f}% of dense); with the "
               f"rest shrinking exactly by the FLOPs ratio it would realise {bounds[name]:.2f}")
+
+
+def run_label(report, batch):
+    """How a line of the plot is named: batch, and the granularity and precision when not the default."""
+    extra = [w for w, default in ((f"{report['granularity']} masks", "dim masks"), (report["amp"], "off")) if w != default]
+    return f"batch {batch}" + (f" ({', '.join(extra)})" if extra else "")
+
+
+def plot(reports, filename):
+    """Speed-up against FLOPs ratio (one line per run and batch size, with the FLOPs ratio itself and
+    0.9 of it: the target) and, for the first report with a profile, where each model's time goes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    profiled = next((r for r in reports if r.get("breakdown")), None)
+    fig, axes = plt.subplots(1, 2 if profiled else 1, figsize=(12 if profiled else 6, 4.5), squeeze=False)
+    ax = axes[0][0]
+    top = 1.0
+    for report in reports:
+        for batch in dict.fromkeys(r["batch"] for r in report["latency"]):
+            rows = sorted((r for r in report["latency"] if r["batch"] == batch and "unpadded" not in r["model"]),
+                          key=lambda r: r["flops_ratio"])
+            ax.plot([r["flops_ratio"] for r in rows], [r["speedup"] for r in rows], marker="o", label=run_label(report, batch))
+            top = max(top, *(max(r["flops_ratio"], r["speedup"]) for r in rows))
+    line = [1.0, top * 1.05]
+    ax.plot(line, line, color="gray", ls=":", label="speed-up = FLOPs ratio")
+    ax.plot(line, [0.9 * v for v in line], color="gray", ls="--", label="0.9 × FLOPs ratio (target)")
+    ax.set_xlabel("FLOPs ratio (dense ÷ member)")
+    ax.set_ylabel("speed-up (dense latency ÷ member latency)")
+    ax.set_title(f"{reports[0]['model']} on {reports[0]['device']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if profiled:
+        ax = axes[0][1]
+        ms = profiled["breakdown"]["ms"]
+        names = list(ms)
+        bottom = [0.0] * len(names)
+        for category in dict.fromkeys(c for b in ms.values() for c in b):
+            heights = [ms[n][category] for n in names]
+            ax.bar(names, heights, bottom=bottom, label=category)
+            bottom = [b + h for b, h in zip(bottom, heights)]
+        clock = profiled["breakdown"].get("clock", "CPU")   # runs before the field existed were all on the CPU
+        ax.set_ylabel(f"ms per forward (self {clock} time)")
+        ax.set_title(f"where the time goes, {run_label(profiled, profiled['breakdown']['batch'])}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(filename, dpi=120)
+    plt.close(fig)
 
 
 def random_path(model, seed=0):
@@ -362,9 +414,22 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="benchmark_speed.json")
+    parser.add_argument("--plot-from", nargs="+", metavar="JSON",
+                        help="measure nothing: draw the JSON files of earlier runs into --out's .png")
     parser.add_argument("--memory-probe", choices=["search", "finetune"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.model_args = model_args(args.model_args)
+    figure = os.path.splitext(args.out)[0] + ".png"
+    if args.plot_from:
+        missing = [f for f in args.plot_from if not os.path.isfile(f)]
+        if missing:
+            raise SystemExit(f"--plot-from: {', '.join(missing)} not found; give the --out JSON of earlier runs")
+        reports = []
+        for filename in args.plot_from:
+            with open(filename) as f:
+                reports.append(json.load(f))
+        plot(reports, figure)
+        return print(f"wrote {figure}")
     if args.memory_probe:
         return memory_probe(args)
     device = torch.device(args.device)
@@ -400,7 +465,8 @@ def main():
         print_breakdown(breakdown)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"\nwrote {args.out}")
+    plot([result], figure)
+    print(f"\nwrote {args.out} and {figure}")
 
 
 if __name__ == "__main__":

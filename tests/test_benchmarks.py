@@ -52,6 +52,15 @@ def test_speed_benchmark_runs_on_a_tiny_model(tmp_path, amp):
     assert breakdown["ms"]["dense"]["linear layers"] > 0 and breakdown["ms"]["dense"]["attention"] > 0
     assert set(breakdown["realised_bound_from_fixed_work"]) == {"-30% params", "-50% params", "-70% params"}
     assert "where the time goes" in result.stdout
+    assert (tmp_path / "speed.png").stat().st_size > 0
+    # --plot-from draws saved runs without measuring; a file that is not there is named
+    replot = subprocess.run([sys.executable, os.path.join(SCRIPTS, "benchmark_speed.py"), "--plot-from", str(out),
+                             "--out", str(tmp_path / "again.json")], capture_output=True, text=True, timeout=120)
+    assert replot.returncode == 0, replot.stderr[-2000:]
+    assert (tmp_path / "again.png").stat().st_size > 0 and not (tmp_path / "again.json").exists()
+    missing = subprocess.run([sys.executable, os.path.join(SCRIPTS, "benchmark_speed.py"), "--plot-from",
+                              str(tmp_path / "nope.json")], capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "nope.json not found" in missing.stderr
 
 
 def test_magnitude_scores_follow_the_paired_weights():
@@ -215,7 +224,7 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
 
 
 def test_ablation_script_runs_and_keeps_earlier_rows(tmp_path):
-    """scripts/ablate_search.py (the README's ablation commands) on fake Fashion-MNIST files and an untrained
+    """scripts/ablate_search.py (the ablation commands of docs/quality.md) on fake Fashion-MNIST files and an untrained
     checkpoint, its searches cut to a few steps; a second run adds its variant to the first run's table."""
     data, checkpoint = _fake_inputs(tmp_path, train=600)
     out = tmp_path / "ablation"

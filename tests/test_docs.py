@@ -1,0 +1,38 @@
+"""The README and docs/ link to files and sections that exist (the Results moved details into docs/)."""
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAGES = ["README.md", *(os.path.join("docs", f) for f in sorted(os.listdir(os.path.join(ROOT, "docs"))) if f.endswith(".md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def slugs(page):
+    """GitHub's anchors for the headings of ``page``: lower case, punctuation dropped, spaces to hyphens."""
+    with open(os.path.join(ROOT, page)) as f:
+        headings = [line.lstrip("#").strip() for line in f if re.match(r"#{1,6} ", line)]
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+def test_slugs_follow_github():
+    assert "why-lasso-beat-spp-at-85-before-finetuning-and-what-closed-the-gap" in slugs("docs/quality.md")
+    assert "pruning-quality-fashion-mnist-real-data" in slugs("README.md")
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_relative_links_resolve(page):
+    with open(os.path.join(ROOT, page)) as f:
+        links = LINK.findall(f.read())
+    local = [link for link in links if not re.match(r"[a-z]+:", link)]
+    assert local, f"{page} links to nothing in the repository"
+    broken = []
+    for link in local:
+        path, _, anchor = link.partition("#")
+        target = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+        if not os.path.exists(os.path.join(ROOT, target)):
+            broken.append(f"{link} (no file {target})")
+        elif anchor and anchor not in slugs(target):
+            broken.append(f"{link} (no heading #{anchor} in {target})")
+    assert not broken, f"{page}: broken links: {broken}"
