@@ -130,6 +130,7 @@ def taylor_gradients(dense, batches) -> Dict[str, torch.Tensor]:
 
 
 def tp_importance(kind):
+    """Torch-Pruning's group importance: ``taylor`` (reads ``.grad``) or ``magnitude`` (L2 of the weights)."""
     import torch_pruning as tp
 
     return tp.importance.GroupTaylorImportance() if kind == "taylor" else tp.importance.GroupMagnitudeImportance(p=2)
