@@ -25,12 +25,17 @@ __all__ = ["run_search", "calibrate_nu", "mask_gradient_rms", "nu_from_rms", "lb
 CHECKPOINT = "checkpoint.pth"
 
 
+def _bare(model):
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
 def mask_gradient_rms(model, loader, criterion, runtime: Runtime, batches: int,
                       mixup_fn=None) -> Dict[str, Tuple[float, int]]:
     """``{mask name: (RMS of its per-batch gradients, numel)}`` at the current masks, over the
     first ``batches`` batches of ``loader`` in an order of its own (the search's epochs stay
     untouched), averaged over ranks."""
-    named = mask_parameters(model.module if hasattr(model, "module") else model)
+    named = mask_parameters(_bare(model))
     loader.sampler.set_epoch(-1)
     squares = dict.fromkeys((n for n, _ in named), 0.0)
     seen = 0
@@ -97,13 +102,12 @@ def calibrate_nu(model, loader, criterion, runtime: Runtime, batches: int, scale
     ~1e3 on the demo, made every element enter at once).
     """
     if preconditioner == "adam":
-        return dict.fromkeys((n for n, _ in mask_parameters(model.module if hasattr(model, "module") else model)),
-                             float(scale))
+        return dict.fromkeys((n for n, _ in mask_parameters(_bare(model))), float(scale))
     rms = mask_gradient_rms(model, loader, criterion, runtime, batches, mixup_fn)
     if batch is not None:
         factor = math.sqrt(loader.batch_size / batch)
         rms = {n: (r * factor, k) for n, (r, k) in rms.items()}
-    pairs = mask_pairs(model.module if hasattr(model, "module") else model)
+    pairs = mask_pairs(_bare(model))
     return nu_from_rms(rms, scale, _nu_key(per, pairs))
 
 
