@@ -43,6 +43,9 @@ The batch rows (run with --seed 0, 1, 2 to see the seed spread): the default at 
 256's own RMS gradient (search.nu_batch=null, as before nu_batch existed):
   lam0.4_nu1.5_b256   nu_scale 1.5: nu ~1.4x the batch-128 default's (the RMS is mostly noise, ~1/sqrt(batch))
   lam0.4_nu1.06_b256  nu_scale 1.06 = 1.5 / sqrt(2): the batch-128 default's nu (what nu_batch 128 now does)
+The same number of samples two ways, 1.5x the default's and 0.75x of four Lasso runs' (nu as at batch 128):
+  lam0.4_nu1.5_b192       batch 192, 600 steps (the default's path, 12 units)
+  lam0.4_nu1.5_b256_s450  batch 256, 450 steps (9 units of path)
 """
 from __future__ import annotations
 
@@ -102,6 +105,11 @@ VARIANTS = {  # config overrides of configs/demo_search.yaml, after BASE
                           "search.nu_batch=null"],
     "lam0.4_nu1.06_b256": ["search.lam=0.4", "search.nu_scale=1.06", "search.rho=0.02", "data.batch_size=256",
                            "search.nu_batch=null"],
+    # 1.5x the default's samples, which is 0.75x of four Lasso runs' (4 x 300 steps x 128): ν as at batch 128
+    # (search.nu_batch 128, the default), so ν, ρ and the gradient step are the default's
+    "lam0.4_nu1.5_b192": ["search.lam=0.4", "search.nu_scale=1.5", "search.rho=0.02", "data.batch_size=192"],
+    "lam0.4_nu1.5_b256_s450": ["search.lam=0.4", "search.nu_scale=1.5", "search.rho=0.02", "data.batch_size=256",
+                               "search.steps=450"],
 }
 
 

@@ -3,8 +3,8 @@
     pip install -e .[bench] && python scripts/benchmark_quality.py
 
 Model and data: the demo's ViT pretrained on Fashion-MNIST (trained first if missing) with
-6,000 training images held out as a validation split. Every setting (SPP's nu and ranking
-rule, the Lasso weight) is chosen on the validation split; accuracy is reported on the test
+6,000 training images held out as a validation split. Every setting (SPP's nu, lam, search
+batch and ranking rule; the Lasso weight) is chosen on the validation split; accuracy is reported on the test
 set. Each method ranks the same structures (query-key dims, value dims, MLP neurons); all
 members are cut from the rankings by the same global parameter-budget walk
 (``spp.WeightFamily``), so only the ranking differs. Methods:
@@ -291,10 +291,9 @@ class Bench:
         (in units of 1 / RMS gradient)."""
         return self.args.search_step / nu_scale
 
-    def spp_path(self, seed, nu_scale, lam):
-        """One search with ν = nu_scale / RMS gradient and ρ = :meth:`rho`, at --search-batch."""
+    def spp_path(self, seed, nu_scale, lam, batch):
+        """One search with ν = nu_scale / RMS gradient and ρ = :meth:`rho`, at ``batch`` samples per step."""
         rho = self.rho(nu_scale)
-        batch = self.args.search_batch
         name = f"seed{seed}_nu{nu_scale}_rho{rho:.3g}_lam{lam}" + ("" if batch == 128 else f"_b{batch}")
         return self.search(seed, os.path.join(self.args.out, "searches", name),
                            [f"search.nu_scale={nu_scale}", f"search.rho={rho}", f"search.lam={lam}",
@@ -310,27 +309,33 @@ RULES = ("entry", "z")
 
 
 def spp_methods(bench, args, tuning):
-    """One search per seed; nu_scale (with rho = --search-step / nu_scale), lam and the ranking rule
-    chosen on val with the first seed. spp-entry and spp-z read every budget by one rule; spp takes,
-    per budget, the rule with the better val accuracy (free: a family is read by either rule, as
-    Lasso's lam is picked per budget)."""
+    """One search per seed; nu_scale (with rho = --search-step / nu_scale) and lam chosen on val with the
+    first seed at the first of --search-batches, then the batch among --search-batches at those, then the
+    ranking rule. spp-entry and spp-z read every budget by one rule; spp takes, per budget, the rule with the
+    better val accuracy (free: a family is read by either rule, as Lasso's lam is picked per budget)."""
     paths, val = {}, {}
-    settings = [(scale, lam) for scale in args.nu_scales for lam in args.lams]
 
-    def key(scale, lam, rule):
-        return f"spp nu_scale={scale} rho={bench.rho(scale):.3g} lam={lam} rank={rule}"
+    def key(scale, lam, batch, rule):
+        return f"spp nu_scale={scale} rho={bench.rho(scale):.3g} lam={lam} batch={batch} rank={rule}"
 
-    for scale, lam in settings:
+    def tune(setting):
+        """Search the first seed at ``setting`` = (nu_scale, lam, batch); its best mean val over the rules."""
         start = time.time()
-        path = bench.spp_path(args.seeds[0], scale, lam)
-        paths[(scale, lam, args.seeds[0])] = (path, time.time() - start)
+        path = bench.spp_path(args.seeds[0], *setting)
+        paths[(*setting, args.seeds[0])] = (path, time.time() - start)
         for rule in RULES:
-            val[(scale, lam, rule)] = {r: bench.accuracy(bench.member(path, r, rule), "val") for r in args.removed}
-            mean = statistics.mean(val[(scale, lam, rule)].values())
-            tuning[key(scale, lam, rule)] = round(mean, 2)
-            print(f"tuning {key(scale, lam, rule)}: mean val {mean:.2f}%")
-    best = max(settings, key=lambda s: max(tuning[key(*s, rule)] for rule in RULES))
-    tuning["spp_nu_scale"], tuning["spp_lam"] = best
+            val[(*setting, rule)] = {r: bench.accuracy(bench.member(path, r, rule), "val") for r in args.removed}
+            mean = statistics.mean(val[(*setting, rule)].values())
+            tuning[key(*setting, rule)] = round(mean, 2)
+            print(f"tuning {key(*setting, rule)}: mean val {mean:.2f}%")
+        return max(tuning[key(*setting, rule)] for rule in RULES)
+
+    first = args.search_batches[0]
+    scores = {(scale, lam, first): tune((scale, lam, first)) for scale in args.nu_scales for lam in args.lams}
+    scale, lam, _ = max(scores, key=scores.get)
+    scores.update({(scale, lam, batch): tune((scale, lam, batch)) for batch in args.search_batches[1:]})
+    best = max([(scale, lam, batch) for batch in args.search_batches], key=scores.get)
+    tuning["spp_nu_scale"], tuning["spp_lam"], tuning["spp_batch"] = best
     tuning["spp_rho"] = bench.rho(best[0])
     rule_of = {r: max(RULES, key=lambda rule: val[(*best, rule)][r]) for r in args.removed}  # a tie: entry
     tuning["spp rank per budget"] = {str(r): rule for r, rule in rule_of.items()}
@@ -467,9 +472,12 @@ def main():
     parser.add_argument("--removed", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.85])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--search-steps", type=int, default=600)
-    parser.add_argument("--search-batch", type=int, default=128,
-                        help="batch size of the SPP searches (nu stays batch 128's: search.nu_batch); the "
-                             "finetunes and the other methods keep 128")
+    parser.add_argument("--search-batches", type=int, nargs="+", default=[128, 192],
+                        help="batch sizes of the SPP searches tried on val, after nu and lam are picked at the first "
+                             "(nu stays batch 128's: search.nu_batch; the finetunes and the other methods keep 128). "
+                             "192: one 600-step search sees 0.75 of the samples of four 300-step Lasso runs at 128; "
+                             "the seed spread at -85%% is gradient noise that more samples per step reduce "
+                             "(docs/quality.md, lesson 8)")
     parser.add_argument("--nu-scales", type=float, nargs="+", default=[0.3, 1.0, 1.5, 3.0],
                         help="SPP nu values tried, as nu_scale (nu = nu_scale / RMS mask gradient at M = 1)")
     parser.add_argument("--search-step", type=float, default=0.03,

@@ -211,7 +211,7 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
                if m not in ("tp-magnitude-global", "tp-magnitude-global-iter", "tp-taylor-uniform")]
     command = [sys.executable, os.path.join(SCRIPTS, "benchmark_quality.py"), "--data-root", str(data),
                "--checkpoint", checkpoint, "--out", str(out), "--removed", "0.5", "0.85", "--seeds", "0", "1",
-               "--search-steps", "20", "--search-batch", "64", "--nu-scales", "3", "--lams", "0.1", "0.4", "--lasso-lams", "3e-4", "1e-3",
+               "--search-steps", "20", "--search-batches", "64", "96", "--nu-scales", "3", "--lams", "0.1", "0.4", "--lasso-lams", "3e-4", "1e-3",
                "--lasso-steps", "10", "--taylor-batches", "2", "--tp-steps", "50", "--finetune-steps", "3",
                "--epoch-removed", "0.85", "--epoch-steps", "4", "--methods", *methods]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
@@ -234,16 +234,21 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
         assert vals[rule] == max(vals.values())
         for key in ("params", "test_no_ft", "test_ft", "test_no_ft_std"):
             assert rows[("spp", removed)][key] == rows[(f"spp-{rule}", removed)][key]
-    assert tuning["spp_nu_scale"] == 3.0 and tuning["spp_lam"] in (0.1, 0.4)
+    assert tuning["spp_nu_scale"] == 3.0 and tuning["spp_lam"] in (0.1, 0.4) and tuning["spp_batch"] in (64, 96)
+    tried = {k.split(" batch=")[1].split()[0] for k in tuning if k.startswith("spp nu_scale=")}
+    assert tried == {"64", "96"}   # the second batch is tried at the nu and lam picked at the first
     assert set(tuning["lasso lam per budget"].values()) <= {3e-4, 1e-3}
     assert {"test_no_ft", "test_ft", "test_epoch"} <= set(summary["dense_ft"])
     table = (out / "benchmark_quality.md").read_text()
     assert all(f"| {m} |" in table for m in methods) and "1-epoch finetune: -85%" in table
     assert (out / "benchmark_quality.png").stat().st_size > 0
     searches = list((out / "searches").iterdir())
-    assert len(searches) == 3   # two tuning searches on seed 0, one more for seed 1
-    for search in searches:     # at --search-batch, named for it
-        assert search.name.endswith("_b64") and yaml.safe_load((search / "config.yaml").read_text())["data"]["batch_size"] == 64
+    assert len(searches) == 4   # tuning on seed 0: two lams at batch 64, the better one at 96; then seed 1
+    batch = tuning["spp_batch"]
+    for search in searches:     # each at its batch, named for it
+        size = yaml.safe_load((search / "config.yaml").read_text())["data"]["batch_size"]
+        assert search.name.endswith(f"_b{size}") and size in (64, 96)
+        assert not search.name.startswith("seed1") or size == batch
 
 
 def test_ablation_script_runs_and_keeps_earlier_rows(tmp_path):
