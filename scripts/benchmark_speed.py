@@ -20,6 +20,10 @@ Prints and writes (``--out``, JSON):
   * a plot next to the JSON (same name, .png): speed-up against FLOPs ratio at each batch size,
     and where the time goes. ``--plot-from A.json B.json --out C.json`` draws earlier runs into
     C.png without measuring anything (the README's figure: one run per batch size and granularity).
+On the CPU the process first calls ``spp.keep_cpu_memory()`` (``--cpu-allocator keep``): glibc
+otherwise maps every tensor over 32 MiB afresh and page-faults it in on each forward, which slows
+the dense model (the larger tensors) more than its members and so flatters their speed-up; the
+latency table prints the minor page faults of one forward of each model.
 Every figure is the median of ``--repeats`` timed runs after ``--warmup`` untimed ones; the
 models compared in a ratio are timed in turn within each repeat, each right after an untimed run
 of its own.
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -65,6 +70,15 @@ def timed_together(fns, device, repeats, warmup):
             sync(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def page_faults(fn):
+    """Minor page faults of one call of ``fn``, run twice (the count of the second): what a forward
+    pays for memory the allocator hands back to the OS and maps afresh (see ``--cpu-allocator``)."""
+    fn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
 def timed(fn, device, repeats, warmup):
@@ -159,7 +173,10 @@ def print_breakdown(breakdown):
 
 def run_label(report, batch):
     """How a line of the plot is named: batch, and the granularity and precision when not the default."""
-    extra = [w for w, default in ((f"{report['granularity']} masks", "dim masks"), (report["amp"], "off")) if w != default]
+    # runs before the allocator field existed used the system's
+    allocator = f"{report.get('cpu_allocator', 'system')} allocator"
+    extra = [w for w, default in ((f"{report['granularity']} masks", "dim masks"), (report["amp"], "off"),
+                                  (allocator, "keep allocator")) if w != default]
     return f"batch {batch}" + (f" ({', '.join(extra)})" if extra else "")
 
 
@@ -382,7 +399,7 @@ def latency(args, family, device, autocast):
             speedup = seconds["dense"] / seconds[name]
             rows.append({"batch": batch, "model": name, "ms": round(1000 * seconds[name], 2),
                          "speedup": round(speedup, 3), "flops_ratio": round(flops_ratio, 3),
-                         "realised": round(speedup / flops_ratio, 3)})
+                         "realised": round(speedup / flops_ratio, 3), "page_faults": page_faults(fns[name])})
     batch = max(args.batch_sizes)   # where the time goes, at the largest batch
     x = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
     try:
@@ -413,6 +430,9 @@ def main():
     parser.add_argument("--round-to", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--cpu-allocator", default="keep", choices=["keep", "system"],
+                        help="keep: spp.keep_cpu_memory(), freed CPU memory is reused (no page faults per forward); "
+                             "system: glibc's defaults, as runs 1-8 of the README were measured")
     parser.add_argument("--out", default="benchmark_speed.json")
     parser.add_argument("--plot-from", nargs="+", metavar="JSON",
                         help="measure nothing: draw the JSON files of earlier runs into --out's .png")
@@ -432,6 +452,9 @@ def main():
         return print(f"wrote {figure}")
     if args.memory_probe:
         return memory_probe(args)
+    kept = spp.keep_cpu_memory() if args.cpu_allocator == "keep" else False
+    if args.cpu_allocator == "keep" and not kept:
+        print("--cpu-allocator keep: this C library has no mallopt; timing with its own allocator")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.amp == "bf16" else None
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
@@ -442,12 +465,14 @@ def main():
     rows, breakdown = latency(args, family, device, autocast)
 
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    result = {"model": args.model, "granularity": args.granularity, "device": machine, "amp": args.amp, "train_batch": args.train_batch,
+    allocator = "keep" if kept else "system"
+    result = {"model": args.model, "granularity": args.granularity, "device": machine, "amp": args.amp,
+              "cpu_allocator": allocator, "train_batch": args.train_batch,
               "search_step_s": search, "finetune_step_s": finetune, "search_over_finetune": search / finetune,
               "frozen_step_s": frozen, "frozen_over_finetune": frozen / finetune,
               "optimizer_share_of_search_step": opt_only / search, "family_build_s": build,
               "select_s": select, "compress_s": compress, "memory": memory, "latency": rows, "breakdown": breakdown}
-    print(f"\n{args.model} ({args.granularity} masks) on {machine}, amp={args.amp}")
+    print(f"\n{args.model} ({args.granularity} masks) on {machine}, amp={args.amp}, CPU allocator: {allocator}")
     print(f"search step {1000 * search:.1f} ms vs finetune step {1000 * finetune:.1f} ms "
           f"(batch {args.train_batch}): ratio {search / finetune:.2f} (target <= 0.70)")
     print(f"  floor: the model without masks, weights frozen, gradient to the input: {1000 * frozen:.1f} ms = "
@@ -458,9 +483,10 @@ def main():
     if memory["search_MiB"] and memory["finetune_MiB"]:
         print(f"peak memory: search {memory['search_MiB']:.0f} MiB vs finetune {memory['finetune_MiB']:.0f} MiB "
               f"(ratio {memory['search_MiB'] / memory['finetune_MiB']:.2f})")
-    print("\n| batch | model | ms | speed-up | FLOPs ratio | realised |\n|---|---|---|---|---|---|")
+    print("\n| batch | model | ms | speed-up | FLOPs ratio | realised | page faults per forward |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {r['model']} | {r['ms']} | {r['speedup']:.2f}x | {r['flops_ratio']:.2f}x | {r['realised']:.2f} |")
+        print(f"| {r['batch']} | {r['model']} | {r['ms']} | {r['speedup']:.2f}x | {r['flops_ratio']:.2f}x | {r['realised']:.2f} "
+              f"| {r['page_faults']} |")
     if breakdown:
         print_breakdown(breakdown)
     with open(args.out, "w") as f:

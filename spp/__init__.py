@@ -11,6 +11,7 @@ from .masks import (MaskedAttention, MaskedMlp, add_masks, freeze_weights, mask_
                     remove_masks, set_masks)
 from .optim import LBI
 from .path import SolutionPath, support_sizes
+from .runtime import keep_cpu_memory
 from .structure import PAIRS, Widths, mask_pairs
 
 __version__ = "0.1.0"
@@ -20,4 +21,5 @@ __all__ = [
     "MaskedAttention", "MaskedMlp", "SolutionPath", "support_sizes", "WeightFamily", "Member",
     "Summary", "compress", "pruned_widths", "nominal_attention", "PrunedAttention", "save_pruned", "load_pruned",
     "create_model", "load_checkpoint", "count_flops", "count_params", "PAIRS", "Widths", "mask_pairs",
+    "keep_cpu_memory",
 ]

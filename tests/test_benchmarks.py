@@ -39,6 +39,7 @@ def test_speed_benchmark_runs_on_a_tiny_model(tmp_path, amp):
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["amp"] == amp
+    assert report["cpu_allocator"] == ("keep" if sys.platform.startswith("linux") else "system")
     assert report["search_step_s"] > 0 and report["finetune_step_s"] > 0 and report["frozen_step_s"] > 0
     assert 0 < report["optimizer_share_of_search_step"] < 1
     assert report["memory"]["search_MiB"] is not None and report["memory"]["finetune_MiB"] is not None
@@ -47,6 +48,7 @@ def test_speed_benchmark_runs_on_a_tiny_model(tmp_path, amp):
                                                            "-70% params, unpadded")}
     ratios = [rows[(4, f"-{p}% params")]["flops_ratio"] for p in (30, 50, 70)]
     assert 1 < ratios[0] < ratios[1] < ratios[2]  # more removed, fewer FLOPs
+    assert all(isinstance(r["page_faults"], int) and r["page_faults"] >= 0 for r in rows.values())
     breakdown = report["breakdown"]
     assert breakdown["batch"] == 4 and set(breakdown["ms"]) == {"dense", "-30% params", "-50% params", "-70% params"}
     assert breakdown["ms"]["dense"]["linear layers"] > 0 and breakdown["ms"]["dense"]["attention"] > 0
