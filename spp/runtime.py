@@ -63,7 +63,9 @@ class Runtime:
 
 
 def setup_runtime(device: str = "auto", amp: str = "auto", seed: int = 0) -> Runtime:
-    """Read torchrun's environment, start the process group, pick device and precision, seed by rank."""
+    """Read torchrun's environment, start the process group, pick device and precision, seed by rank.
+
+    On the CPU it also calls :func:`keep_cpu_memory`."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -75,6 +77,7 @@ def setup_runtime(device: str = "auto", amp: str = "auto", seed: int = 0) -> Run
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
+        keep_cpu_memory()  # no page faults on large activations each step (see keep_cpu_memory)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     if amp == "auto":
