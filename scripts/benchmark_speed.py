@@ -202,7 +202,7 @@ def plot(reports, filename):
     ax.plot(line, [0.9 * v for v in line], color="gray", ls="--", label="0.9 × FLOPs ratio (target)")
     ax.set_xlabel("FLOPs ratio (dense ÷ member)")
     ax.set_ylabel("speed-up (dense latency ÷ member latency)")
-    ax.set_title(f"{reports[0]['model']} on {reports[0]['device']}")
+    ax.set_title("; ".join(dict.fromkeys(f"{r['model']} on {r['device']}" for r in reports)))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if profiled:
