@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,11 @@ import torch
 import torch.nn.functional as F
 
 import spp
+
+try:
+    import resource   # Unix only: page-fault counts
+except ImportError:   # pragma: no cover - Windows
+    resource = None
 
 
 def sync(device):
@@ -74,7 +78,10 @@ def timed_together(fns, device, repeats, warmup):
 
 def page_faults(fn):
     """Minor page faults of one call of ``fn``, run twice (the count of the second): what a forward
-    pays for memory the allocator hands back to the OS and maps afresh (see ``--cpu-allocator``)."""
+    pays for memory the allocator hands back to the OS and maps afresh (see ``--cpu-allocator``).
+    None where the platform does not count them."""
+    if resource is None:
+        return None
     fn()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     fn()
