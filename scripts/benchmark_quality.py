@@ -319,7 +319,7 @@ def spp_methods(bench, args, tuning):
         return f"spp nu_scale={scale} rho={bench.rho(scale):.3g} lam={lam} batch={batch} rank={rule}"
 
     def tune(setting):
-        """Search the first seed at ``setting`` = (nu_scale, lam, batch); its best mean val over the rules."""
+        """Search the first seed at ``setting`` = (nu_scale, lam, batch) and judge it on val by each rule."""
         start = time.time()
         path = bench.spp_path(args.seeds[0], *setting)
         paths[(*setting, args.seeds[0])] = (path, time.time() - start)
@@ -328,13 +328,19 @@ def spp_methods(bench, args, tuning):
             mean = statistics.mean(val[(*setting, rule)].values())
             tuning[key(*setting, rule)] = round(mean, 2)
             print(f"tuning {key(*setting, rule)}: mean val {mean:.2f}%")
+
+    def score(setting):
+        """A tuned setting's mean val by its better rule."""
         return max(tuning[key(*setting, rule)] for rule in RULES)
 
     first = args.search_batches[0]
-    scores = {(scale, lam, first): tune((scale, lam, first)) for scale in args.nu_scales for lam in args.lams}
-    scale, lam, _ = max(scores, key=scores.get)
-    scores.update({(scale, lam, batch): tune((scale, lam, batch)) for batch in args.search_batches[1:]})
-    best = max([(scale, lam, batch) for batch in args.search_batches], key=scores.get)
+    grid = [(scale, lam, first) for scale in args.nu_scales for lam in args.lams]
+    for setting in grid:
+        tune(setting)
+    scale, lam, _ = max(grid, key=score)
+    for batch in args.search_batches[1:]:
+        tune((scale, lam, batch))
+    best = max([(scale, lam, batch) for batch in args.search_batches], key=score)
     tuning["spp_nu_scale"], tuning["spp_lam"], tuning["spp_batch"] = best
     tuning["spp_rho"] = bench.rho(best[0])
     rule_of = {r: max(RULES, key=lambda rule: val[(*best, rule)][r]) for r in args.removed}  # a tie: entry

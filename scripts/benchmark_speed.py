@@ -23,7 +23,7 @@ Prints and writes (``--out``, JSON):
 On the CPU the process first calls ``spp.keep_cpu_memory()`` (``--cpu-allocator keep``): glibc
 otherwise maps every tensor over 32 MiB afresh and page-faults it in on each forward, which slows
 the dense model (the larger tensors) more than its members and so flatters their speed-up; the
-latency table prints the minor page faults of one forward of each model.
+latency table prints each model's minor page faults per timed forward (median).
 Every figure is the median of ``--repeats`` timed runs after ``--warmup`` untimed ones; the
 models compared in a ratio are timed in turn within each repeat, each right after an untimed run
 of its own.
@@ -56,36 +56,37 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed_together(fns, device, repeats, warmup):
+def minor_faults():
+    """This process's minor page faults so far; None where the platform does not count them."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else None
+
+
+def timed_together(fns, device, repeats, warmup, faults=None):
     """Median seconds of each function in ``fns`` (name → callable), timed in turn within every
     repeat, so a slow spell of a shared machine slows all of them alike and ratios hold. Each timed
     call follows an untimed call of the same function: it is timed in its own steady state (caches,
-    allocator), as when it runs on its own, not in the state the previous function left."""
+    allocator), as when it runs on its own, not in the state the previous function left. With a
+    dict ``faults``, also fills in the median minor page faults of each function's timed calls:
+    what it pays for memory the allocator hands back to the OS and maps afresh (``--cpu-allocator``)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {name: [] for name in fns}
+    faulted = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             fn()
             sync(device)
+            before = minor_faults()
             start = time.perf_counter()
             fn()
             sync(device)
             times[name].append(time.perf_counter() - start)
+            if before is not None:
+                faulted[name].append(minor_faults() - before)
+    if faults is not None:
+        faults.update({name: int(statistics.median(f)) if f else None for name, f in faulted.items()})
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def page_faults(fn):
-    """Minor page faults of one call of ``fn``, run twice (the count of the second): what a forward
-    pays for memory the allocator hands back to the OS and maps afresh (see ``--cpu-allocator``).
-    None where the platform does not count them."""
-    if resource is None:
-        return None
-    fn()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    fn()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
 def timed(fn, device, repeats, warmup):
@@ -401,12 +402,13 @@ def latency(args, family, device, autocast):
             return run
 
         fns = {name: forward(m, padded=name in members) for name, (m, _) in timed_models.items()}
-        seconds = timed_together(fns, device, args.repeats, args.warmup)
+        faults = {}
+        seconds = timed_together(fns, device, args.repeats, args.warmup, faults)
         for name, (_, flops_ratio) in timed_models.items():
             speedup = seconds["dense"] / seconds[name]
             rows.append({"batch": batch, "model": name, "ms": round(1000 * seconds[name], 2),
                          "speedup": round(speedup, 3), "flops_ratio": round(flops_ratio, 3),
-                         "realised": round(speedup / flops_ratio, 3), "page_faults": page_faults(fns[name])})
+                         "realised": round(speedup / flops_ratio, 3), "page_faults": faults[name]})
     batch = max(args.batch_sizes)   # where the time goes, at the largest batch
     x = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
     try:
