@@ -1,6 +1,9 @@
-"""The README and docs/ link to files and sections that exist (the Results moved details into docs/)."""
+"""The README and docs/ link to files and sections that exist (the Results moved details into docs/), and
+the README's library tour (``scripts/api_example.py``) runs and prints what the README promises."""
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -36,3 +39,18 @@ def test_relative_links_resolve(page):
         elif anchor and anchor not in slugs(target):
             broken.append(f"{link} (no heading #{anchor} in {target})")
     assert not broken, f"{page}: broken links: {broken}"
+
+
+def test_api_example_tour_runs():
+    """The README sends notebook users to ``python scripts/api_example.py``: search, select, compress, save."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "api_example.py")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    members = re.findall(r"keep (\d+)%: ([\d,]+) params \(predicted ([\d,]+)\), masked vs compressed max diff (\S+)",
+                         result.stdout)
+    assert [m[0] for m in members] == ["70", "50", "30"], result.stdout
+    for _, params, predicted, diff in members:
+        assert params == predicted and float(diff) < 1e-5, result.stdout
+    sizes = [int(m[1].replace(",", "")) for m in members]
+    assert sizes[0] > sizes[1] > sizes[2]
+    assert "saved and reloaded: True" in result.stdout
