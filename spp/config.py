@@ -8,6 +8,7 @@ key and the expected type. ``save_config`` writes the resolved config beside a r
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -236,7 +237,9 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
             with open(path) as f:
                 data = yaml.safe_load(f) or {}
         except FileNotFoundError:
-            raise ConfigError(f"config file {path} not found (the shipped ones are in configs/)") from None
+            raise ConfigError(f"config file {path} not found (looked for {os.path.abspath(path)}); the shipped "
+                              "ones are in the repository's configs/, and its shell scripts find them "
+                              "from any directory") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
     config = Config()

@@ -42,6 +42,30 @@ def test_config_errors_name_the_problem():
     assert load_config(SMOKE, ["data.batch_size=8"]).data.img_size == 32  # sections merge
 
 
+def test_shell_entry_points_run_from_any_directory(tmp_path):
+    """The users' commands (deit_search.sh, scripts/export.sh, deit_retrain.sh) run from outside the
+    repository: a config relative to where they run, or one of configs/ by its repository path, and
+    relative outputs land where they run, not in the repository."""
+    with open(SMOKE) as f:
+        config = yaml.safe_load(f)
+    config["search"]["steps"] = 8
+    with open(tmp_path / "mine.yaml", "w") as f:
+        yaml.safe_dump(config, f)
+
+    def shell(script, *args):
+        result = subprocess.run(["bash", os.path.join(ROOT, script), *args], cwd=tmp_path, capture_output=True,
+                                text=True, env={**os.environ, "NPROC": "1"}, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+
+    shell("deit_search.sh", "mine.yaml", "output=run")
+    assert spp.SolutionPath.load(str(tmp_path / "run")).steps == 8
+    shell("scripts/export.sh", "configs/smoke_synthetic.yaml", "output=run", "export.remove=0.5")
+    assert (tmp_path / "run" / "pruned" / "config.json").is_file()
+    shell("deit_retrain.sh", "mine.yaml", "output=finetuned", "train.source=run/pruned", "train.epochs=1")
+    assert (tmp_path / "finetuned" / "log.jsonl").is_file()
+    assert not any(os.path.exists(os.path.join(ROOT, d)) for d in ("run", "finetuned"))
+
+
 def test_shipped_configs_load():
     for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
         cfg = load_config(os.path.join(ROOT, "configs", name))
