@@ -17,13 +17,27 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] 
 
     ``checkpoint`` loads weights from a local file through :func:`load_checkpoint`.
     """
-    import timm
-
-    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    model = _timm_model(name, pretrained, **kwargs)
     model.spp_base = {"name": name, "kwargs": dict(kwargs)}
     if checkpoint:
         load_checkpoint(model, checkpoint)
     return model
+
+
+def _timm_model(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    """``timm.create_model``; a failed download of pretrained weights says how to go on offline."""
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except OSError as e:  # no network / not in the Hugging Face cache (FileNotFoundError, ConnectionError)
+        if not pretrained:
+            raise
+        raise FileNotFoundError(
+            f"could not get timm's pretrained weights for {name!r} ({type(e).__name__}: {e}). Offline, "
+            "load a local file instead: spp.create_model(name, checkpoint=PATH) or model.checkpoint=PATH "
+            "in a config (a DeiT release .pth, a state dict or .safetensors); HF_HUB_OFFLINE=1 reads "
+            "only the Hugging Face cache, without retrying the network") from e
 
 
 def base_of(model: nn.Module) -> Dict[str, Any]:
@@ -72,8 +86,7 @@ def load_checkpoint(model: nn.Module, source: str, strict: bool = False) -> Load
     unexpected keys raise when ``strict`` and are returned otherwise.
     """
     if source.startswith("timm:"):
-        import timm
-        state = timm.create_model(source[5:], pretrained=True).state_dict()
+        state = _timm_model(source[5:], pretrained=True).state_dict()
     elif os.path.isfile(source):
         state = _read_state_dict(source)
     else:

@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -264,6 +266,24 @@ def test_load_checkpoint_formats(tmp_path):
         result = spp.load_checkpoint(target, str(tmp_path / name))
         assert result.missing_keys == [] and result.unexpected_keys == []
         torch.testing.assert_close(target.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+
+
+def test_pretrained_weights_offline_say_what_to_do(tmp_path):
+    """Without the network or a cached file, both ways to timm's weights name the local-file way out."""
+    probe = ("import spp\n"
+             "for attempt in (lambda: spp.create_model('vit_tiny_patch16_224', pretrained=True),\n"
+             "                lambda: spp.load_checkpoint(spp.create_model('vit_tiny_patch16_224'), 'timm:vit_tiny_patch16_224')):\n"
+             "    try:\n"
+             "        attempt()\n"
+             "    except FileNotFoundError as e:\n"
+             "        print('ERROR', e)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}   # an empty cache, no network
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in result.stdout.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 2, result.stdout + result.stderr[-2000:]
+    for error in errors:
+        assert "could not get timm's pretrained weights for 'vit_tiny_patch16_224'" in error
+        assert "checkpoint=PATH" in error and "HF_HUB_OFFLINE" in error
 
 
 def test_load_checkpoint_errors(tmp_path):
