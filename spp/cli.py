@@ -22,11 +22,11 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("config", help="YAML config (see configs/)")
-        p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. search.lr=5e-4")
+        p.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides, e.g. search.lr=5e-4")
     demo = sub.add_parser("demo", help="pretrain, search, family, export and retrain on Fashion-MNIST")
     demo.add_argument("--output", default="outputs/demo", help="where the demo writes (default outputs/demo)")
     demo.add_argument("--fresh", action="store_true", help="pretrain again even if a cached model exists")
-    demo.add_argument("overrides", nargs="*", help="key=value overrides applied to every stage")
+    demo.add_argument("overrides", nargs="*", default=[], help="key=value overrides applied to every stage")
     return parser
 
 

@@ -66,6 +66,13 @@ def test_shell_entry_points_run_from_any_directory(tmp_path):
     assert not any(os.path.exists(os.path.join(ROOT, d)) for d in ("run", "finetuned"))
 
 
+def test_cli_asks_only_for_the_config(capsys):
+    with pytest.raises(SystemExit):
+        main(["search"])
+    err = capsys.readouterr().err
+    assert "required: config" in err and "overrides" not in err.splitlines()[-1]
+
+
 def test_shipped_configs_load():
     for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
         cfg = load_config(os.path.join(ROOT, "configs", name))
