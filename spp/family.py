@@ -235,19 +235,24 @@ class WeightFamily:
             raise ValueError(f"scope={scope!r}: choose one of {SCOPES}")
         if sum(x is not None for x in (keep, remove, budget)) != 1:
             raise ValueError("give exactly one of keep=, remove= or budget=")
-        if floor < 0 or round_to < 1:
-            raise ValueError(f"floor={floor} must be >= 0 and round_to={round_to} >= 1")
+        if floor < 0:
+            raise ValueError(f"floor={floor}: entries kept per pair of every block, >= 0")
+        if round_to < 1:
+            raise ValueError(f"round_to={round_to}: the multiple kept widths are rounded to, >= 1 (1: no rounding)")
         prunable = self.prunable(by)
         if budget is not None:
             if scope != "global":
                 raise ValueError("budget= works with scope='global'; use keep= or remove= per pair")
-            keep = (budget - self._constant(by) - self._total(self._empty(), by)) / prunable
-        elif remove is not None:
+            fixed = self._constant(by) + self._total(self._empty(), by)
+            if not fixed <= budget <= fixed + prunable:
+                raise ValueError(f"budget={budget:,} {by} is outside what members can cost: from {fixed:,} "
+                                 f"(the unprunable part alone) to {fixed + prunable:,} (the whole model)")
+            keep = (budget - fixed) / prunable
+        for name, fraction in (("keep", keep), ("remove", remove)):
+            if fraction is not None and not 0.0 <= fraction <= 1.0:
+                raise ValueError(f"{name}={fraction}: a fraction of the prunable {by}, in [0, 1]")
+        if remove is not None:
             keep = 1.0 - remove
-        if not 0.0 <= keep <= 1.0:
-            raise ValueError(f"the target keeps {keep:.4f} of the prunable {by}; it must lie in [0, 1]"
-                             + (f" (the model's unprunable part alone costs "
-                                f"{self._constant(by) + self._total(self._empty(), by):,})" if budget is not None else ""))
         order, forced = self._apply_floor(self.ranking(rank), floor)
         if scope == "global":
             chosen = self._walk_global(order, keep * prunable, by, forced)

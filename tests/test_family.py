@@ -104,7 +104,11 @@ def test_round_to_multiples():
 
 
 def test_bad_select_arguments(family):
-    for kwargs, word in [(dict(keep=0.5, remove=0.5), "exactly one"), (dict(keep=1.5), "lie in"),
+    whole = family.params_before
+    for kwargs, word in [(dict(keep=0.5, remove=0.5), "exactly one"), (dict(keep=1.5), r"keep=1.5: .* in \[0, 1\]"),
+                         (dict(remove=-0.1), r"remove=-0.1: .* in \[0, 1\]"),
+                         (dict(budget=whole + 1), f"to {whole:,} \\(the whole model\\)"),
+                         (dict(keep=0.5, floor=-1), "floor=-1"), (dict(keep=0.5, round_to=0), "round_to=0"),
                          (dict(keep=0.5, by="bytes"), "by="), (dict(keep=0.5, scope="layer"), "scope="),
                          (dict(keep=0.5, rank="random"), "rank="), (dict(budget=1e5, scope="pair"), "budget")]:
         with pytest.raises(ValueError, match=word):
