@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from .checkpoint import create_model
-from .config import Config, DataConfig, ExportConfig
+from .config import Config, ConfigError, DataConfig, ExportConfig
 from .data import build_datasets, build_loader
 from .engine import DistillationLoss
 from .runtime import Runtime, main_print
+from .structure import SUPPORTED_FAMILIES
 
 __all__ = ["build_model", "build_loaders", "build_criterion", "select_member"]
 
@@ -29,7 +30,17 @@ def build_model(cfg: Config, runtime: Optional[Runtime] = None) -> nn.Module:
         raise FileNotFoundError(f"model.checkpoint={checkpoint} not found. Give a local DeiT .pth or "
                                 f".safetensors file, model.checkpoint=timm:{cfg.model.name} (online), or "
                                 "try spp without ImageNet weights: make demo")
-    model = create_model(cfg.model.name, pretrained=cfg.model.pretrained, **kwargs)
+    try:
+        model = create_model(cfg.model.name, pretrained=cfg.model.pretrained, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" not in str(e):
+            raise
+        raise ConfigError(f"model.name={cfg.model.name!r}: timm has no such model ({e}); "
+                          f"timm.list_models('*deit*') lists names, spp prunes {SUPPORTED_FAMILIES}") from e
+    except TypeError as e:
+        raise ConfigError(f"model.name={cfg.model.name!r} does not take the arguments spp passes ({e}); "
+                          f"spp prunes {SUPPORTED_FAMILIES}. Check model.kwargs and data.img_size, "
+                          "data.in_chans and data.num_classes") from e
     if checkpoint:
         from .checkpoint import load_checkpoint
         result = load_checkpoint(model, checkpoint)

@@ -34,6 +34,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     from .data import DatasetNotFound
     from .runtime import CheckpointError, NonFiniteLoss
+    from .structure import UnsupportedModel
     try:
         if args.command == "demo":
             from .demo import run_demo
@@ -55,7 +56,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             from .report import run_eval
             run_eval(cfg)
-    except (ConfigError, DatasetNotFound, FileNotFoundError, CheckpointError, NonFiniteLoss) as e:
+    except (ConfigError, DatasetNotFound, FileNotFoundError, CheckpointError, NonFiniteLoss, UnsupportedModel) as e:
         print(f"spp {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -273,6 +273,56 @@ def _validate(c: Config) -> None:
         _choice(f"{name}.by", section.by, ("params", "flops", "elements"))
         _choice(f"{name}.scope", section.scope, ("global", "pair"))
         _choice(f"{name}.rank", section.rank, ("entry", "z"))
+    _check_ranges(c)
+    glued = [key for key, value in c.model.kwargs.items() if value is None and ":" in str(key)]
+    if glued:
+        raise ConfigError(f"model.kwargs has the key {glued[0]!r} with no value: YAML needs a space after each colon "
+                          "(model.kwargs='{depth: 6, num_heads: 4}')")
+
+
+def _ranges(c: Config):
+    """``(key, value, allowed, what is allowed)`` for every number with a limit; None values are skipped."""
+    d, s, t = c.data, c.search, c.train
+    positive = (lambda v: v > 0, "must be > 0")
+    count = (lambda v: v >= 0, "must be >= 0")
+    fraction = (lambda v: 0 <= v <= 1, "must lie in [0, 1]")
+    below_one = (lambda v: 0 <= v < 1, "must lie in [0, 1)")
+    numbers = {key: v for key, v in (("search.lr", s.lr), ("search.nu", s.nu)) if not isinstance(v, str)}  # or auto
+    table = [
+        (positive, {
+            "data.img_size": d.img_size, "data.in_chans": d.in_chans, "data.num_classes": d.num_classes,
+            "data.batch_size": d.batch_size, "data.eval_batch_size": d.eval_batch_size,
+            "data.synthetic_size": d.synthetic_size, "search.epochs": s.epochs, "search.rho": s.rho,
+            "search.kappa": s.kappa, "search.nu_scale": s.nu_scale, "search.calibration_batches": s.calibration_batches,
+            "search.log_every": s.log_every, "family.round_to": c.family.round_to,
+            "export.round_to": c.export.round_to, "export.budget": c.export.budget, "train.epochs": t.epochs,
+            "train.lr": t.lr, "train.clip_grad": t.clip_grad, "train.distill_temperature": t.distill_temperature,
+            "train.eval_every": t.eval_every, "train.log_every": t.log_every, **numbers}),
+        (count, {
+            "data.workers": d.workers, "data.mixup": d.mixup, "data.cutmix": d.cutmix,
+            "data.color_jitter": d.color_jitter, "search.steps": s.steps, "search.lam": s.lam,
+            "search.checkpoint_every": s.checkpoint_every, "family.floor": c.family.floor,
+            "family.max_batches": c.family.max_batches, "export.floor": c.export.floor, "train.steps": t.steps,
+            "train.min_lr": t.min_lr, "train.warmup_epochs": t.warmup_epochs, "train.warmup_lr": t.warmup_lr,
+            "train.weight_decay": t.weight_decay, "train.distill": t.distill,
+            "train.checkpoint_every": t.checkpoint_every}),
+        (fraction, {
+            "data.reprob": d.reprob, "export.keep": c.export.keep, "export.remove": c.export.remove,
+            **{f"search.targets[{i}]": v for i, v in enumerate(s.targets)},
+            **{f"family.targets[{i}]": v for i, v in enumerate(c.family.targets)}}),
+        (below_one, {
+            "data.val_fraction": d.val_fraction, "data.smoothing": d.smoothing, "model.drop_path": c.model.drop_path,
+            "train.ema_decay": t.ema_decay}),
+    ]
+    for (allowed, what), values in table:
+        for key, value in values.items():
+            yield key, value, allowed, what
+
+
+def _check_ranges(c: Config) -> None:
+    for key, value, allowed, what in _ranges(c):
+        if value is not None and not allowed(value):
+            raise ConfigError(f"{key}={value!r}: {what}")
 
 
 def save_config(config: Config, path: str) -> None:

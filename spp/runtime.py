@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import atomic_torch_save
+from .config import ConfigError
 
 __all__ = ["Runtime", "setup_runtime", "keep_cpu_memory", "RunLogger", "gather_rng_states", "restore_rng_states", "CheckpointError",
            "save_training_checkpoint", "load_training_checkpoint", "NonFiniteLoss"]
@@ -71,7 +72,7 @@ def setup_runtime(device: str = "auto", amp: str = "auto", seed: int = 0) -> Run
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
+        raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)

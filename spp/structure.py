@@ -148,22 +148,26 @@ def widths_from_masks(geom: BlockGeometry, qk: torch.Tensor, v: torch.Tensor, ml
                               int((qk_on & v_on).sum()) if granularity == "head" else 0)
 
 
+class UnsupportedModel(TypeError):
+    """The model (or one of its blocks) is not one spp can mask and compress exactly."""
+
+
 def _check_supported_block(name: str, block: nn.Module) -> None:
     attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
     if isinstance(attn, WindowAttention):
         pass
     elif not isinstance(attn, Attention):
-        raise TypeError(f"{name}.attn is {type(attn).__name__}; spp supports timm's Attention and "
+        raise UnsupportedModel(f"{name}.attn is {type(attn).__name__}; spp supports timm's Attention and "
                         f"WindowAttention ({SUPPORTED_FAMILIES}). Was the model compressed already?")
     elif not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)
             and isinstance(attn.norm, nn.Identity) and getattr(attn, "gate", None) is None):
-        raise TypeError(f"{name}.attn uses qk_norm, scale_norm or a gate; masks on those "
+        raise UnsupportedModel(f"{name}.attn uses qk_norm, scale_norm or a gate; masks on those "
                         "cannot be compressed exactly. spp supports plain timm Attention.")
     if not isinstance(mlp, Mlp):
-        raise TypeError(f"{name}.mlp is {type(mlp).__name__}; spp supports timm's Mlp "
+        raise UnsupportedModel(f"{name}.mlp is {type(mlp).__name__}; spp supports timm's Mlp "
                         f"({SUPPORTED_FAMILIES})")
     if not (isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.norm, nn.Identity)):
-        raise TypeError(f"{name}.mlp must be a Linear Mlp without a hidden norm")
+        raise UnsupportedModel(f"{name}.mlp must be a Linear Mlp without a hidden norm")
 
 
 def find_blocks(model: nn.Module) -> List[nn.Module]:
@@ -172,7 +176,7 @@ def find_blocks(model: nn.Module) -> List[nn.Module]:
         return list(model.blocks)
     if isinstance(model, SwinTransformer):
         return [block for stage in model.layers for block in stage.blocks]
-    raise TypeError(f"spp does not support {type(model).__name__}; supported: {SUPPORTED_FAMILIES}")
+    raise UnsupportedModel(f"spp does not support {type(model).__name__}; supported: {SUPPORTED_FAMILIES}")
 
 
 def model_geometry(model: nn.Module) -> List[BlockGeometry]:

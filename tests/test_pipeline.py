@@ -32,6 +32,17 @@ def test_config_errors_name_the_problem():
         load_config(SMOKE, ["data.dataset=cifar"])
     with pytest.raises(ConfigError, match=r"search.nu_calibration='type': choose one of pooled, pair, mask"):
         load_config(SMOKE, ["search.nu_calibration=type"])
+    for override, message in [("search.steps=-5", "search.steps=-5: must be >= 0"),
+                              ("data.batch_size=0", "data.batch_size=0: must be > 0"),
+                              ("search.kappa=0", "search.kappa=0.0: must be > 0"),
+                              ("search.nu=-3", "search.nu=-3.0: must be > 0"),
+                              ("family.targets=[1.0,1.5]", r"family.targets\[1\]=1.5: must lie in \[0, 1\]"),
+                              ("train.ema_decay=1", r"train.ema_decay=1.0: must lie in \[0, 1\)")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(SMOKE, [override])
+    assert load_config(SMOKE, ["search.nu=auto", "export.budget=null"]).search.nu == "auto"
+    with pytest.raises(ConfigError, match="'depth:3' with no value: YAML needs a space after each colon"):
+        load_config(SMOKE, ["model.kwargs={depth:3}"])
     with pytest.raises(ConfigError, match="not key=value"):
         load_config(SMOKE, ["search.lr"])
     with pytest.raises(ConfigError, match="not found"):
@@ -71,6 +82,18 @@ def test_cli_asks_only_for_the_config(capsys):
         main(["search"])
     err = capsys.readouterr().err
     assert "required: config" in err and "overrides" not in err.splitlines()[-1]
+
+
+def test_model_and_device_problems_are_errors_not_tracebacks(tmp_path, capsys):
+    cases = [(["model.name=vit_nonexistent"], "model.name='vit_nonexistent': timm has no such model"),
+             (["model.name=resnet18"], "model.name='resnet18' does not take the arguments spp passes"),
+             (["model.kwargs={patch_size: 8, embed_dim: 64, depth: 1, num_heads: 4, qk_norm: true}"],
+              "blocks.0.attn uses qk_norm")]
+    if not torch.cuda.is_available():
+        cases.append((["device=cuda"], "device=cuda but no CUDA device is visible"))
+    for overrides, message in cases:
+        assert run("search", str(tmp_path / "run"), *overrides) == 2
+        assert f"spp search: error: {message}" in capsys.readouterr().err
 
 
 def test_shipped_configs_load():
