@@ -34,7 +34,8 @@ def run_demo(output: str = "outputs/demo", overrides: Sequence[str] = (), fresh:
     checkpoint = os.path.join(output, "pretrain", "best.safetensors")
     search_dir = os.path.join(output, "search")
     pruned_dir = os.path.join(search_dir, "pruned")
-    pretrain = _config("demo_pretrain.yaml", [f"output={output}/pretrain", *overrides])
+    fresh_start = ["resume=null"] if fresh else []   # --fresh: not even a checkpoint of an earlier pretrain is resumed
+    pretrain = _config("demo_pretrain.yaml", [f"output={output}/pretrain", *overrides, *fresh_start])
     if fresh or not os.path.isfile(checkpoint):
         _banner("1/5 pretrain a ViT on Fashion-MNIST (cached for the next run)")
         run_retrain(pretrain)

@@ -17,7 +17,7 @@ from .engine import evaluate, train_one_epoch
 from .family import WeightFamily
 from .path import SolutionPath
 from .runtime import (NonFiniteLoss, Runtime, RunLogger, check_shapes,
-                      gather_rng_states, load_training_checkpoint, main_print, resume_file,
+                      check_same_run, gather_rng_states, load_training_checkpoint, main_print, resume_file,
                       restore_rng_states, save_training_checkpoint, setup_runtime)
 
 __all__ = ["run_retrain", "source_model"]
@@ -61,9 +61,6 @@ def run_retrain(cfg: Config) -> Dict:
 
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
     t = cfg.train
-    if runtime.is_main:
-        os.makedirs(cfg.output, exist_ok=True)
-        save_config(cfg, os.path.join(cfg.output, "config.yaml"))
     model = source_model(cfg, runtime).to(runtime.device)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -89,7 +86,8 @@ def run_retrain(cfg: Config) -> Dict:
     resume = resume_file(cfg.resume, os.path.join(cfg.output, CHECKPOINT))
     if resume:
         state = load_training_checkpoint(resume, "train", cfg.model.name)
-        check_shapes(state["model"], model.state_dict(), resume)
+        check_shapes(state["model"], model.state_dict(), resume)   # another model: which shapes differ
+        check_same_run(state, cfg.to_dict(), resume)                # same model: which settings differ
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None and "ema" in state:
@@ -99,6 +97,9 @@ def run_retrain(cfg: Config) -> Dict:
         step, epoch, batch, best = state["step"], state["epoch"], state["batch"], state["best"]
         restore_rng_states(state["rng"], runtime)
         main_print(runtime, f"resumed {resume} at step {step} (epoch {epoch})")
+    if runtime.is_main:  # after the resume checks: a refused resume leaves the folder as it was
+        os.makedirs(cfg.output, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.output, "config.yaml"))
     main_print(runtime, f"train: {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M params, "
                         f"{total_steps} steps ({steps_per_epoch}/epoch), lr {lr:.3g}")
     logger = RunLogger(cfg.output, runtime.is_main)
@@ -107,7 +108,7 @@ def run_retrain(cfg: Config) -> Dict:
         rng = gather_rng_states(runtime)  # collective: every rank takes part
         if not runtime.is_main:
             return
-        state = {"kind": "train", "model_name": cfg.model.name, "model": model.state_dict(),
+        state = {"kind": "train", "model_name": cfg.model.name, "config": cfg.to_dict(), "model": model.state_dict(),
                  "optimizer": optimizer.state_dict(), "step": global_step, "epoch": at_epoch,
                  "batch": at_batch, "best": best, "rng": rng}
         if ema is not None:

@@ -19,7 +19,7 @@ from .checkpoint import atomic_torch_save
 from .config import ConfigError
 
 __all__ = ["Runtime", "setup_runtime", "keep_cpu_memory", "RunLogger", "gather_rng_states", "restore_rng_states", "CheckpointError",
-           "save_training_checkpoint", "load_training_checkpoint", "NonFiniteLoss"]
+           "save_training_checkpoint", "load_training_checkpoint", "check_same_run", "NonFiniteLoss"]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -186,6 +186,40 @@ def load_training_checkpoint(path: str, kind: str, model_name: str) -> Dict[str,
     if state.get("model_name") != model_name:
         raise CheckpointError(f"{path} was written for model {state.get('model_name')!r}, not {model_name!r}")
     return state
+
+
+# What a resumed run must share with the run that wrote its checkpoint (dotted prefixes), and what it may
+# change: paths, logging, evaluation, and how far it runs (an LBI path has no schedule to stretch).
+SAME_RUN = {"search": ("seed", "model.", "data.", "search."), "train": ("seed", "model.", "data.", "train.", "export.")}
+FREE_ON_RESUME = ("model.checkpoint", "model.pretrained", "data.root", "data.workers", "data.eval_batch_size",
+                  "search.steps", "search.epochs", "search.targets", "search.log_every", "search.checkpoint_every",
+                  "train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every", "export.out")
+
+
+def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    flat: Dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "kwargs":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_same_run(state: Dict[str, Any], config: Dict[str, Any], path: str) -> None:
+    """Refuse to resume ``path`` under settings that change what the run computes (``config``:
+    ``Config.to_dict()``), naming each one; checkpoints written before settings were stored pass."""
+    if "config" not in state:
+        return
+    kind = state["kind"]
+    was, now = _flatten(state["config"]), _flatten(config)
+    differ = [key for key in sorted(set(was) | set(now))
+              if key.startswith(SAME_RUN[kind]) and not key.startswith(FREE_ON_RESUME) and was.get(key) != now.get(key)]
+    if differ:
+        listed = "; ".join(f"{key} is {was.get(key)!r} there and {now.get(key)!r} here" for key in differ[:6])
+        raise CheckpointError(f"{path} belongs to a run with other settings: {listed}. Resume it with its settings, "
+                              "give another output=, or start this folder afresh with resume=null (its files are "
+                              "overwritten)")
 
 
 def resume_file(resume: Optional[str], default: str) -> Optional[str]:

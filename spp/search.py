@@ -15,7 +15,7 @@ from .family import WeightFamily
 from .masks import add_masks, mask_parameters
 from .optim import LBI
 from .path import SolutionPath, support_sizes
-from .runtime import (CheckpointError, NonFiniteLoss, Runtime, RunLogger, check_shapes,
+from .runtime import (CheckpointError, NonFiniteLoss, Runtime, RunLogger, check_same_run, check_shapes,
                       gather_rng_states, load_training_checkpoint, main_print, resume_file,
                       restore_rng_states, save_training_checkpoint, setup_runtime)
 from .structure import mask_pairs
@@ -150,7 +150,7 @@ def _save(cfg: Config, model_masks, optimizer, support, step, epoch, batch, runt
     rng = gather_rng_states(runtime)  # collective: every rank takes part
     if not runtime.is_main:
         return
-    state = {"kind": "search", "model_name": cfg.model.name,
+    state = {"kind": "search", "model_name": cfg.model.name, "config": cfg.to_dict(),
              "masks": {n: p.detach().cpu() for n, p in model_masks},
              "optimizer": optimizer.state_dict(), "support": support, "step": step,
              "epoch": epoch, "batch": batch, "rng": rng}
@@ -159,9 +159,6 @@ def _save(cfg: Config, model_masks, optimizer, support, step, epoch, batch, runt
 
 def run_search(cfg: Config) -> SolutionPath:
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
-    if runtime.is_main:
-        os.makedirs(cfg.output, exist_ok=True)
-        save_config(cfg, os.path.join(cfg.output, "config.yaml"))
     model = build_model(cfg, runtime)
     add_masks(model, cfg.model.granularity, freeze=True)
     model.to(runtime.device)
@@ -185,7 +182,8 @@ def run_search(cfg: Config) -> SolutionPath:
     pairs = mask_pairs(model)
     if resume:
         state = load_training_checkpoint(resume, "search", cfg.model.name)
-        check_shapes(state["masks"], dict(named_masks), resume)
+        check_shapes(state["masks"], dict(named_masks), resume)   # another model: which shapes differ
+        check_same_run(state, cfg.to_dict(), resume)              # same model: which settings differ
         with torch.no_grad():
             for name, p in named_masks:
                 p.copy_(state["masks"][name])
@@ -208,6 +206,9 @@ def run_search(cfg: Config) -> SolutionPath:
         for group in groups:
             group["lr"] = s.lr if s.lr != "auto" else s.rho * group["nu"] / s.kappa
         optimizer = LBI(groups, kappa=s.kappa, lam=s.lam, preconditioner=s.preconditioner, shrink=s.shrink)
+    if runtime.is_main:  # after the resume checks: a refused resume leaves the folder as it was
+        os.makedirs(cfg.output, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.output, "config.yaml"))
     group = optimizer.param_groups[0]
     per_group = "" if len(optimizer.param_groups) == 1 else f" ({s.nu_calibration} 1 of {len(optimizer.param_groups)})"
     main_print(runtime, f"search: {total_steps} steps ({steps_per_epoch}/epoch), lr={group['lr']:.4g} "

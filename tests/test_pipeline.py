@@ -96,6 +96,44 @@ def test_model_and_device_problems_are_errors_not_tracebacks(tmp_path, capsys):
         assert f"spp search: error: {message}" in capsys.readouterr().err
 
 
+def test_resume_refuses_other_settings_and_leaves_the_folder_as_it_was(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert run("search", out, "search.steps=8") == 0
+    capsys.readouterr()
+    assert run("search", out, "search.steps=8", "search.lam=0.2") == 2
+    err = capsys.readouterr().err
+    assert "search.lam is 0.4 there and 0.2 here" in err and "resume=null" in err
+    assert load_config(os.path.join(out, "config.yaml")).search.lam == 0.4        # not overwritten
+    assert run("search", out, "search.steps=16", "search.log_every=8") == 0        # running on is no other run
+    assert spp.SolutionPath.load(out).steps == 16
+    assert run("search", out, "search.steps=8", "search.lam=0.2", "resume=null") == 0
+    assert load_config(os.path.join(out, "config.yaml")).search.lam == 0.2
+    assert spp.SolutionPath.load(out).meta["hyperparameters"]["lam"] == 0.2
+
+    assert run("export", out) == 0
+    trained = str(tmp_path / "trained")
+    assert run("retrain", trained, f"train.source={out}/pruned", "train.epochs=1") == 0
+    capsys.readouterr()
+    assert run("retrain", trained, f"train.source={out}/pruned", "train.epochs=1", "train.lr=5e-4") == 2
+    assert "train.lr is 0.001 there and 0.0005 here" in capsys.readouterr().err
+
+
+def test_demo_caches_its_pretrained_model_and_fresh_trains_it_again(tmp_path, capsys):
+    from spp.demo import run_demo
+
+    tiny = ["data.dataset=synthetic", "data.synthetic_size=64", "data.batch_size=16", "data.eval_batch_size=32",
+            "train.epochs=1", "search.steps=8", "search.calibration_batches=1", "family.max_batches=1"]
+    out = str(tmp_path / "demo")
+    table = run_demo(out, tiny)
+    assert "| 50% |" in table and os.path.isfile(os.path.join(out, "search", "pruned", "model.safetensors"))
+    assert "1/5 pretrain a ViT" in capsys.readouterr().out
+    run_demo(out, tiny)
+    assert "pretrained model cached" in capsys.readouterr().out
+    run_demo(out, tiny, fresh=True)
+    printed = capsys.readouterr().out
+    assert "1/5 pretrain a ViT" in printed and "resumed" not in printed   # trained again, not resumed at its end
+
+
 def test_shipped_configs_load():
     for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
         cfg = load_config(os.path.join(ROOT, "configs", name))
@@ -172,7 +210,7 @@ def test_search_with_one_nu_per_pair_type(tmp_path, capsys):
     # its checkpoint cannot be resumed under another grouping of the masks
     capsys.readouterr()
     assert run("search", out, "search.steps=16", "resume=auto") != 0
-    assert "another search.nu_calibration (3 ν groups, this config makes 1)" in capsys.readouterr().err
+    assert "search.nu_calibration is 'pair' there and 'pooled' here" in capsys.readouterr().err
 
 
 def test_auto_nu_is_taken_at_nu_batch(tmp_path):
