@@ -8,13 +8,16 @@ import torch
 from torch import nn
 
 from .checkpoint import create_model
+from .compress import compress, load_pruned
 from .config import Config, ConfigError, DataConfig, ExportConfig
 from .data import build_datasets, build_loader
 from .engine import DistillationLoss
+from .family import WeightFamily
+from .path import SolutionPath
 from .runtime import Runtime, main_print
 from .structure import SUPPORTED_FAMILIES
 
-__all__ = ["build_model", "build_loaders", "build_criterion", "select_member"]
+__all__ = ["build_model", "source_model", "build_loaders", "build_criterion", "select_member"]
 
 
 def build_model(cfg: Config, runtime: Optional[Runtime] = None) -> nn.Module:
@@ -48,6 +51,26 @@ def build_model(cfg: Config, runtime: Optional[Runtime] = None) -> nn.Module:
             main_print(runtime, f"loaded {checkpoint}: missing {result.missing_keys[:6]}, "
                                 f"unexpected {result.unexpected_keys[:6]}")
     return model
+
+
+def source_model(cfg: Config, runtime: Optional[Runtime] = None) -> nn.Module:
+    """The model ``train.source`` names (``spp retrain``, ``spp eval``): a ``save_pruned`` dir, a member
+    of a search dir's family picked by ``cfg.export``, or (no source) the dense model."""
+    source = cfg.train.source
+    if not source:
+        return build_model(cfg, runtime)
+    if os.path.isfile(os.path.join(source, "config.json")):
+        return load_pruned(source)
+    if os.path.isfile(os.path.join(source, "path.json")):
+        model = build_model(cfg, runtime)
+        family = WeightFamily(model, SolutionPath.load(source))
+        member = select_member(family, cfg.export)
+        if runtime is not None:
+            main_print(runtime, str(member.summary))
+        return compress(model, member.masks, granularity=family.granularity)
+    raise FileNotFoundError(f"train.source={source} holds neither config.json (a pruned model from "
+                            "`spp export`) nor path.json (a search output); run the search first (deit_search.sh), "
+                            "or try the whole pipeline on Fashion-MNIST: make demo")
 
 
 def build_loaders(cfg: Config, runtime: Runtime,

@@ -9,9 +9,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .build import build_loaders, build_model, select_member
+from .build import build_loaders, build_model, select_member, source_model
 from .checkpoint import atomic_write
-from .compress import compress, load_pruned, save_pruned
+from .compress import compress, save_pruned
 from .config import Config
 from .engine import evaluate
 from .family import WeightFamily
@@ -164,11 +164,11 @@ def throughput(model: nn.Module, input_size: Sequence[int], batch_size: int, dev
 
 
 def run_eval(cfg: Config) -> Dict:
-    """Top-1/top-5, params, FLOPs and throughput of a saved model (train.source) or the dense one."""
+    """Top-1/top-5, params, FLOPs and throughput of train.source (a pruned model, or a member of a
+    search's family picked by export.*) or of the dense model."""
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
     source = cfg.train.source
-    model = load_pruned(source) if source else build_model(cfg, runtime)
-    model.to(runtime.device)
+    model = source_model(cfg, runtime).to(runtime.device)
     metrics = evaluate(model, build_loaders(cfg, runtime, ["test"])["test"], runtime)
     size = input_size_of(model)
     result = {"model": source or cfg.model.name, "top1": round(metrics["top1"], 2), "top5": round(metrics["top5"], 2),

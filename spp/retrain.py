@@ -3,45 +3,24 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .build import build_criterion, build_loaders, build_model, select_member
+from .build import build_criterion, build_loaders, build_model, source_model
 from .checkpoint import atomic_write
-from .compress import compress, load_pruned, save_pruned
+from .compress import save_pruned
 from .config import Config, save_config
 from .engine import evaluate, train_one_epoch
-from .family import WeightFamily
-from .path import SolutionPath
-from .runtime import (NonFiniteLoss, Runtime, RunLogger, check_shapes,
+from .runtime import (NonFiniteLoss, RunLogger, check_shapes,
                       check_same_run, gather_rng_states, load_training_checkpoint, main_print, resume_file,
                       restore_rng_states, save_training_checkpoint, setup_runtime)
 
 __all__ = ["run_retrain", "source_model"]
 
 CHECKPOINT = "train_checkpoint.pth"
-
-
-def source_model(cfg: Config, runtime: Optional[Runtime] = None) -> nn.Module:
-    """The model to train: a ``save_pruned`` dir, a member selected from a search dir, or the dense model."""
-    source = cfg.train.source
-    if not source:
-        return build_model(cfg, runtime)
-    if os.path.isfile(os.path.join(source, "config.json")):
-        return load_pruned(source)
-    if os.path.isfile(os.path.join(source, "path.json")):
-        model = build_model(cfg, runtime)
-        family = WeightFamily(model, SolutionPath.load(source))
-        member = select_member(family, cfg.export)
-        if runtime is not None:
-            main_print(runtime, str(member.summary))
-        return compress(model, member.masks, granularity=family.granularity)
-    raise FileNotFoundError(f"train.source={source} holds neither config.json (a pruned model from "
-                            "`spp export`) nor path.json (a search output); run the search first (deit_search.sh), "
-                            "or try the whole pipeline on Fashion-MNIST: make demo")
 
 
 def _save_model(model: nn.Module, directory: str) -> None:

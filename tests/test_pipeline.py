@@ -176,6 +176,10 @@ def test_end_to_end_search_family_export_retrain(tmp_path, capsys):
     assert main(["eval", SMOKE, f"output={train_out}", f"train.source={train_out}/best"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(printed)["params"] == summary["params_after"]
+    # a search folder works as the source too, as for retrain: export.* picks the member
+    assert main(["eval", SMOKE, f"output={train_out}", f"train.source={out}", "export.remove=0.6", "export.round_to=4"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(printed)["params"] == summary["params_after"]
 
 
 def test_retrain_from_a_search_folder_selects_a_member(tmp_path):
