@@ -54,6 +54,12 @@ class Member(NamedTuple):
     masks: Dict[str, torch.Tensor]   # binary masks by parameter name
     summary: Summary
 
+    def __repr__(self) -> str:   # the summary's first two lines, not every mask's values
+        s = self.summary
+        return (f"Member({s.kept:.1%} of prunable {s.by} kept, params {s.params_before:,} -> {s.params_after:,}, "
+                f"FLOPs {s.flops_before / 1e6:.2f}M -> {s.flops_after / 1e6:.2f}M, {len(self.masks)} masks; "
+                "print(member.summary) for every block's widths)")
+
 
 class _BlockWalk:
     """Kept elements of one block during a walk, and its widths (dead heads excluded)."""
@@ -112,6 +118,11 @@ class WeightFamily:
                 score.append(e["z"].abs().numpy().ravel())
         self.block, self.pair, self.local = (np.concatenate(a) for a in (blocks, pairs, local))
         self.entry, self.score = np.concatenate(entry), np.concatenate(score)
+
+    def __repr__(self) -> str:
+        return (f"WeightFamily({len(self.geoms)} blocks, params {self.params_before:,} "
+                f"({self.prunable('params'):,} prunable), FLOPs {self.flops_before / 1e6:.2f}M, "
+                f"{self.granularity} masks, ranked along {self.path!r})")
 
     def _check_path(self) -> None:
         problems = []

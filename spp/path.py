@@ -114,6 +114,14 @@ class SolutionPath:
             start += p.numel()
         return cls.from_entries(model, entry, z, flat.numel(), meta)
 
+    def __repr__(self) -> str:
+        entered, sizes = self.entered_by(float(self.steps)), self.sizes()
+        counts = ", ".join(f"{pair} {entered[pair]}/{sizes[pair]}" for pair in PAIRS)
+        hyper = self.meta.get("hyperparameters", {})
+        settings = "".join(f", {k}={v}" for k, v in hyper.items() if k in ("kappa", "lam") and not isinstance(v, dict))
+        return (f"SolutionPath({self.steps} steps, {len(self.entries)} masks ({self.granularity}), "
+                f"entered {counts}{settings})")
+
     def entered_by(self, step: float) -> Dict[str, int]:
         """Elements per pair type that had entered the support by ``step``."""
         counts = dict.fromkeys(PAIRS, 0)

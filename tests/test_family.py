@@ -215,3 +215,15 @@ def test_real_search_gives_a_path():
     assert steps.numel() > 0 and fraction[-1] <= 1
     member = spp.WeightFamily(model, path).select(keep=0.5)
     assert 0.45 < member.summary.kept <= 0.5
+
+
+def test_reprs_say_what_a_notebook_user_needs(family):
+    path = family.path
+    entered, sizes = path.entered_by(path.steps), path.sizes()
+    assert repr(path).startswith(f"SolutionPath(500 steps, {len(path.entries)} masks ({family.granularity})")
+    assert f"mlp {entered['mlp']}/{sizes['mlp']}" in repr(path) and entered["mlp"] < sizes["mlp"]  # 10% never enter
+    assert f"params {family.params_before:,}" in repr(family) and repr(path) in repr(family)
+    member = family.select(keep=0.5)
+    text = repr(member)
+    assert f"params {family.params_before:,} -> {member.summary.params_after:,}" in text
+    assert "tensor(" not in text and len(text) < 300
