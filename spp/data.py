@@ -167,7 +167,11 @@ def _imagefolder(cfg: DataConfig, split: str):
     if not os.path.isdir(directory):
         raise DatasetNotFound(f"{directory} not found; data.root must hold train/ and val/ class folders "
                               "(ImageNet layout). To try spp without ImageNet, run: make demo")
-    return ImageFolder(directory)
+    try:
+        return ImageFolder(directory)
+    except FileNotFoundError as e:  # class folders without images, or no class folders at all
+        raise DatasetNotFound(f"{directory}: {e} (data.root must hold train/ and val/, each with one folder of "
+                              "images per class)") from e
 
 
 def build_datasets(cfg: DataConfig, seed: int = 0, splits: Sequence[str] = SPLITS) -> Dict[str, Dataset]:

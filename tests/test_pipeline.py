@@ -325,6 +325,9 @@ def test_eval_reads_only_the_split_it_needs(tmp_path):
     assert build_datasets(cfg, splits=["val"])["val"][0][0].shape == (3, cfg.img_size, cfg.img_size)
     with pytest.raises(spp.data.DatasetNotFound, match="train not found"):
         build_datasets(cfg, splits=["train", "test"])
+    os.makedirs(tmp_path / "train" / "a")   # a class folder without images
+    with pytest.raises(spp.data.DatasetNotFound, match=f"{tmp_path}/train: .*one folder of images per class"):
+        build_datasets(cfg, splits=["train", "test"])
     with pytest.raises(ValueError, match=r"unknown splits \['dev'\]"):
         build_datasets(cfg, splits=["dev"])
 
