@@ -208,12 +208,13 @@ def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 def check_same_run(state: Dict[str, Any], config: Dict[str, Any], path: str) -> None:
     """Refuse to resume ``path`` under settings that change what the run computes (``config``:
-    ``Config.to_dict()``), naming each one; checkpoints written before settings were stored pass."""
+    ``Config.to_dict()``), naming each one. Checkpoints written before settings were stored pass, and
+    settings one side does not know (added or removed by another spp version) are not compared."""
     if "config" not in state:
         return
     kind = state["kind"]
     was, now = _flatten(state["config"]), _flatten(config)
-    differ = [key for key in sorted(set(was) | set(now))
+    differ = [key for key in sorted(set(was) & set(now))
               if key.startswith(SAME_RUN[kind]) and not key.startswith(FREE_ON_RESUME) and was.get(key) != now.get(key)]
     if differ:
         listed = "; ".join(f"{key} is {was.get(key)!r} there and {now.get(key)!r} here" for key in differ[:6])

@@ -134,6 +134,18 @@ def test_demo_caches_its_pretrained_model_and_fresh_trains_it_again(tmp_path, ca
     assert "1/5 pretrain a ViT" in printed and "resumed" not in printed   # trained again, not resumed at its end
 
 
+def test_resume_check_compares_only_settings_both_runs_know():
+    from spp.runtime import CheckpointError, check_same_run
+
+    config = load_config(SMOKE).to_dict()
+    older = {**config, "search": {k: v for k, v in config["search"].items() if k != "nu_batch"}}  # an older spp
+    check_same_run({"kind": "search", "config": older}, config, "ckpt")
+    check_same_run({"kind": "search"}, config, "ckpt")                                             # no settings stored
+    changed = {**config, "search": {**config["search"], "rho": 0.5}, "train": {**config["train"], "lr": 1.0}}
+    with pytest.raises(CheckpointError, match=r"search.rho is 0.5 there and 0.02 here\. Resume"):  # train.* is not the search's
+        check_same_run({"kind": "search", "config": changed}, config, "ckpt")
+
+
 def test_shipped_configs_load():
     for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
         cfg = load_config(os.path.join(ROOT, "configs", name))
