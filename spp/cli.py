@@ -5,6 +5,7 @@ import argparse
 import sys
 from typing import List, Optional
 
+from . import __version__
 from .config import ConfigError, load_config
 
 COMMANDS = {
@@ -18,6 +19,7 @@ COMMANDS = {
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spp", description="Solution Path Pruning for vision transformers")
+    parser.add_argument("--version", action="version", version=f"spp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

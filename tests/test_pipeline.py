@@ -82,6 +82,9 @@ def test_cli_asks_only_for_the_config(capsys):
         main(["search"])
     err = capsys.readouterr().err
     assert "required: config" in err and "overrides" not in err.splitlines()[-1]
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"spp {spp.__version__}"
 
 
 def test_model_and_device_problems_are_errors_not_tracebacks(tmp_path, capsys):
