@@ -315,7 +315,8 @@ def frozen_step_fn(args, device, autocast):
 
 def cpu_peak_memory(args):
     """Peak resident memory (MiB) a search step and a finetune step add on CPU, each measured in a
-    fresh process: Linux's high-water mark (VmHWM), reset once the model and input are built."""
+    fresh process: Linux's high-water mark (VmHWM), reset once the model and input are built. The
+    probes run with glibc's default allocator whatever ``--cpu-allocator`` says (as in runs 9-12)."""
     def probe(kind):
         command = [sys.executable, os.path.abspath(__file__), "--memory-probe", kind, "--model", args.model,
                    "--granularity", args.granularity,

@@ -3,7 +3,8 @@
 A config has one section per stage. ``load_config(path, overrides)`` reads the YAML file
 with ``yaml.safe_load``, applies dotted overrides (``search.lr=5e-4``), and checks every
 key and type: an unknown key lists the valid keys of its section, a wrong type names the
-key and the expected type. ``save_config`` writes the resolved config beside a run's outputs.
+key and the expected type, a number out of its range names the key and the range.
+``save_config`` writes the resolved config beside a run's outputs.
 """
 from __future__ import annotations
 
@@ -280,8 +281,8 @@ def _validate(c: Config) -> None:
                           "(model.kwargs='{depth: 6, num_heads: 4}')")
 
 
-def _ranges(c: Config):
-    """``(key, value, allowed, what is allowed)`` for every number with a limit; None values are skipped."""
+def _check_ranges(c: Config) -> None:
+    """Every number with a limit lies within it (None, where allowed, means unset)."""
     d, s, t = c.data, c.search, c.train
     positive = (lambda v: v > 0, "must be > 0")
     count = (lambda v: v >= 0, "must be >= 0")
@@ -316,13 +317,8 @@ def _ranges(c: Config):
     ]
     for (allowed, what), values in table:
         for key, value in values.items():
-            yield key, value, allowed, what
-
-
-def _check_ranges(c: Config) -> None:
-    for key, value, allowed, what in _ranges(c):
-        if value is not None and not allowed(value):
-            raise ConfigError(f"{key}={value!r}: {what}")
+            if value is not None and not allowed(value):
+                raise ConfigError(f"{key}={value!r}: {what}")
 
 
 def save_config(config: Config, path: str) -> None:

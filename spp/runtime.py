@@ -215,9 +215,9 @@ def check_same_run(state: Dict[str, Any], config: Dict[str, Any], path: str) -> 
     kind = state["kind"]
     was, now = _flatten(state["config"]), _flatten(config)
     differ = [key for key in sorted(set(was) & set(now))
-              if key.startswith(SAME_RUN[kind]) and not key.startswith(FREE_ON_RESUME) and was.get(key) != now.get(key)]
+              if key.startswith(SAME_RUN[kind]) and not key.startswith(FREE_ON_RESUME) and was[key] != now[key]]
     if differ:
-        listed = "; ".join(f"{key} is {was.get(key)!r} there and {now.get(key)!r} here" for key in differ[:6])
+        listed = "; ".join(f"{key} is {was[key]!r} there and {now[key]!r} here" for key in differ[:6])
         raise CheckpointError(f"{path} belongs to a run with other settings: {listed}. Resume it with its settings, "
                               "give another output=, or start this folder afresh with resume=null (its files are "
                               "overwritten)")

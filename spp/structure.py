@@ -158,14 +158,14 @@ def _check_supported_block(name: str, block: nn.Module) -> None:
         pass
     elif not isinstance(attn, Attention):
         raise UnsupportedModel(f"{name}.attn is {type(attn).__name__}; spp supports timm's Attention and "
-                        f"WindowAttention ({SUPPORTED_FAMILIES}). Was the model compressed already?")
+                               f"WindowAttention ({SUPPORTED_FAMILIES}). Was the model compressed already?")
     elif not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)
             and isinstance(attn.norm, nn.Identity) and getattr(attn, "gate", None) is None):
         raise UnsupportedModel(f"{name}.attn uses qk_norm, scale_norm or a gate; masks on those "
-                        "cannot be compressed exactly. spp supports plain timm Attention.")
+                               "cannot be compressed exactly. spp supports plain timm Attention.")
     if not isinstance(mlp, Mlp):
         raise UnsupportedModel(f"{name}.mlp is {type(mlp).__name__}; spp supports timm's Mlp "
-                        f"({SUPPORTED_FAMILIES})")
+                               f"({SUPPORTED_FAMILIES})")
     if not (isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.norm, nn.Identity)):
         raise UnsupportedModel(f"{name}.mlp must be a Linear Mlp without a hidden norm")
 
