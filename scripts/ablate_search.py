@@ -65,7 +65,7 @@ import benchmark_quality as bq  # noqa: E402  (the benchmark's model, split and 
 
 import spp  # noqa: E402
 from spp.runtime import seed_everything  # noqa: E402
-from spp.search import mask_gradient_rms  # noqa: E402
+from spp.calibrate import mask_gradient_rms  # noqa: E402
 
 # what every variant changes from (a variant's own overrides come after): the defaults until lam 0.4
 BASE = ["search.lam=0.1", "search.nu_scale=3", "search.rho=0.01"]
@@ -116,8 +116,9 @@ VARIANTS = {  # config overrides of configs/demo_search.yaml, after BASE
 def gradient_rms(bench, seed: int) -> Dict[str, float]:
     """RMS of the per-batch cross-entropy gradient of every mask tensor at M = 1 (what ``spp search``
     calibrates ν from)."""
-    rms = mask_gradient_rms(bench.masked, bench.loader("train", seed), lambda i, o, t: F.cross_entropy(o, t),
-                            bench.runtime, batches=8)
+    loader = bench.loader("train", seed)
+    loader.sampler.set_epoch(-1)  # the batches spp search calibrates on
+    rms = mask_gradient_rms(bench.masked, loader, F.cross_entropy, 8, runtime=bench.runtime)
     return {n: r for n, (r, _) in rms.items()}
 
 

@@ -15,8 +15,12 @@ def main():
     model = spp.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64,
                              depth=2, num_heads=4, num_classes=10)
     spp.add_masks(model, granularity="dim")          # masks at 1; weights frozen
-    optimizer = spp.LBI([p for _, p in spp.mask_parameters(model)], lr=3.0, kappa=10.0, nu=30.0, lam=0.1)
     x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    nu = spp.calibrate_nu(model, [(x, y)], F.cross_entropy)   # ν = 1.5 / RMS of the mask gradients at M = 1
+    # spp search's optimizer, with a larger pull per step and a lower threshold than its defaults
+    # (rho 0.02, lam 0.4) so that elements enter within this 50-step tour
+    optimizer = spp.search_optimizer(model, nu, rho=0.1, lam=0.1)
+    print(f"nu {optimizer.param_groups[0]['nu']:.4g}, lr {optimizer.param_groups[0]['lr']:.4g}")
     for step in range(1, 51):
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad()

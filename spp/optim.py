@@ -48,7 +48,8 @@ class LBI(Optimizer):
     the evidence must come from sustained gradient support (better members at every budget in the
     benchmark).
     ``nu`` must match the loss-gradient scale (a mask outside the support sits near ``-ν g``); see
-    :func:`spp.search.calibrate_nu` to set it from the gradients at the start of a search. The
+    :func:`spp.calibrate_nu` to set it from the gradients at the start of a search (and
+    :func:`spp.search_optimizer` to build this optimizer as ``spp search`` does). The
     evidence an element gathers per step, ``(α/ν)(M - Γ) ≈ -α g``, does not depend on ``ν``; what
     ``ν`` sets is how far the network the loss sees sits from the sparse ``Γ``. At a fixed gradient
     step ``κα``, a smaller ``ν`` (a larger ``ρ``) ranked the sparse end better: the loss is then

@@ -1,15 +1,15 @@
 """`spp search`: one LBI run over the masks of a frozen pretrained model → the solution path."""
 from __future__ import annotations
 
-import math
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .build import build_criterion, build_loaders, build_model
-from .config import NU_CALIBRATIONS, Config, SearchConfig, save_config
+from .calibrate import calibrate_nu, lbi_groups, search_optimizer
+from .config import Config, save_config
 from .engine import train_one_epoch
 from .family import WeightFamily
 from .masks import add_masks, mask_parameters
@@ -20,109 +20,9 @@ from .runtime import (CheckpointError, NonFiniteLoss, Runtime, RunLogger, check_
                       restore_rng_states, save_training_checkpoint, setup_runtime)
 from .structure import mask_pairs
 
-__all__ = ["run_search", "calibrate_nu", "mask_gradient_rms", "nu_from_rms", "lbi_groups"]
+__all__ = ["run_search"]
 
 CHECKPOINT = "checkpoint.pth"
-
-
-def _bare(model):
-    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if hasattr(model, "module") else model
-
-
-def mask_gradient_rms(model, loader, criterion, runtime: Runtime, batches: int,
-                      mixup_fn=None) -> Dict[str, Tuple[float, int]]:
-    """``{mask name: (RMS of its per-batch gradients, numel)}`` at the current masks, over the
-    first ``batches`` batches of ``loader`` in an order of its own (the search's epochs stay
-    untouched), averaged over ranks."""
-    named = mask_parameters(_bare(model))
-    loader.sampler.set_epoch(-1)
-    squares = dict.fromkeys((n for n, _ in named), 0.0)
-    seen = 0
-    model.train()
-    for i, (images, targets) in enumerate(loader):
-        if i >= batches:
-            break
-        images, targets = images.to(runtime.device), targets.to(runtime.device)
-        if mixup_fn is not None:
-            images, targets = mixup_fn(images, targets)
-        with runtime.autocast():
-            loss = criterion(images, model(images), targets)
-        for (name, _), g in zip(named, torch.autograd.grad(loss, [p for _, p in named])):
-            squares[name] += float(g.float().pow(2).sum())
-        seen += 1
-    if seen == 0:
-        raise RuntimeError("no training batch to calibrate nu from; the training set is smaller than one batch")
-    return {n: (math.sqrt(runtime.all_mean(squares[n] / (seen * p.numel()))), p.numel()) for n, p in named}
-
-
-def _nu_key(calibration: str, pairs: Dict[str, Tuple[str, int]]):
-    """Which masks share one ν: all (``pooled``), those of one pair type (``pair``), or none (``mask``)."""
-    if calibration not in NU_CALIBRATIONS:
-        raise ValueError(f"nu calibration {calibration!r}: choose one of {', '.join(NU_CALIBRATIONS)}")
-    return {"pooled": lambda name: "all", "pair": lambda name: pairs[name][0], "mask": lambda name: name}[calibration]
-
-
-def nu_from_rms(rms: Dict[str, Tuple[float, int]], scale: float, key) -> Dict[str, float]:
-    """``{mask name: ν}`` with ν = ``scale`` / RMS of the gradients of the masks sharing ``key(name)``
-    (the RMS pooled over their elements)."""
-    squares: Dict[str, float] = {}
-    counts: Dict[str, int] = {}
-    for name, (r, n) in rms.items():
-        squares[key(name)] = squares.get(key(name), 0.0) + r * r * n
-        counts[key(name)] = counts.get(key(name), 0) + n
-    return {name: scale / max(math.sqrt(squares[key(name)] / counts[key(name)]), 1e-12) for name in rms}
-
-
-def calibrate_nu(model, loader, criterion, runtime: Runtime, batches: int, scale: float,
-                 mixup_fn=None, per: str = "pooled", batch: Optional[int] = SearchConfig.nu_batch,
-                 preconditioner: str = "none") -> Dict[str, float]:
-    """``{mask name: ν}`` with ν = ``scale`` / RMS of the per-batch mask gradients at M = 1, the RMS
-    taken as at ``batch`` samples per batch; with ``preconditioner="adam"``, ν = ``scale``.
-
-    The mask settles near ``-ν g`` (ALGORITHM.md §6), so ν must match the gradient scale,
-    which depends on the loss, the batch size and the model; this makes one setting carry
-    over. On the demo's Fashion-MNIST ViT, ``scale = 1.5`` gives ν ≈ 1500 (half the prototype's
-    hand-tuned 3000); with ρ = 0.03 / ``scale`` (the same gradient step κα = ρν), ``scale`` 1.5
-    kept the most accuracy of 0.3, 1, 1.5 and 3.
-
-    ``per`` says which masks share one ν: ``"pooled"`` (all: one ν, the default), ``"pair"``
-    (one per pair type: query-key, value, MLP) or ``"mask"`` (one per mask tensor). On the
-    demo the pair types' gradients differ ~10x, and pooling ranked best: the gap is signal
-    (``scripts/ablate_search.py``).
-
-    At M = 1 a pretrained model's mask gradient is mostly sampling noise, so its per-batch RMS
-    falls as 1/√(batch size): at ``loader``'s batch B it is scaled by √(B / ``batch``), so that
-    ν stays put when the batch changes. On the demo (3 seeds, val, 85% removed), batch 256 at its
-    own RMS had a ν 1.4x larger and lost 4.3 points to batch 128; at batch 128's ν it gained 1.7,
-    and its seed spread fell from 2.9 to 0.6 points. ``batch=None`` takes the RMS at B as it is.
-
-    The Adam direction m̂/(√v̂ + eps) has RMS 1 at its first step (sign(g)) whatever the gradient
-    scale, so the ν for it is ``scale`` itself, with no gradient pass (ν from the raw gradient,
-    ~1e3 on the demo, made every element enter at once).
-    """
-    if preconditioner == "adam":
-        return dict.fromkeys((n for n, _ in mask_parameters(_bare(model))), float(scale))
-    rms = mask_gradient_rms(model, loader, criterion, runtime, batches, mixup_fn)
-    if batch is not None:
-        factor = math.sqrt(loader.batch_size / batch)
-        rms = {n: (r * factor, k) for n, (r, k) in rms.items()}
-    pairs = mask_pairs(_bare(model))
-    return nu_from_rms(rms, scale, _nu_key(per, pairs))
-
-
-def lbi_groups(named_masks, calibration: str, pairs, nu: Dict[str, float] = None, **settings) -> List[Dict]:
-    """LBI parameter groups: one per set of masks sharing a ν under ``calibration`` (in mask order),
-    with that ν when ``nu`` is given. The same masks and calibration always give the same groups,
-    so a checkpoint's optimizer state loads into them."""
-    key = _nu_key(calibration, pairs)
-    groups: Dict[str, Dict] = {}
-    for name, p in named_masks:
-        group = groups.setdefault(key(name), {"params": [], **settings})
-        group["params"].append(p)
-        if nu is not None:
-            group["nu"] = nu[name]
-    return list(groups.values())
 
 
 def _path_checksum(optimizer: LBI, masks) -> torch.Tensor:
@@ -198,14 +98,15 @@ def run_search(cfg: Config) -> SolutionPath:
         main_print(runtime, f"resumed {resume} at step {step} (epoch {epoch}, batch {batch})")
     else:
         if s.nu == "auto":
-            nu = calibrate_nu(net, loader, criterion, runtime, s.calibration_batches, s.nu_scale, mixup_fn,
-                              per=s.nu_calibration, batch=s.nu_batch, preconditioner=s.preconditioner)
+            loader.sampler.set_epoch(-1)  # an order of its own: the search's epochs stay untouched
+            nu = calibrate_nu(net, loader, lambda outputs, targets: criterion(None, outputs, targets), s.nu_scale,
+                              s.calibration_batches, s.nu_calibration, s.nu_batch, s.preconditioner,
+                              mixup_fn=mixup_fn, runtime=runtime)
         else:
-            nu = dict.fromkeys((n for n, _ in named_masks), float(s.nu))
-        groups = lbi_groups(named_masks, s.nu_calibration, pairs, nu)
-        for group in groups:
-            group["lr"] = s.lr if s.lr != "auto" else s.rho * group["nu"] / s.kappa
-        optimizer = LBI(groups, kappa=s.kappa, lam=s.lam, preconditioner=s.preconditioner, shrink=s.shrink)
+            nu = float(s.nu)
+        optimizer = search_optimizer(model, nu, rho=s.rho, kappa=s.kappa, lam=s.lam,
+                                     lr=None if s.lr == "auto" else s.lr, per=s.nu_calibration,
+                                     preconditioner=s.preconditioner, shrink=s.shrink)
     if runtime.is_main:  # after the resume checks: a refused resume leaves the folder as it was
         os.makedirs(cfg.output, exist_ok=True)
         save_config(cfg, os.path.join(cfg.output, "config.yaml"))

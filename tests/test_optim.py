@@ -154,7 +154,7 @@ def test_skips_params_without_grad_and_lbi_is_exported():
 
 
 def test_nu_calibration_shares_nu_within_its_groups():
-    from spp.search import lbi_groups, nu_from_rms
+    from spp.calibrate import lbi_groups, nu_from_rms
 
     # two blocks; gradient RMS and element counts per mask
     rms = {"b0.qk": (2.0, 8), "b0.v": (1.0, 8), "b0.mlp": (0.1, 32), "b1.qk": (4.0, 8), "b1.v": (1.0, 8), "b1.mlp": (0.1, 32)}
@@ -170,13 +170,53 @@ def test_nu_calibration_shares_nu_within_its_groups():
 
     masks = [(n, torch.nn.Parameter(torch.ones(k))) for n, (_, k) in rms.items()]
     for calibration, count in (("pooled", 1), ("pair", 3), ("mask", 6)):
-        groups = lbi_groups(masks, calibration, pairs, per_pair, lr=1.0)
+        groups = lbi_groups(masks, calibration, pairs, lr=1.0)
         assert len(groups) == count and sum(len(g["params"]) for g in groups) == 6
         assert all(g["lr"] == 1.0 for g in groups)
     pair_groups = lbi_groups(masks, "pair", pairs, per_pair)
     assert [g["nu"] for g in pair_groups] == [per_pair["b0.qk"], per_pair["b0.v"], per_pair["b0.mlp"]]
+    with pytest.raises(ValueError, match="nu differs between masks that per='pooled' puts in one group"):
+        lbi_groups(masks, "pooled", pairs, per_pair)
     with pytest.raises(ValueError, match="choose one of pooled, pair, mask"):
         lbi_groups(masks, "type", pairs)
+
+
+def tiny_masked_vit():
+    torch.manual_seed(0)
+    model = spp.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2,
+                             num_heads=4, num_classes=10)
+    return spp.add_masks(model)
+
+
+def test_calibrate_nu_by_hand_and_search_optimizer_groups():
+    model = tiny_masked_vit()
+    batches = [(torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))) for _ in range(3)]
+    named = spp.mask_parameters(model)
+    squares, count = 0.0, sum(p.numel() for _, p in named)
+    for x, y in batches:
+        grads = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), [p for _, p in named])
+        squares += sum(float(g.pow(2).sum()) for g in grads)
+    rms = math.sqrt(squares / (3 * count))
+    nu = spp.calibrate_nu(model, batches, scale=1.5, reference_batch=128)
+    # the RMS at batch 32 is twice what it would be at 128 (sampling noise), so ν is halved
+    assert list(nu.values()) == [pytest.approx(1.5 / rms * 2.0, rel=1e-5)] * len(named)
+    assert spp.calibrate_nu(model, batches[:1], batches=5, reference_batch=None)  # fewer batches than asked: fine
+    assert set(spp.calibrate_nu(model, batches, preconditioner="adam", scale=2.0).values()) == {2.0}
+    per_pair = spp.calibrate_nu(model, batches, per="pair")
+    assert len(set(per_pair.values())) == 3
+
+    optimizer = spp.search_optimizer(model, nu)
+    (group,) = optimizer.param_groups
+    assert group["lr"] == pytest.approx(0.02 * group["nu"] / 10.0) and (group["kappa"], group["lam"]) == (10.0, 0.4)
+    groups = spp.search_optimizer(model, per_pair, per="pair", rho=0.05, lam=0.1).param_groups
+    assert len(groups) == 3 and all(g["lr"] == pytest.approx(0.05 * g["nu"] / 10.0) for g in groups)
+    assert spp.search_optimizer(model, 100.0, lr=0.5).param_groups[0]["lr"] == 0.5
+    with pytest.raises(ValueError, match="pass the per= that calibrate_nu was given"):
+        spp.search_optimizer(model, per_pair)               # ν per pair type, grouped as one
+    with pytest.raises(ValueError, match="no value for 1 of the model's masks"):
+        spp.search_optimizer(model, {n: v for n, v in list(nu.items())[1:]})
+    with pytest.raises(ValueError, match="call spp.add_masks"):
+        spp.calibrate_nu(spp.remove_masks(model), batches)
 
 
 def test_dense_start_adds_one_over_kappa_to_z():

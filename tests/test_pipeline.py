@@ -232,6 +232,32 @@ def test_search_with_one_nu_per_pair_type(tmp_path, capsys):
     assert "search.nu_calibration is 'pair' there and 'pooled' here" in capsys.readouterr().err
 
 
+def test_notebook_set_up_matches_spp_search(tmp_path):
+    """spp.calibrate_nu and spp.search_optimizer, given the search's batches and loss, set up the
+    optimizer that spp search runs: the same ν and step."""
+    from timm.loss import LabelSmoothingCrossEntropy
+
+    from spp.build import build_loaders, build_model
+    from spp.runtime import setup_runtime
+
+    overrides = ["data.mixup=0", "data.cutmix=0"]
+    out = str(tmp_path / "run")
+    assert run("search", out, "search.steps=2", *overrides) == 0
+    hyper = spp.SolutionPath.load(out).meta["hyperparameters"]
+    cfg = load_config(SMOKE, overrides)
+    runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
+    model = spp.add_masks(build_model(cfg, runtime))
+    loader = build_loaders(cfg, runtime, ("train",))["train"]
+    loader.sampler.set_epoch(-1)
+    nu = spp.calibrate_nu(model, loader, LabelSmoothingCrossEntropy(cfg.data.smoothing),
+                          batches=cfg.search.calibration_batches)
+    assert list(nu.values()) == [pytest.approx(hyper["nu"], rel=1e-6)] * len(nu)
+    optimizer = spp.search_optimizer(model, nu)
+    (group,) = optimizer.param_groups
+    assert group["lr"] == pytest.approx(hyper["lr"], rel=1e-6)
+    assert (group["kappa"], group["lam"]) == (hyper["kappa"], hyper["lam"]) == (10.0, 0.4)
+
+
 def test_auto_nu_is_taken_at_nu_batch(tmp_path):
     # At M = 1 the mask gradient is mostly sampling noise, its per-batch RMS ∝ 1/√batch: auto ν is
     # calibrated as at search.nu_batch samples, so it stays put when data.batch_size (16 here) changes

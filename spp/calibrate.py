@@ -1,0 +1,179 @@
+"""Setting up a search: ν from the mask gradients at the start, and the LBI optimizer over a model's masks.
+
+``spp search`` builds its optimizer with these two functions, and so can a notebook::
+
+    spp.add_masks(model)
+    nu = spp.calibrate_nu(model, loader)              # ν = 1.5 / RMS of the mask gradients at M = 1
+    optimizer = spp.search_optimizer(model, nu)       # κ 10, λ 0.4, α = ρν/κ with ρ 0.02
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from .config import NU_CALIBRATIONS, SearchConfig
+from .masks import mask_parameters
+from .optim import LBI
+from .runtime import Runtime
+from .structure import mask_pairs
+
+__all__ = ["calibrate_nu", "search_optimizer", "mask_gradient_rms", "nu_from_rms", "lbi_groups"]
+
+
+def _bare(model):
+    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def _named_masks(model) -> List[Tuple[str, torch.nn.Parameter]]:
+    named = mask_parameters(_bare(model))
+    if not named:
+        raise ValueError("the model has no masks: call spp.add_masks(model) first")
+    return named
+
+
+def mask_gradient_rms(model, data: Iterable, loss_fn: Callable = F.cross_entropy, batches: int = 8, *,
+                      reference_batch: Optional[int] = None, mixup_fn: Optional[Callable] = None,
+                      runtime: Optional[Runtime] = None) -> Dict[str, Tuple[float, int]]:
+    """``{mask name: (RMS of its per-batch gradients, numel)}`` at the current masks.
+
+    Takes the first ``batches`` ``(images, targets)`` pairs of ``data`` (a loader or any iterable),
+    with ``loss = loss_fn(model(images), targets)`` and the model in train mode, as a search runs
+    it. With ``reference_batch`` the RMS is given as at that many samples per batch: at M = 1 the
+    gradient is mostly sampling noise, its per-batch RMS ∝ 1/√(batch size), so the RMS at the
+    batches' size B is scaled by √(B / ``reference_batch``). ``runtime`` (device, autocast, the
+    mean over DDP ranks) defaults to one process on the masks' device, in full precision.
+    """
+    named = _named_masks(model)
+    if runtime is None:
+        runtime = Runtime(device=named[0][1].device, amp_dtype=None)
+    squares = dict.fromkeys((n for n, _ in named), 0.0)
+    seen = samples = 0
+    model.train()
+    for i, (images, targets) in enumerate(data):
+        if i >= batches:
+            break
+        images, targets = images.to(runtime.device), targets.to(runtime.device)
+        if mixup_fn is not None:
+            images, targets = mixup_fn(images, targets)
+        with runtime.autocast():
+            loss = loss_fn(model(images), targets)
+        for (name, _), g in zip(named, torch.autograd.grad(loss, [p for _, p in named])):
+            squares[name] += float(g.float().pow(2).sum())
+        seen += 1
+        samples += images.shape[0]
+    if seen == 0:
+        raise RuntimeError("no training batch to calibrate nu from; the training set is smaller than one batch")
+    rms = {n: (math.sqrt(runtime.all_mean(squares[n] / (seen * p.numel()))), p.numel()) for n, p in named}
+    if reference_batch is not None:
+        factor = math.sqrt(samples / seen / reference_batch)
+        rms = {n: (r * factor, k) for n, (r, k) in rms.items()}
+    return rms
+
+
+def _nu_key(calibration: str, pairs: Dict[str, Tuple[str, int]]):
+    """Which masks share one ν: all (``pooled``), those of one pair type (``pair``), or none (``mask``)."""
+    if calibration not in NU_CALIBRATIONS:
+        raise ValueError(f"nu calibration {calibration!r}: choose one of {', '.join(NU_CALIBRATIONS)}")
+    return {"pooled": lambda name: "all", "pair": lambda name: pairs[name][0], "mask": lambda name: name}[calibration]
+
+
+def nu_from_rms(rms: Dict[str, Tuple[float, int]], scale: float, key) -> Dict[str, float]:
+    """``{mask name: ν}`` with ν = ``scale`` / RMS of the gradients of the masks sharing ``key(name)``
+    (the RMS pooled over their elements)."""
+    squares: Dict[str, float] = {}
+    counts: Dict[str, int] = {}
+    for name, (r, n) in rms.items():
+        squares[key(name)] = squares.get(key(name), 0.0) + r * r * n
+        counts[key(name)] = counts.get(key(name), 0) + n
+    return {name: scale / max(math.sqrt(squares[key(name)] / counts[key(name)]), 1e-12) for name in rms}
+
+
+def calibrate_nu(model, data: Iterable, loss_fn: Callable = F.cross_entropy, scale: float = SearchConfig.nu_scale,
+                 batches: int = SearchConfig.calibration_batches, per: str = SearchConfig.nu_calibration,
+                 reference_batch: Optional[int] = SearchConfig.nu_batch,
+                 preconditioner: str = SearchConfig.preconditioner, *, mixup_fn: Optional[Callable] = None,
+                 runtime: Optional[Runtime] = None) -> Dict[str, float]:
+    """``{mask name: ν}`` with ν = ``scale`` / RMS of the per-batch mask gradients at M = 1, the RMS
+    taken as at ``reference_batch`` samples per batch; with ``preconditioner="adam"``, ν = ``scale``.
+    The defaults are ``spp search``'s (``search.nu_scale``, ``calibration_batches``,
+    ``nu_calibration``, ``nu_batch``); :func:`mask_gradient_rms` says how ``data`` and ``loss_fn``
+    are used. Call it on the masked model before the search's first step, so that M = 1.
+
+    The mask settles near ``-ν g`` (ALGORITHM.md §6), so ν must match the gradient scale,
+    which depends on the loss, the batch size and the model; this makes one setting carry
+    over. On the demo's Fashion-MNIST ViT, ``scale = 1.5`` gives ν ≈ 1500 (half the prototype's
+    hand-tuned 3000); with ρ = 0.03 / ``scale`` (the same gradient step κα = ρν), ``scale`` 1.5
+    kept the most accuracy of 0.3, 1, 1.5 and 3.
+
+    ``per`` says which masks share one ν: ``"pooled"`` (all: one ν, the default), ``"pair"``
+    (one per pair type: query-key, value, MLP) or ``"mask"`` (one per mask tensor). On the
+    demo the pair types' gradients differ ~10x, and pooling ranked best: the gap is signal
+    (``scripts/ablate_search.py``).
+
+    At M = 1 a pretrained model's mask gradient is mostly sampling noise, so its per-batch RMS
+    falls as 1/√(batch size): at the batches' size B it is scaled by √(B / ``reference_batch``), so
+    that ν stays put when the batch changes. On the demo (3 seeds, val, 85% removed), batch 256 at
+    its own RMS had a ν 1.4x larger and lost 4.3 points to batch 128; at batch 128's ν it gained
+    1.7, and its seed spread fell from 2.9 to 0.6 points. ``reference_batch=None`` takes the RMS at
+    B as it is.
+
+    The Adam direction m̂/(√v̂ + eps) has RMS 1 at its first step (sign(g)) whatever the gradient
+    scale, so the ν for it is ``scale`` itself, with no gradient pass (ν from the raw gradient,
+    ~1e3 on the demo, made every element enter at once).
+    """
+    key = _nu_key(per, mask_pairs(_bare(model)))
+    if preconditioner == "adam":
+        return dict.fromkeys((n for n, _ in _named_masks(model)), float(scale))
+    rms = mask_gradient_rms(model, data, loss_fn, batches, reference_batch=reference_batch, mixup_fn=mixup_fn,
+                            runtime=runtime)
+    return nu_from_rms(rms, scale, key)
+
+
+def lbi_groups(named_masks, calibration: str, pairs, nu: Dict[str, float] = None, **settings) -> List[Dict]:
+    """LBI parameter groups: one per set of masks sharing a ν under ``calibration`` (in mask order),
+    with that ν when ``nu`` is given. The same masks and calibration always give the same groups,
+    so a checkpoint's optimizer state loads into them."""
+    key = _nu_key(calibration, pairs)
+    groups: Dict[str, Dict] = {}
+    for name, p in named_masks:
+        group = groups.setdefault(key(name), {"params": [], **settings})
+        group["params"].append(p)
+        if nu is not None:
+            if group.setdefault("nu", nu[name]) != nu[name]:
+                raise ValueError(f"nu differs between masks that per={calibration!r} puts in one group "
+                                 f"({group['nu']:.4g} and {nu[name]:.4g} at {name}); pass the per= "
+                                 f"that calibrate_nu was given")
+    return list(groups.values())
+
+
+def search_optimizer(model, nu: Union[float, Mapping[str, float]], *, rho: float = SearchConfig.rho,
+                     kappa: float = SearchConfig.kappa, lam: float = SearchConfig.lam, lr: Optional[float] = None,
+                     per: str = SearchConfig.nu_calibration, preconditioner: str = SearchConfig.preconditioner,
+                     shrink: str = SearchConfig.shrink) -> LBI:
+    """The LBI optimizer over ``model``'s masks, set as ``spp search`` sets it.
+
+    ``nu`` is one number or :func:`calibrate_nu`'s ``{mask name: ν}``; masks sharing a ν (under
+    ``per``, which must be the ``per`` that calibrated it) form one parameter group. Each group's
+    step is ``lr``, or by default α = ``rho`` · ν / ``kappa``: the per-step pull ρ = κα/ν of the
+    masks toward Γ, which spreads entries over a few hundred steps. The defaults are
+    ``spp search``'s (the quality benchmark's picks; see :class:`spp.LBI`).
+    """
+    named = _named_masks(model)
+    if isinstance(nu, Mapping):
+        missing = [n for n, _ in named if n not in nu]
+        if missing:
+            names = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+            raise ValueError(f"nu has no value for {len(missing)} of the model's masks ({names}); "
+                             f"pass calibrate_nu's result for this model, or one number")
+    else:
+        nu = dict.fromkeys((n for n, _ in named), float(nu))
+    if not (rho > 0 and kappa > 0):
+        raise ValueError(f"rho={rho} and kappa={kappa} must be > 0")
+    groups = lbi_groups(named, per, mask_pairs(_bare(model)), nu)
+    for group in groups:
+        group["lr"] = lr if lr is not None else rho * group["nu"] / kappa
+    return LBI(groups, kappa=kappa, lam=lam, preconditioner=preconditioner, shrink=shrink)
