@@ -9,7 +9,8 @@ final-z rankings) and reports validation accuracy with no finetuning, the share 
 type kept, the share of elements that entered, and the search time. Lasso (one run per lam) is the
 reference the benchmark found ahead of SPP at 85% removed until nu_scale 1.5 (and at 70% with lam 0.1).
 ``--swap`` also judges each variant's choice of elements at each Lasso member's count per mask
-tensor, and the other way round (rows "A choice, B counts"). Writes
+tensor, and the other way round (rows "A choice, B counts"). ``--finetune-steps N`` also finetunes every
+member N steps as the benchmark does and reports val after (``val_ft``; "before → after" in the table). Writes
 ``ablation.json`` and ``ablation.md`` to --out, keeping the rows of earlier runs into the same --out.
 ``--overrides`` apply after every variant's own (``search.steps=100`` for a quick look).
 
@@ -126,19 +127,24 @@ def pair_types(model) -> Dict[str, str]:
     return {n: pair for n, (pair, _) in spp.mask_pairs(model).items()}
 
 
-def judge_masks(bench, masks, sizes) -> Dict:
-    """Validation accuracy of the member given by binary ``masks`` and the share of each pair type it keeps."""
+def judge_masks(bench, masks, sizes, finetune: int = 0, seed: int = 0) -> Dict:
+    """Validation accuracy of the member given by binary ``masks`` and the share of each pair type it keeps;
+    with ``finetune`` steps, also its validation accuracy after the benchmark's finetune (``val_ft``)."""
     types = pair_types(bench.masked)
     kept = {t: 0 for t in sizes}
     for n, m in masks.items():
         kept[types[n]] += int(m.sum())
-    acc = bench.accuracy(spp.compress(bench.dense, masks, granularity="dim"), "val")
-    return {"val": round(acc, 2), "kept": {t: f"{kept[t] / sizes[t]:.0%}" for t in sizes}}
+    member = spp.compress(bench.dense, masks, granularity="dim")
+    row = {"val": round(bench.accuracy(member, "val"), 2), "kept": {t: f"{kept[t] / sizes[t]:.0%}" for t in sizes}}
+    if finetune:
+        tuned = bq.finetune(member, bench.loader("train", seed), finetune, seed, bench.runtime, bq.FINETUNE_LR)
+        row["val_ft"] = round(bench.accuracy(tuned, "val"), 2)
+    return row
 
 
-def judge(bench, path, removed, rules=("entry", "z")) -> Dict:
+def judge(bench, path, removed, rules=("entry", "z"), finetune: int = 0, seed: int = 0) -> Dict:
     family = spp.WeightFamily(bench.dense, path)
-    return {f"{rule}@{r}": judge_masks(bench, family.select(remove=r, rank=rule).masks, path.sizes())
+    return {f"{rule}@{r}": judge_masks(bench, family.select(remove=r, rank=rule).masks, path.sizes(), finetune, seed)
             for rule in rules for r in removed}
 
 
@@ -154,14 +160,14 @@ def choice_at_counts(path, counts: Dict[str, int]) -> Dict[str, torch.Tensor]:
     return masks
 
 
-def swap(bench, a, b, removed) -> Dict:
+def swap(bench, a, b, removed, finetune: int = 0, seed: int = 0) -> Dict:
     """At each budget, path ``a``'s choice of elements at the per-tensor counts of ``b``'s member (entry
     order both): tells whether two rankings differ in how they spread the budget or in what they keep."""
     family = spp.WeightFamily(bench.dense, b)
     out = {}
     for r in removed:
         counts = {n: int(m.sum()) for n, m in family.select(remove=r).masks.items()}
-        out[f"entry@{r}"] = judge_masks(bench, choice_at_counts(a, counts), a.sizes())
+        out[f"entry@{r}"] = judge_masks(bench, choice_at_counts(a, counts), a.sizes(), finetune, seed)
     return out
 
 
@@ -179,12 +185,16 @@ def main():
     parser.add_argument("--swap", action="store_true",
                         help="also judge each variant's choice of elements at each Lasso member's count per mask "
                              "tensor, and the other way round")
+    parser.add_argument("--finetune-steps", type=int, default=0,
+                        help="also finetune every member this many steps (the benchmark's finetune: AdamW, lr 2e-4, "
+                             "warm-up then cosine) and report its val accuracy after")
     parser.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides applied after every variant's own, e.g. search.steps=100")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     bench = bq.Bench(argparse.Namespace(checkpoint=args.checkpoint, out=args.out, device="cpu", data_root=args.data_root))
     rows = {}
+    tuning = (args.finetune_steps, args.seed)
     rms = gradient_rms(bench, args.seed)
     types = pair_types(bench.masked)
     print("gradient RMS at M = 1:", {n: f"{r:.1e}" for n, r in rms.items()})
@@ -196,19 +206,20 @@ def main():
         seconds = time.time() - start
         lasso[f"lasso lam={lam}"] = spp.SolutionPath.from_scores(bench.masked, scores)
         rows[f"lasso lam={lam}"] = {"seconds": round(seconds, 1),
-                                    **judge(bench, lasso[f"lasso lam={lam}"], args.removed, ("entry",))}
+                                    **judge(bench, lasso[f"lasso lam={lam}"], args.removed, ("entry",), *tuning)}
         print(json.dumps({f"lasso lam={lam}": rows[f"lasso lam={lam}"]}))
     for name in args.variants:
         start = time.time()
         path = bench.search(args.seed, os.path.join(args.out, name), BASE + VARIANTS[name] + args.overrides)
         seconds = time.time() - start
         entered = sum(path.entered_by(path.steps).values()) / sum(path.sizes().values())
-        rows[name] = {"seconds": round(seconds, 1), "entered": round(entered, 3), **judge(bench, path, args.removed)}
+        rows[name] = {"seconds": round(seconds, 1), "entered": round(entered, 3),
+                      **judge(bench, path, args.removed, ("entry", "z"), *tuning)}
         print(json.dumps({name: rows[name]}))
         for other, other_path in lasso.items() if args.swap else ():
             for chooser, counter, a, b in ((name, other, path, other_path), (other, name, other_path, path)):
                 key = f"{chooser} choice, {counter} counts"
-                rows[key] = {"seconds": 0.0, **swap(bench, a, b, args.removed)}
+                rows[key] = {"seconds": 0.0, **swap(bench, a, b, args.removed, *tuning)}
                 print(json.dumps({key: rows[key]}))
     write_tables(rows, rms, types, args.out)
 
@@ -225,12 +236,14 @@ def write_tables(rows: Dict, rms: Dict, types: Dict, out: str) -> None:
                   key=lambda k: (k.split("@")[0], float(k.split("@")[1])))
     lines = ["| variant | " + " | ".join(keys) + " | entered | search s |", "|---" * (len(keys) + 3) + "|"]
     for name, row in rows.items():
-        cells = [f"{row[k]['val']:.2f} (qk {row[k]['kept']['qk']}, v {row[k]['kept']['v']}, mlp {row[k]['kept']['mlp']})"
+        cells = [f"{row[k]['val']:.2f}" + (f" → {row[k]['val_ft']:.2f}" if "val_ft" in row[k] else "")
+                 + f" (qk {row[k]['kept']['qk']}, v {row[k]['kept']['v']}, mlp {row[k]['kept']['mlp']})"
                  if k in row else "" for k in keys]
         entered = f"{row['entered']:.0%}" if "entered" in row else ""
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {entered} | {row['seconds']} |")
     with open(os.path.join(out, "ablation.md"), "w") as f:
-        f.write("Validation accuracy (%) with no finetuning; in brackets the share of each pair type kept.\n\n")
+        f.write("Validation accuracy (%) with no finetuning (→ after --finetune-steps, where run); in brackets the "
+                "share of each pair type kept.\n\n")
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -224,6 +224,9 @@ def tp_global_members(dense, example, targets, kind, grads, steps=200):
                        f"{[targets[r] for r in pending]}; raise its steps or ratio")
 
 
+FINETUNE_LR = 2e-4   # the finetune's lr, for every method and the dense model (why: finetune's docstring)
+
+
 def finetune(model, loader, steps: int, seed: int, runtime: Runtime, lr: float) -> nn.Module:
     """``steps`` of AdamW: lr warmed up over 10 steps, then cosine-annealed to 0 (timm's scheduler).
 
@@ -263,7 +266,10 @@ class Bench:
         self._members = {}   # (id(path), removed, rank) -> (path, member): the path is kept so its id stays its own
 
     def loader(self, split, seed=0):
+        """A fresh loader over ``split``; its data (order and augmentation) depend on ``seed`` alone: the
+        datasets are shared, and a finetune moves their epoch, so it is set back to 0 here."""
         dataset = {"train": self.train, "val": self.val, "test": self.test}[split]
+        dataset.set_epoch(0)
         return build_loader(dataset, 128 if split == "train" else 500, split == "train", 0, seed)
 
     def accuracy(self, model, split, max_batches=0):
@@ -500,7 +506,7 @@ def main():
                         help="steps of the tp-*-global-iter schedule (each budget's member: the first step at or "
                              "under its parameters; more steps, closer to the budget)")
     parser.add_argument("--finetune-steps", type=int, default=100)
-    parser.add_argument("--finetune-lr", type=float, default=2e-4)
+    parser.add_argument("--finetune-lr", type=float, default=FINETUNE_LR)
     parser.add_argument("--epoch-removed", type=float, nargs="*", default=[0.7, 0.85],
                         help="budgets that also get a one-epoch finetune (each adds 10-25 min on 2 cores)")
     parser.add_argument("--epoch-steps", type=int, default=0, help="steps of the long finetune (default: one epoch)")

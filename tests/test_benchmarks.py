@@ -264,7 +264,8 @@ def test_ablation_script_runs_and_keeps_earlier_rows(tmp_path):
     first = subprocess.run(common + ["--variants", "base", "lam0.4_long3", "--lasso-lams", "1e-3", "--lasso-steps", "3",
                                      "--swap"], capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = subprocess.run(common + ["--variants", "nu5", "--lasso-lams"], capture_output=True, text=True, timeout=600)
+    second = subprocess.run(common + ["--variants", "nu5", "--lasso-lams", "--finetune-steps", "2"],
+                            capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     report = json.loads((out / "ablation.json").read_text())
     rows = report["rows"]
@@ -280,7 +281,10 @@ def test_ablation_script_runs_and_keeps_earlier_rows(tmp_path):
         assert 0 <= rows[name]["entered"] <= 1
         assert all(0 <= rows[name][k]["val"] <= 100 for k in rows[name] if "@" in k)
         assert spp.SolutionPath.load(str(out / name)).steps == 6   # --overrides came after the variant's 1800 steps
+        assert all(("val_ft" in rows[name][k]) == (name == "nu5") for k in rows[name] if "@" in k)  # --finetune-steps
+    assert all(0 <= rows["nu5"][k]["val_ft"] <= 100 for k in rows["nu5"] if "@" in k)
     assert report["variants"]["lam0.4_long3"] == ["search.lam=0.4", "search.steps=1800"]
     table = (out / "ablation.md").read_text().splitlines()
     assert table[2].startswith("| variant | entry@0.5 | entry@0.85 | z@0.5 | z@0.85 | entered | search s |")
     assert len(table) == 3 + 1 + len(rows)
+    assert table[-1].startswith("| nu5 | ") and " → " in table[-1] and " → " not in table[4]
