@@ -53,9 +53,14 @@ def mask_gradient_rms(model, data: Iterable, loss_fn: Callable = F.cross_entropy
     squares = dict.fromkeys((n for n, _ in named), 0.0)
     seen = samples = 0
     model.train()
-    for i, (images, targets) in enumerate(data):
+    for i, batch in enumerate(data):
         if i >= batches:
             break
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise TypeError(f"data must yield (images, targets) pairs; batch {i} is a {type(batch).__name__}"
+                            + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+                            + ": wrap it, e.g. ((b['image'], b['label']) for b in loader)")
+        images, targets = batch
         images, targets = images.to(runtime.device), targets.to(runtime.device)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)

@@ -215,6 +215,8 @@ def test_calibrate_nu_by_hand_and_search_optimizer_groups():
         spp.search_optimizer(model, per_pair)               # ν per pair type, grouped as one
     with pytest.raises(ValueError, match="no value for 1 of the model's masks"):
         spp.search_optimizer(model, {n: v for n, v in list(nu.items())[1:]})
+    with pytest.raises(TypeError, match=r"data must yield \(images, targets\) pairs; batch 0 is a dict"):
+        spp.calibrate_nu(model, [{"image": x, "label": y} for x, y in batches])
     with pytest.raises(ValueError, match="call spp.add_masks"):
         spp.calibrate_nu(spp.remove_masks(model), batches)
 
