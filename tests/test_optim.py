@@ -198,7 +198,7 @@ def test_calibrate_nu_by_hand_and_search_optimizer_groups():
         squares += sum(float(g.pow(2).sum()) for g in grads)
     rms = math.sqrt(squares / (3 * count))
     nu = spp.calibrate_nu(model, batches, scale=1.5, reference_batch=128)
-    # the RMS at batch 32 is twice what it would be at 128 (sampling noise), so ν is halved
+    # sampling noise: the per-batch RMS at batch 32 is twice what it would be at 128; taken as at 128 it halves, ν doubles
     assert list(nu.values()) == [pytest.approx(1.5 / rms * 2.0, rel=1e-5)] * len(named)
     assert spp.calibrate_nu(model, batches[:1], batches=5, reference_batch=None)  # fewer batches than asked: fine
     assert set(spp.calibrate_nu(model, batches, preconditioner="adam", scale=2.0).values()) == {2.0}
