@@ -85,7 +85,8 @@ def build_loaders(cfg: Config, runtime: Runtime,
 
 def build_criterion(data: DataConfig, teacher: Optional[nn.Module] = None, distill: float = 0.0,
                     temperature: float = 1.0) -> Tuple[Optional[Callable], Callable]:
-    """``(mixup_fn, criterion)``; ``criterion(inputs, outputs, targets)``."""
+    """``(mixup_fn, criterion)``; ``criterion(inputs, outputs, targets)``, and ``criterion.base(outputs,
+    targets)`` the loss without distillation (what the search calibrates ν on)."""
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
@@ -98,9 +99,9 @@ def build_criterion(data: DataConfig, teacher: Optional[nn.Module] = None, disti
         base = LabelSmoothingCrossEntropy(data.smoothing)
     else:
         base = nn.CrossEntropyLoss()
-    if teacher is not None and distill > 0:
-        return mixup_fn, DistillationLoss(base, teacher, distill, temperature)
-    return mixup_fn, lambda inputs, outputs, targets: base(outputs, targets)
+    if teacher is None:
+        distill = 0.0   # the base loss alone
+    return mixup_fn, DistillationLoss(base, teacher, distill, temperature)
 
 
 def select_member(family, e: ExportConfig):

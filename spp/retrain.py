@@ -18,7 +18,7 @@ from .runtime import (NonFiniteLoss, RunLogger, check_shapes,
                       check_same_run, gather_rng_states, load_training_checkpoint, main_print, resume_file,
                       restore_rng_states, save_training_checkpoint, setup_runtime)
 
-__all__ = ["run_retrain", "source_model"]
+__all__ = ["run_retrain"]
 
 CHECKPOINT = "train_checkpoint.pth"
 

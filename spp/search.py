@@ -99,9 +99,8 @@ def run_search(cfg: Config) -> SolutionPath:
     else:
         if s.nu == "auto":
             loader.sampler.set_epoch(-1)  # an order of its own: the search's epochs stay untouched
-            nu = calibrate_nu(net, loader, lambda outputs, targets: criterion(None, outputs, targets), s.nu_scale,
-                              s.calibration_batches, s.nu_calibration, s.nu_batch, s.preconditioner,
-                              mixup_fn=mixup_fn, runtime=runtime)
+            nu = calibrate_nu(net, loader, criterion.base, s.nu_scale, s.calibration_batches, s.nu_calibration,
+                              s.nu_batch, s.preconditioner, mixup_fn=mixup_fn, runtime=runtime)
         else:
             nu = float(s.nu)
         optimizer = search_optimizer(model, nu, rho=s.rho, kappa=s.kappa, lam=s.lam,
