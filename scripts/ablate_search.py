@@ -5,7 +5,7 @@
 Same model, data split, seed and data order as ``scripts/benchmark_quality.py`` (the demo's
 Fashion-MNIST ViT, 6,000 training images held out). Each variant runs one search over the
 masks, then reads members off its path at ``--removed`` (global parameter budget, entry and
-final-z rankings) and reports validation accuracy with no finetuning, the share of each pair
+final-z rankings, the kept elements at 1 as when the lessons were measured: ``values="binary"``) and reports validation accuracy with no finetuning, the share of each pair
 type kept, the share of elements that entered, and the search time. Lasso (one run per lam) is the
 reference the benchmark found ahead of SPP at 85% removed until nu_scale 1.5 (and at 70% with lam 0.1).
 ``--swap`` also judges each variant's choice of elements at each Lasso member's count per mask
@@ -144,7 +144,8 @@ def judge_masks(bench, masks, sizes, finetune: int = 0, seed: int = 0) -> Dict:
 
 def judge(bench, path, removed, rules=("entry", "z"), finetune: int = 0, seed: int = 0) -> Dict:
     family = spp.WeightFamily(bench.dense, path)
-    return {f"{rule}@{r}": judge_masks(bench, family.select(remove=r, rank=rule).masks, path.sizes(), finetune, seed)
+    return {f"{rule}@{r}": judge_masks(bench, family.select(remove=r, rank=rule, values="binary").masks, path.sizes(),
+                                       finetune, seed)
             for rule in rules for r in removed}
 
 
@@ -166,7 +167,7 @@ def swap(bench, a, b, removed, finetune: int = 0, seed: int = 0) -> Dict:
     family = spp.WeightFamily(bench.dense, b)
     out = {}
     for r in removed:
-        counts = {n: int(m.sum()) for n, m in family.select(remove=r).masks.items()}
+        counts = {n: int(m.sum()) for n, m in family.select(remove=r, values="binary").masks.items()}
         out[f"entry@{r}"] = judge_masks(bench, choice_at_counts(a, counts), a.sizes(), finetune, seed)
     return out
 
@@ -202,9 +203,9 @@ def main():
     for lam in args.lasso_lams:
         seed_everything(args.seed)
         start = time.time()
-        scores = bq.lasso_scores(bench.masked, bench.loader("train", args.seed), lam, args.lasso_steps, 1e-2)
+        values = bq.lasso_values(bench.masked, bench.loader("train", args.seed), lam, args.lasso_steps, 1e-2)
         seconds = time.time() - start
-        lasso[f"lasso lam={lam}"] = spp.SolutionPath.from_scores(bench.masked, scores)
+        lasso[f"lasso lam={lam}"] = spp.SolutionPath.from_scores(bench.masked, {n: v.abs() for n, v in values.items()})
         rows[f"lasso lam={lam}"] = {"seconds": round(seconds, 1),
                                     **judge(bench, lasso[f"lasso lam={lam}"], args.removed, ("entry",), *tuning)}
         print(json.dumps({f"lasso lam={lam}": rows[f"lasso lam={lam}"]}))

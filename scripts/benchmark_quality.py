@@ -4,17 +4,21 @@
 
 Model and data: the demo's ViT pretrained on Fashion-MNIST (trained first if missing) with
 6,000 training images held out as a validation split. Every setting (SPP's nu, lam, search
-batch and ranking rule; the Lasso weight) is chosen on the validation split; accuracy is reported on the test
-set. Each method ranks the same structures (query-key dims, value dims, MLP neurons); all
+batch, ranking rule and member values; the Lasso weight and member values) is chosen on the validation split;
+accuracy is reported on the test set. Each method ranks the same structures (query-key dims, value dims, MLP neurons); all
 members are cut from the rankings by the same global parameter-budget walk
 (``spp.WeightFamily``), so only the ranking differs. Methods:
 
-  spp-entry / spp-z  ONE LBI search per seed; every budget read off its path by entry order / final |z|
-  spp                the same members, each budget by the rule with the better val accuracy (seed 0)
+  spp-entry / spp-z  ONE LBI search per seed; every budget read off its path by entry order / final |z|,
+                     the kept elements holding --spp-values (auto: the search's final mask values for a
+                     member inside the support the search reached, 1 for a larger one; spp.WeightFamily.select)
+  spp                the same searches, each budget by the rule and values (1 or the search's mask values)
+                     with the best val accuracy (seed 0)
   random             random ranking
   magnitude          RMS of the paired weights (q and k rows; v row and proj column; fc1 row and fc2 column)
   taylor             |m · dL/dm| of the masks at 1, summed over --taylor-batches batches
-  lasso              cross-entropy + lam * |M|_1 on the masks (Adam), ranked by |M|; lam per budget on val
+  lasso              cross-entropy + lam * |M|_1 on the masks (Adam), ranked by |M|; lam and values (1 or the
+                     Lasso masks' own) per budget on val
   tp-{magnitude,taylor}-{uniform,global}
                      Torch-Pruning's group importances pruning inner dims only (proj, fc2, head
                      and the patch embedding ignored, so the residual width stays), in one step at
@@ -93,7 +97,8 @@ def taylor_scores(model, loader, batches: int) -> Dict[str, torch.Tensor]:
     return total
 
 
-def lasso_scores(model, loader, lam: float, steps: int, lr: float) -> Dict[str, torch.Tensor]:
+def lasso_values(model, loader, lam: float, steps: int, lr: float) -> Dict[str, torch.Tensor]:
+    """The masks after ``steps`` of Adam on cross-entropy + lam * L1 (the elements rank by their absolute value)."""
     named = spp.mask_parameters(model)
     with torch.no_grad():
         for _, p in named:
@@ -112,11 +117,11 @@ def lasso_scores(model, loader, lam: float, steps: int, lr: float) -> Dict[str, 
             step += 1
             if step >= steps:
                 break
-    scores = {n: p.detach().abs().clone() for n, p in named}
+    values = {n: p.detach().clone() for n, p in named}
     with torch.no_grad():
         for _, p in named:
             p.fill_(1.0)
-    return scores
+    return values
 
 
 def taylor_gradients(dense, batches) -> Dict[str, torch.Tensor]:
@@ -263,7 +268,8 @@ class Bench:
         self.train, self.val, self.test = data["train"], data["val"], data["test"]
         self.dense = build_model(self.cfg).to(args.device).eval()
         self.masked = spp.add_masks(build_model(self.cfg).eval(), "dim").to(args.device)
-        self._members = {}   # (id(path), removed, rank) -> (path, member): the path is kept so its id stays its own
+        self._members = {}   # (id(path), removed, rank, values) -> (path, member): the path is kept so its id stays its own
+        self._families = {}  # id(path) -> (path, its WeightFamily)
 
     def loader(self, split, seed=0):
         """A fresh loader over ``split``; its data (order and augmentation) depend on ``seed`` alone: the
@@ -275,14 +281,16 @@ class Bench:
     def accuracy(self, model, split, max_batches=0):
         return evaluate(model, self.loader(split), self.runtime, max_batches, desc=split)["top1"]
 
-    def member(self, path, removed, rank="entry"):
-        """The compressed member; the same object for the same (path, budget, rule), so that rows sharing a
-        member (spp and spp-entry, say) share its test and finetune figures."""
-        key = (id(path), removed, rank)
+    def member(self, path, removed, rank="entry", values="auto"):
+        """The compressed member (``values``: see ``spp.WeightFamily.select``); the same object for the same
+        (path, budget, rule, values that "auto" resolves to), so that rows sharing a member (spp and
+        spp-entry, say) share its test and finetune figures."""
+        if id(path) not in self._families:
+            self._families[id(path)] = (path, spp.WeightFamily(self.dense, path))
+        selected = self._families[id(path)][1].select(remove=removed, rank=rank, values=values)
+        key = (id(path), removed, rank, selected.summary.values)
         if key not in self._members:
-            family = spp.WeightFamily(self.dense, path)
-            self._members[key] = (path, spp.compress(self.dense, family.select(remove=removed, rank=rank).masks,
-                                                     granularity="dim"))
+            self._members[key] = (path, spp.compress(self.dense, selected.masks, granularity="dim"))
         return self._members[key][1]
 
     def search(self, seed, out, overrides=()):
@@ -312,32 +320,35 @@ METHODS = ("spp", "spp-entry", "spp-z", "random", "magnitude", "taylor", "lasso"
 
 
 RULES = ("entry", "z")
+VALUES = ("binary", "path")   # what a member's kept elements hold: 1, or the search's (Lasso's) mask values
 
 
 def spp_methods(bench, args, tuning):
     """One search per seed; nu_scale (with rho = --search-step / nu_scale) and lam chosen on val with the
     first seed at the first of --search-batches, then the batch among --search-batches at those, then the
-    ranking rule. spp-entry and spp-z read every budget by one rule; spp takes, per budget, the rule with the
-    better val accuracy (free: a family is read by either rule, as Lasso's lam is picked per budget)."""
+    ranking rule and member values. spp-entry and spp-z read every budget by one rule, with --spp-values; spp
+    takes, per budget, the rule and values with the better val accuracy (free: a family is read by either,
+    as Lasso's lam and values are picked per budget)."""
     paths, val = {}, {}
+    readings = [(rule, values) for rule in RULES for values in VALUES]
 
-    def key(scale, lam, batch, rule):
-        return f"spp nu_scale={scale} rho={bench.rho(scale):.3g} lam={lam} batch={batch} rank={rule}"
+    def key(scale, lam, batch, rule, values):
+        return f"spp nu_scale={scale} rho={bench.rho(scale):.3g} lam={lam} batch={batch} rank={rule} values={values}"
 
     def tune(setting):
-        """Search the first seed at ``setting`` = (nu_scale, lam, batch) and judge it on val by each rule."""
+        """Search the first seed at ``setting`` = (nu_scale, lam, batch); judge it on val by each reading."""
         start = time.time()
         path = bench.spp_path(args.seeds[0], *setting)
         paths[(*setting, args.seeds[0])] = (path, time.time() - start)
-        for rule in RULES:
-            val[(*setting, rule)] = {r: bench.accuracy(bench.member(path, r, rule), "val") for r in args.removed}
-            mean = statistics.mean(val[(*setting, rule)].values())
-            tuning[key(*setting, rule)] = round(mean, 2)
-            print(f"tuning {key(*setting, rule)}: mean val {mean:.2f}%")
+        for reading in readings:
+            val[(*setting, *reading)] = {r: bench.accuracy(bench.member(path, r, *reading), "val") for r in args.removed}
+            mean = statistics.mean(val[(*setting, *reading)].values())
+            tuning[key(*setting, *reading)] = round(mean, 2)
+            print(f"tuning {key(*setting, *reading)}: mean val {mean:.2f}%")
 
     def score(setting):
-        """A tuned setting's mean val by its better rule."""
-        return max(tuning[key(*setting, rule)] for rule in RULES)
+        """A tuned setting's mean val by its best reading."""
+        return max(tuning[key(*setting, *reading)] for reading in readings)
 
     first = args.search_batches[0]
     grid = [(scale, lam, first) for scale in args.nu_scales for lam in args.lams]
@@ -349,41 +360,46 @@ def spp_methods(bench, args, tuning):
     best = max([(scale, lam, batch) for batch in args.search_batches], key=score)
     tuning["spp_nu_scale"], tuning["spp_lam"], tuning["spp_batch"] = best
     tuning["spp_rho"] = bench.rho(best[0])
-    rule_of = {r: max(RULES, key=lambda rule: val[(*best, rule)][r]) for r in args.removed}  # a tie: entry
-    tuning["spp rank per budget"] = {str(r): rule for r, rule in rule_of.items()}
-    tuning["spp val per budget"] = {rule: {str(r): round(v, 2) for r, v in val[(*best, rule)].items()} for rule in RULES}
+    reading_of = {r: max(readings, key=lambda reading: val[(*best, *reading)][r]) for r in args.removed}  # a tie: entry, binary
+    tuning["spp rank and values per budget"] = {str(r): list(reading) for r, reading in reading_of.items()}
+    tuning["spp val per budget"] = {" ".join(reading): {str(r): round(v, 2) for r, v in val[(*best, *reading)].items()}
+                                    for reading in readings}
     for seed in args.seeds[1:]:
         start = time.time()
         paths[(*best, seed)] = (bench.spp_path(seed, *best), time.time() - start)
     methods = {"spp": {}, "spp-entry": {}, "spp-z": {}}
     for seed in args.seeds:
         path, seconds = paths[(*best, seed)]
-        methods["spp"][seed] = (lambda r, p=path: bench.member(p, r, rule_of[r]), seconds)
-        methods["spp-entry"][seed] = (lambda r, p=path: bench.member(p, r, "entry"), seconds)
-        methods["spp-z"][seed] = (lambda r, p=path: bench.member(p, r, "z"), seconds)
+        methods["spp"][seed] = (lambda r, p=path: bench.member(p, r, *reading_of[r]), seconds)
+        methods["spp-entry"][seed] = (lambda r, p=path: bench.member(p, r, "entry", args.spp_values), seconds)
+        methods["spp-z"][seed] = (lambda r, p=path: bench.member(p, r, "z", args.spp_values), seconds)
     return methods
 
 
 def lasso_method(bench, args, tuning):
-    """One Lasso run per lam; per budget the lam with the best validation accuracy (seed 0)."""
+    """One Lasso run per lam; per budget the lam, and the member values (1, or the Lasso run's mask values), with
+    the best validation accuracy (seed 0)."""
     runs = {}
 
     def run(lam, seed):
         seed_everything(seed)
         start = time.time()
-        scores = lasso_scores(bench.masked, bench.loader("train", seed), lam, args.lasso_steps, 1e-2)
-        runs[(lam, seed)] = (spp.SolutionPath.from_scores(bench.masked, scores), time.time() - start)
+        values = lasso_values(bench.masked, bench.loader("train", seed), lam, args.lasso_steps, 1e-2)
+        path = spp.SolutionPath.from_scores(bench.masked, {n: v.abs() for n, v in values.items()}, values=values)
+        runs[(lam, seed)] = (path, time.time() - start)
 
     for lam in args.lasso_lams:
         run(lam, args.seeds[0])
-    chosen = {r: max(args.lasso_lams, key=lambda lam: bench.accuracy(bench.member(runs[(lam, args.seeds[0])][0], r), "val"))
+    settings = [(lam, values) for lam in args.lasso_lams for values in args.lasso_values]
+    chosen = {r: max(settings, key=lambda lv: bench.accuracy(bench.member(runs[(lv[0], args.seeds[0])][0], r, "entry", lv[1]), "val"))
               for r in args.removed}
-    tuning["lasso lam per budget"] = {str(r): lam for r, lam in chosen.items()}
+    tuning["lasso lam and values per budget"] = {str(r): list(lv) for r, lv in chosen.items()}
+    lams = sorted({lam for lam, _ in chosen.values()})
     for seed in args.seeds[1:]:
-        for lam in sorted(set(chosen.values())):
+        for lam in lams:
             run(lam, seed)
-    return {seed: (lambda r, s=seed: bench.member(runs[(chosen[r], s)][0], r),
-                   sum(runs[(lam, seed)][1] for lam in set(chosen.values()))) for seed in args.seeds}
+    return {seed: (lambda r, s=seed: bench.member(runs[(chosen[r][0], s)][0], r, "entry", chosen[r][1]),
+                   sum(runs[(lam, seed)][1] for lam in lams)) for seed in args.seeds}
 
 
 def score_methods(bench, args, magnitude, magnitude_time):
@@ -499,6 +515,10 @@ def main():
     parser.add_argument("--lams", type=float, nargs="+", default=[0.1, 0.4],
                         help="SPP lam values tuned with the nu scales (0.1 is the config default; "
                              "scripts/ablate_search.py found 0.4 better on val)")
+    parser.add_argument("--spp-values", default="auto", choices=("auto", "binary", "path"),
+                        help="what the kept elements of the spp-entry and spp-z members hold (spp.WeightFamily.select)")
+    parser.add_argument("--lasso-values", nargs="+", default=list(VALUES), choices=VALUES,
+                        help="member values the Lasso rows choose from on val: 1 (binary) or the Lasso masks' own (path)")
     parser.add_argument("--lasso-lams", type=float, nargs="+", default=[3e-4, 1e-3])
     parser.add_argument("--lasso-steps", type=int, default=300)
     parser.add_argument("--taylor-batches", type=int, default=20)

@@ -108,4 +108,4 @@ def select_member(family, e: ExportConfig):
     """The member that ``export.*`` asks for (``keep`` or ``budget`` take precedence over ``remove``)."""
     remove = e.remove if e.keep is None and e.budget is None else None
     return family.select(keep=e.keep, remove=remove, budget=e.budget, by=e.by, scope=e.scope,
-                         rank=e.rank, floor=e.floor, round_to=e.round_to)
+                         rank=e.rank, floor=e.floor, round_to=e.round_to, values=e.values)

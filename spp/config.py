@@ -85,6 +85,7 @@ class FamilyConfig:
     rank: str = "entry"
     floor: int = 0
     round_to: int = 1
+    values: str = "auto"                    # kept elements hold 1 (binary), the search's mask values (path), or auto
     max_batches: int = 0                    # 0 = the whole validation set
 
 
@@ -99,6 +100,7 @@ class ExportConfig:
     rank: str = "entry"
     floor: int = 0
     round_to: int = 1
+    values: str = "auto"                    # see spp.WeightFamily.select
     out: Optional[str] = None               # default: <output>/pruned
 
 
@@ -274,6 +276,7 @@ def _validate(c: Config) -> None:
         _choice(f"{name}.by", section.by, ("params", "flops", "elements"))
         _choice(f"{name}.scope", section.scope, ("global", "pair"))
         _choice(f"{name}.rank", section.rank, ("entry", "z"))
+        _choice(f"{name}.values", section.values, ("auto", "binary", "path"))
     _check_ranges(c)
     glued = [key for key, value in c.model.kwargs.items() if value is None and ":" in str(key)]
     if glued:

@@ -68,16 +68,20 @@ class SolutionPath:
     @classmethod
     def from_entries(cls, model: nn.Module, entry_step: Mapping[str, torch.Tensor],
                      z: Optional[Mapping[str, torch.Tensor]] = None, steps: Optional[int] = None,
-                     meta: Optional[Mapping] = None) -> "SolutionPath":
+                     meta: Optional[Mapping] = None,
+                     values: Optional[Mapping[str, torch.Tensor]] = None) -> "SolutionPath":
         """A path over ``model``'s masks from given entry steps, for rankings that no LBI run made.
 
         ``entry_step[name]`` is shaped like the mask ``name`` (``inf``: never entered); ``z``
-        (default 0) breaks ties between equal steps and is the final-z ranking's key. Γ is left
-        at 0 and the masks at 1. ``steps`` defaults to the last finite entry step.
+        (default 0) breaks ties between equal steps and is the final-z ranking's key. ``values``
+        (default 1) are the mask values that members selected with ``values="path"`` keep, for a
+        criterion that trained its own masks. Γ is left at 0. ``steps`` defaults to the last finite
+        entry step.
         """
         masks = _masks_of(model)
         z = z if z is not None else {n: torch.zeros_like(p) for n, p in masks.items()}
-        _check_fit(masks, {"entry_step": entry_step, "z": z})
+        values = values if values is not None else {n: torch.ones_like(p) for n, p in masks.items()}
+        _check_fit(masks, {"entry_step": entry_step, "z": z, "values": values})
         entry = {n: entry_step[n].detach().float().cpu() for n in masks}
         if any(torch.isnan(e).any() for e in entry.values()):
             raise ValueError("entry_step has NaN entries; use inf for elements that never entered")
@@ -85,12 +89,13 @@ class SolutionPath:
             finite = [e[torch.isfinite(e)] for e in entry.values()]
             steps = int(max((f.max().item() for f in finite if f.numel()), default=0))
         entries = {n: {"entry_step": entry[n], "z": z[n], "gamma": torch.zeros_like(entry[n]),
-                       "mask": torch.ones_like(entry[n])} for n in masks}
+                       "mask": values[n].detach().float().cpu()} for n in masks}
         return cls(entries, mask_pairs(model), granularity_of(model), steps, meta=meta)
 
     @classmethod
     def from_scores(cls, model: nn.Module, scores: Mapping[str, torch.Tensor],
-                    meta: Optional[Mapping] = None) -> "SolutionPath":
+                    meta: Optional[Mapping] = None,
+                    values: Optional[Mapping[str, torch.Tensor]] = None) -> "SolutionPath":
         """A path that ranks ``model``'s mask elements by descending ``scores``.
 
         Turns any importance criterion (weight magnitude, first-order Taylor, a Lasso run,
@@ -98,6 +103,8 @@ class SolutionPath:
         budget walk, floors and rounding as a search's. ``scores[name]`` is shaped like the mask
         ``name``; the element with the highest score enters at step 1, the next at step 2 and so
         on (equal scores in mask order), and both rankings (``entry``, ``z``) give that order.
+        ``values``: as in :meth:`from_entries` (a Lasso run's mask values, say); every element counts
+        as entered, so ``values="auto"`` selects with them.
         """
         masks = _masks_of(model)
         _check_fit(masks, {"scores": scores})
@@ -112,7 +119,7 @@ class SolutionPath:
             entry[n] = rank[start:start + p.numel()].view(p.shape)
             z[n] = 1 - (entry[n] - 1) / flat.numel()  # positive and falling with rank, for rank="z"
             start += p.numel()
-        return cls.from_entries(model, entry, z, flat.numel(), meta)
+        return cls.from_entries(model, entry, z, flat.numel(), meta, values)
 
     def __repr__(self) -> str:
         entered, sizes = self.entered_by(float(self.steps)), self.sizes()

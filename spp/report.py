@@ -106,13 +106,14 @@ def run_family(cfg: Config) -> List[Dict]:
     f = cfg.family
     rows = []
     for keep in f.targets:
-        member = family.select(keep=keep, by=f.by, scope=f.scope, rank=f.rank, floor=f.floor, round_to=f.round_to)
+        member = family.select(keep=keep, by=f.by, scope=f.scope, rank=f.rank, floor=f.floor, round_to=f.round_to,
+                                values=f.values)
         pruned = compress(model, member.masks, granularity=family.granularity)
         metrics = evaluate(pruned, loader, runtime, f.max_batches, desc=f"keep {keep:.0%}")
         s = member.summary
         rows.append({"target": keep, "kept": round(s.kept, 4), "params": s.params_after,
                      "params_kept": round(s.params_after / s.params_before, 4), "flops": s.flops_after,
-                     "flops_kept": round(s.flops_after / s.flops_before, 4),
+                     "flops_kept": round(s.flops_after / s.flops_before, 4), "values": s.values,
                      "top1": round(metrics["top1"], 2), "top5": round(metrics["top5"], 2)})
         main_print(runtime, f"keep {keep:.0%} of prunable {f.by}: {s.params_after / 1e6:.3f}M params, "
                             f"{s.flops_after / 1e9:.4f} GFLOPs, top-1 {metrics['top1']:.2f}%")

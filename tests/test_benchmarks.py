@@ -80,10 +80,11 @@ def test_magnitude_scores_follow_the_paired_weights():
 def test_lasso_shrinks_masks_and_restores_them():
     bench = _script("benchmark_quality")
     model = spp.add_masks(tiny_vit(), "dim")
-    weak = bench.lasso_scores(model, _batches(), lam=1e-4, steps=6, lr=1e-2)
-    strong = bench.lasso_scores(model, _batches(), lam=1.0, steps=6, lr=1e-2)
+    weak = bench.lasso_values(model, _batches(), lam=1e-4, steps=6, lr=1e-2)
+    strong = bench.lasso_values(model, _batches(), lam=1.0, steps=6, lr=1e-2)
     assert all(torch.all(p == 1) for _, p in spp.mask_parameters(model))  # the model is left as it was
-    mean = lambda s: torch.cat([v.flatten() for v in s.values()]).mean()  # noqa: E731
+    assert all(not torch.equal(v, torch.ones_like(v)) for v in strong.values())  # the trained values, not a copy of 1
+    mean = lambda s: torch.cat([v.abs().flatten() for v in s.values()]).mean()  # noqa: E731
     assert mean(strong) < mean(weak) < 1.0 + 1e-6
 
 
@@ -230,16 +231,17 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
             assert 0 <= row[key] <= 100 and row[key + "_std"] >= 0
     assert rows[("spp-entry", 0.5)]["params"] > rows[("spp-entry", 0.85)]["params"]
     tuning = summary["tuning_val"]
-    for removed in (0.5, 0.85):   # spp: per budget, the member of the rule that did better on val
-        rule = tuning["spp rank per budget"][str(removed)]
-        vals = {r: tuning["spp val per budget"][r][str(removed)] for r in ("entry", "z")}
-        assert vals[rule] == max(vals.values())
-        for key in ("params", "test_no_ft", "test_ft", "test_no_ft_std"):
-            assert rows[("spp", removed)][key] == rows[(f"spp-{rule}", removed)][key]
+    for removed in (0.5, 0.85):   # spp: per budget, the member of the rule and values that did better on val
+        rule, values = tuning["spp rank and values per budget"][str(removed)]
+        vals = {reading: tuning["spp val per budget"][reading][str(removed)]
+                for reading in ("entry binary", "entry path", "z binary", "z path")}
+        assert vals[f"{rule} {values}"] == max(vals.values())
+        assert rows[("spp", removed)]["params"] == rows[(f"spp-{rule}", removed)]["params"]
+    lasso_picks = tuning["lasso lam and values per budget"].values()
+    assert {lam for lam, _ in lasso_picks} <= {3e-4, 1e-3} and {v for _, v in lasso_picks} <= {"binary", "path"}
     assert tuning["spp_nu_scale"] == 3.0 and tuning["spp_lam"] in (0.1, 0.4) and tuning["spp_batch"] in (64, 96)
     tried = {k.split(" batch=")[1].split()[0] for k in tuning if k.startswith("spp nu_scale=")}
     assert tried == {"64", "96"}   # the second batch is tried at the nu and lam picked at the first
-    assert set(tuning["lasso lam per budget"].values()) <= {3e-4, 1e-3}
     assert {"test_no_ft", "test_ft", "test_epoch"} <= set(summary["dense_ft"])
     table = (out / "benchmark_quality.md").read_text()
     assert all(f"| {m} |" in table for m in methods) and "1-epoch finetune: -85%" in table

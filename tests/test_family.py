@@ -110,7 +110,8 @@ def test_bad_select_arguments(family):
                          (dict(budget=whole + 1), f"to {whole:,} \\(the whole model\\)"),
                          (dict(keep=0.5, floor=-1), "floor=-1"), (dict(keep=0.5, round_to=0), "round_to=0"),
                          (dict(keep=0.5, by="bytes"), "by="), (dict(keep=0.5, scope="layer"), "scope="),
-                         (dict(keep=0.5, rank="random"), "rank="), (dict(budget=1e5, scope="pair"), "budget")]:
+                         (dict(keep=0.5, rank="random"), "rank="), (dict(budget=1e5, scope="pair"), "budget"),
+                         (dict(keep=0.5, values="scaled"), r"values='scaled': choose one of \('auto', 'binary'")]:
         with pytest.raises(ValueError, match=word):
             family.select(**kwargs)
 
@@ -227,3 +228,38 @@ def test_reprs_say_what_a_notebook_user_needs(family):
     text = repr(member)
     assert f"params {family.params_before:,} -> {member.summary.params_after:,}" in text
     assert "tensor(" not in text and len(text) < 300
+
+
+@pytest.mark.parametrize("granularity", ["dim", "head"])
+def test_member_values_binary_path_and_auto(granularity):
+    """``values="path"`` keeps the path's mask values on the kept elements (and compresses exactly), "binary"
+    keeps 1, and "auto" takes the path's values only while every element the walk keeps had entered."""
+    model = spp.add_masks(tiny_vit(), granularity)
+    base = fake_path(model, never=0.3)
+    g = torch.Generator().manual_seed(1)
+    values = {n: 0.2 + 2 * torch.rand(e["mask"].shape, generator=g) for n, e in base.entries.items()}
+    path = spp.SolutionPath.from_entries(model, {n: e["entry_step"] for n, e in base.entries.items()},
+                                         {n: e["z"] for n, e in base.entries.items()}, steps=500, values=values)
+    family = spp.WeightFamily(model, path)
+    entered = {n: torch.isfinite(e["entry_step"]) for n, e in path.entries.items()}
+    for keep in (0.2, 0.5):  # inside the entered part (70% of the elements entered)
+        binary, on_path, auto = (family.select(keep=keep, values=v) for v in ("binary", "path", "auto"))
+        assert binary.summary.values == "binary" and on_path.summary.values == auto.summary.values == "path"
+        assert _kept_set(binary.masks) == _kept_set(on_path.masks) and len(_kept_set(binary.masks)) > 0
+        for n, m in on_path.masks.items():
+            assert set(binary.masks[n].unique().tolist()) <= {0.0, 1.0}
+            assert torch.equal(m, binary.masks[n] * values[n]) and torch.equal(auto.masks[n], m)
+            assert bool(entered[n][m != 0].all())
+        assert on_path.summary.params_after == binary.summary.params_after
+        assert "the path's final mask values" in str(on_path.summary) and on_path.summary.to_dict()["values"] == "path"
+        assert "kept elements hold 1" in str(binary.summary)
+        spp.set_masks(model, on_path.masks)
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.allclose(spp.compress(model, on_path.masks)(x), model(x), atol=1e-5)
+    late = family.select(keep=0.95)   # past the entered part: binary, as the walk keeps elements that never entered
+    assert late.summary.values == "binary" and all(set(m.unique().tolist()) <= {0.0, 1.0} for m in late.masks.values())
+    assert family.select(keep=0.2, round_to=4).summary.values == "path"  # decided before rounding adds elements
+    scored = spp.SolutionPath.from_scores(model, {n: v.clone() for n, v in values.items()}, values=values)
+    member = spp.WeightFamily(model, scored).select(keep=0.95)   # a scored path has every element entered
+    assert member.summary.values == "path" and all(torch.equal(m, (m != 0) * values[n]) for n, m in member.masks.items())

@@ -32,6 +32,8 @@ def test_config_errors_name_the_problem():
         load_config(SMOKE, ["data.dataset=cifar"])
     with pytest.raises(ConfigError, match=r"search.nu_calibration='type': choose one of pooled, pair, mask"):
         load_config(SMOKE, ["search.nu_calibration=type"])
+    with pytest.raises(ConfigError, match=r"export.values='scaled': choose one of auto, binary, path"):
+        load_config(SMOKE, ["export.values=scaled"])
     for override, message in [("search.steps=-5", "search.steps=-5: must be >= 0"),
                               ("data.batch_size=0", "data.batch_size=0: must be > 0"),
                               ("search.kappa=0", "search.kappa=0.0: must be > 0"),
