@@ -245,8 +245,9 @@ class WeightFamily:
                 (the member lies on the path the search covered), ``"binary"`` otherwise (a
                 larger member, ranked past the path's end, where the search's values of the
                 elements it kept out of the support would starve the elements it adds). On the
-                quality benchmark ``"path"`` scored 1.5-3 points above ``"binary"`` at 70% and
-                85% removed before finetuning, and 1.3 below at 30% (docs/quality.md, lesson 10).
+                quality benchmark ``"path"`` lifted the members at 70% and 85% removed by 1.6-2.9
+                points before finetuning, and cost 1.3 (val) at 30%, a member past the support's
+                end (docs/quality.md, lesson 10).
 
         Without floor and rounding, the kept elements are a prefix of one ranking, so a member
         at a smaller budget is a subset of every member at a larger one, and the global scope
