@@ -186,7 +186,7 @@ def freeze_weights(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def set_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Copy mask values (e.g. a family member's binary masks) into a masked model."""
+    """Copy mask values (e.g. a family member's masks) into a masked model."""
     params: Dict[str, nn.Parameter] = dict(mask_parameters(model))
     unknown = sorted(set(masks) - set(params))
     if unknown:

@@ -182,6 +182,16 @@ def test_end_to_end_search_family_export_retrain(tmp_path, capsys):
     summary = json.load(open(os.path.join(out, "pruned", "summary.json")))
     assert spp.count_params(pruned) == summary["params_after"]
     assert all(w["mlp_hidden"] % 4 == 0 for w in summary["widths"])
+    assert summary["values"] in ("binary", "path") and {r["values"] for r in rows} <= {"binary", "path"}
+    exported = {}
+    for values in ("binary", "path"):   # export.values reaches the member: same widths, other weights
+        assert run("export", out, "export.remove=0.6", f"export.values={values}", f"export.out={out}/{values}") == 0
+        assert json.load(open(os.path.join(out, values, "summary.json")))["values"] == values
+        exported[values] = spp.load_pruned(os.path.join(out, values)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert spp.count_params(exported["binary"]) == spp.count_params(exported["path"])
+    with torch.no_grad():
+        assert not torch.allclose(exported["binary"](x), exported["path"](x), atol=1e-4)
 
     train_out = str(tmp_path / "retrain")
     assert main(["retrain", SMOKE, f"output={train_out}", f"train.source={out}/pruned"]) == 0
