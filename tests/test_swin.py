@@ -49,6 +49,12 @@ def test_swin_compressed_equals_masked_random(granularity, seed):
     _check_exact(masks, granularity, seed)
 
 
+@pytest.mark.parametrize("granularity", ["dim", "head"])
+def test_swin_compressed_equals_masked_for_non_binary_masks(granularity):
+    """A member read with the search's mask values (``values="path"``) folds them into the weights."""
+    _check_exact(random_masks(tiny_swin(), granularity, keep=0.6, seed=5, binary=False), granularity, 5)
+
+
 EDGES = {
     "qk_removed": ["layers.0.blocks.1.attn.qk_mask"],
     "v_removed": ["layers.1.blocks.0.attn.v_mask"],
