@@ -131,6 +131,7 @@ def test_demo_caches_its_pretrained_model_and_fresh_trains_it_again(tmp_path, ca
     out = str(tmp_path / "demo")
     table = run_demo(out, tiny)
     assert "| 50% |" in table and os.path.isfile(os.path.join(out, "search", "pruned", "model.safetensors"))
+    assert "| kept elements hold |" in table and "| 100% | 0.803M | 27.53M (100%) | 1 |" in table  # never-entered kept: 1
     assert "1/5 pretrain a ViT" in capsys.readouterr().out
     run_demo(out, tiny)
     assert "pretrained model cached" in capsys.readouterr().out
