@@ -16,6 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import yaml
 
+from .family import BUDGET_KINDS, RANKINGS, SCOPES, VALUES
+
 __all__ = ["Config", "load_config", "save_config", "parse_overrides", "ConfigError"]
 
 
@@ -273,10 +275,10 @@ def _validate(c: Config) -> None:
     _choice("search.shrink", c.search.shrink, ("two_sided", "one_sided"))
     for section in (c.family, c.export):
         name = "family" if section is c.family else "export"
-        _choice(f"{name}.by", section.by, ("params", "flops", "elements"))
-        _choice(f"{name}.scope", section.scope, ("global", "pair"))
-        _choice(f"{name}.rank", section.rank, ("entry", "z"))
-        _choice(f"{name}.values", section.values, ("auto", "binary", "path"))
+        _choice(f"{name}.by", section.by, BUDGET_KINDS)
+        _choice(f"{name}.scope", section.scope, SCOPES)
+        _choice(f"{name}.rank", section.rank, RANKINGS)
+        _choice(f"{name}.values", section.values, VALUES)
     _check_ranges(c)
     glued = [key for key, value in c.model.kwargs.items() if value is None and ":" in str(key)]
     if glued:

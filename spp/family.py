@@ -33,7 +33,7 @@ class Summary:
     flops_after: int
     widths: List[Widths]
     elements: Dict[str, List[int]] = field(default_factory=dict)  # pair -> [kept, total]
-    values: str = "binary"        # what kept elements hold: 1 ("binary") or the path's final mask values ("path")
+    values: str = "binary"        # what kept elements hold: all 1 ("binary") or other values, the path's ("path")
 
     def to_dict(self) -> Dict:
         d = {k: getattr(self, k) for k in ("by", "target", "kept", "params_before", "params_after",
@@ -294,7 +294,7 @@ class WeightFamily:
             values = "path" if np.isfinite(self.entry[chosen]).all() else "binary"
         if values == "path":
             masks = {n: m * self.path.entries[n]["mask"] for n, m in masks.items()}
-        return Member(masks, self.summarize(masks, by=by, target=keep, values=values))
+        return Member(masks, self.summarize(masks, by=by, target=keep))
 
     def _round(self, kept: np.ndarray, order: np.ndarray, multiple: int) -> np.ndarray:
         kept = kept.copy()
@@ -322,12 +322,10 @@ class WeightFamily:
                 masks[names[pair]] = torch.from_numpy(value.astype(np.float32))
         return masks
 
-    def summarize(self, masks: Dict[str, torch.Tensor], by: str = "params", target: float = float("nan"),
-                  values: Optional[str] = None) -> Summary:
-        """Costs and widths of the member given by ``masks`` (``values``: what its kept elements hold;
-        default: ``"binary"`` if every non-zero entry is 1, else ``"path"``)."""
-        if values is None:
-            values = "binary" if all(bool(((m == 0) | (m == 1)).all()) for m in masks.values()) else "path"
+    def summarize(self, masks: Dict[str, torch.Tensor], by: str = "params", target: float = float("nan")) -> Summary:
+        """Costs and widths of the member given by ``masks``, and what its kept elements hold: ``"binary"``
+        when every non-zero entry is 1, ``"path"`` otherwise."""
+        values = "binary" if all(bool(((m == 0) | (m == 1)).all()) for m in masks.values()) else "path"
         widths = [widths_from_masks(g, *(masks[mask_names(g)[p]] for p in PAIRS), self.granularity)
                   for g in self.geoms]
         empty = self._total(self._empty(), by)
