@@ -14,6 +14,9 @@ members are cut from the rankings by the same global parameter-budget walk
                      member inside the support the search reached, 1 for a larger one; spp.WeightFamily.select)
   spp                the same searches, each budget by the rule and values (1 or the search's mask values)
                      with the best val accuracy (seed 0)
+  spp-head           as spp, from searches over whole heads (model.granularity=head: one query-key and one
+                     value mask entry per head, MLP neurons as before) at the settings spp picked, the nu
+                     calibration picked on val: what the speed benchmark's whole-head members cost in accuracy
   random             random ranking
   magnitude          RMS of the paired weights (q and k rows; v row and proj column; fc1 row and fc2 column)
   taylor             |m · dL/dm| of the masks at 1, summed over --taylor-batches batches
@@ -290,7 +293,7 @@ class Bench:
         selected = self._families[id(path)][1].select(remove=removed, rank=rank, values=values)
         key = (id(path), removed, rank, selected.summary.values)
         if key not in self._members:
-            self._members[key] = (path, spp.compress(self.dense, selected.masks, granularity="dim"))
+            self._members[key] = (path, spp.compress(self.dense, selected.masks, granularity=path.granularity))
         return self._members[key][1]
 
     def search(self, seed, out, overrides=()):
@@ -305,16 +308,20 @@ class Bench:
         (in units of 1 / RMS gradient)."""
         return self.args.search_step / nu_scale
 
-    def spp_path(self, seed, nu_scale, lam, batch):
-        """One search with ν = nu_scale / RMS gradient and ρ = :meth:`rho`, at ``batch`` samples per step."""
+    def spp_path(self, seed, nu_scale, lam, batch, granularity="dim", nu_calibration="pooled"):
+        """One search with ν = nu_scale / RMS gradient (one ν per ``nu_calibration`` group) and ρ =
+        :meth:`rho`, at ``batch`` samples per step, over masks of ``granularity``."""
         rho = self.rho(nu_scale)
-        name = f"seed{seed}_nu{nu_scale}_rho{rho:.3g}_lam{lam}" + ("" if batch == 128 else f"_b{batch}")
+        name = (f"seed{seed}_nu{nu_scale}_rho{rho:.3g}_lam{lam}" + ("" if batch == 128 else f"_b{batch}")
+                + ("" if granularity == "dim" else f"_{granularity}")
+                + ("" if nu_calibration == "pooled" else f"_{nu_calibration}"))
         return self.search(seed, os.path.join(self.args.out, "searches", name),
                            [f"search.nu_scale={nu_scale}", f"search.rho={rho}", f"search.lam={lam}",
-                            f"search.steps={self.args.search_steps}", f"data.batch_size={batch}"])
+                            f"search.steps={self.args.search_steps}", f"data.batch_size={batch}",
+                            f"model.granularity={granularity}", f"search.nu_calibration={nu_calibration}"])
 
 
-METHODS = ("spp", "spp-entry", "spp-z", "random", "magnitude", "taylor", "lasso",
+METHODS = ("spp", "spp-entry", "spp-z", "spp-head", "random", "magnitude", "taylor", "lasso",
            "tp-magnitude-uniform", "tp-magnitude-global", "tp-magnitude-global-iter",
            "tp-taylor-uniform", "tp-taylor-global", "tp-taylor-global-iter")
 
@@ -373,7 +380,40 @@ def spp_methods(bench, args, tuning):
         methods["spp"][seed] = (lambda r, p=path: bench.member(p, r, *reading_of[r]), seconds)
         methods["spp-entry"][seed] = (lambda r, p=path: bench.member(p, r, "entry", args.spp_values), seconds)
         methods["spp-z"][seed] = (lambda r, p=path: bench.member(p, r, "z", args.spp_values), seconds)
+    if "spp-head" in args.methods:
+        methods["spp-head"] = head_method(bench, args, best, readings, tuning)
     return methods
+
+
+def head_method(bench, args, setting, readings, tuning):
+    """Searches over whole heads at ``setting`` (spp's pick), one per seed, with the ν calibration of
+    --head-nu-calibrations that does better on val (seed 0: mean over budgets of each budget's better reading),
+    then per budget the reading (rule and values) with the best val accuracy, as for spp."""
+    searched, val = {}, {}
+
+    def search(seed, calibration):
+        start = time.time()
+        searched[(seed, calibration)] = (bench.spp_path(seed, *setting, granularity="head", nu_calibration=calibration),
+                                         time.time() - start)
+        return searched[(seed, calibration)][0]
+
+    for calibration in args.head_nu_calibrations:
+        path = search(args.seeds[0], calibration)
+        val[calibration] = {reading: {r: bench.accuracy(bench.member(path, r, *reading), "val") for r in args.removed}
+                            for reading in readings}
+        mean = statistics.mean(max(v[r] for v in val[calibration].values()) for r in args.removed)
+        tuning[f"spp-head nu_calibration={calibration}"] = round(mean, 2)
+        print(f"tuning spp-head nu_calibration={calibration}: mean val {mean:.2f}% (each budget's better reading)")
+    calibration = max(args.head_nu_calibrations, key=lambda c: tuning[f"spp-head nu_calibration={c}"])
+    reading_of = {r: max(readings, key=lambda reading: val[calibration][reading][r]) for r in args.removed}
+    tuning["spp-head nu_calibration"] = calibration
+    tuning["spp-head rank and values per budget"] = {str(r): list(reading) for r, reading in reading_of.items()}
+    tuning["spp-head val per budget"] = {" ".join(reading): {str(r): round(v, 2) for r, v in val[calibration][reading].items()}
+                                         for reading in readings}
+    for seed in args.seeds[1:]:
+        search(seed, calibration)
+    return {seed: (lambda r, p=searched[(seed, calibration)][0]: bench.member(p, r, *reading_of[r]),
+                   searched[(seed, calibration)][1]) for seed in args.seeds}
 
 
 def lasso_method(bench, args, tuning):
@@ -517,6 +557,9 @@ def main():
                              "scripts/ablate_search.py found 0.4 better on val)")
     parser.add_argument("--spp-values", default="auto", choices=("auto", "binary", "path"),
                         help="what the kept elements of the spp-entry and spp-z members hold (spp.WeightFamily.select)")
+    parser.add_argument("--head-nu-calibrations", nargs="+", default=["pooled", "pair"], choices=("pooled", "pair", "mask"),
+                        help="spp-head: nu calibrations tried on val (search.nu_calibration). Pooled, one nu for every "
+                             "mask, is set by the head masks' gradients, which sum a whole head's and dwarf a neuron's")
     parser.add_argument("--lasso-values", nargs="+", default=list(VALUES), choices=VALUES,
                         help="member values the Lasso rows choose from on val: 1 (binary) or the Lasso masks' own (path)")
     parser.add_argument("--lasso-lams", type=float, nargs="+", default=[3e-4, 1e-3])
@@ -554,7 +597,7 @@ def main():
     targets = {r: family.select(remove=r).summary.params_after for r in args.removed}
     tuning: Dict = {}
     wanted = set(args.methods)
-    methods = spp_methods(bench, args, tuning) if wanted & {"spp", "spp-entry", "spp-z"} else {}
+    methods = spp_methods(bench, args, tuning) if wanted & {"spp", "spp-entry", "spp-z", "spp-head"} else {}
     if "lasso" in wanted:
         methods["lasso"] = lasso_method(bench, args, tuning)
     methods.update(score_methods(bench, args, magnitude, magnitude_time))

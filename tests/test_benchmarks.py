@@ -246,13 +246,26 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
     table = (out / "benchmark_quality.md").read_text()
     assert all(f"| {m} |" in table for m in methods) and "1-epoch finetune: -85%" in table
     assert (out / "benchmark_quality.png").stat().st_size > 0
+    head_picks = tuning["spp-head rank and values per budget"]
+    for removed in (0.5, 0.85):   # spp-head: the same choice, on its own searches
+        rule, values = head_picks[str(removed)]
+        vals = tuning["spp-head val per budget"]
+        assert vals[f"{rule} {values}"][str(removed)] == max(v[str(removed)] for v in vals.values())
+    calibration = tuning["spp-head nu_calibration"]
+    assert tuning[f"spp-head nu_calibration={calibration}"] == max(tuning[f"spp-head nu_calibration={c}"] for c in ("pooled", "pair"))
     searches = list((out / "searches").iterdir())
-    assert len(searches) == 4   # tuning on seed 0: two lams at batch 64, the better one at 96; then seed 1
+    # tuning on seed 0: two lams at batch 64, the better one at 96; then seed 1; then over whole heads: seed 0
+    # with each nu calibration, seed 1 with the better one
+    assert len(searches) == 7
     batch = tuning["spp_batch"]
-    for search in searches:     # each at its batch, named for it
-        size = yaml.safe_load((search / "config.yaml").read_text())["data"]["batch_size"]
-        assert search.name.endswith(f"_b{size}") and size in (64, 96)
-        assert not search.name.startswith("seed1") or size == batch
+    for search in searches:     # each at its batch, granularity and nu calibration, named for them
+        config = yaml.safe_load((search / "config.yaml").read_text())
+        size, granularity, pooling = config["data"]["batch_size"], config["model"]["granularity"], config["search"]["nu_calibration"]
+        suffix = f"_b{size}" + ("_head" if granularity == "head" else "") + ("_pair" if pooling == "pair" else "")
+        assert search.name.endswith(suffix) and size in (64, 96)
+        assert granularity == "head" or pooling == "pooled"   # the dim searches keep spp's calibration
+        assert not search.name.startswith("seed1") or (size == batch and (granularity == "dim" or pooling == calibration))
+        assert json.loads((search / "path.json").read_text())["granularity"] == granularity
 
 
 def test_ablation_script_runs_and_keeps_earlier_rows(tmp_path):
