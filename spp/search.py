@@ -113,6 +113,10 @@ def run_search(cfg: Config) -> SolutionPath:
     per_group = "" if len(optimizer.param_groups) == 1 else f" ({s.nu_calibration} 1 of {len(optimizer.param_groups)})"
     main_print(runtime, f"search: {total_steps} steps ({steps_per_epoch}/epoch), lr={group['lr']:.4g} "
                         f"kappa={group['kappa']} nu={group['nu']:.4g}{per_group} lam={group['lam']}")
+    if cfg.model.granularity == "head" and s.nu_calibration == "pooled" and s.nu == "auto":
+        main_print(runtime, "note: whole-head masks under one pooled nu, which their large gradients set; "
+                            "search.nu_calibration=pair ranked better on the quality benchmark (docs/quality.md, "
+                            "'Whole heads')")
     logger = RunLogger(cfg.output, runtime.is_main)
 
     def on_step(global_step: int, loss: float) -> None:

@@ -113,7 +113,7 @@ def test_unsupported_models_name_the_supported_families():
         spp.add_masks(timm.create_model("resnet18", num_classes=2))
 
 
-def test_swin_search_export_retrain_through_the_commands(tmp_path):
+def test_swin_search_export_retrain_through_the_commands(tmp_path, capsys):
     import json
     import os
 
@@ -124,6 +124,7 @@ def test_swin_search_export_retrain_through_the_commands(tmp_path):
             "model.kwargs={patch_size: 2, window_size: 4, embed_dim: 32, depths: [2, 2], num_heads: [2, 4]}"]
     out = str(tmp_path / "search")
     assert main(["search", SMOKE, f"output={out}", "search.steps=8", *swin]) == 0
+    assert "search.nu_calibration=pair" in capsys.readouterr().out   # the hint for whole-head masks under one nu
     assert main(["export", SMOKE, f"output={out}", "export.remove=0.5", *swin]) == 0
     summary = json.load(open(os.path.join(out, "pruned", "summary.json")))
     pruned = spp.load_pruned(os.path.join(out, "pruned"))
