@@ -5,7 +5,8 @@
 Model and data: the demo's ViT pretrained on Fashion-MNIST (trained first if missing) with
 6,000 training images held out as a validation split. Every setting (SPP's nu, lam, search
 batch, ranking rule and member values; the Lasso weight and member values) is chosen on the validation split;
-accuracy is reported on the test set. Each method ranks the same structures (query-key dims, value dims, MLP neurons); all
+accuracy is reported on the test set. Each method ranks the same structures (query-key dims, value dims, MLP neurons; spp-head:
+whole heads instead of dims, for comparison); all
 members are cut from the rankings by the same global parameter-budget walk
 (``spp.WeightFamily``), so only the ranking differs. Methods:
 
