@@ -205,7 +205,7 @@ def main():
         start = time.time()
         values = bq.lasso_values(bench.masked, bench.loader("train", args.seed), lam, args.lasso_steps, 1e-2)
         seconds = time.time() - start
-        lasso[f"lasso lam={lam}"] = spp.SolutionPath.from_scores(bench.masked, {n: v.abs() for n, v in values.items()})
+        lasso[f"lasso lam={lam}"] = bq.lasso_path(bench.masked, values)
         rows[f"lasso lam={lam}"] = {"seconds": round(seconds, 1),
                                     **judge(bench, lasso[f"lasso lam={lam}"], args.removed, ("entry",), *tuning)}
         print(json.dumps({f"lasso lam={lam}": rows[f"lasso lam={lam}"]}))

@@ -128,6 +128,11 @@ def lasso_values(model, loader, lam: float, steps: int, lr: float) -> Dict[str, 
     return values
 
 
+def lasso_path(model, values) -> spp.SolutionPath:
+    """A Lasso run's masks as a family: ranked by their absolute value, members able to keep the values."""
+    return spp.SolutionPath.from_scores(model, {n: v.abs() for n, v in values.items()}, values=values)
+
+
 def taylor_gradients(dense, batches) -> Dict[str, torch.Tensor]:
     """Weight gradients of the cross-entropy summed over ``batches``: what Torch-Pruning's Taylor
     importance reads from ``.grad`` (computed once, reused by every pruning ratio tried)."""
@@ -309,17 +314,20 @@ class Bench:
         (in units of 1 / RMS gradient)."""
         return self.args.search_step / nu_scale
 
-    def spp_path(self, seed, nu_scale, lam, batch, granularity="dim", nu_calibration="pooled"):
-        """One search with ν = nu_scale / RMS gradient (one ν per ``nu_calibration`` group) and ρ =
-        :meth:`rho`, at ``batch`` samples per step, over masks of ``granularity``."""
+    def spp_path(self, seed, nu_scale, lam, batch, granularity=None, nu_calibration=None):
+        """One search with ν = nu_scale / RMS gradient and ρ = :meth:`rho`, at ``batch`` samples per step;
+        ``granularity`` and ``nu_calibration`` (default: configs/demo_search.yaml's) name the search when they
+        differ from the config's."""
         rho = self.rho(nu_scale)
+        changed = {"model.granularity": (granularity, self.cfg.model.granularity),
+                   "search.nu_calibration": (nu_calibration, self.cfg.search.nu_calibration)}
+        changed = {k: value for k, (value, default) in changed.items() if value not in (None, default)}
         name = (f"seed{seed}_nu{nu_scale}_rho{rho:.3g}_lam{lam}" + ("" if batch == 128 else f"_b{batch}")
-                + ("" if granularity == "dim" else f"_{granularity}")
-                + ("" if nu_calibration == "pooled" else f"_{nu_calibration}"))
+                + "".join(f"_{value}" for value in changed.values()))
         return self.search(seed, os.path.join(self.args.out, "searches", name),
                            [f"search.nu_scale={nu_scale}", f"search.rho={rho}", f"search.lam={lam}",
                             f"search.steps={self.args.search_steps}", f"data.batch_size={batch}",
-                            f"model.granularity={granularity}", f"search.nu_calibration={nu_calibration}"])
+                            *(f"{k}={value}" for k, value in changed.items())])
 
 
 METHODS = ("spp", "spp-entry", "spp-z", "spp-head", "random", "magnitude", "taylor", "lasso",
@@ -329,6 +337,21 @@ METHODS = ("spp", "spp-entry", "spp-z", "spp-head", "random", "magnitude", "tayl
 
 RULES = ("entry", "z")
 VALUES = ("binary", "path")   # what a member's kept elements hold: 1, or the search's (Lasso's) mask values
+
+
+def val_by_reading(bench, path, readings, removed):
+    """``{reading: {budget: val accuracy}}`` of ``path``'s members, each reading a (rule, values) pair."""
+    return {reading: {r: bench.accuracy(bench.member(path, r, *reading), "val") for r in removed} for reading in readings}
+
+
+def pick_readings(val, removed, tuning, name):
+    """Per budget the reading of ``val`` (:func:`val_by_reading`) with the best val accuracy (a tie: the first,
+    entry order and binary), recorded in ``tuning`` under ``name`` with every reading's figures."""
+    reading_of = {r: max(val, key=lambda reading: val[reading][r]) for r in removed}
+    tuning[f"{name} rank and values per budget"] = {str(r): list(reading) for r, reading in reading_of.items()}
+    tuning[f"{name} val per budget"] = {" ".join(reading): {str(r): round(v, 2) for r, v in by_budget.items()}
+                                        for reading, by_budget in val.items()}
+    return reading_of
 
 
 def spp_methods(bench, args, tuning):
@@ -348,9 +371,9 @@ def spp_methods(bench, args, tuning):
         start = time.time()
         path = bench.spp_path(args.seeds[0], *setting)
         paths[(*setting, args.seeds[0])] = (path, time.time() - start)
+        val[setting] = val_by_reading(bench, path, readings, args.removed)
         for reading in readings:
-            val[(*setting, *reading)] = {r: bench.accuracy(bench.member(path, r, *reading), "val") for r in args.removed}
-            mean = statistics.mean(val[(*setting, *reading)].values())
+            mean = statistics.mean(val[setting][reading].values())
             tuning[key(*setting, *reading)] = round(mean, 2)
             print(f"tuning {key(*setting, *reading)}: mean val {mean:.2f}%")
 
@@ -368,10 +391,7 @@ def spp_methods(bench, args, tuning):
     best = max([(scale, lam, batch) for batch in args.search_batches], key=score)
     tuning["spp_nu_scale"], tuning["spp_lam"], tuning["spp_batch"] = best
     tuning["spp_rho"] = bench.rho(best[0])
-    reading_of = {r: max(readings, key=lambda reading: val[(*best, *reading)][r]) for r in args.removed}  # a tie: entry, binary
-    tuning["spp rank and values per budget"] = {str(r): list(reading) for r, reading in reading_of.items()}
-    tuning["spp val per budget"] = {" ".join(reading): {str(r): round(v, 2) for r, v in val[(*best, *reading)].items()}
-                                    for reading in readings}
+    reading_of = pick_readings(val[best], args.removed, tuning, "spp")
     for seed in args.seeds[1:]:
         start = time.time()
         paths[(*best, seed)] = (bench.spp_path(seed, *best), time.time() - start)
@@ -400,17 +420,13 @@ def head_method(bench, args, setting, readings, tuning):
 
     for calibration in args.head_nu_calibrations:
         path = search(args.seeds[0], calibration)
-        val[calibration] = {reading: {r: bench.accuracy(bench.member(path, r, *reading), "val") for r in args.removed}
-                            for reading in readings}
+        val[calibration] = val_by_reading(bench, path, readings, args.removed)
         mean = statistics.mean(max(v[r] for v in val[calibration].values()) for r in args.removed)
         tuning[f"spp-head nu_calibration={calibration}"] = round(mean, 2)
         print(f"tuning spp-head nu_calibration={calibration}: mean val {mean:.2f}% (each budget's better reading)")
     calibration = max(args.head_nu_calibrations, key=lambda c: tuning[f"spp-head nu_calibration={c}"])
-    reading_of = {r: max(readings, key=lambda reading: val[calibration][reading][r]) for r in args.removed}
     tuning["spp-head nu_calibration"] = calibration
-    tuning["spp-head rank and values per budget"] = {str(r): list(reading) for r, reading in reading_of.items()}
-    tuning["spp-head val per budget"] = {" ".join(reading): {str(r): round(v, 2) for r, v in val[calibration][reading].items()}
-                                         for reading in readings}
+    reading_of = pick_readings(val[calibration], args.removed, tuning, "spp-head")
     for seed in args.seeds[1:]:
         search(seed, calibration)
     return {seed: (lambda r, p=searched[(seed, calibration)][0]: bench.member(p, r, *reading_of[r]),
@@ -426,8 +442,7 @@ def lasso_method(bench, args, tuning):
         seed_everything(seed)
         start = time.time()
         values = lasso_values(bench.masked, bench.loader("train", seed), lam, args.lasso_steps, 1e-2)
-        path = spp.SolutionPath.from_scores(bench.masked, {n: v.abs() for n, v in values.items()}, values=values)
-        runs[(lam, seed)] = (path, time.time() - start)
+        runs[(lam, seed)] = (lasso_path(bench.masked, values), time.time() - start)
 
     for lam in args.lasso_lams:
         run(lam, args.seeds[0])
