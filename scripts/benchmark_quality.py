@@ -344,6 +344,12 @@ def val_by_reading(bench, path, readings, removed):
     return {reading: {r: bench.accuracy(bench.member(path, r, *reading), "val") for r in removed} for reading in readings}
 
 
+def best_reading_mean(val, removed):
+    """Mean over budgets of each budget's best reading in ``val`` (:func:`val_by_reading`): the val accuracy of
+    the members a row reports, since it reads every budget by its best reading. Settings are compared by it."""
+    return statistics.mean(max(by_budget[r] for by_budget in val.values()) for r in removed)
+
+
 def pick_readings(val, removed, tuning, name):
     """Per budget the reading of ``val`` (:func:`val_by_reading`) with the best val accuracy (a tie: the first,
     entry order and binary), recorded in ``tuning`` under ``name`` with every reading's figures."""
@@ -356,15 +362,17 @@ def pick_readings(val, removed, tuning, name):
 
 def spp_methods(bench, args, tuning):
     """One search per seed; nu_scale (with rho = --search-step / nu_scale) and lam chosen on val with the
-    first seed at the first of --search-batches, then the batch among --search-batches at those, then the
-    ranking rule and member values. spp-entry and spp-z read every budget by one rule, with --spp-values; spp
-    takes, per budget, the rule and values with the better val accuracy (free: a family is read by either,
-    as Lasso's lam and values are picked per budget)."""
+    first seed at the first of --search-batches, then the batch among --search-batches at those (each setting
+    scored by :func:`best_reading_mean`), then the ranking rule and member values. spp-entry and spp-z read
+    every budget by one rule, with --spp-values; spp takes, per budget, the rule and values with the better val
+    accuracy (free: a family is read by either, as Lasso's lam and values are picked per budget)."""
     paths, val = {}, {}
     readings = [(rule, values) for rule in RULES for values in VALUES]
 
-    def key(scale, lam, batch, rule, values):
-        return f"spp nu_scale={scale} rho={bench.rho(scale):.3g} lam={lam} batch={batch} rank={rule} values={values}"
+    def key(scale, lam, batch, *reading):
+        """The tuning entry of a setting read by one (rule, values), or with no reading by each budget's best."""
+        setting = f"spp nu_scale={scale} rho={bench.rho(scale):.3g} lam={lam} batch={batch}"
+        return f"{setting} rank={reading[0]} values={reading[1]}" if reading else f"{setting}, each budget's best reading"
 
     def tune(setting):
         """Search the first seed at ``setting`` = (nu_scale, lam, batch); judge it on val by each reading."""
@@ -376,10 +384,14 @@ def spp_methods(bench, args, tuning):
             mean = statistics.mean(val[setting][reading].values())
             tuning[key(*setting, *reading)] = round(mean, 2)
             print(f"tuning {key(*setting, *reading)}: mean val {mean:.2f}%")
+        name = key(*setting)
+        tuning[name] = round(best_reading_mean(val[setting], args.removed), 2)
+        tuning[f"{name} per budget"] = {str(r): round(max(v[r] for v in val[setting].values()), 2) for r in args.removed}
+        print(f"tuning {name}: mean val {tuning[name]:.2f}%")
 
     def score(setting):
-        """A tuned setting's mean val by its best reading."""
-        return max(tuning[key(*setting, *reading)] for reading in readings)
+        """A tuned setting's mean val, each budget read by its best reading (as the spp row reads it)."""
+        return best_reading_mean(val[setting], args.removed)
 
     first = args.search_batches[0]
     grid = [(scale, lam, first) for scale in args.nu_scales for lam in args.lams]
@@ -408,7 +420,7 @@ def spp_methods(bench, args, tuning):
 
 def head_method(bench, args, setting, readings, tuning):
     """Searches over whole heads at ``setting`` (spp's pick), one per seed, with the ν calibration of
-    --head-nu-calibrations that does better on val (seed 0: mean over budgets of each budget's better reading),
+    --head-nu-calibrations that does better on val (seed 0, :func:`best_reading_mean`, as spp's settings),
     then per budget the reading (rule and values) with the best val accuracy, as for spp."""
     searched, val = {}, {}
 
@@ -421,7 +433,7 @@ def head_method(bench, args, setting, readings, tuning):
     for calibration in args.head_nu_calibrations:
         path = search(args.seeds[0], calibration)
         val[calibration] = val_by_reading(bench, path, readings, args.removed)
-        mean = statistics.mean(max(v[r] for v in val[calibration].values()) for r in args.removed)
+        mean = best_reading_mean(val[calibration], args.removed)
         tuning[f"spp-head nu_calibration={calibration}"] = round(mean, 2)
         print(f"tuning spp-head nu_calibration={calibration}: mean val {mean:.2f}% (each budget's better reading)")
     calibration = max(args.head_nu_calibrations, key=lambda c: tuning[f"spp-head nu_calibration={c}"])

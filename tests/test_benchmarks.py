@@ -240,8 +240,16 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
     lasso_picks = tuning["lasso lam and values per budget"].values()
     assert {lam for lam, _ in lasso_picks} <= {3e-4, 1e-3} and {v for _, v in lasso_picks} <= {"binary", "path"}
     assert tuning["spp_nu_scale"] == 3.0 and tuning["spp_lam"] in (0.1, 0.4) and tuning["spp_batch"] in (64, 96)
-    tried = {k.split(" batch=")[1].split()[0] for k in tuning if k.startswith("spp nu_scale=")}
+    tried = {k.split(" batch=")[1].split()[0].rstrip(",") for k in tuning if k.startswith("spp nu_scale=")}
     assert tried == {"64", "96"}   # the second batch is tried at the nu and lam picked at the first
+    # every setting is scored as the spp row reads it: per budget the best reading, then the mean over budgets
+    scored = {k: v for k, v in tuning.items() if k.endswith(", each budget's best reading")}
+    picked = next(k for k in scored if f" lam={tuning['spp_lam']} batch={tuning['spp_batch']}," in k)
+    assert len(scored) == 3 and scored[picked] == max(scored.values())
+    best_per_budget = tuning[f"{picked} per budget"]
+    for removed in ("0.5", "0.85"):
+        assert best_per_budget[removed] == max(v[removed] for v in tuning["spp val per budget"].values())
+    assert abs(scored[picked] - sum(best_per_budget.values()) / 2) <= 0.011   # each figure rounded
     assert {"test_no_ft", "test_ft", "test_epoch"} <= set(summary["dense_ft"])
     table = (out / "benchmark_quality.md").read_text()
     assert all(f"| {m} |" in table for m in methods) and "1-epoch finetune: -85%" in table
