@@ -44,6 +44,7 @@ import argparse
 import copy
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -614,6 +615,7 @@ def main():
         subprocess.run([sys.executable, "-m", "spp", "retrain", os.path.join(ROOT, "configs", "demo_pretrain.yaml"),
                         f"output={os.path.dirname(args.checkpoint)}",
                         *data_root(args.data_root)], check=True)
+    started = time.time()   # a pretraining above is not counted
     bench = Bench(args)
     dense_val, dense_test = bench.accuracy(bench.dense, "val"), bench.accuracy(bench.dense, "test")
     print(f"dense: val {dense_val:.2f}%, test {dense_test:.2f}%")
@@ -634,8 +636,30 @@ def main():
     results, dense_ft = evaluate_methods(bench, args, methods, targets, dense_test)
 
     summary = {"dense_val": dense_val, "dense_test": dense_test, "dense_ft": dense_ft,
-               "tuning_val": tuning, "args": vars(args), "results": results}
+               "tuning_val": tuning, "args": vars(args), "results": results, "run": provenance(started, args.device)}
     write_outputs(summary, args, args.out)
+
+
+def provenance(started: float, device: str) -> Dict:
+    """What produced a run, for its table to say: this checkout's commit (``-dirty`` when tracked files differ
+    from it; None outside git), the library versions, the processor and threads, the wall time since ``started``."""
+    try:
+        commit = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty", "--abbrev=7"],
+                                capture_output=True, text=True, timeout=30).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    if device == "cuda":
+        processor = torch.cuda.get_device_name()
+    else:
+        processor = platform.processor() or platform.machine()
+        if os.path.isfile("/proc/cpuinfo"):
+            with open("/proc/cpuinfo") as f:
+                processor = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), processor)
+    import timm
+    return {"commit": commit, "torch": torch.__version__, "timm": timm.__version__, "device": device,
+            "processor": processor, "threads": torch.get_num_threads(),
+            "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+            "minutes": round((time.time() - started) / 60, 1)}
 
 
 def write_outputs(summary, args, out):
@@ -670,7 +694,8 @@ def merge(directories, out):
     summary = {"dense_val": summaries[0]["dense_val"], "dense_test": summaries[0]["dense_test"],
                "dense_ft": max((s["dense_ft"] for s in summaries), key=len),
                "tuning_val": {k: v for s in summaries for k, v in s["tuning_val"].items()}, "args": vars(args),
-               "results": sorted(rows.values(), key=lambda r: (order[r["method"]], r["removed"]))}
+               "results": sorted(rows.values(), key=lambda r: (order[r["method"]], r["removed"])),
+               "merged_runs": {directory: s.get("run") for directory, s in zip(directories, summaries)}}
     write_outputs(summary, args, out)
 
 
@@ -706,6 +731,15 @@ def write_markdown(summary, args, filename):
         lines.append(f"| {m} | {cells} | {by[(m, args.removed[0])]['seconds_all_budgets']} |")
     lines += ["", "† the method could not reach this budget: its model keeps more parameters than the others "
               "(see `params` in benchmark_quality.json)."]
+    def measured(run):
+        return (f"commit {run['commit'] or 'unknown (not a git checkout)'}, started {run['started']}, {run['minutes']} min "
+                f"on {run['processor']} ({run['device']}, {run['threads']} threads), torch {run['torch']}, timm {run['timm']}")
+
+    if "run" in summary:
+        lines += ["", f"Measured at {measured(summary['run'])}."]
+    if "merged_runs" in summary:   # runs from before provenance was recorded have none
+        lines += ["", "Merged from " + "; ".join(f"`{d}`" + (f" ({measured(run)})" if run else "")
+                                                  for d, run in summary["merged_runs"].items()) + "."]
     with open(filename, "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -132,7 +133,7 @@ def test_global_torch_pruning_reaches_budgets_its_one_shot_mode_cannot():
         bench.tp_global_members(dense, x, {0.99: 10}, "magnitude", None, steps=3)
 
 
-def _summary(directory, methods, seeds=(0, 1, 2), epoch=()):
+def _summary(directory, methods, seeds=(0, 1, 2), epoch=(), run=None):
     args = {"removed": [0.5], "seeds": list(seeds), "finetune_steps": 100, "checkpoint": "c.safetensors",
             "epoch_removed": list(epoch)}
     results = []
@@ -145,13 +146,15 @@ def _summary(directory, methods, seeds=(0, 1, 2), epoch=()):
     os.makedirs(directory)
     with open(os.path.join(directory, "benchmark_quality.json"), "w") as f:
         json.dump({"dense_val": 90.0, "dense_test": 89.0, "dense_ft": {"test_no_ft": 89.0}, "tuning_val": {},
-                   "args": args, "results": results}, f)
+                   "args": args, "results": results, **({"run": run} if run else {})}, f)
 
 
 def test_quality_runs_merge_into_one_table(tmp_path):
     bench = _script("benchmark_quality")
     _summary(tmp_path / "a", {"spp-entry": 80.0, "random": 50.0})
-    _summary(tmp_path / "b", {"random": 55.0, "taylor": 70.0}, epoch=[0.5])   # reruns random with the epoch
+    run = {"commit": "abc1234", "torch": "2.x", "timm": "1.x", "device": "cpu", "processor": "a CPU", "threads": 2,
+           "started": "2026-11-30 09:58 UTC", "minutes": 74.5}
+    _summary(tmp_path / "b", {"random": 55.0, "taylor": 70.0}, epoch=[0.5], run=run)   # reruns random with the epoch
     bench.merge([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path))
     merged = json.loads((tmp_path / "benchmark_quality.json").read_text())
     rows = {r["method"]: r for r in merged["results"]}
@@ -159,6 +162,9 @@ def test_quality_runs_merge_into_one_table(tmp_path):
     assert rows["random"]["test_no_ft"] == 55.0 and rows["random"]["test_epoch"] == 56.0
     table = (tmp_path / "benchmark_quality.md").read_text()
     assert "| spp-entry | 80.00 ± 0.00 | 80.00 ± 0.00 | – |" in table   # no one-epoch figure: a dash
+    # where each run was measured, where it recorded that (a run from before provenance did not)
+    assert merged["merged_runs"] == {str(tmp_path / "a"): None, str(tmp_path / "b"): run}
+    assert f"`{tmp_path / 'b'}` (commit abc1234, started 2026-11-30 09:58 UTC, 74.5 min on a CPU" in table
     assert (tmp_path / "benchmark_quality.png").stat().st_size > 0
     _summary(tmp_path / "c", {"lasso": 60.0}, seeds=(0,))
     with pytest.raises(SystemExit, match="--seeds"):
@@ -253,6 +259,10 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
     assert {"test_no_ft", "test_ft", "test_epoch"} <= set(summary["dense_ft"])
     table = (out / "benchmark_quality.md").read_text()
     assert all(f"| {m} |" in table for m in methods) and "1-epoch finetune: -85%" in table
+    run = summary["run"]   # what produced the table, written into it
+    assert run["minutes"] > 0 and run["threads"] >= 1 and run["torch"] == torch.__version__
+    assert run["commit"] is None or re.search(r"[0-9a-f]{7}", run["commit"]), run["commit"]
+    assert f"{run['minutes']} min on {run['processor']}" in table
     assert (out / "benchmark_quality.png").stat().st_size > 0
     head_picks = tuning["spp-head rank and values per budget"]
     for removed in (0.5, 0.85):   # spp-head: the same choice, on its own searches
