@@ -45,6 +45,9 @@ import torch.nn.functional as F
 
 import spp
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchmark_quality import provenance  # noqa: E402  (commit, processor, versions: one record for both benchmarks)
+
 try:
     import resource   # Unix only: page-fault counts
 except ImportError:   # pragma: no cover - Windows
@@ -465,6 +468,7 @@ def main():
     kept = spp.keep_cpu_memory() if args.cpu_allocator == "keep" else False
     if args.cpu_allocator == "keep" and not kept:
         print("--cpu-allocator keep: this C library has no mallopt; timing with its own allocator")
+    started = time.time()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.amp == "bf16" else None
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
@@ -481,8 +485,12 @@ def main():
               "search_step_s": search, "finetune_step_s": finetune, "search_over_finetune": search / finetune,
               "frozen_step_s": frozen, "frozen_over_finetune": frozen / finetune,
               "optimizer_share_of_search_step": opt_only / search, "family_build_s": build,
-              "select_s": select, "compress_s": compress, "memory": memory, "latency": rows, "breakdown": breakdown}
+              "select_s": select, "compress_s": compress, "memory": memory, "latency": rows, "breakdown": breakdown,
+              "run": provenance(started, device.type)}
     print(f"\n{args.model} ({args.granularity} masks) on {machine}, amp={args.amp}, CPU allocator: {allocator}")
+    run = result["run"]
+    print(f"{run['processor']}, commit {run['commit']}, torch {run['torch']}, timm {run['timm']}; "
+          f"started {run['started']}, {run['minutes']} min")
     print(f"search step {1000 * search:.1f} ms vs finetune step {1000 * finetune:.1f} ms "
           f"(batch {args.train_batch}): ratio {search / finetune:.2f} (target <= 0.70)")
     print(f"  floor: the model without masks, weights frozen, gradient to the input: {1000 * frozen:.1f} ms = "

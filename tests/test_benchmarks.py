@@ -40,6 +40,7 @@ def test_speed_benchmark_runs_on_a_tiny_model(tmp_path, amp):
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["amp"] == amp
+    assert report["run"]["torch"] == torch.__version__ and report["run"]["device"] == "cpu"   # what measured it
     assert report["cpu_allocator"] == ("keep" if sys.platform.startswith("linux") else "system")
     assert report["search_step_s"] > 0 and report["finetune_step_s"] > 0 and report["frozen_step_s"] > 0
     assert 0 < report["optimizer_share_of_search_step"] < 1
