@@ -731,6 +731,7 @@ def write_markdown(summary, args, filename):
         lines.append(f"| {m} | {cells} | {by[(m, args.removed[0])]['seconds_all_budgets']} |")
     lines += ["", "† the method could not reach this budget: its model keeps more parameters than the others "
               "(see `params` in benchmark_quality.json)."]
+
     def measured(run):
         return (f"commit {run['commit'] or 'unknown (not a git checkout)'}, started {run['started']}, {run['minutes']} min "
                 f"on {run['processor']} ({run['device']}, {run['threads']} threads), torch {run['torch']}, timm {run['timm']}")
