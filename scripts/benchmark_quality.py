@@ -345,10 +345,15 @@ def val_by_reading(bench, path, readings, removed):
     return {reading: {r: bench.accuracy(bench.member(path, r, *reading), "val") for r in removed} for reading in readings}
 
 
+def best_by_budget(val, removed):
+    """``{budget: val accuracy of its best reading}`` in ``val`` (:func:`val_by_reading`): the members a row
+    reports, since it reads every budget by its best reading."""
+    return {r: max(by_budget[r] for by_budget in val.values()) for r in removed}
+
+
 def best_reading_mean(val, removed):
-    """Mean over budgets of each budget's best reading in ``val`` (:func:`val_by_reading`): the val accuracy of
-    the members a row reports, since it reads every budget by its best reading. Settings are compared by it."""
-    return statistics.mean(max(by_budget[r] for by_budget in val.values()) for r in removed)
+    """The mean over budgets of :func:`best_by_budget`; settings are compared by it."""
+    return statistics.mean(best_by_budget(val, removed).values())
 
 
 def pick_readings(val, removed, tuning, name):
@@ -387,7 +392,7 @@ def spp_methods(bench, args, tuning):
             print(f"tuning {key(*setting, *reading)}: mean val {mean:.2f}%")
         name = key(*setting)
         tuning[name] = round(best_reading_mean(val[setting], args.removed), 2)
-        tuning[f"{name} per budget"] = {str(r): round(max(v[r] for v in val[setting].values()), 2) for r in args.removed}
+        tuning[f"{name} per budget"] = {str(r): round(v, 2) for r, v in best_by_budget(val[setting], args.removed).items()}
         print(f"tuning {name}: mean val {tuning[name]:.2f}%")
 
     def score(setting):
@@ -643,11 +648,13 @@ def main():
 def provenance(started: float, device: str) -> Dict:
     """What produced a run, for its table to say: this checkout's commit (``-dirty`` when tracked files differ
     from it; None outside git), the library versions, the processor and threads, the wall time since ``started``."""
-    try:
-        commit = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty", "--abbrev=7"],
-                                capture_output=True, text=True, timeout=30).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    commit = None
+    if os.path.exists(os.path.join(ROOT, ".git")):   # not a git repository further up (a copied checkout)
+        try:
+            commit = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty", "--abbrev=7"],
+                                    capture_output=True, text=True, timeout=30).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            pass
     if device == "cuda":
         processor = torch.cuda.get_device_name()
     else:

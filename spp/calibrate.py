@@ -119,7 +119,7 @@ def calibrate_nu(model, data: Iterable, loss_fn: Callable = F.cross_entropy, sca
     demo the pair types' gradients differ ~10x, and pooling ranked best: the gap is signal
     (``scripts/ablate_search.py``). With whole-head masks (``granularity="head"``) take ``"pair"``:
     a head's gradient sums over all its dims, so the head masks set a pooled ν and every head enters
-    at once (the quality benchmark's ``spp-head`` row: mean val 74.86 with ``"pair"``, 69.22 pooled).
+    at once (the quality benchmark's ``spp-head`` row, run W: mean val 74.86 with ``"pair"``, 69.22 pooled).
 
     At M = 1 a pretrained model's mask gradient is mostly sampling noise, so its per-batch RMS
     falls as 1/√(batch size): at the batches' size B it is scaled by √(B / ``reference_batch``), so
