@@ -44,7 +44,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -61,7 +60,7 @@ from spp.build import build_model
 from spp.config import load_config
 from spp.data import build_datasets, build_loader
 from spp.engine import evaluate, train_one_epoch
-from spp.runtime import Runtime, seed_everything
+from spp.runtime import Runtime, provenance, seed_everything
 from spp.search import run_search
 from spp.structure import mask_names, model_geometry
 
@@ -641,32 +640,8 @@ def main():
     results, dense_ft = evaluate_methods(bench, args, methods, targets, dense_test)
 
     summary = {"dense_val": dense_val, "dense_test": dense_test, "dense_ft": dense_ft,
-               "tuning_val": tuning, "args": vars(args), "results": results, "run": provenance(started, args.device)}
+               "tuning_val": tuning, "args": vars(args), "results": results, "run": provenance(args.device, started)}
     write_outputs(summary, args, args.out)
-
-
-def provenance(started: float, device: str) -> Dict:
-    """What produced a run, for its table to say: this checkout's commit (``-dirty`` when tracked files differ
-    from it; None outside git), the library versions, the processor and threads, the wall time since ``started``."""
-    commit = None
-    if os.path.exists(os.path.join(ROOT, ".git")):   # not a git repository further up (a copied checkout)
-        try:
-            commit = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty", "--abbrev=7"],
-                                    capture_output=True, text=True, timeout=30).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            pass
-    if device == "cuda":
-        processor = torch.cuda.get_device_name()
-    else:
-        processor = platform.processor() or platform.machine()
-        if os.path.isfile("/proc/cpuinfo"):
-            with open("/proc/cpuinfo") as f:
-                processor = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), processor)
-    import timm
-    return {"commit": commit, "torch": torch.__version__, "timm": timm.__version__, "device": device,
-            "processor": processor, "threads": torch.get_num_threads(),
-            "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
-            "minutes": round((time.time() - started) / 60, 1)}
 
 
 def write_outputs(summary, args, out):

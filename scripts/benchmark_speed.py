@@ -44,9 +44,8 @@ import torch
 import torch.nn.functional as F
 
 import spp
+from spp.runtime import provenance
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchmark_quality import provenance  # noqa: E402  (commit, processor, versions: one record for both benchmarks)
 
 try:
     import resource   # Unix only: page-fault counts
@@ -486,7 +485,7 @@ def main():
               "frozen_step_s": frozen, "frozen_over_finetune": frozen / finetune,
               "optimizer_share_of_search_step": opt_only / search, "family_build_s": build,
               "select_s": select, "compress_s": compress, "memory": memory, "latency": rows, "breakdown": breakdown,
-              "run": provenance(started, device.type)}
+              "run": provenance(device.type, started)}
     print(f"\n{args.model} ({args.granularity} masks) on {machine}, amp={args.amp}, CPU allocator: {allocator}")
     run = result["run"]
     print(f"{run['processor']}, commit {run['commit']}, torch {run['torch']}, timm {run['timm']}; "

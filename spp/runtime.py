@@ -5,7 +5,9 @@ import ctypes
 import ctypes.util
 import json
 import os
+import platform
 import random
+import subprocess
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ import torch.distributed as dist
 from .checkpoint import atomic_torch_save
 from .config import ConfigError
 
-__all__ = ["Runtime", "setup_runtime", "keep_cpu_memory", "RunLogger", "gather_rng_states", "restore_rng_states", "CheckpointError",
+__all__ = ["Runtime", "setup_runtime", "keep_cpu_memory", "provenance", "RunLogger", "gather_rng_states", "restore_rng_states", "CheckpointError",
            "save_training_checkpoint", "load_training_checkpoint", "check_same_run", "NonFiniteLoss"]
 
 
@@ -243,10 +245,39 @@ def check_shapes(saved: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor], s
                               f"missing {missing[:6]}")
 
 
-class RunLogger:
-    """TensorBoard scalars and a JSON-lines log, written by the main process only."""
+def provenance(device: str, started: Optional[float] = None) -> Dict[str, Any]:
+    """What a run ran on, for its log or table to say: the commit of the checkout ``spp`` was imported from
+    (``-dirty`` when tracked files differ from it; None for an installed copy), Python, torch and timm versions,
+    the processor and CPU threads; with ``started`` (a ``time.time()``), that start and the minutes since."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    commit = None
+    if os.path.exists(os.path.join(root, ".git")):   # not a repository further up (a copied or vendored checkout)
+        try:
+            commit = subprocess.run(["git", "-C", root, "describe", "--always", "--dirty", "--abbrev=7"],
+                                    capture_output=True, text=True, timeout=30).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    if str(device).startswith("cuda"):
+        processor = torch.cuda.get_device_name(torch.device(device))
+    else:
+        processor = platform.processor() or platform.machine()
+        if os.path.isfile("/proc/cpuinfo"):
+            with open("/proc/cpuinfo") as f:
+                processor = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), processor)
+    import timm
+    record = {"commit": commit, "python": platform.python_version(), "torch": torch.__version__,
+              "timm": timm.__version__, "device": str(device), "processor": processor, "threads": torch.get_num_threads()}
+    if started is not None:
+        record["started"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
+        record["minutes"] = round((time.time() - started) / 60, 1)
+    return record
 
-    def __init__(self, directory: str, enabled: bool):
+
+class RunLogger:
+    """TensorBoard scalars and a JSON-lines log, written by the main process only. With ``runtime``, each
+    start (a resumed run too) first logs where it runs (:func:`provenance`, with the number of processes)."""
+
+    def __init__(self, directory: str, enabled: bool, runtime: Optional["Runtime"] = None):
         self.enabled = enabled
         self.writer = None
         self.file = None
@@ -255,6 +286,10 @@ class RunLogger:
             os.makedirs(directory, exist_ok=True)
             self.writer = SummaryWriter(os.path.join(directory, "tb"))
             self.file = open(os.path.join(directory, "log.jsonl"), "a")
+            if runtime is not None:
+                record = {**provenance(str(runtime.device)), "processes": runtime.world_size}
+                self.file.write(json.dumps({"time": round(time.time(), 3), "run": record}) + "\n")
+                self.writer.add_text("run", json.dumps(record, indent=1))
 
     def log(self, step: int, **scalars: Any) -> None:
         if not self.enabled:

@@ -171,6 +171,7 @@ def test_end_to_end_search_family_export_retrain(tmp_path, capsys):
     assert len(json.load(open(os.path.join(out, "family.json")))) == 3
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert log[-1]["step"] == 24 and "support/mlp" in log[-1]
+    assert log[0]["run"]["torch"] == torch.__version__ and log[0]["run"]["processes"] == 1   # what it ran on
 
     assert run("family", out) == 0
     rows = json.load(open(os.path.join(out, "family_eval.json")))
@@ -399,3 +400,5 @@ def test_torchrun_two_processes_give_one_identical_path(tmp_path):
     assert path.steps == 12
     files = sorted(os.listdir(out))
     assert files.count("path.json") == 1 and not any("rank" in f for f in files)
+    runs = [line["run"] for line in map(json.loads, open(os.path.join(out, "log.jsonl"))) if "run" in line]
+    assert [r["processes"] for r in runs] == [2]   # one record of the start, from rank 0

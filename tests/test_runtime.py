@@ -1,8 +1,16 @@
-"""spp.keep_cpu_memory (also called by the pipeline on the CPU): freed CPU tensors are reused, not page-faulted in again."""
+"""spp.runtime: keep_cpu_memory (also called by the pipeline on the CPU): freed CPU tensors are reused, not
+page-faulted in again; provenance: what a run or benchmark ran on."""
+import os
 import subprocess
 import sys
+import time
 
 import pytest
+import timm
+import torch
+
+import spp
+from spp.runtime import provenance
 
 PROBE = """
 import resource, sys
@@ -44,3 +52,18 @@ def test_keep_cpu_memory_stops_refaulting_freed_tensors(mode):
     assert faults_system > 0.9 * pages, faults_system   # the default allocator maps each 64 MiB tensor afresh
     assert faults_kept < 0.01 * pages, faults_kept      # kept: the same pages come back, no faults
 
+
+
+def test_provenance_names_the_checkout_commit_and_versions():
+    record = provenance("cpu", started=time.time() - 90)
+    assert (record["torch"], record["timm"], record["device"]) == (torch.__version__, timm.__version__, "cpu")
+    assert record["threads"] == torch.get_num_threads() and record["processor"]
+    assert 1.4 <= record["minutes"] <= 2.0 and record["started"].endswith("UTC")
+    assert "minutes" not in provenance("cpu")   # no start given: no wall time
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(spp.__file__)))
+    if not os.path.exists(os.path.join(checkout, ".git")):
+        assert record["commit"] is None   # an installed copy: no commit to claim
+        return
+    head = subprocess.run(["git", "-C", checkout, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    short = record["commit"].removesuffix("-dirty").rsplit("-g", 1)[-1]   # describe: [TAG-N-g]HASH[-dirty]
+    assert len(short) >= 7 and head.startswith(short)
