@@ -229,6 +229,19 @@ def _path_tensors(out):
     return path, {f"{n}/{k}": v for n, e in path.entries.items() for k, v in e.items()}
 
 
+def _kill_after_checkpoint(cmd, checkpoint, total):
+    """Start ``cmd``, SIGKILL it once ``checkpoint`` exists; return the step the checkpoint holds."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not os.path.isfile(checkpoint) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(checkpoint, weights_only=True)["step"]
+    assert 0 < killed_at < total, "the run must be killed part-way for this test to mean anything"
+    return killed_at
+
+
 def test_search_with_one_nu_per_pair_type(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert run("search", out, "search.nu_calibration=pair", "search.steps=8") == 0
@@ -306,15 +319,7 @@ def test_killed_search_resumes_to_the_same_path(tmp_path):
     subprocess.run(_search_cmd(reference, *long), check=True, capture_output=True)
 
     out = str(tmp_path / "killed")
-    proc = subprocess.Popen(_search_cmd(out, *long), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = os.path.join(out, "checkpoint.pth")
-    deadline = time.time() + 120
-    while not os.path.isfile(checkpoint) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = torch.load(checkpoint, weights_only=True)["step"]
-    assert 0 < killed_at < 120, "the run must be killed part-way for this test to mean anything"
+    _kill_after_checkpoint(_search_cmd(out, *long), os.path.join(out, "checkpoint.pth"), total=120)
     assert not os.path.isfile(os.path.join(out, "path.json"))
 
     subprocess.run(_search_cmd(out, *long, "resume=auto"), check=True, capture_output=True)
@@ -323,6 +328,28 @@ def test_killed_search_resumes_to_the_same_path(tmp_path):
     for key in ref:
         assert torch.equal(ref[key], got[key]), key
     assert ref_path.support == got_path.support
+
+
+def test_killed_retrain_resumes_to_the_same_model(tmp_path):
+    """Model, AdamW, EMA, schedule, mixup and data order all continue: the resumed run ends bit-identical."""
+    search = str(tmp_path / "search")
+    assert run("search", search, "search.steps=8") == 0 and run("export", search) == 0
+    long = [f"train.source={search}/pruned", "train.epochs=4", "data.synthetic_size=256", "train.checkpoint_every=4"]
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "spp", "retrain", SMOKE, f"output={out}", *long, *extra]
+
+    reference, out = str(tmp_path / "reference"), str(tmp_path / "killed")
+    subprocess.run(cmd(reference), check=True, capture_output=True)
+    killed_at = _kill_after_checkpoint(cmd(out), os.path.join(out, "train_checkpoint.pth"), total=64)
+    resumed = subprocess.run(cmd(out, "resume=auto"), check=True, capture_output=True, text=True)
+    assert f"resumed {out}/train_checkpoint.pth at step {killed_at}" in resumed.stdout
+    assert json.load(open(os.path.join(out, "result.json"))) == json.load(open(os.path.join(reference, "result.json")))
+    ref, got = (spp.load_pruned(os.path.join(d, "last")).state_dict() for d in (reference, out))   # the EMA weights
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    ref, got = (torch.load(os.path.join(d, "train_checkpoint.pth"), weights_only=True) for d in (reference, out))
+    assert all(torch.equal(ref["model"][k], got["model"][k]) for k in ref["model"])   # the trained weights too
+    assert ref["step"] == got["step"] == 64
 
 
 def test_corrupt_checkpoint_gives_clear_error_and_is_left_intact(tmp_path, capsys):
