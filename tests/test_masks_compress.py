@@ -244,9 +244,19 @@ def test_load_pruned_errors_name_the_file(tmp_path):
     (tmp_path / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
     with pytest.raises(ValueError, match="shape mismatches"):
         spp.load_pruned(str(tmp_path))
+    config = json.loads((tmp_path / "other" / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "blocks": config["blocks"][:1]}))
+    with pytest.raises(ValueError, match="config.json lists 1 blocks but the base model has 2"):
+        spp.load_pruned(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"format": "something-else", "blocks": []}))
+    with pytest.raises(ValueError, match="not an spp pruned-model config .format='something-else'"):
+        spp.load_pruned(str(tmp_path))
     (tmp_path / "config.json").write_text("{ not json")
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
         spp.load_pruned(str(tmp_path))
+    os.remove(tmp_path / "other" / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="model.safetensors not found .written by spp.save_pruned"):
+        spp.load_pruned(str(tmp_path / "other"))
 
 
 def test_save_pruned_needs_a_compressed_model(tmp_path, vit):

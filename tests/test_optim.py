@@ -153,6 +153,26 @@ def test_skips_params_without_grad_and_lbi_is_exported():
     assert len(opt.state) == 0
 
 
+def test_closure_step_returns_the_loss_and_steps_as_without_one():
+    x, y = torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), torch.randn(16)
+    w1, w2 = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    opt1, opt2 = LBI([w1], lr=0.1, nu=10), LBI([w2], lr=0.1, nu=10)
+
+    def closure():
+        opt2.zero_grad()
+        loss = ((x @ w2 - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt1.zero_grad()
+        expected = ((x @ w1 - y) ** 2).mean()
+        expected.backward()
+        opt1.step()
+        assert opt2.step(closure).item() == expected.item()
+    assert torch.equal(w1, w2) and torch.equal(opt1.state[w1]["gamma"], opt2.state[w2]["gamma"])
+
+
 def test_nu_calibration_shares_nu_within_its_groups():
     from spp.calibrate import lbi_groups, nu_from_rms
 

@@ -366,6 +366,23 @@ def test_corrupt_checkpoint_gives_clear_error_and_is_left_intact(tmp_path, capsy
     assert os.path.isfile(checkpoint + ".prev")
 
 
+def test_resume_names_a_checkpoint_of_the_wrong_kind_model_or_path(tmp_path, capsys):
+    from spp.runtime import CheckpointError, load_training_checkpoint, resume_file
+
+    out = str(tmp_path / "run")
+    assert run("search", out, "search.steps=8") == 0
+    checkpoint = os.path.join(out, "checkpoint.pth")
+    with pytest.raises(CheckpointError, match=r"checkpoint.pth is not a train checkpoint \(found search\)"):
+        load_training_checkpoint(checkpoint, "train", "vit_tiny_patch16_224")
+    with pytest.raises(CheckpointError, match=r"written for model 'vit_tiny_patch16_224', not 'deit_small"):
+        load_training_checkpoint(checkpoint, "search", "deit_small_patch16_224")
+    with pytest.raises(CheckpointError, match=r"resume=.*nowhere.pth not found \(use resume=auto"):
+        resume_file(str(tmp_path / "nowhere.pth"), checkpoint)
+    assert resume_file("auto", str(tmp_path / "nowhere.pth")) is None and resume_file("auto", checkpoint) == checkpoint
+    assert run("retrain", str(tmp_path / "train"), f"train.source={out}", f"resume={checkpoint}") == 2   # a search's
+    assert "is not a train checkpoint (found search)" in capsys.readouterr().err
+
+
 def test_checkpoint_from_another_model_is_rejected(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert run("search", out, "search.steps=8") == 0
@@ -429,3 +446,29 @@ def test_torchrun_two_processes_give_one_identical_path(tmp_path):
     assert files.count("path.json") == 1 and not any("rank" in f for f in files)
     runs = [line["run"] for line in map(json.loads, open(os.path.join(out, "log.jsonl"))) if "run" in line]
     assert [r["processes"] for r in runs] == [2]   # one record of the start, from rank 0
+
+
+def test_torchrun_two_processes_retrain(tmp_path):
+    """deit_retrain.sh's DDP path: the lr scales with the processes, rank 0 alone writes, and the
+    evaluation counts every val image once across the two ranks."""
+    from spp.data import build_datasets
+
+    search = str(tmp_path / "search")
+    assert run("search", search, "search.steps=8") == 0 and run("export", search) == 0
+    out = str(tmp_path / "ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                             "-m", "spp", "retrain", SMOKE, f"output={out}", f"train.source={search}/pruned",
+                             "train.epochs=1", "data.val_fraction=0.1"], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cfg = load_config(SMOKE, ["data.val_fraction=0.1"])
+    assert f"lr {cfg.train.lr * cfg.data.batch_size * 2 / 512:.3g}" in result.stdout   # batch 16 on each of 2
+    assert result.stdout.count("epoch 0: train loss") == 1                              # printed by rank 0 only
+    n_val = len(build_datasets(cfg.data, cfg.seed, splits=["val"])["val"])
+    assert n_val % 2 == 1   # 13 held-out images: two ranks cannot split them evenly
+    assert json.load(open(os.path.join(out, "result.json")))["last"]["n"] == n_val      # each image once
+    assert spp.count_params(spp.load_pruned(os.path.join(out, "last"))) == \
+        spp.count_params(spp.load_pruned(os.path.join(search, "pruned")))
+    runs = [line["run"] for line in map(json.loads, open(os.path.join(out, "log.jsonl"))) if "run" in line]
+    assert [r["processes"] for r in runs] == [2]
