@@ -645,7 +645,8 @@ def main():
 
 
 def write_outputs(summary, args, out):
-    """``benchmark_quality.json``, ``.md`` and ``.png`` in ``out``; prints the table."""
+    """``benchmark_quality.json``, ``.md`` and ``.png`` in ``out`` (made if missing); prints the table."""
+    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "benchmark_quality.json"), "w") as f:
         json.dump(summary, f, indent=1)
     write_markdown(summary, args, os.path.join(out, "benchmark_quality.md"))
@@ -654,8 +655,10 @@ def write_outputs(summary, args, out):
 
 
 def merge(directories, out):
-    """One summary from the runs in ``directories``: their rows (a later run's replacing an earlier one's for
-    the same method and budget), the dense reference with the most finetunes, every run's tuning."""
+    """One summary from the runs in ``directories``: their rows (for the same method and budget, a later run's
+    figures replacing an earlier one's and adding those it lacks, e.g. one-epoch finetunes at other budgets;
+    every figure the runs both measured and disagree on is printed), the dense reference with the most
+    finetunes, every run's tuning."""
     summaries = []
     for directory in directories:
         filename = os.path.join(directory, "benchmark_quality.json")
@@ -668,7 +671,14 @@ def merge(directories, out):
         if len(values) > 1:
             raise SystemExit(f"--merge: the runs differ in --{key.replace('_', '-')} ({', '.join(sorted(values))}); "
                              "only runs of the same benchmark can share a table")
-    rows = {(r["method"], r["removed"]): r for s in summaries for r in s["results"]}
+    rows: Dict = {}
+    for directory, s in zip(directories, summaries):
+        for r in s["results"]:
+            row = rows.setdefault((r["method"], r["removed"]), {})
+            changed = [f"{k} {row[k]} -> {v}" for k, v in r.items() if k in row and row[k] != v]
+            if changed:
+                print(f"--merge: {directory} changes {r['method']} at -{100 * r['removed']:.0f}%: {', '.join(changed)}")
+            row.update(r)
     order = {m: i for i, m in enumerate(METHODS)}
     args = argparse.Namespace(**summaries[0]["args"])
     args.epoch_removed = sorted({r for s in summaries for r in s["args"]["epoch_removed"]})

@@ -150,7 +150,7 @@ def _summary(directory, methods, seeds=(0, 1, 2), epoch=(), run=None):
                    "args": args, "results": results, **({"run": run} if run else {})}, f)
 
 
-def test_quality_runs_merge_into_one_table(tmp_path):
+def test_quality_runs_merge_into_one_table(tmp_path, capsys):
     bench = _script("benchmark_quality")
     _summary(tmp_path / "a", {"spp-entry": 80.0, "random": 50.0})
     run = {"commit": "abc1234", "torch": "2.x", "timm": "1.x", "device": "cpu", "processor": "a CPU", "threads": 2,
@@ -161,12 +161,19 @@ def test_quality_runs_merge_into_one_table(tmp_path):
     rows = {r["method"]: r for r in merged["results"]}
     assert list(rows) == ["spp-entry", "random", "taylor"]   # the benchmark's method order
     assert rows["random"]["test_no_ft"] == 55.0 and rows["random"]["test_epoch"] == 56.0
+    assert "b changes random at -50%: test_no_ft 50.0 -> 55.0, test_ft 50.0 -> 55.0" in capsys.readouterr().out
     table = (tmp_path / "benchmark_quality.md").read_text()
     assert "| spp-entry | 80.00 ± 0.00 | 80.00 ± 0.00 | – |" in table   # no one-epoch figure: a dash
     # where each run was measured, where it recorded that (a run from before provenance did not)
     assert merged["merged_runs"] == {str(tmp_path / "a"): None, str(tmp_path / "b"): run}
     assert f"`{tmp_path / 'b'}` (commit abc1234, started 2026-11-30 09:58 UTC, 74.5 min on a CPU" in table
     assert (tmp_path / "benchmark_quality.png").stat().st_size > 0
+    # a run that adds one-epoch figures to rows it measured the same: one row with both runs' figures
+    _summary(tmp_path / "d", {"spp-entry": 80.0}, epoch=[0.5])
+    bench.merge([str(tmp_path / "d"), str(tmp_path / "a")], str(tmp_path / "da"))
+    row = json.loads((tmp_path / "da" / "benchmark_quality.json").read_text())["results"][0]
+    assert (row["method"], row["test_no_ft"], row["test_epoch"]) == ("spp-entry", 80.0, 81.0)
+    assert "changes" not in capsys.readouterr().out
     _summary(tmp_path / "c", {"lasso": 60.0}, seeds=(0,))
     with pytest.raises(SystemExit, match="--seeds"):
         bench.merge([str(tmp_path / "a"), str(tmp_path / "c")], str(tmp_path))
