@@ -603,14 +603,18 @@ def main():
                              "under its parameters; more steps, closer to the budget)")
     parser.add_argument("--finetune-steps", type=int, default=100)
     parser.add_argument("--finetune-lr", type=float, default=FINETUNE_LR)
-    parser.add_argument("--epoch-removed", type=float, nargs="*", default=[0.7, 0.85],
-                        help="budgets that also get a one-epoch finetune (each adds 10-25 min on 2 cores)")
+    parser.add_argument("--epoch-removed", type=float, nargs="*", default=None,
+                        help="budgets that also get a one-epoch finetune (default: every --removed budget; each "
+                             "adds 15-30 min on 2 cores; the flag with no budgets: none)")
     parser.add_argument("--epoch-steps", type=int, default=0, help="steps of the long finetune (default: one epoch)")
     parser.add_argument("--no-dense-finetune", action="store_true", help="skip the dense reference finetunes")
     parser.add_argument("--merge", nargs="+", metavar="DIR",
                         help="run nothing: combine the benchmark_quality.json of earlier runs (e.g. one per group of "
-                             "methods) into one table and plot in --out; a later DIR's rows replace an earlier one's")
+                             "methods) into one table and plot in --out; for the same method and budget a later "
+                             "DIR's figures replace an earlier one's and add those it lacks")
     args = parser.parse_args()
+    if args.epoch_removed is None:
+        args.epoch_removed = list(args.removed)
     os.makedirs(args.out, exist_ok=True)
     if args.merge:
         return merge(args.merge, args.out)
