@@ -289,6 +289,7 @@ class RunLogger:
             if runtime is not None:
                 record = {**provenance(str(runtime.device)), "processes": runtime.world_size}
                 self.file.write(json.dumps({"time": round(time.time(), 3), "run": record}) + "\n")
+                self.file.flush()   # on disk even if the run dies before its first step is logged
                 self.writer.add_text("run", json.dumps(record, indent=1))
 
     def log(self, step: int, **scalars: Any) -> None:

@@ -67,3 +67,16 @@ def test_provenance_names_the_checkout_commit_and_versions():
     head = subprocess.run(["git", "-C", checkout, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     short = record["commit"].removesuffix("-dirty").rsplit("-g", 1)[-1]   # describe: [TAG-N-g]HASH[-dirty]
     assert len(short) >= 7 and head.startswith(short)
+
+
+def test_run_logger_records_the_start_before_any_step(tmp_path):
+    import json
+
+    from spp.runtime import RunLogger, Runtime
+
+    logger = RunLogger(str(tmp_path), True, Runtime(torch.device("cpu"), None))
+    first = json.loads(open(tmp_path / "log.jsonl").readline())   # flushed at once, not at the first step
+    assert first["run"]["processes"] == 1 and first["run"]["device"] == "cpu"
+    logger.close()
+    RunLogger(str(tmp_path / "quiet"), False, Runtime(torch.device("cpu"), None)).close()   # a rank > 0: no files
+    assert not (tmp_path / "quiet").exists()
