@@ -661,8 +661,8 @@ def write_outputs(summary, args, out):
 def merge(directories, out):
     """One summary from the runs in ``directories``: their rows (for the same method and budget, a later run's
     figures replacing an earlier one's and adding those it lacks, e.g. one-epoch finetunes at other budgets;
-    every figure the runs both measured and disagree on is printed), the dense reference with the most
-    finetunes, every run's tuning."""
+    every figure the runs both measured and disagree on is printed), the dense reference's figures combined
+    the same way, every run's tuning."""
     summaries = []
     for directory in directories:
         filename = os.path.join(directory, "benchmark_quality.json")
@@ -676,7 +676,9 @@ def merge(directories, out):
             raise SystemExit(f"--merge: the runs differ in --{key.replace('_', '-')} ({', '.join(sorted(values))}); "
                              "only runs of the same benchmark can share a table")
     rows: Dict = {}
+    dense_ft: Dict = {}   # the dense reference's figures, combined the same way
     for directory, s in zip(directories, summaries):
+        dense_ft.update(s["dense_ft"])
         for r in s["results"]:
             row = rows.setdefault((r["method"], r["removed"]), {})
             changed = [f"{k} {row[k]} -> {v}" for k, v in r.items() if k in row and row[k] != v]
@@ -688,7 +690,7 @@ def merge(directories, out):
     args.epoch_removed = sorted({r for s in summaries for r in s["args"]["epoch_removed"]})
     args.merged_from = list(directories)
     summary = {"dense_val": summaries[0]["dense_val"], "dense_test": summaries[0]["dense_test"],
-               "dense_ft": max((s["dense_ft"] for s in summaries), key=len),
+               "dense_ft": dense_ft,
                "tuning_val": {k: v for s in summaries for k, v in s["tuning_val"].items()}, "args": vars(args),
                "results": sorted(rows.values(), key=lambda r: (order[r["method"]], r["removed"])),
                "merged_runs": {directory: s.get("run") for directory, s in zip(directories, summaries)}}

@@ -46,7 +46,6 @@ import torch.nn.functional as F
 import spp
 from spp.runtime import provenance
 
-
 try:
     import resource   # Unix only: page-fault counts
 except ImportError:   # pragma: no cover - Windows

@@ -81,7 +81,7 @@ def run_retrain(cfg: Config) -> Dict:
         save_config(cfg, os.path.join(cfg.output, "config.yaml"))
     main_print(runtime, f"train: {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M params, "
                         f"{total_steps} steps ({steps_per_epoch}/epoch), lr {lr:.3g}")
-    logger = RunLogger(cfg.output, runtime.is_main, runtime)
+    logger = RunLogger(cfg.output, runtime)
 
     def save(global_step: int, at_epoch: int, at_batch: int) -> None:
         rng = gather_rng_states(runtime)  # collective: every rank takes part

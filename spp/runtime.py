@@ -274,23 +274,22 @@ def provenance(device: str, started: Optional[float] = None) -> Dict[str, Any]:
 
 
 class RunLogger:
-    """TensorBoard scalars and a JSON-lines log, written by the main process only. With ``runtime``, each
-    start (a resumed run too) first logs where it runs (:func:`provenance`, with the number of processes)."""
+    """TensorBoard scalars and a JSON-lines log, written by the main process only. Each start (a resumed run
+    too) first logs where it runs (:func:`provenance`, with the number of processes)."""
 
-    def __init__(self, directory: str, enabled: bool, runtime: Optional["Runtime"] = None):
-        self.enabled = enabled
+    def __init__(self, directory: str, runtime: Runtime):
+        self.enabled = runtime.is_main
         self.writer = None
         self.file = None
-        if enabled:
+        if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
             os.makedirs(directory, exist_ok=True)
             self.writer = SummaryWriter(os.path.join(directory, "tb"))
             self.file = open(os.path.join(directory, "log.jsonl"), "a")
-            if runtime is not None:
-                record = {**provenance(str(runtime.device)), "processes": runtime.world_size}
-                self.file.write(json.dumps({"time": round(time.time(), 3), "run": record}) + "\n")
-                self.file.flush()   # on disk even if the run dies before its first step is logged
-                self.writer.add_text("run", json.dumps(record, indent=1))
+            record = {**provenance(str(runtime.device)), "processes": runtime.world_size}
+            self.file.write(json.dumps({"time": round(time.time(), 3), "run": record}) + "\n")
+            self.file.flush()   # on disk even if the run dies before its first step is logged
+            self.writer.add_text("run", json.dumps(record, indent=1))
 
     def log(self, step: int, **scalars: Any) -> None:
         if not self.enabled:

@@ -117,7 +117,7 @@ def run_search(cfg: Config) -> SolutionPath:
         main_print(runtime, "note: whole-head masks under one pooled nu, which their large gradients set; "
                             "search.nu_calibration=pair ranked better on the quality benchmark (docs/quality.md, "
                             "'Whole heads')")
-    logger = RunLogger(cfg.output, runtime.is_main, runtime)
+    logger = RunLogger(cfg.output, runtime)
 
     def on_step(global_step: int, loss: float) -> None:
         if global_step % cfg.search.log_every == 0 or global_step == total_steps:

@@ -53,7 +53,6 @@ def test_keep_cpu_memory_stops_refaulting_freed_tensors(mode):
     assert faults_kept < 0.01 * pages, faults_kept      # kept: the same pages come back, no faults
 
 
-
 def test_provenance_names_the_checkout_commit_and_versions():
     record = provenance("cpu", started=time.time() - 90)
     assert (record["torch"], record["timm"], record["device"]) == (torch.__version__, timm.__version__, "cpu")
@@ -74,9 +73,9 @@ def test_run_logger_records_the_start_before_any_step(tmp_path):
 
     from spp.runtime import RunLogger, Runtime
 
-    logger = RunLogger(str(tmp_path), True, Runtime(torch.device("cpu"), None))
+    logger = RunLogger(str(tmp_path), Runtime(torch.device("cpu"), None))
     first = json.loads(open(tmp_path / "log.jsonl").readline())   # flushed at once, not at the first step
     assert first["run"]["processes"] == 1 and first["run"]["device"] == "cpu"
     logger.close()
-    RunLogger(str(tmp_path / "quiet"), False, Runtime(torch.device("cpu"), None)).close()   # a rank > 0: no files
+    RunLogger(str(tmp_path / "quiet"), Runtime(torch.device("cpu"), None, rank=1, world_size=2)).close()   # rank 1: no files
     assert not (tmp_path / "quiet").exists()
