@@ -67,6 +67,7 @@ import benchmark_quality as bq  # noqa: E402  (the benchmark's model, split and 
 import spp  # noqa: E402
 from spp.runtime import seed_everything  # noqa: E402
 from spp.calibrate import mask_gradient_rms  # noqa: E402
+from spp.criteria import lasso_path, lasso_values  # noqa: E402
 
 # what every variant changes from (a variant's own overrides come after): the defaults until lam 0.4
 BASE = ["search.lam=0.1", "search.nu_scale=3", "search.rho=0.01"]
@@ -203,9 +204,9 @@ def main():
     for lam in args.lasso_lams:
         seed_everything(args.seed)
         start = time.time()
-        values = bq.lasso_values(bench.masked, bench.loader("train", args.seed), lam, args.lasso_steps, 1e-2)
+        values = lasso_values(bench.masked, bench.loader("train", args.seed), lam, args.lasso_steps, 1e-2)
         seconds = time.time() - start
-        lasso[f"lasso lam={lam}"] = bq.lasso_path(bench.masked, values)
+        lasso[f"lasso lam={lam}"] = lasso_path(bench.masked, values)
         rows[f"lasso lam={lam}"] = {"seconds": round(seconds, 1),
                                     **judge(bench, lasso[f"lasso lam={lam}"], args.removed, ("entry",), *tuning)}
         print(json.dumps({f"lasso lam={lam}": rows[f"lasso lam={lam}"]}))

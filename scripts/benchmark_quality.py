@@ -58,11 +58,11 @@ from torch import nn
 import spp
 from spp.build import build_model
 from spp.config import load_config
+from spp.criteria import lasso_path, lasso_values, magnitude_scores, random_scores, taylor_scores
 from spp.data import build_datasets, build_loader
 from spp.engine import evaluate, train_one_epoch
 from spp.runtime import Runtime, provenance, seed_everything
 from spp.search import run_search
-from spp.structure import mask_names, model_geometry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,67 +70,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def data_root(root):
     """The config override that points the data at ``root`` (none: the Debian package's folder)."""
     return [f"data.root={root}"] if root else []
-
-
-def magnitude_scores(model) -> Dict[str, torch.Tensor]:
-    scores = {}
-    for geom, block in zip(model_geometry(model), spp.structure.find_blocks(model)):
-        H, hd = geom.num_heads, geom.head_dim
-        w = block.attn.qkv.weight.detach().view(3, H, hd, -1)
-        proj = block.attn.proj.weight.detach().view(-1, H, hd)
-        names = mask_names(geom)
-        scores[names["qk"]] = torch.cat([w[0], w[1]], -1).pow(2).mean((0, 2)).sqrt()
-        scores[names["v"]] = (w[2].pow(2).mean((0, 2)) + proj.pow(2).mean((0, 1))).div(2).sqrt()
-        mlp = block.mlp
-        scores[names["mlp"]] = (mlp.fc1.weight.detach().pow(2).mean(1) + mlp.fc2.weight.detach().pow(2).mean(0)).div(2).sqrt()
-    return scores
-
-
-def taylor_scores(model, loader, batches: int) -> Dict[str, torch.Tensor]:
-    named = spp.mask_parameters(model)
-    total = {n: torch.zeros_like(p) for n, p in named}
-    model.eval()
-    device = named[0][1].device
-    for i, (x, y) in enumerate(loader):
-        if i >= batches:
-            break
-        x, y = x.to(device), y.to(device)
-        grads = torch.autograd.grad(F.cross_entropy(model(x), y), [p for _, p in named])
-        for (n, p), g in zip(named, grads):
-            total[n] += (p.detach() * g).abs()
-    return total
-
-
-def lasso_values(model, loader, lam: float, steps: int, lr: float) -> Dict[str, torch.Tensor]:
-    """The masks after ``steps`` of Adam on cross-entropy + lam * L1 (the elements rank by their absolute value)."""
-    named = spp.mask_parameters(model)
-    with torch.no_grad():
-        for _, p in named:
-            p.fill_(1.0)
-    opt = torch.optim.Adam([p for _, p in named], lr=lr)
-    model.train()
-    device = named[0][1].device
-    step = 0
-    while step < steps:
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            loss = F.cross_entropy(model(x), y) + lam * sum(p.abs().sum() for _, p in named)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-            if step >= steps:
-                break
-    values = {n: p.detach().clone() for n, p in named}
-    with torch.no_grad():
-        for _, p in named:
-            p.fill_(1.0)
-    return values
-
-
-def lasso_path(model, values) -> spp.SolutionPath:
-    """A Lasso run's masks as a family: ranked by their absolute value, members able to keep the values."""
-    return spp.SolutionPath.from_scores(model, {n: v.abs() for n, v in values.items()}, values=values)
 
 
 def taylor_gradients(dense, batches) -> Dict[str, torch.Tensor]:
@@ -479,8 +418,7 @@ def score_methods(bench, args, magnitude, magnitude_time):
     """Random, magnitude and first-order Taylor rankings of the same structures."""
     methods = {"random": {}, "magnitude": {}, "taylor": {}}
     for seed in args.seeds:
-        g = torch.Generator().manual_seed(seed)
-        rnd = spp.SolutionPath.from_scores(bench.masked, {n: torch.rand(p.shape, generator=g) for n, p in spp.mask_parameters(bench.masked)})
+        rnd = spp.SolutionPath.from_scores(bench.masked, random_scores(bench.masked, seed))
         methods["random"][seed] = (lambda r, p=rnd: bench.member(p, r), 0.0)
         methods["magnitude"][seed] = (lambda r: bench.member(magnitude, r), magnitude_time)   # one ranking for all
         seed_everything(seed)

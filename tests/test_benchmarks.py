@@ -13,6 +13,7 @@ import yaml
 import spp
 
 from conftest import TINY, tiny_vit
+from spp.criteria import magnitude_scores
 
 SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
 
@@ -67,39 +68,6 @@ def test_speed_benchmark_runs_on_a_tiny_model(tmp_path, amp):
     assert missing.returncode != 0 and "nope.json not found" in missing.stderr
 
 
-def test_magnitude_scores_follow_the_paired_weights():
-    bench = _script("benchmark_quality")
-    model = spp.add_masks(tiny_vit(), "dim")
-    with torch.no_grad():
-        model.blocks[1].mlp.fc1.weight[5] *= 100      # neuron 5: a large fc1 row
-        model.blocks[0].attn.proj.weight[:, 3::16] *= 100   # value dim 3 of every head: large proj columns
-    scores = bench.magnitude_scores(model)
-    assert scores["blocks.1.mlp.mask"].argmax() == 5
-    assert scores["blocks.0.attn.v_mask"].argmax() == 3
-    assert set(scores) == {n for n, _ in spp.mask_parameters(model)}
-
-
-def test_lasso_shrinks_masks_and_restores_them():
-    bench = _script("benchmark_quality")
-    model = spp.add_masks(tiny_vit(), "dim")
-    weak = bench.lasso_values(model, _batches(), lam=1e-4, steps=6, lr=1e-2)
-    strong = bench.lasso_values(model, _batches(), lam=1.0, steps=6, lr=1e-2)
-    assert all(torch.all(p == 1) for _, p in spp.mask_parameters(model))  # the model is left as it was
-    assert all(not torch.equal(v, torch.ones_like(v)) for v in strong.values())  # the trained values, not a copy of 1
-    mean = lambda s: torch.cat([v.abs().flatten() for v in s.values()]).mean()  # noqa: E731
-    assert mean(strong) < mean(weak) < 1.0 + 1e-6
-
-
-def test_taylor_scores_are_zero_for_a_mask_that_does_nothing():
-    bench = _script("benchmark_quality")
-    model = spp.add_masks(tiny_vit(), "dim")
-    with torch.no_grad():
-        model.blocks[0].mlp.fc2.weight[:, 7] = 0      # neuron 7 cannot change the output
-    scores = bench.taylor_scores(model, _batches(), batches=2)
-    assert scores["blocks.0.mlp.mask"][7] == 0
-    assert scores["blocks.0.mlp.mask"].sum() > 0
-
-
 def test_torch_pruning_member_meets_the_budget_and_keeps_the_residual_width():
     pytest.importorskip("torch_pruning", reason="Torch-Pruning is in the [test] and [bench] extras: pip install -e .[test]")
     bench = _script("benchmark_quality")
@@ -117,7 +85,7 @@ def test_global_torch_pruning_reaches_budgets_its_one_shot_mode_cannot():
     bench = _script("benchmark_quality")
     dense, x = tiny_vit().eval(), torch.randn(2, 3, 32, 32)
     masked = spp.add_masks(tiny_vit(), "dim")
-    family = spp.WeightFamily(dense, spp.SolutionPath.from_scores(masked, bench.magnitude_scores(masked)))
+    family = spp.WeightFamily(dense, spp.SolutionPath.from_scores(masked, magnitude_scores(masked)))
     targets = {r: family.select(remove=r).summary.params_after for r in (0.3, 0.85)}
     # one step at ratio 0.99 leaves whole attention blocks, far above the -85% budget
     one_shot = bench.tp_prune(dense, x, 0.99, bench.tp_importance("magnitude"), True)
