@@ -23,8 +23,8 @@ setup(
     extras_require={
         # Torch-Pruning baselines (benchmark and its tests): timm's Attention must follow pruned head
         # widths (attn_dim, 1.0.23)
-        "test": ["pytest", "torch-pruning", "timm>=1.0.23"],
-        "bench": ["torch-pruning", "timm>=1.0.23"],
+        "test": ["pytest", "torch-pruning", "timm>=1.0.23", "scikit-learn"],
+        "bench": ["torch-pruning", "timm>=1.0.23", "scikit-learn"],   # scikit-learn: the robustness benchmark's digits
     },
     entry_points={"console_scripts": ["spp=spp.cli:main"]},
 )

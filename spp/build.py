@@ -12,12 +12,12 @@ from .compress import compress, load_pruned
 from .config import Config, ConfigError, DataConfig, ExportConfig
 from .data import build_datasets, build_loader
 from .engine import DistillationLoss
-from .family import WeightFamily
+from .family import RANKINGS, WeightFamily
 from .path import SolutionPath
 from .runtime import Runtime, main_print
 from .structure import SUPPORTED_FAMILIES
 
-__all__ = ["build_model", "source_model", "build_loaders", "build_criterion", "select_member"]
+__all__ = ["build_model", "source_model", "build_loaders", "build_criterion", "select_member", "HeldOutScore"]
 
 
 def build_model(cfg: Config, runtime: Optional[Runtime] = None) -> nn.Module:
@@ -64,7 +64,12 @@ def source_model(cfg: Config, runtime: Optional[Runtime] = None) -> nn.Module:
     if os.path.isfile(os.path.join(source, "path.json")):
         model = build_model(cfg, runtime)
         family = WeightFamily(model, SolutionPath.load(source))
-        member = select_member(family, cfg.export)
+        score = None
+        if "best" in (cfg.export.rank, cfg.export.values):
+            from .runtime import setup_runtime
+            score = HeldOutScore(cfg, runtime or setup_runtime("cpu", "off", cfg.seed), model, family.granularity,
+                                 cfg.export.max_batches)
+        member = select_member(family, cfg.export, score)
         if runtime is not None:
             main_print(runtime, str(member.summary))
         return compress(model, member.masks, granularity=family.granularity)
@@ -104,8 +109,49 @@ def build_criterion(data: DataConfig, teacher: Optional[nn.Module] = None, disti
     return mixup_fn, DistillationLoss(base, teacher, distill, temperature)
 
 
-def select_member(family, e: ExportConfig):
+class HeldOutScore:
+    """Top-1 (%) of a member, compressed, on the first ``max_batches`` of the validation split (0: all of
+    it): the score :meth:`spp.WeightFamily.select_best` reads a member by (``rank`` / ``values: best``).
+    ``metrics[reading(member)]`` keeps each reading's evaluation, so the chosen one is not run twice."""
+
+    def __init__(self, cfg: Config, runtime: Runtime, model: nn.Module, granularity: str, max_batches: int):
+        self.loader = build_loaders(cfg, runtime, ["val"])["val"]
+        self.model, self.granularity, self.max_batches, self.runtime = model, granularity, max_batches, runtime
+        self.metrics: Dict[str, Dict[str, float]] = {}
+
+    @staticmethod
+    def reading(member) -> str:
+        return f"{member.summary.rank}, {member.summary.values}"
+
+    def __call__(self, member) -> float:
+        from .engine import evaluate
+
+        pruned = compress(self.model, member.masks, granularity=self.granularity)
+        label = self.reading(member)
+        self.metrics[label] = evaluate(pruned, self.loader, self.runtime, self.max_batches,
+                                       desc=f"{member.summary.kept:.0%} kept, {label}")
+        return self.metrics[label]["top1"]
+
+
+def choices(setting: str, options) -> tuple:
+    """A ``rank`` or ``values`` setting as the readings :meth:`~spp.WeightFamily.select_best` tries."""
+    return tuple(options) if setting == "best" else (setting,)
+
+
+def read_member(family, budget: Dict, rank: str, values: str, score: Optional[Callable] = None):
+    """``family.select(**budget)`` read by ``rank`` and ``values``; where either is ``best``, every reading
+    it allows is scored by ``score`` (a :class:`HeldOutScore`) and the best kept
+    (:meth:`~spp.WeightFamily.select_best`)."""
+    if "best" in (rank, values):
+        if score is None:
+            raise ValueError("rank or values best reads the member on held-out data: pass score= (HeldOutScore)")
+        return family.select_best(score, choices(rank, RANKINGS), choices(values, ("binary", "path")), **budget)
+    return family.select(rank=rank, values=values, **budget)
+
+
+def select_member(family, e: ExportConfig, score: Optional[Callable] = None):
     """The member that ``export.*`` asks for (``keep`` or ``budget`` take precedence over ``remove``)."""
     remove = e.remove if e.keep is None and e.budget is None else None
-    return family.select(keep=e.keep, remove=remove, budget=e.budget, by=e.by, scope=e.scope,
-                         rank=e.rank, floor=e.floor, round_to=e.round_to, values=e.values)
+    budget = dict(keep=e.keep, remove=remove, budget=e.budget, by=e.by, scope=e.scope, floor=e.floor,
+                  round_to=e.round_to)
+    return read_member(family, budget, e.rank, e.values, score)

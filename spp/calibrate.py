@@ -3,7 +3,7 @@
 ``spp search`` builds its optimizer with these two functions, and so can a notebook::
 
     spp.add_masks(model)
-    nu = spp.calibrate_nu(model, loader)              # ν = 1.5 / RMS of the mask gradients at M = 1
+    nu = spp.calibrate_nu(model, val_loader)          # ν = 1.5 / RMS of the mask gradients at M = 1, held-out data
     optimizer = spp.search_optimizer(model, nu)       # κ 10, λ 0.4, α = ρν/κ with ρ 0.02
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ def mask_gradient_rms(model, data: Iterable, loss_fn: Callable = F.cross_entropy
         seen += 1
         samples += images.shape[0]
     if seen == 0:
-        raise RuntimeError("no training batch to calibrate nu from; the training set is smaller than one batch")
+        raise ValueError("no batch to calibrate nu from: data yielded none (is the data set smaller than one batch?)")
     rms = {n: (math.sqrt(runtime.all_mean(squares[n] / (seen * p.numel()))), p.numel()) for n, p in named}
     if reference_batch is not None:
         factor = math.sqrt(samples / seen / reference_batch)
@@ -108,29 +108,28 @@ def calibrate_nu(model, data: Iterable, loss_fn: Callable = F.cross_entropy, sca
     ``nu_calibration``, ``nu_batch``); :func:`mask_gradient_rms` says how ``data`` and ``loss_fn``
     are used. Call it on the masked model before the search's first step, so that M = 1.
 
-    The mask settles near ``-ν g`` (ALGORITHM.md §6), so ν must match the gradient scale,
-    which depends on the loss, the batch size and the model; this makes one setting carry
-    over. On the demo's Fashion-MNIST ViT, ``scale = 1.5`` gives ν ≈ 1500 (half the prototype's
-    hand-tuned 3000); with ρ = 0.03 / ``scale`` (the same gradient step κα = ρν), ``scale`` 1.5
-    kept the most accuracy of 0.3, 1, 1.5 and 3.
+    Pass held-out batches, images the model was not trained on (``spp search`` takes its validation
+    split, ``search.nu_data: val``). The mask settles near ``M ≈ -ν g`` and moves ``κα·g = ρν·g`` a
+    step, so ν must match the gradient the search meets once the masks move, and that is the gradient
+    of a loss on data the model has not memorised. On training batches a model trained to ~100%
+    training accuracy has a loss near 0 (0.002 on a ViT that memorised 1,000 digits) and mask
+    gradients ~100x smaller than on held-out data: ν comes out ~500x too large (1.4e5 against 263),
+    the first steps that raise the loss then move the masks by ρν·g ≫ 1, and the family collapses
+    (−30%: 33% test accuracy against 93%; ``scripts/benchmark_robustness.py``). Held-out batches give
+    the same ν as training batches where the training loss is far from 0 (a model trained briefly, or
+    with heavy augmentation, as DeiT), so one default serves both.
 
     ``per`` says which masks share one ν: ``"pooled"`` (all: one ν, the default), ``"pair"``
-    (one per pair type: query-key, value, MLP) or ``"mask"`` (one per mask tensor). On the
-    demo the pair types' gradients differ ~10x, and pooling ranked best: the gap is signal
-    (``scripts/ablate_search.py``). With whole-head masks (``granularity="head"``) take ``"pair"``:
-    a head's gradient sums over all its dims, so the head masks set a pooled ν and every head enters
-    at once (the quality benchmark's ``spp-head`` row, run W: mean val 74.86 with ``"pair"``, 69.22 pooled).
+    (one per pair type: query-key, value, MLP) or ``"mask"`` (one per mask tensor). Pooling keeps the
+    gap between the pair types' gradients (about 10x), which is signal. With whole-head masks
+    (``granularity="head"``) take ``"pair"``: a head's gradient sums over all its dims, so the head
+    masks would set a pooled ν and every head would enter at once.
 
-    At M = 1 a pretrained model's mask gradient is mostly sampling noise, so its per-batch RMS
-    falls as 1/√(batch size): at the batches' size B it is scaled by √(B / ``reference_batch``), so
-    that ν stays put when the batch changes. On the demo (3 seeds, val, 85% removed), batch 256 at
-    its own RMS had a ν 1.4x larger and lost 4.3 points to batch 128; at batch 128's ν it gained
-    1.7, and its seed spread fell from 2.9 to 0.6 points. ``reference_batch=None`` takes the RMS at
-    B as it is.
-
-    The Adam direction m̂/(√v̂ + eps) has RMS 1 at its first step (sign(g)) whatever the gradient
-    scale, so the ν for it is ``scale`` itself, with no gradient pass (ν from the raw gradient,
-    ~1e3 on the demo, made every element enter at once).
+    At M = 1 the mask gradient is mostly sampling noise, so its per-batch RMS falls as 1/√(batch
+    size): at the batches' size B it is scaled by √(B / ``reference_batch``), so that ν stays put when
+    the batch changes (``reference_batch=None`` takes the RMS at B as it is). The Adam direction
+    m̂/(√v̂ + eps) has RMS 1 at its first step whatever the gradient scale, so the ν for it is
+    ``scale`` itself, with no gradient pass.
     """
     key = _nu_key(per, mask_pairs(_bare(model)))
     if preconditioner == "adam":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -58,8 +59,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             from .report import run_eval
             run_eval(cfg)
-    except (ConfigError, DatasetNotFound, FileNotFoundError, CheckpointError, NonFiniteLoss, UnsupportedModel) as e:
+    except (ConfigError, DatasetNotFound, FileNotFoundError, CheckpointError, NonFiniteLoss, UnsupportedModel,
+            ValueError) as e:   # bad input: a config value, a file, a model; the message names the fix
         print(f"spp {args.command}: error: {e}", file=sys.stderr)
+        if os.environ.get("SPP_TRACEBACK"):
+            raise
         return 2
     return 0
 

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import yaml
 
-from .family import BUDGET_KINDS, RANKINGS, SCOPES, VALUES
+from .family import BUDGET_KINDS, CHOSEN_RANKINGS, CHOSEN_VALUES, SCOPES
 
 __all__ = ["Config", "load_config", "save_config", "parse_overrides", "ConfigError"]
 
@@ -56,6 +56,7 @@ class DataConfig:
 
 
 NU_CALIBRATIONS = ("pooled", "pair", "mask")   # which masks share one calibrated ν
+NU_DATA = ("val", "train")                     # which split auto ν is calibrated on
 
 
 @dataclass
@@ -70,6 +71,7 @@ class SearchConfig:
     nu_calibration: str = "pooled"          # masks sharing one ν: pooled (all), pair (per pair type), mask
     nu_batch: Optional[int] = 128           # auto ν is for this batch: the RMS at batch B is scaled by √(B / nu_batch)
     calibration_batches: int = 8
+    nu_data: str = "val"                    # batches auto ν is calibrated on: val (held out, never trained on) | train
     lam: float = 0.4                        # κλ = 4: see spp.LBI (0.1, κλ = 1, ranked worse on the benchmark)
     preconditioner: str = "none"
     shrink: str = "two_sided"
@@ -84,10 +86,11 @@ class FamilyConfig:
     targets: List[float] = field(default_factory=lambda: [1.0, 0.85, 0.7, 0.5, 0.3, 0.15])
     by: str = "params"
     scope: str = "global"
-    rank: str = "entry"
+    rank: str = "best"                      # entry (entry step), z (final |z|), or best: whichever scores higher on val
     floor: int = 0
     round_to: int = 1
-    values: str = "auto"                    # kept elements hold 1 (binary), the search's mask values (path), or auto
+    values: str = "best"                    # kept elements hold 1 (binary), the search's mask values (path),
+                                            # auto (WeightFamily.select's rule), or best: whichever scores higher on val
     max_batches: int = 0                    # 0 = the whole validation set
 
 
@@ -99,10 +102,11 @@ class ExportConfig:
     budget: Optional[float] = None
     by: str = "params"
     scope: str = "global"
-    rank: str = "entry"
+    rank: str = "best"                      # as family.rank
     floor: int = 0
     round_to: int = 1
-    values: str = "auto"                    # see spp.WeightFamily.select
+    values: str = "best"                    # as family.values
+    max_batches: int = 20                   # val batches each reading is scored on when rank or values is best (0 = all)
     out: Optional[str] = None               # default: <output>/pruned
 
 
@@ -268,6 +272,7 @@ def _validate(c: Config) -> None:
         if isinstance(value, str) and value != "auto":
             raise ConfigError(f"{key}={value!r}: give a number or auto")
     _choice("search.nu_calibration", c.search.nu_calibration, NU_CALIBRATIONS)
+    _choice("search.nu_data", c.search.nu_data, NU_DATA)
     if c.search.nu_batch is not None and c.search.nu_batch < 1:
         raise ConfigError(f"search.nu_batch={c.search.nu_batch!r}: give a batch size (a positive integer; 128 is "
                           "the batch nu_scale was tuned at) or null to calibrate at the search's own batch")
@@ -277,8 +282,8 @@ def _validate(c: Config) -> None:
         name = "family" if section is c.family else "export"
         _choice(f"{name}.by", section.by, BUDGET_KINDS)
         _choice(f"{name}.scope", section.scope, SCOPES)
-        _choice(f"{name}.rank", section.rank, RANKINGS)
-        _choice(f"{name}.values", section.values, VALUES)
+        _choice(f"{name}.rank", section.rank, CHOSEN_RANKINGS)
+        _choice(f"{name}.values", section.values, CHOSEN_VALUES)
     _check_ranges(c)
     glued = [key for key, value in c.model.kwargs.items() if value is None and ":" in str(key)]
     if glued:
@@ -308,7 +313,8 @@ def _check_ranges(c: Config) -> None:
             "data.workers": d.workers, "data.mixup": d.mixup, "data.cutmix": d.cutmix,
             "data.color_jitter": d.color_jitter, "search.steps": s.steps, "search.lam": s.lam,
             "search.checkpoint_every": s.checkpoint_every, "family.floor": c.family.floor,
-            "family.max_batches": c.family.max_batches, "export.floor": c.export.floor, "train.steps": t.steps,
+            "family.max_batches": c.family.max_batches, "export.floor": c.export.floor,
+            "export.max_batches": c.export.max_batches, "train.steps": t.steps,
             "train.min_lr": t.min_lr, "train.warmup_epochs": t.warmup_epochs, "train.warmup_lr": t.warmup_lr,
             "train.weight_decay": t.weight_decay, "train.distill": t.distill,
             "train.checkpoint_every": t.checkpoint_every}),

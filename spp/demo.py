@@ -67,7 +67,8 @@ def _summary(rows: List[dict], removed: float, result: dict) -> List[dict]:
         exported = abs(r["target"] - (1 - removed)) < 1e-9
         table.append({"prunable params kept": f"{r['target']:.0%}", "params": f"{r['params'] / 1e6:.3f}M",
                       "FLOPs": f"{r['flops'] / 1e6:.2f}M ({r['flops_kept']:.0%})",
-                      "kept elements hold": "1" if r["values"] == "binary" else "search's M",
+                      "ranked by, kept elements hold": f"{'entry step' if r['rank'] == 'entry' else 'final z'}, "
+                                                       f"{'1' if r['values'] == 'binary' else 'search M'}",
                       "top-1, no retrain": f"{r['top1']:.2f}",
                       "top-1, retrained": f"{result['best']['top1']:.2f}" if exported else ""})
     return table

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .build import build_loaders, build_model, select_member, source_model
+from .build import HeldOutScore, build_loaders, build_model, read_member, select_member, source_model
 from .checkpoint import atomic_write
 from .compress import compress, save_pruned
 from .config import Config
@@ -102,19 +102,21 @@ def run_family(cfg: Config) -> List[Dict]:
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
     directory = _search_dir(cfg, cfg.family.path)
     model, family = _family(cfg, directory, runtime)
-    loader = build_loaders(cfg, runtime, ["val"])["val"]
     f = cfg.family
+    score = HeldOutScore(cfg, runtime, model, family.granularity, f.max_batches)
     rows = []
     for keep in f.targets:
-        member = family.select(keep=keep, by=f.by, scope=f.scope, rank=f.rank, floor=f.floor, round_to=f.round_to,
-                                values=f.values)
-        pruned = compress(model, member.masks, granularity=family.granularity)
-        metrics = evaluate(pruned, loader, runtime, f.max_batches, desc=f"keep {keep:.0%}")
+        budget = dict(keep=keep, by=f.by, scope=f.scope, floor=f.floor, round_to=f.round_to)
+        member = read_member(family, budget, f.rank, f.values, score)   # rank/values best: readings scored on val
+        if not member.summary.scores:
+            score(member)
+        metrics = score.metrics[score.reading(member)]
         s = member.summary
         rows.append({"target": keep, "kept": round(s.kept, 4), "params": s.params_after,
                      "params_kept": round(s.params_after / s.params_before, 4), "flops": s.flops_after,
-                     "flops_kept": round(s.flops_after / s.flops_before, 4), "values": s.values,
-                     "top1": round(metrics["top1"], 2), "top5": round(metrics["top5"], 2)})
+                     "flops_kept": round(s.flops_after / s.flops_before, 4), "rank": s.rank, "values": s.values,
+                     "top1": round(metrics["top1"], 2), "top5": round(metrics["top5"], 2),
+                     **{f"top1 {reading}": round(value, 2) for reading, value in s.scores.items()}})
         main_print(runtime, f"keep {keep:.0%} of prunable {f.by}: {s.params_after / 1e6:.3f}M params, "
                             f"{s.flops_after / 1e9:.4f} GFLOPs, top-1 {metrics['top1']:.2f}%")
     if runtime.is_main:
@@ -127,11 +129,13 @@ def run_family(cfg: Config) -> List[Dict]:
 
 def run_export(cfg: Config) -> str:
     """Select one member, compress it and ``save_pruned`` it."""
-    runtime = setup_runtime("cpu", "off", cfg.seed)
+    runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)   # the device scores values=best's two readings
     directory = _search_dir(cfg, cfg.export.path)
     model, family = _family(cfg, directory, runtime)
-    member = select_member(family, cfg.export)
-    pruned = compress(model, member.masks, granularity=family.granularity)
+    score = (HeldOutScore(cfg, runtime, model, family.granularity, cfg.export.max_batches)
+             if "best" in (cfg.export.rank, cfg.export.values) else None)
+    member = select_member(family, cfg.export, score)
+    pruned = compress(model.cpu(), member.masks, granularity=family.granularity)
     out = cfg.export.out or os.path.join(cfg.output, "pruned")
     save_pruned(pruned, out)
     atomic_write(os.path.join(out, "summary.json"),

@@ -88,7 +88,7 @@ def setup_runtime(device: str = "auto", amp: str = "auto", seed: int = 0) -> Run
     else:
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
     if amp_dtype is torch.float16 and not use_cuda:
-        raise RuntimeError("amp=fp16 needs CUDA; use amp=bf16 or amp=off on CPU")
+        raise ConfigError("amp=fp16 needs CUDA (fp16 autocast with a gradient scaler); use amp=bf16 or amp=off on the CPU")
     seed_everything(seed + rank)
     return Runtime(dev, amp_dtype, rank, world_size, local_rank)
 

@@ -8,6 +8,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .build import build_criterion, build_loaders, build_model
+from .data import build_loader
 from .calibrate import calibrate_nu, lbi_groups, search_optimizer
 from .config import Config, save_config
 from .engine import train_one_epoch
@@ -57,6 +58,27 @@ def _save(cfg: Config, model_masks, optimizer, support, step, epoch, batch, runt
     save_training_checkpoint(state, os.path.join(cfg.output, CHECKPOINT))
 
 
+def _calibration_loader(cfg: Config, loaders, runtime: Runtime):
+    """The batches ν is calibrated on (``search.nu_data``): shuffled batches of ``data.batch_size`` from the
+    validation split (held out of train with ``data.val_fraction``, else the dataset's own validation set:
+    images the model was not trained on), or from the training set, in an order of its own."""
+    if cfg.search.nu_data == "train":
+        loaders["train"].sampler.set_epoch(-1)   # the search's epochs keep their order
+        return loaders["train"]
+    val = loaders["val"].dataset
+    batch = min(cfg.data.batch_size, len(val) // runtime.world_size)   # ν is taken as at search.nu_batch anyway
+    if batch < 2:
+        raise ValueError(f"search.nu_data=val: the validation split has {len(val)} images, too few to calibrate nu "
+                         f"on {runtime.world_size} process(es); hold out more (data.val_fraction) or calibrate on "
+                         f"training batches (search.nu_data=train)")
+    batch -= batch % 2   # mixup pairs the samples of a batch
+    loader = build_loader(val, batch, True, cfg.data.workers, cfg.seed + 7919, runtime.world_size, runtime.rank)
+    source = (f"{len(val):,} training images held out (data.val_fraction={cfg.data.val_fraction})"
+              if cfg.data.val_fraction > 0 else f"the dataset's validation set ({len(val):,} images)")
+    main_print(runtime, f"nu: calibrated on {min(len(loader), cfg.search.calibration_batches)} batches of {source}")
+    return loader
+
+
 def run_search(cfg: Config) -> SolutionPath:
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
     model = build_model(cfg, runtime)
@@ -98,9 +120,9 @@ def run_search(cfg: Config) -> SolutionPath:
         main_print(runtime, f"resumed {resume} at step {step} (epoch {epoch}, batch {batch})")
     else:
         if s.nu == "auto":
-            loader.sampler.set_epoch(-1)  # an order of its own: the search's epochs stay untouched
-            nu = calibrate_nu(net, loader, criterion.base, s.nu_scale, s.calibration_batches, s.nu_calibration,
-                              s.nu_batch, s.preconditioner, mixup_fn=mixup_fn, runtime=runtime)
+            nu = calibrate_nu(net, _calibration_loader(cfg, loaders, runtime), criterion.base, s.nu_scale,
+                              s.calibration_batches, s.nu_calibration, s.nu_batch, s.preconditioner,
+                              mixup_fn=mixup_fn, runtime=runtime)
         else:
             nu = float(s.nu)
         optimizer = search_optimizer(model, nu, rho=s.rho, kappa=s.kappa, lam=s.lam,

@@ -297,3 +297,30 @@ def test_ablation_script_runs_and_keeps_earlier_rows(tmp_path):
     assert table[2].startswith("| variant | entry@0.5 | entry@0.85 | z@0.5 | z@0.85 | entered | search s |")
     assert len(table) == 3 + 1 + len(rows)
     assert table[-1].startswith("| nu5 | ") and " → " in table[-1] and " → " not in table[4]
+
+
+def test_robustness_benchmark_runs_and_its_spp_row_takes_the_reading_val_prefers(tmp_path):
+    pytest.importorskip("sklearn", reason="scikit-learn (its digits) is in the [test] and [bench] extras: pip install -e .[test]")
+    out = tmp_path / "robust"
+    command = [sys.executable, os.path.join(SCRIPTS, "benchmark_robustness.py"), "--settings", "digits-memorised",
+               "--seeds", "0", "1", "--removed", "0.5", "0.85", "--search-steps", "6", "--taylor-batches", "2",
+               "--pretrain-epochs", "2", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "digits-memorised −50%: spp" in done.stdout and "vs taylor" in done.stdout
+    result = json.loads((out / "benchmark_robustness.json").read_text())
+    methods = result["results"]["digits-memorised"]["methods"]
+    readings = ("entry-binary", "entry-path", "z-binary", "z-path")
+    assert set(methods) == {"spp", "spp-auto", "spp-train-nu", "taylor", "magnitude", "random",
+                            *(f"spp-{r}" for r in readings)}
+    for seed in ("0", "1"):
+        for r in ("0.5", "0.85"):
+            read = [methods[f"spp-{name}"][seed]["removed"][r] for name in readings]
+            chosen = methods["spp"][seed]["removed"][r]
+            assert chosen == max(read, key=lambda x: x["val"])        # the first reading of the best val
+            assert methods["spp-auto"][seed]["removed"][r] in read[:2]  # entry order, either values
+        assert methods["spp"][seed]["nu"] > 0 and methods["spp-train-nu"][seed]["nu"] > 0
+    summary = result["summary"]["digits-memorised"]
+    assert set(summary["taylor"]) == {"0.5", "0.85"} and len(summary["spp"]["0.5"]) == 2   # mean, std
+    assert "| spp-train-nu |" in (out / "benchmark_robustness.md").read_text()
+    assert (out / "models" / "digits-memorised.safetensors").is_file()   # cached for the next run

@@ -32,7 +32,7 @@ def test_config_errors_name_the_problem():
         load_config(SMOKE, ["data.dataset=cifar"])
     with pytest.raises(ConfigError, match=r"search.nu_calibration='type': choose one of pooled, pair, mask"):
         load_config(SMOKE, ["search.nu_calibration=type"])
-    with pytest.raises(ConfigError, match=r"export.values='scaled': choose one of auto, binary, path"):
+    with pytest.raises(ConfigError, match=r"export.values='scaled': choose one of auto, binary, path, best"):
         load_config(SMOKE, ["export.values=scaled"])
     for override, message in [("search.steps=-5", "search.steps=-5: must be >= 0"),
                               ("data.batch_size=0", "data.batch_size=0: must be > 0"),
@@ -131,7 +131,9 @@ def test_demo_caches_its_pretrained_model_and_fresh_trains_it_again(tmp_path, ca
     out = str(tmp_path / "demo")
     table = run_demo(out, tiny)
     assert "| 50% |" in table and os.path.isfile(os.path.join(out, "search", "pruned", "model.safetensors"))
-    assert "| kept elements hold |" in table and "| 100% | 0.803M | 27.53M (100%) | 1 |" in table  # never-entered kept: 1
+    assert "| ranked by, kept elements hold |" in table and "| 100% | 0.803M | 27.53M (100%) | " in table
+    readings = {f"{rank}, {values}" for rank in ("entry step", "final z") for values in ("1", "search M")}
+    assert {line.split(" | ")[3] for line in table.splitlines()[2:]} <= readings   # each member's val-picked reading
     assert "1/5 pretrain a ViT" in capsys.readouterr().out
     run_demo(out, tiny)
     assert "pretrained model cached" in capsys.readouterr().out
@@ -265,6 +267,7 @@ def test_notebook_set_up_matches_spp_search(tmp_path):
     from timm.loss import LabelSmoothingCrossEntropy
 
     from spp.build import build_loaders, build_model
+    from spp.data import build_loader
     from spp.runtime import setup_runtime
 
     overrides = ["data.mixup=0", "data.cutmix=0"]
@@ -274,8 +277,9 @@ def test_notebook_set_up_matches_spp_search(tmp_path):
     cfg = load_config(SMOKE, overrides)
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
     model = spp.add_masks(build_model(cfg, runtime))
-    loader = build_loaders(cfg, runtime, ("train",))["train"]
-    loader.sampler.set_epoch(-1)
+    # held-out batches (search.nu_data: val): shuffled batches of data.batch_size from the validation split
+    val = build_loaders(cfg, runtime, ("val",))["val"].dataset
+    loader = build_loader(val, cfg.data.batch_size, True, cfg.data.workers, cfg.seed + 7919)
     nu = spp.calibrate_nu(model, loader, LabelSmoothingCrossEntropy(cfg.data.smoothing),
                           batches=cfg.search.calibration_batches)
     assert list(nu.values()) == [pytest.approx(hyper["nu"], rel=1e-6)] * len(nu)
