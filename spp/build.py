@@ -17,7 +17,7 @@ from .path import SolutionPath
 from .runtime import Runtime, main_print
 from .structure import SUPPORTED_FAMILIES
 
-__all__ = ["build_model", "source_model", "build_loaders", "build_criterion", "select_member", "HeldOutScore"]
+__all__ = ["build_model", "source_model", "build_loaders", "build_criterion", "select_member", "read_member", "HeldOutScore"]
 
 
 def build_model(cfg: Config, runtime: Optional[Runtime] = None) -> nn.Module:
