@@ -116,10 +116,11 @@ VARIANTS = {  # config overrides of configs/demo_search.yaml, after BASE
 
 
 def gradient_rms(bench, seed: int) -> Dict[str, float]:
-    """RMS of the per-batch cross-entropy gradient of every mask tensor at M = 1 (what ``spp search``
-    calibrates ν from)."""
+    """RMS of the per-batch cross-entropy gradient of every mask tensor at M = 1 on training batches (what
+    ``spp search`` calibrated ν from when these ablations ran; it now takes the validation split,
+    ``search.nu_data: val``)."""
     loader = bench.loader("train", seed)
-    loader.sampler.set_epoch(-1)  # the batches spp search calibrates on
+    loader.sampler.set_epoch(-1)  # an order of its own
     rms = mask_gradient_rms(bench.masked, loader, F.cross_entropy, 8, runtime=bench.runtime)
     return {n: r for n, (r, _) in rms.items()}
 

@@ -50,7 +50,10 @@ class Summary:
                  f"params {self.params_before:,} -> {self.params_after:,} "
                  f"({self.params_after / self.params_before:.1%}), FLOPs {self.flops_before / 1e6:.2f}M -> "
                  f"{self.flops_after / 1e6:.2f}M ({self.flops_after / self.flops_before:.1%}), "
-                 "kept elements hold " + ("1" if self.values == "binary" else "the path's final mask values"),
+                 f"ranked by {'entry step' if self.rank == 'entry' else 'final z'}, kept elements hold "
+                 + ("1" if self.values == "binary" else "the path's final mask values")
+                 + (" (scores of each reading: " + ", ".join(f"{k} {v:.4g}" for k, v in self.scores.items()) + ")"
+                    if self.scores else ""),
                  "block  heads  qk_heads  qk_dim  v_dim  mlp"]
         lines += [f"{i:5d}  {w.num_heads:5d}  {w.num_qk_heads:8d}  {w.qk_dim:6d}  {w.v_dim:5d}  {w.mlp_hidden:4d}"
                   for i, w in enumerate(self.widths)]

@@ -458,14 +458,18 @@ def test_torchrun_two_processes_retrain(tmp_path):
     from spp.data import build_datasets
 
     search = str(tmp_path / "search")
-    assert run("search", search, "search.steps=8") == 0 and run("export", search) == 0
+    assert run("search", search, "search.steps=8") == 0 and run("export", search, "data.val_fraction=0.1") == 0
     out = str(tmp_path / "ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the search folder as the source: both ranks score the member's readings on the val split they share
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                             "-m", "spp", "retrain", SMOKE, f"output={out}", f"train.source={search}/pruned",
+                             "-m", "spp", "retrain", SMOKE, f"output={out}", f"train.source={search}",
                              "train.epochs=1", "data.val_fraction=0.1"], capture_output=True, text=True, env=env,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    exported = json.load(open(os.path.join(search, "pruned", "summary.json")))   # one process, the same val images
+    reading = "entry step" if exported["rank"] == "entry" else "final z"
+    assert result.stdout.count(f"ranked by {reading}, kept elements hold") == 1 and "scores of each reading" in result.stdout
     cfg = load_config(SMOKE, ["data.val_fraction=0.1"])
     assert f"lr {cfg.train.lr * cfg.data.batch_size * 2 / 512:.3g}" in result.stdout   # batch 16 on each of 2
     assert result.stdout.count("epoch 0: train loss") == 1                              # printed by rank 0 only
