@@ -16,7 +16,8 @@ def main():
                              depth=2, num_heads=4, num_classes=10)
     spp.add_masks(model, granularity="dim")          # masks at 1; weights frozen
     x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
-    nu = spp.calibrate_nu(model, [(x, y)], F.cross_entropy)   # ν = 1.5 / RMS of the mask gradients at M = 1
+    held_out = [(torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,)))]   # images the model was not trained on
+    nu = spp.calibrate_nu(model, held_out, F.cross_entropy)   # ν = 1.5 / RMS of the mask gradients at M = 1
     # spp search's optimizer, with a larger pull per step and a lower threshold than its defaults
     # (rho 0.02, lam 0.4) so that elements enter within this 50-step tour
     optimizer = spp.search_optimizer(model, nu, rho=0.1, lam=0.1)
@@ -44,6 +45,17 @@ def main():
         loaded = spp.load_pruned(out)
         print("saved and reloaded:", torch.equal(loaded(x), pruned(x)))
     print(member.summary)
+
+    # Read a member the way that scores best on held-out data (entry or final-z order, kept elements at 1
+    # or at the search's mask values), as spp family and spp export do on their validation split.
+    def held_out_accuracy(candidate):
+        with torch.no_grad():
+            small = spp.compress(model, candidate.masks).eval()
+            return sum((small(hx).argmax(-1) == hy).float().mean().item() for hx, hy in held_out) / len(held_out)
+
+    best = family.select_best(held_out_accuracy, keep=0.5)
+    print(f"select_best at 50%: ranked by {best.summary.rank}, values {best.summary.values}, "
+          f"scores {best.summary.scores}")
 
     # Any other importance criterion gives a family too: here the norm of each MLP neuron's fc1 row
     # (attention masks all scored 0), read off by the same budget walk.

@@ -1,5 +1,6 @@
 """The README and docs/ link to files and sections that exist (the Results moved details into docs/), and
 the README's library tour (``scripts/api_example.py``) runs and prints what the README promises."""
+import ast
 import os
 import re
 import subprocess
@@ -54,3 +55,5 @@ def test_api_example_tour_runs():
     sizes = [int(m[1].replace(",", "")) for m in members]
     assert sizes[0] > sizes[1] > sizes[2]
     assert "saved and reloaded: True" in result.stdout
+    best = re.search(r"select_best at 50%: ranked by (entry|z), values (binary|path), scores (\{.*\})", result.stdout)
+    assert best and len(ast.literal_eval(best.group(3))) == 4, result.stdout   # every reading scored
