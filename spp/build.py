@@ -64,14 +64,12 @@ def source_model(cfg: Config, runtime: Optional[Runtime] = None) -> nn.Module:
     if os.path.isfile(os.path.join(source, "path.json")):
         model = build_model(cfg, runtime)
         family = WeightFamily(model, SolutionPath.load(source))
-        score = None
-        if "best" in (cfg.export.rank, cfg.export.values):
+        if runtime is None:
             from .runtime import setup_runtime
-            score = HeldOutScore(cfg, runtime or setup_runtime("cpu", "off", cfg.seed), model, family.granularity,
-                                 cfg.export.max_batches)
+            runtime = setup_runtime("cpu", "off", cfg.seed)
+        score = HeldOutScore(cfg, runtime, model, family.granularity, cfg.export.max_batches)
         member = select_member(family, cfg.export, score)
-        if runtime is not None:
-            main_print(runtime, str(member.summary))
+        main_print(runtime, str(member.summary))
         return compress(model, member.masks, granularity=family.granularity)
     raise FileNotFoundError(f"train.source={source} holds neither config.json (a pruned model from "
                             "`spp export`) nor path.json (a search output); run the search first (deit_search.sh), "
@@ -115,8 +113,8 @@ class HeldOutScore:
     ``metrics[reading(member)]`` keeps each reading's evaluation, so the chosen one is not run twice."""
 
     def __init__(self, cfg: Config, runtime: Runtime, model: nn.Module, granularity: str, max_batches: int):
-        self.loader = build_loaders(cfg, runtime, ["val"])["val"]
-        self.model, self.granularity, self.max_batches, self.runtime = model, granularity, max_batches, runtime
+        self.cfg, self.model, self.granularity, self.max_batches, self.runtime = cfg, model, granularity, max_batches, runtime
+        self.loader = None   # read at the first score: a member read without one (rank and values fixed) needs no data
         self.metrics: Dict[str, Dict[str, float]] = {}
 
     @staticmethod
@@ -126,6 +124,8 @@ class HeldOutScore:
     def __call__(self, member) -> float:
         from .engine import evaluate
 
+        if self.loader is None:
+            self.loader = build_loaders(self.cfg, self.runtime, ["val"])["val"]
         pruned = compress(self.model, member.masks, granularity=self.granularity)
         label = self.reading(member)
         self.metrics[label] = evaluate(pruned, self.loader, self.runtime, self.max_batches,

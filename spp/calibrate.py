@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import NU_CALIBRATIONS, SearchConfig
-from .masks import mask_parameters
+from .masks import require_masks
 from .optim import LBI
 from .runtime import Runtime
 from .structure import mask_pairs
@@ -29,10 +29,7 @@ def _bare(model):
 
 
 def _named_masks(model) -> List[Tuple[str, torch.nn.Parameter]]:
-    named = mask_parameters(_bare(model))
-    if not named:
-        raise ValueError("the model has no masks: call spp.add_masks(model) first")
-    return named
+    return require_masks(_bare(model))
 
 
 def mask_gradient_rms(model, data: Iterable, loss_fn: Callable = F.cross_entropy, batches: int = 8, *,

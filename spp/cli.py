@@ -1,4 +1,8 @@
-"""Command line: ``spp {search,family,export,retrain,eval,demo} CONFIG [key=value ...]``."""
+"""Command line: ``spp {search,family,export,retrain,eval,demo} CONFIG [key=value ...]``.
+
+Bad input (a config value, a missing file, another model's checkpoint) prints one ``spp CMD: error:`` line and
+exits 2; ``SPP_TRACEBACK=1`` shows the traceback as well.
+"""
 from __future__ import annotations
 
 import argparse

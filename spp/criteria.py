@@ -16,18 +16,11 @@ from typing import Callable, Dict, Iterable
 import torch
 import torch.nn.functional as F
 
-from .masks import granularity_of, mask_parameters
+from .masks import granularity_of, require_masks
 from .path import SolutionPath
 from .structure import find_blocks, mask_names, model_geometry
 
 __all__ = ["magnitude_scores", "taylor_scores", "random_scores", "lasso_values", "lasso_path"]
-
-
-def _named_masks(model):
-    named = mask_parameters(model)
-    if not named:
-        raise ValueError("the model has no masks: call spp.add_masks(model) first")
-    return named
 
 
 def magnitude_scores(model) -> Dict[str, torch.Tensor]:
@@ -35,7 +28,7 @@ def magnitude_scores(model) -> Dict[str, torch.Tensor]:
     W_v and column of W_proj, a neuron's row of fc1 and column of fc2 (each matrix's mean square, so a
     structure's size does not decide its rank). Rank by weight norm, as in Li et al., "Pruning Filters
     for Efficient ConvNets" (ICLR 2017), over SPP's pairs."""
-    _named_masks(model)
+    require_masks(model)
     heads = granularity_of(model) == "head"
     scores = {}
     for geom, block in zip(model_geometry(model), find_blocks(model)):
@@ -59,7 +52,7 @@ def taylor_scores(model, data: Iterable, batches: int, loss_fn: Callable = F.cro
     """First-order Taylor importance ``Σ_batches |m · ∂L/∂m|`` at M = 1 over the first ``batches``
     ``(inputs, targets)`` of ``data``: the loss change if the element were removed, to first order
     (Molchanov et al., "Importance Estimation for Neural Network Pruning", CVPR 2019)."""
-    named = _named_masks(model)
+    named = require_masks(model)
     total = {n: torch.zeros_like(p) for n, p in named}
     was_training = model.training
     model.eval()
@@ -78,7 +71,7 @@ def taylor_scores(model, data: Iterable, batches: int, loss_fn: Callable = F.cro
 def random_scores(model, seed: int) -> Dict[str, torch.Tensor]:
     """Uniform random scores, reproducible from ``seed``: the floor every criterion must beat."""
     g = torch.Generator().manual_seed(seed)
-    return {n: torch.rand(p.shape, generator=g) for n, p in _named_masks(model)}
+    return {n: torch.rand(p.shape, generator=g) for n, p in require_masks(model)}
 
 
 def lasso_values(model, data: Iterable, lam: float, steps: int, lr: float,
@@ -86,7 +79,7 @@ def lasso_values(model, data: Iterable, lam: float, steps: int, lr: float,
     """The masks after ``steps`` of Adam on ``loss + lam · ‖M‖₁`` from M = 1, cycling over ``data``
     (an L1-penalised mask search, one run per budget in the benchmarks). The model's masks are set back
     to 1 afterwards; the elements rank by the absolute value returned (:func:`lasso_path`)."""
-    named = _named_masks(model)
+    named = require_masks(model)
     with torch.no_grad():
         for _, p in named:
             p.fill_(1.0)

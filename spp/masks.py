@@ -176,6 +176,14 @@ def mask_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
     return out
 
 
+def require_masks(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
+    """:func:`mask_parameters`, or a ValueError that says how to add them."""
+    named = mask_parameters(model)
+    if not named:
+        raise ValueError("the model has no masks: call spp.add_masks(model) first")
+    return named
+
+
 def freeze_weights(model: nn.Module) -> nn.Module:
     """Stop gradients for every parameter except the masks."""
     masks = {id(p) for _, p in mask_parameters(model)}

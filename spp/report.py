@@ -129,12 +129,11 @@ def run_family(cfg: Config) -> List[Dict]:
 
 def run_export(cfg: Config) -> str:
     """Select one member, compress it and ``save_pruned`` it."""
-    runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)   # the device scores values=best's two readings
+    runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)   # where rank / values best score their readings
     directory = _search_dir(cfg, cfg.export.path)
     model, family = _family(cfg, directory, runtime)
-    score = (HeldOutScore(cfg, runtime, model, family.granularity, cfg.export.max_batches)
-             if "best" in (cfg.export.rank, cfg.export.values) else None)
-    member = select_member(family, cfg.export, score)
+    member = select_member(family, cfg.export, HeldOutScore(cfg, runtime, model, family.granularity,
+                                                            cfg.export.max_batches))
     pruned = compress(model.cpu(), member.masks, granularity=family.granularity)
     out = cfg.export.out or os.path.join(cfg.output, "pruned")
     save_pruned(pruned, out)

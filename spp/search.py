@@ -8,9 +8,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .build import build_criterion, build_loaders, build_model
-from .data import build_loader
 from .calibrate import calibrate_nu, lbi_groups, search_optimizer
 from .config import Config, save_config
+from .data import build_loader
 from .engine import train_one_epoch
 from .family import WeightFamily
 from .masks import add_masks, mask_parameters
