@@ -19,7 +19,7 @@ Prints and writes (``--out``, JSON):
     not shrink (layer norms, residual adds, patch embedding) allows;
   * a plot next to the JSON (same name, .png): speed-up against FLOPs ratio at each batch size,
     and where the time goes. ``--plot-from A.json B.json --out C.json`` draws earlier runs into
-    C.png without measuring anything (the README's figure: one run per batch size and granularity).
+    C.png without measuring anything (docs/results.md's figure: one run per batch size and granularity).
 On the CPU the process first calls ``spp.keep_cpu_memory()`` (``--cpu-allocator keep``): glibc
 otherwise maps every tensor over 32 MiB afresh and page-faults it in on each forward, which slows
 the dense model (the larger tensors) more than its members and so flatters their speed-up; the
@@ -443,7 +443,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--cpu-allocator", default="keep", choices=["keep", "system"],
                         help="keep: spp.keep_cpu_memory(), freed CPU memory is reused (no page faults per forward); "
-                             "system: glibc's defaults, as runs 1-8 of the README were measured")
+                             "system: glibc's defaults, as runs 1-8 (docs/speed.md) were measured")
     parser.add_argument("--out", default="benchmark_speed.json")
     parser.add_argument("--plot-from", nargs="+", metavar="JSON",
                         help="measure nothing: draw the JSON files of earlier runs into --out's .png")

@@ -42,7 +42,7 @@ class LBI(Optimizer):
     cross-entropy, batch 128; ``ν`` and ``λ`` chosen on a validation split). ``ρ = κα/ν = 0.02``
     spreads entries over a few hundred steps. ``κλ`` sets how much evidence an entry needs: the decay of
     a mask from its dense start ``M = 1`` alone adds ``(α/ν) Σ (1 - ρ)^k = (α/ν)/ρ = 1/κ`` to every
-    ``z`` (``ρ = κα/ν``), so at ``κλ = 1`` (``λ = 0.1``, the prototype of ``ALGORITHM.md`` §6)
+    ``z`` (``ρ = κα/ν``), so at ``κλ = 1`` (``λ = 0.1``, the first prototype's setting)
     that common transient nearly reaches the threshold by itself and entries are ordered by small
     gradient differences while the network is still near dense; at ``κλ = 4`` three quarters of
     the evidence must come from sustained gradient support (better members at every budget in the

@@ -9,7 +9,7 @@ from spp.optim import LBI
 
 
 def reference_lbi(m0, grads, lr, kappa, nu, lam, shrink="two_sided"):
-    """The equations of ALGORITHM.md §2, written out in float64."""
+    """The LBI equations of docs/method.md, written out in float64."""
     m, z, gamma = m0.clone().double(), torch.zeros_like(m0).double(), torch.zeros_like(m0).double()
     entry = torch.full_like(m, float("inf"))
     for k, g in enumerate(grads, start=1):
