@@ -41,8 +41,8 @@ import json
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +66,6 @@ class Setting:
     epochs: int                   # pretraining epochs
     batch: int = 128
     lr: float = 1e-3
-    extra: Dict = field(default_factory=dict)
 
 
 def _split(x: torch.Tensor, y: torch.Tensor, sizes: List[int], seed: int = 0) -> List[TensorDataset]:
@@ -124,10 +123,10 @@ SETTINGS = {s.name: s for s in (
 )}
 
 
-def loader(data: TensorDataset, batch: int, seed: int = None) -> DataLoader:
+def loader(data: TensorDataset, batch: int, seed: Optional[int] = None) -> DataLoader:
     """Shuffled (and dropping a last short batch) when ``seed`` is given, in order otherwise."""
     if seed is None:
-        return DataLoader(data, batch_size=500)
+        return DataLoader(data, batch_size=batch)
     return DataLoader(data, batch_size=batch, shuffle=True, drop_last=True,
                       generator=torch.Generator().manual_seed(seed))
 

@@ -1,4 +1,5 @@
 """The search defaults on a model that has memorised its training data, and member values chosen on held-out data."""
+import copy
 import json
 import os
 
@@ -46,7 +47,7 @@ def _batches(data, batch=16):
 
 
 def _search(model, nu, data, steps=40):
-    masked = spp.add_masks(__import__("copy").deepcopy(model), "dim")
+    masked = spp.add_masks(copy.deepcopy(model), "dim")
     opt = spp.search_optimizer(masked, nu)
     batches = _batches(data)
     masked.train()
@@ -61,7 +62,7 @@ def _search(model, nu, data, steps=40):
 
 def test_nu_from_held_out_batches_does_not_blow_up_on_a_memorised_model(memorised):
     model, train, held_out = memorised
-    masked = spp.add_masks(__import__("copy").deepcopy(model), "dim")
+    masked = spp.add_masks(copy.deepcopy(model), "dim")
     nu_train = spp.calibrate_nu(masked, _batches(train), batches=4)
     nu_held_out = spp.calibrate_nu(masked, _batches(held_out), batches=4)
     (a,), (b,) = set(nu_train.values()), set(nu_held_out.values())
