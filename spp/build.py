@@ -15,7 +15,7 @@ from .engine import DistillationLoss
 from .family import RANKINGS, WeightFamily
 from .path import SolutionPath
 from .runtime import Runtime, main_print
-from .structure import SUPPORTED_FAMILIES
+from .models import supported
 
 __all__ = ["build_model", "source_model", "build_loaders", "build_criterion", "select_member", "read_member", "HeldOutScore"]
 
@@ -39,10 +39,10 @@ def build_model(cfg: Config, runtime: Optional[Runtime] = None) -> nn.Module:
         if "Unknown model" not in str(e):
             raise
         raise ConfigError(f"model.name={cfg.model.name!r}: timm has no such model ({e}); "
-                          f"timm.list_models('*deit*') lists names, spp prunes {SUPPORTED_FAMILIES}") from e
+                          f"timm.list_models('*deit*') lists names, spp prunes {supported()}") from e
     except TypeError as e:
         raise ConfigError(f"model.name={cfg.model.name!r} does not take the arguments spp passes ({e}); "
-                          f"spp prunes {SUPPORTED_FAMILIES}. Check model.kwargs and data.img_size, "
+                          f"spp prunes {supported()}. Check model.kwargs and data.img_size, "
                           "data.in_chans and data.num_classes") from e
     if checkpoint:
         from .checkpoint import load_checkpoint

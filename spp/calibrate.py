@@ -8,19 +8,45 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from .config import NU_CALIBRATIONS, SearchConfig
 from .masks import require_masks
 from .optim import LBI
-from .runtime import Runtime
 from .structure import mask_pairs
 
-__all__ = ["calibrate_nu", "search_optimizer", "mask_gradient_rms", "nu_from_rms", "lbi_groups"]
+NU_CALIBRATIONS = ("pooled", "pair", "mask")   # which masks share one calibrated ν
+# spp search's defaults (its config's search.* fields take these): see calibrate_nu and spp.LBI
+DEFAULTS = dict(nu_scale=1.5, calibration_batches=8, nu_calibration="pooled", nu_batch=128, rho=0.02, kappa=10.0,
+                lam=0.4, preconditioner="none", shrink="two_sided")
+
+
+class _OneProcess:
+    """What the calibration needs of :class:`spp.runtime.Runtime`, for one process in full precision."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def all_mean(value: float) -> float:
+        return value
+
+
+def next_token_loss(output, input_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of a causal language model: ``output`` (its logits, or an output with
+    ``.logits``) at positions ``0..T-2`` against ``input_ids`` at ``1..T-1``. Use it as ``loss_fn`` with
+    batches ``(input_ids, input_ids)``: ``spp.calibrate_nu(llm, [(ids, ids)], spp.next_token_loss)``."""
+    logits = getattr(output, "logits", output)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+
+__all__ = ["calibrate_nu", "next_token_loss", "search_optimizer", "mask_gradient_rms", "nu_from_rms", "lbi_groups"]
 
 
 def _bare(model):
@@ -34,7 +60,7 @@ def _named_masks(model) -> List[Tuple[str, torch.nn.Parameter]]:
 
 def mask_gradient_rms(model, data: Iterable, loss_fn: Callable = F.cross_entropy, batches: int = 8, *,
                       reference_batch: Optional[int] = None, mixup_fn: Optional[Callable] = None,
-                      runtime: Optional[Runtime] = None) -> Dict[str, Tuple[float, int]]:
+                      runtime=None) -> Dict[str, Tuple[float, int]]:
     """``{mask name: (RMS of its per-batch gradients, numel)}`` at the current masks.
 
     Takes the first ``batches`` ``(images, targets)`` pairs of ``data`` (a loader or any iterable),
@@ -46,7 +72,7 @@ def mask_gradient_rms(model, data: Iterable, loss_fn: Callable = F.cross_entropy
     """
     named = _named_masks(model)
     if runtime is None:
-        runtime = Runtime(device=named[0][1].device, amp_dtype=None)
+        runtime = _OneProcess(named[0][1].device)
     squares = dict.fromkeys((n for n, _ in named), 0.0)
     seen = samples = 0
     model.train()
@@ -94,11 +120,11 @@ def nu_from_rms(rms: Dict[str, Tuple[float, int]], scale: float, key) -> Dict[st
     return {name: scale / max(math.sqrt(squares[key(name)] / counts[key(name)]), 1e-12) for name in rms}
 
 
-def calibrate_nu(model, data: Iterable, loss_fn: Callable = F.cross_entropy, scale: float = SearchConfig.nu_scale,
-                 batches: int = SearchConfig.calibration_batches, per: str = SearchConfig.nu_calibration,
-                 reference_batch: Optional[int] = SearchConfig.nu_batch,
-                 preconditioner: str = SearchConfig.preconditioner, *, mixup_fn: Optional[Callable] = None,
-                 runtime: Optional[Runtime] = None) -> Dict[str, float]:
+def calibrate_nu(model, data: Iterable, loss_fn: Callable = F.cross_entropy, scale: float = DEFAULTS["nu_scale"],
+                 batches: int = DEFAULTS["calibration_batches"], per: str = DEFAULTS["nu_calibration"],
+                 reference_batch: Optional[int] = DEFAULTS["nu_batch"],
+                 preconditioner: str = DEFAULTS["preconditioner"], *, mixup_fn: Optional[Callable] = None,
+                 runtime=None) -> Dict[str, float]:
     """``{mask name: ν}`` with ν = ``scale`` / RMS of the per-batch mask gradients at M = 1, the RMS
     taken as at ``reference_batch`` samples per batch; with ``preconditioner="adam"``, ν = ``scale``.
     The defaults are ``spp search``'s (``search.nu_scale``, ``calibration_batches``,
@@ -153,10 +179,10 @@ def lbi_groups(named_masks, calibration: str, pairs, nu: Dict[str, float] = None
     return list(groups.values())
 
 
-def search_optimizer(model, nu: Union[float, Mapping[str, float]], *, rho: float = SearchConfig.rho,
-                     kappa: float = SearchConfig.kappa, lam: float = SearchConfig.lam, lr: Optional[float] = None,
-                     per: str = SearchConfig.nu_calibration, preconditioner: str = SearchConfig.preconditioner,
-                     shrink: str = SearchConfig.shrink) -> LBI:
+def search_optimizer(model, nu: Union[float, Mapping[str, float]], *, rho: float = DEFAULTS["rho"],
+                     kappa: float = DEFAULTS["kappa"], lam: float = DEFAULTS["lam"], lr: Optional[float] = None,
+                     per: str = DEFAULTS["nu_calibration"], preconditioner: str = DEFAULTS["preconditioner"],
+                     shrink: str = DEFAULTS["shrink"]) -> LBI:
     """The LBI optimizer over ``model``'s masks, set as ``spp search`` sets it.
 
     ``nu`` is one number or :func:`calibrate_nu`'s ``{mask name: ν}``; masks sharing a ν (under

@@ -13,10 +13,22 @@ __all__ = ["create_model", "load_checkpoint", "atomic_write", "atomic_torch_save
 
 def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None,
                  **kwargs: Any) -> nn.Module:
-    """``timm.create_model`` that remembers how the model was built (for :func:`spp.save_pruned`).
+    """A model to prune, by name:
 
-    ``checkpoint`` loads weights from a local file through :func:`load_checkpoint`.
+    * a timm model name (``deit_small_patch16_224``): ``timm.create_model(name, pretrained, **kwargs)``,
+      remembering how it was built (for :func:`spp.save_pruned`);
+    * a local directory: a Hugging Face model directory (``config.json`` + ``*.safetensors``) through
+      ``AutoModelForCausalLM.from_pretrained(name, use_safetensors=True, **kwargs)``, or a directory
+      written by :func:`spp.save_pruned` through :func:`spp.load_pruned`;
+    * ``hf:ORG/NAME``: a Hugging Face hub id, the same way (needs the internet or the hub cache).
+
+    ``checkpoint`` then loads weights from a local file or directory through :func:`load_checkpoint`.
     """
+    if os.path.isdir(name) or name.startswith("hf:"):
+        model = _hf_model(name, **kwargs)
+        if checkpoint:
+            load_checkpoint(model, checkpoint)
+        return model
     model = _timm_model(name, pretrained, **kwargs)
     model.spp_base = {"name": name, "kwargs": dict(kwargs)}
     if checkpoint:
@@ -38,6 +50,33 @@ def _timm_model(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
             "load a local file instead: spp.create_model(name, checkpoint=PATH) or model.checkpoint=PATH "
             "in a config (a DeiT release .pth, a state dict or .safetensors); HF_HUB_OFFLINE=1 reads "
             "only the Hugging Face cache, without retrying the network") from e
+
+
+def _hf_model(name: str, **kwargs: Any) -> nn.Module:
+    """A causal LM from a local directory or ``hf:ORG/NAME`` (safetensors weights only)."""
+    import json
+
+    source = name[3:] if name.startswith("hf:") else name
+    if os.path.isdir(source):
+        config_path = os.path.join(source, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{config_path} not found: a model directory holds config.json and *.safetensors "
+                                    "(transformers' save_pretrained, or spp.save_pruned)")
+        with open(config_path) as f:
+            config = json.load(f)
+        if config.get("format") == "spp-pruned" or "spp" in config:
+            from .compress import load_pruned
+            return load_pruned(source)
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:
+        raise ImportError(f"{name} is a Hugging Face model: pip install 'spp[llm]' (transformers)") from e
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, **kwargs)
+    except OSError as e:
+        raise FileNotFoundError(f"could not load {source!r} with transformers ({e}). Offline, give a local "
+                                "directory with config.json and *.safetensors (HF_HUB_OFFLINE=1 reads only the "
+                                "Hugging Face cache)") from e
 
 
 def base_of(model: nn.Module) -> Dict[str, Any]:
@@ -76,11 +115,25 @@ def _read_state_dict(source: str) -> Dict[str, torch.Tensor]:
                      "{'model': state_dict} as DeiT writes")
 
 
+def _read_safetensors_dir(directory: str) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors file in {directory}; spp reads model directories' weights "
+                                "from safetensors only (transformers: save_pretrained(dir, safe_serialization=True))")
+    state: Dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(os.path.join(directory, f)))
+    return state
+
+
 def load_checkpoint(model: nn.Module, source: str, strict: bool = False) -> LoadResult:
     """Load pretrained weights into ``model`` (masked or not) from ``source``.
 
     ``source`` is a local file (safetensors; a DeiT-style ``.pth`` with ``{"model": ...}``;
-    a plain state dict; read with ``weights_only=True``) or ``timm:NAME`` to take timm's
+    a plain state dict; read with ``weights_only=True``), a directory of ``*.safetensors`` files (a
+    Hugging Face model directory, shards included) or ``timm:NAME`` to take timm's
     pretrained weights for NAME (needs the internet). Masks are never expected in the
     checkpoint. Shape mismatches always raise, naming every differing key; missing or
     unexpected keys raise when ``strict`` and are returned otherwise.
@@ -89,9 +142,11 @@ def load_checkpoint(model: nn.Module, source: str, strict: bool = False) -> Load
         state = _timm_model(source[5:], pretrained=True).state_dict()
     elif os.path.isfile(source):
         state = _read_state_dict(source)
+    elif os.path.isdir(source):
+        state = _read_safetensors_dir(source)
     else:
         raise FileNotFoundError(f"checkpoint {source!r} not found; give a local .pth/.safetensors "
-                                "file or timm:MODEL_NAME for timm's pretrained weights")
+                                "file, a directory of .safetensors files, or timm:MODEL_NAME for timm's pretrained weights")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     try:
         from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
@@ -107,6 +162,11 @@ def load_checkpoint(model: nn.Module, source: str, strict: bool = False) -> Load
     if mismatched:
         raise ValueError(f"checkpoint {source} does not fit this model; shapes differ for "
                          f"{len(mismatched)} tensors: " + "; ".join(mismatched[:8]))
+    shared = set(state) & (set(own) - mask_keys)
+    if len(shared) < len(set(own) - mask_keys) / 2:
+        raise ValueError(f"checkpoint {source} holds only {len(shared)} of this {type(model).__name__}'s "
+                         f"{len(set(own) - mask_keys)} tensors (its keys look like {sorted(state)[:3]}, the model's like "
+                         f"{sorted(own)[:3]}): it is another model's")
     missing = sorted(set(own) - set(state) - mask_keys)
     unexpected = sorted(set(state) - set(own))
     if strict and (missing or unexpected):

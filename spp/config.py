@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import yaml
 
+from .calibrate import DEFAULTS as _SEARCH, NU_CALIBRATIONS   # the library's defaults are the CLI's
 from .family import BUDGET_KINDS, CHOSEN_RANKINGS, CHOSEN_VALUES, SCOPES
 
 __all__ = ["Config", "load_config", "save_config", "parse_overrides", "ConfigError"]
@@ -55,7 +56,6 @@ class DataConfig:
     smoothing: float = 0.1
 
 
-NU_CALIBRATIONS = ("pooled", "pair", "mask")   # which masks share one calibrated ν
 NU_DATA = ("val", "train")                     # which split auto ν is calibrated on
 
 
@@ -64,17 +64,17 @@ class SearchConfig:
     steps: int = 0                          # total LBI steps; 0 means epochs * steps per epoch
     epochs: int = 60
     lr: Union[float, str] = "auto"          # α; "auto" sets α = rho * nu / kappa
-    rho: float = 0.02                       # per-step pull of M toward Γ (κα/ν)
-    kappa: float = 10.0
+    rho: float = _SEARCH["rho"]  # per-step pull of M toward Γ (κα/ν)
+    kappa: float = _SEARCH["kappa"]
     nu: Union[float, str] = "auto"          # ν; "auto" calibrates it from the mask gradients
-    nu_scale: float = 1.5                   # auto ν = nu_scale / RMS of mask gradients at M = 1 (with adam: nu_scale)
-    nu_calibration: str = "pooled"          # masks sharing one ν: pooled (all), pair (per pair type), mask
-    nu_batch: Optional[int] = 128           # auto ν is for this batch: the RMS at batch B is scaled by √(B / nu_batch)
-    calibration_batches: int = 8
+    nu_scale: float = _SEARCH["nu_scale"]  # auto ν = nu_scale / RMS of mask gradients at M = 1 (with adam: nu_scale)
+    nu_calibration: str = _SEARCH["nu_calibration"]  # masks sharing one ν: pooled (all), pair (per pair type), mask
+    nu_batch: Optional[int] = _SEARCH["nu_batch"]  # auto ν is for this batch: the RMS at batch B is scaled by √(B / nu_batch)
+    calibration_batches: int = _SEARCH["calibration_batches"]
     nu_data: str = "val"                    # batches auto ν is calibrated on: val (held out, never trained on) | train
-    lam: float = 0.4                        # κλ = 4: see spp.LBI (0.1, κλ = 1, ranked worse on the benchmark)
-    preconditioner: str = "none"
-    shrink: str = "two_sided"
+    lam: float = _SEARCH["lam"]  # κλ = 4: see spp.LBI (0.1, κλ = 1, ranked worse on the benchmark)
+    preconditioner: str = _SEARCH["preconditioner"]
+    shrink: str = _SEARCH["shrink"]
     log_every: int = 20
     checkpoint_every: int = 500
     targets: List[float] = field(default_factory=lambda: [0.9, 0.7, 0.5, 0.3, 0.15])  # kept fractions in the family table

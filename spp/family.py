@@ -10,7 +10,7 @@ from torch import nn
 
 from .flops import count_flops, count_params
 from .path import SolutionPath
-from .structure import PAIRS, BlockGeometry, Widths, mask_names, model_geometry, widths_from_counts, widths_from_masks
+from .structure import PAIRS, Geometry, Widths, mask_names, model_geometry, widths_from_masks
 
 __all__ = ["WeightFamily", "Member", "Summary"]
 
@@ -46,6 +46,7 @@ class Summary:
         return d
 
     def __str__(self) -> str:
+        kv = any(w.num_kv_heads is not None for w in self.widths)
         lines = [f"member: {self.kept:.1%} of prunable {self.by} kept (target {self.target:.1%})",
                  f"params {self.params_before:,} -> {self.params_after:,} "
                  f"({self.params_after / self.params_before:.1%}), FLOPs {self.flops_before / 1e6:.2f}M -> "
@@ -54,9 +55,9 @@ class Summary:
                  + ("1" if self.values == "binary" else "the path's final mask values")
                  + (" (scores of each reading: " + ", ".join(f"{k} {v:.4g}" for k, v in self.scores.items()) + ")"
                     if self.scores else ""),
-                 "block  heads  qk_heads  qk_dim  v_dim  mlp"]
+                 "block  heads  qk_heads  qk_dim  v_dim  mlp" + ("  kv_heads" if kv else "")]
         lines += [f"{i:5d}  {w.num_heads:5d}  {w.num_qk_heads:8d}  {w.qk_dim:6d}  {w.v_dim:5d}  {w.mlp_hidden:4d}"
-                  for i, w in enumerate(self.widths)]
+                  + (f"  {w.num_kv_heads:8d}" if kv else "") for i, w in enumerate(self.widths)]
         return "\n".join(lines)
 
 
@@ -74,24 +75,19 @@ class Member(NamedTuple):
 class _BlockWalk:
     """Kept elements of one block during a walk, and its widths (dead heads excluded)."""
 
-    def __init__(self, geom: BlockGeometry, granularity: str):
+    def __init__(self, geom: Geometry, granularity: str):
         self.geom, self.granularity = geom, granularity
-        size = geom.mask_shape(granularity)
-        self.on = {"qk": np.zeros(size, bool), "v": np.zeros(size, bool)}
-        self.count = dict.fromkeys(PAIRS, 0)
-        self.both = 0
+        self.on = {p: np.zeros(geom.mask_size(p, granularity), bool) for p in ("qk", "v")}
+        self.mlp = 0
 
     def add(self, pair: str, index: int) -> None:
-        self.count[pair] += 1
         if pair == "mlp":
-            return
-        self.on[pair][index] = True
-        other = "v" if pair == "qk" else "qk"
-        self.both += bool(self.on[other][index])
+            self.mlp += 1
+        else:
+            self.on[pair][index] = True
 
     def widths(self) -> Widths:
-        return widths_from_counts(self.geom, self.granularity, self.count["qk"], self.count["v"],
-                                  self.count["mlp"], self.both)
+        return self.geom.widths_from_kept(self.on["qk"], self.on["v"], self.mlp, self.granularity)
 
 
 class WeightFamily:
@@ -100,18 +96,17 @@ class WeightFamily:
     Args:
         model: the model the path was searched on (masked or dense: only its shape is read).
         path: the :class:`SolutionPath` of the search.
-        input_size: ``(C, H, W)`` at which FLOPs are counted (default: the model's).
+        input_size: ``(C, H, W)`` (vision) or ``(tokens,)`` (LLMs) at which FLOPs are counted
+            (default: the model's).
     """
 
     def __init__(self, model: nn.Module, path: SolutionPath, input_size: Optional[Sequence[int]] = None):
         self.path = path
         self.granularity = path.granularity
-        self.geoms = model_geometry(model)
+        self.geoms = model_geometry(model, input_size)
         self._check_path()
         self.params_before = count_params(model)
         self.flops_before = count_flops(model, input_size)
-        if input_size is not None:
-            self.geoms = [_with_tokens(g, model, input_size) for g in self.geoms]
         blocks, pairs, local, entry, score = [], [], [], [], []
         self._offset: Dict[tuple, int] = {}
         start = 0
@@ -137,7 +132,7 @@ class WeightFamily:
     def _check_path(self) -> None:
         problems = []
         for g in self.geoms:
-            size = {"qk": g.mask_shape(self.granularity), "v": g.mask_shape(self.granularity), "mlp": g.mlp_hidden}
+            size = {p: g.mask_size(p, self.granularity) for p in PAIRS}
             for p, name in mask_names(g).items():
                 if name not in self.path.entries:
                     problems.append(f"{name} missing")
@@ -183,7 +178,7 @@ class WeightFamily:
         return sum(g.cost(w, by, self.granularity) for g, w in zip(self.geoms, widths))
 
     def _empty(self) -> List[Widths]:
-        return [Widths(0, 0, 0, 0, 0)] * len(self.geoms)
+        return [g.empty for g in self.geoms]
 
     def prunable(self, by: str = "params") -> int:
         """Cost of everything the masks can remove."""
@@ -383,11 +378,3 @@ class WeightFamily:
                        flops_after=self._constant("flops") + self._total(widths, "flops"),
                        widths=widths, elements=elements, values=values)
 
-
-def _with_tokens(geom: BlockGeometry, model: nn.Module, input_size: Sequence[int]) -> BlockGeometry:
-    import dataclasses
-    if geom.windowed:
-        raise ValueError("input_size= is for ViT/DeiT; build the Swin model at the input size you want counted")
-    patch = model.patch_embed.patch_size
-    grid = (input_size[1] // patch[0]) * (input_size[2] // patch[1])
-    return dataclasses.replace(geom, tokens=grid + model.num_prefix_tokens)

@@ -42,7 +42,8 @@ class SolutionPath:
     def __init__(self, entries: Mapping[str, Mapping[str, torch.Tensor]], pairs: Mapping[str, Tuple[str, int]],
                  granularity: str, steps: int, support: Optional[List] = None,
                  meta: Optional[Mapping] = None):
-        self.entries = {n: {f: e[f].detach().float().cpu() for f in FIELDS} for n, e in entries.items()}
+        # copies: the path must not follow the model's masks when set_masks later changes them
+        self.entries = {n: {f: e[f].detach().float().cpu().clone() for f in FIELDS} for n, e in entries.items()}
         self.pairs = {n: (p, int(b)) for n, (p, b) in pairs.items()}
         self.granularity = granularity
         self.steps = int(steps)

@@ -15,7 +15,8 @@ from .compress import compress, save_pruned
 from .config import Config
 from .engine import evaluate
 from .family import WeightFamily
-from .flops import count_flops, count_params, input_size_of
+from .flops import count_flops, count_params
+from .models.vit import input_size_of
 from .path import SolutionPath
 from .runtime import Runtime, main_print, setup_runtime
 from .structure import PAIRS

@@ -1,35 +1,39 @@
-"""Where the prunable pairs are in a model, and what each kept width costs.
+"""Where the prunable pairs are in a model, and what each kept width costs: the model-independent part.
 
-Every supported block has one attention with query-key (``qk``) and value-projection
-(``v``) pairs and one MLP (``mlp``) pair. A block's shape after pruning is described by
-:class:`Widths`; its parameter and FLOP counts follow from it in closed form, and
-``tests/test_compress.py`` checks them against the compressed model and
-``torch.utils.flop_counter``.
+Every prunable block (a transformer layer) has three pairs: query-key (``qk``), value (``v``) and MLP
+(``mlp``), each scaled by one mask. A block's shape after pruning is a :class:`Widths`; its
+:class:`Geometry` (one per block, made by the model's family in :mod:`spp.models`) prices any widths in
+closed form (parameters, FLOPs, mask elements), and names the block's masks. The solution path, the
+weight family, ν calibration and the loops read models only through these two classes and the
+functions below, so they work on every family (``tests/test_masks_compress.py`` and
+``tests/test_decoder.py`` check the closed forms against compressed models and
+``torch.utils.flop_counter``).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
-from timm.layers import Mlp
-from timm.layers.attention import Attention
-from timm.models.swin_transformer import SwinTransformer, WindowAttention
-from timm.models.vision_transformer import VisionTransformer
 
 PAIRS = ("qk", "v", "mlp")
 GRANULARITIES = ("dim", "head")
-SUPPORTED_FAMILIES = "timm VisionTransformer (ViT, DeiT, DeiT distilled) and SwinTransformer (Swin v1)"
+
+
+class UnsupportedModel(TypeError):
+    """The model (or one of its blocks) is not one spp can mask and compress exactly."""
 
 
 @dataclass(frozen=True)
 class Widths:
     """Shape of one block's prunable inner dimensions.
 
-    The attention has ``num_heads`` heads with ``v_dim`` value dims each; the first
-    ``num_qk_heads`` of them attend with ``qk_dim`` query-key dims, the rest attend
-    uniformly (all their query-key dims were removed).
+    The attention has ``num_heads`` query heads with ``v_dim`` value dims each; ``num_qk_heads`` of them
+    attend with ``qk_dim`` query-key dims, the rest attend uniformly (all their query-key dims were
+    removed). ``num_kv_heads`` counts key/value heads where the family shares them between query heads
+    (grouped-query attention; None where every head has its own).
     """
 
     num_heads: int
@@ -37,66 +41,65 @@ class Widths:
     qk_dim: int
     v_dim: int
     mlp_hidden: int
+    num_kv_heads: Optional[int] = None
 
     def to_dict(self) -> Dict[str, int]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-@dataclass(frozen=True)
-class BlockGeometry:
-    """The unpruned shape of one block, and how to price any :class:`Widths` of it."""
+class Geometry:
+    """The unpruned shape of one block, how its masks are named and laid out, and what widths cost.
 
-    name: str            # module name of the block, e.g. "blocks.3"
+    A model family subclasses it (as a frozen dataclass) and fills in the methods; the core calls
+    nothing else. ``name`` is the block's module name, ``index`` its position in forward order.
+    """
+
+    name: str
     index: int
-    dim: int             # residual width C
-    num_heads: int
-    head_dim: int
-    mlp_hidden: int
-    tokens: int          # tokens through qkv/proj/MLP at the model's input size (padded for windows)
-    qkv_bias: bool
-    proj_bias: bool
-    fc1_bias: bool
-    fc2_bias: bool
-    keys: int = 0        # keys each query attends to (window area for Swin; 0 means all tokens)
-    windowed: bool = False  # relative-position bias: heads without query-keys still attend (not uniformly)
-    bias_rows: int = 0   # rows of the relative-position bias table (one column per head)
 
-    @property
-    def span(self) -> int:
-        return self.keys or self.tokens
+    # ----- masks ---------------------------------------------------------------------------
+    def mask_names(self) -> Dict[str, str]:
+        """Parameter names of the block's masks, by pair."""
+        raise NotImplementedError
 
+    def mask_size(self, pair: str, granularity: str) -> int:
+        """Entries of the block's ``pair`` mask."""
+        raise NotImplementedError
+
+    # ----- widths --------------------------------------------------------------------------
     @property
     def full(self) -> Widths:
-        return Widths(self.num_heads, self.num_heads, self.head_dim, self.head_dim, self.mlp_hidden)
+        raise NotImplementedError
 
-    def mask_shape(self, granularity: str) -> int:
-        return self.head_dim if granularity == "dim" else self.num_heads
+    @property
+    def empty(self) -> Widths:
+        return Widths(0, 0, 0, 0, 0)
 
+    def widths_from_kept(self, qk: np.ndarray, v: np.ndarray, mlp: int, granularity: str) -> Widths:
+        """Widths of the compressed block that keeps the ``qk`` and ``v`` entries marked True (boolean
+        arrays of the masks' sizes) and ``mlp`` MLP neurons."""
+        raise NotImplementedError
+
+    def widths_from_masks(self, qk: torch.Tensor, v: torch.Tensor, mlp: torch.Tensor, granularity: str) -> Widths:
+        """Widths of the compressed block for masks ``qk``, ``v``, ``mlp`` (non-zero = kept)."""
+        return self.widths_from_kept((qk != 0).cpu().numpy().ravel(), (v != 0).cpu().numpy().ravel(),
+                                     int((mlp != 0).sum()), granularity)
+
+    # ----- costs ---------------------------------------------------------------------------
     def params(self, w: Widths) -> int:
-        c = self.dim
-        qk_rows = 2 * w.num_qk_heads * w.qk_dim
-        v_rows = w.num_heads * w.v_dim
-        attn = (qk_rows + v_rows) * (c + self.qkv_bias) + v_rows * c + c * self.proj_bias
-        mlp = w.mlp_hidden * (c + self.fc1_bias) + w.mlp_hidden * c + c * self.fc2_bias
-        return attn + self.bias_rows * w.num_heads + mlp
+        raise NotImplementedError
 
     def flops(self, w: Widths) -> int:
-        """Forward FLOPs per image (2 per multiply-add), as ``torch.utils.flop_counter`` counts."""
-        c, n = self.dim, self.tokens
-        qk_rows = 2 * w.num_qk_heads * w.qk_dim
-        v_rows = w.num_heads * w.v_dim
-        projections = 2 * n * c * (qk_rows + v_rows) + 2 * n * v_rows * c
-        attention = w.num_qk_heads * 2 * n * self.span * (w.qk_dim + w.v_dim)
-        if self.windowed:  # heads with no query-key dims still apply softmax(bias) to their values
-            attention += (w.num_heads - w.num_qk_heads) * 2 * n * self.span * w.v_dim
-        mlp = 4 * n * c * w.mlp_hidden
-        return projections + attention + mlp
+        """Forward FLOPs per input (2 per multiply-add), as ``torch.utils.flop_counter`` counts them."""
+        raise NotImplementedError
 
     def elements(self, w: Widths, granularity: str) -> int:
         """Number of non-zero mask entries of a member with these widths."""
-        if granularity == "head":
-            return w.num_qk_heads + w.num_heads + w.mlp_hidden
-        return (w.qk_dim if w.num_qk_heads else 0) + (w.v_dim if w.num_heads else 0) + w.mlp_hidden
+        raise NotImplementedError
+
+    def unit_costs(self, by: str, granularity: str) -> Dict[str, int]:
+        """Cost of one mask entry of each pair, counted on its own (no interactions)."""
+        raise NotImplementedError
 
     def cost(self, w: Widths, by: str, granularity: str) -> int:
         if by == "params":
@@ -105,112 +108,48 @@ class BlockGeometry:
             return self.flops(w)
         return self.elements(w, granularity)
 
-    def unit_costs(self, by: str, granularity: str) -> Dict[str, int]:
-        """Cost of one mask entry of each pair, counted on its own (no interactions)."""
-        heads_per_entry = self.num_heads if granularity == "dim" else 1
-        dims_per_entry = 1 if granularity == "dim" else self.head_dim
-        c, n = self.dim, self.tokens
-        if by == "elements":
-            return {"qk": 1, "v": 1, "mlp": 1}
-        if by == "params":
-            qk = 2 * (c + self.qkv_bias)
-            v = (c + self.qkv_bias) + c
-            mlp = (c + self.fc1_bias) + c
-        else:
-            qk = 4 * n * c + 2 * n * self.span
-            v = 4 * n * c + 2 * n * self.span
-            mlp = 4 * n * c
-        scale = heads_per_entry * dims_per_entry
-        table = self.bias_rows if by == "params" and granularity == "head" else 0  # a head's bias column
-        return {"qk": qk * scale, "v": v * scale + table, "mlp": mlp}
 
-
-def widths_from_counts(geom: BlockGeometry, granularity: str, qk: int, v: int, mlp: int,
-                       qk_heads: int = 0) -> Widths:
-    """Widths of the compressed block that keeps ``qk``, ``v`` and ``mlp`` mask entries.
-
-    ``qk`` and ``v`` count dims (``granularity="dim"``) or heads (``"head"``); with heads,
-    ``qk_heads`` counts the heads that keep both their query-keys and their values. A head
-    with no value dims left contributes nothing, so its query-key dims go too.
-    """
-    if granularity == "dim":
-        qk_dim = qk if v else 0
-        num_heads = geom.num_heads if v else 0
-        return Widths(num_heads, num_heads if qk_dim else 0, qk_dim, v, mlp)
-    return Widths(v, qk_heads, geom.head_dim if qk_heads else 0, geom.head_dim if v else 0, mlp)
-
-
-def widths_from_masks(geom: BlockGeometry, qk: torch.Tensor, v: torch.Tensor, mlp: torch.Tensor,
-                      granularity: str) -> Widths:
-    """Widths of the compressed block for masks ``qk``, ``v``, ``mlp`` (non-zero = kept)."""
-    qk_on, v_on = qk != 0, v != 0
-    return widths_from_counts(geom, granularity, int(qk_on.sum()), int(v_on.sum()), int((mlp != 0).sum()),
-                              int((qk_on & v_on).sum()) if granularity == "head" else 0)
-
-
-class UnsupportedModel(TypeError):
-    """The model (or one of its blocks) is not one spp can mask and compress exactly."""
-
-
-def _check_supported_block(name: str, block: nn.Module) -> None:
-    attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
-    if isinstance(attn, WindowAttention):
-        pass
-    elif not isinstance(attn, Attention):
-        raise UnsupportedModel(f"{name}.attn is {type(attn).__name__}; spp supports timm's Attention and "
-                               f"WindowAttention ({SUPPORTED_FAMILIES}). Was the model compressed already?")
-    elif not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)
-            and isinstance(attn.norm, nn.Identity) and getattr(attn, "gate", None) is None):
-        raise UnsupportedModel(f"{name}.attn uses qk_norm, scale_norm or a gate; masks on those "
-                               "cannot be compressed exactly. spp supports plain timm Attention.")
-    if not isinstance(mlp, Mlp):
-        raise UnsupportedModel(f"{name}.mlp is {type(mlp).__name__}; spp supports timm's Mlp "
-                               f"({SUPPORTED_FAMILIES})")
-    if not (isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.norm, nn.Identity)):
-        raise UnsupportedModel(f"{name}.mlp must be a Linear Mlp without a hidden norm")
+def model_family(model: nn.Module):
+    """The :class:`spp.models.ModelFamily` that handles ``model`` (an error lists the supported ones)."""
+    from .models import family_of
+    return family_of(model)
 
 
 def find_blocks(model: nn.Module) -> List[nn.Module]:
-    """The transformer blocks of a supported model, in forward order."""
-    if isinstance(model, VisionTransformer):
-        return list(model.blocks)
-    if isinstance(model, SwinTransformer):
-        return [block for stage in model.layers for block in stage.blocks]
-    raise UnsupportedModel(f"spp does not support {type(model).__name__}; supported: {SUPPORTED_FAMILIES}")
+    """The prunable blocks of a supported model, in forward order."""
+    return model_family(model).blocks(model)
 
 
-def model_geometry(model: nn.Module) -> List[BlockGeometry]:
-    """One :class:`BlockGeometry` per block, with token counts at the model's input size."""
-    blocks = find_blocks(model)
-    names = {id(m): n for n, m in model.named_modules()}
-    geoms = []
-    for i, block in enumerate(blocks):
-        name = names[id(block)]
-        _check_supported_block(name, block)
-        attn, mlp = block.attn, block.mlp
-        if isinstance(attn, WindowAttention):
-            (h, w), (wh, ww) = block.input_resolution, block.window_size
-            tokens = -(-h // wh) * wh * -(-w // ww) * ww   # padded to whole windows
-            span = dict(keys=wh * ww, windowed=True, bias_rows=attn.relative_position_bias_table.shape[0])
-            head_dim = attn.qkv.out_features // (3 * attn.num_heads)
-        else:
-            tokens = model.patch_embed.num_patches + model.num_prefix_tokens
-            span, head_dim = {}, attn.head_dim
-        geoms.append(BlockGeometry(
-            name=name, index=i, dim=attn.qkv.in_features,
-            num_heads=attn.num_heads, head_dim=head_dim, mlp_hidden=mlp.fc1.out_features,
-            tokens=tokens, qkv_bias=attn.qkv.bias is not None, proj_bias=attn.proj.bias is not None,
-            fc1_bias=mlp.fc1.bias is not None, fc2_bias=mlp.fc2.bias is not None, **span,
-        ))
-    return geoms
+def model_geometry(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> List[Geometry]:
+    """One :class:`Geometry` per block; FLOPs are priced at ``input_size`` (default: the model's)."""
+    return model_family(model).geometry(model, input_size)
 
 
-def mask_names(geom: BlockGeometry) -> Dict[str, str]:
+def mask_names(geom: Geometry) -> Dict[str, str]:
     """Parameter names of a block's masks, by pair."""
-    return {"qk": f"{geom.name}.attn.qk_mask", "v": f"{geom.name}.attn.v_mask",
-            "mlp": f"{geom.name}.mlp.mask"}
+    return geom.mask_names()
+
+
+def widths_from_masks(geom: Geometry, qk: torch.Tensor, v: torch.Tensor, mlp: torch.Tensor,
+                      granularity: str) -> Widths:
+    return geom.widths_from_masks(qk, v, mlp, granularity)
 
 
 def mask_pairs(model: nn.Module) -> Dict[str, Tuple[str, int]]:
     """``{mask name: (pair type, block index)}`` for every mask a masked ``model`` has (or would have)."""
     return {name: (pair, geom.index) for geom in model_geometry(model) for pair, name in mask_names(geom).items()}
+
+
+def block_masks(geoms: Sequence[Geometry], masks: Mapping[str, torch.Tensor],
+                device: Optional[torch.device] = None) -> List[Dict[str, torch.Tensor]]:
+    """``masks`` regrouped per block as ``{pair: tensor}``; a missing mask is a KeyError naming it."""
+    out = []
+    for geom in geoms:
+        names = mask_names(geom)
+        missing = [n for n in names.values() if n not in masks]
+        if missing:
+            raise KeyError(f"masks lack {missing}; give one tensor per mask "
+                           "(spp.mask_parameters or WeightFamily.select names them)")
+        out.append({pair: masks[name].detach().to(device) if device is not None else masks[name].detach()
+                    for pair, name in names.items()})
+    return out

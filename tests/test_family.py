@@ -263,3 +263,21 @@ def test_member_values_binary_path_and_auto(granularity):
     scored = spp.SolutionPath.from_scores(model, {n: v.clone() for n, v in values.items()}, values=values)
     member = spp.WeightFamily(model, scored).select(keep=0.95)   # a scored path has every element entered
     assert member.summary.values == "path" and all(torch.equal(m, (m != 0) * values[n]) for n, m in member.masks.items())
+
+
+def test_path_keeps_its_mask_values_when_the_model_masks_change():
+    """SolutionPath.from_optimizer copies the final masks: setting a member's masks into the model afterwards
+    (as the library tour does) must not change what values="path" members read."""
+    model = tiny_vit()
+    spp.add_masks(model)
+    optimizer = spp.search_optimizer(model, 1.0, rho=0.5, lam=0.0)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    path = spp.SolutionPath.from_optimizer(optimizer, model)
+    before = {n: e["mask"].clone() for n, e in path.entries.items()}
+    spp.set_masks(model, {n: torch.zeros_like(p) for n, p in spp.mask_parameters(model)})
+    assert all(torch.equal(path.entries[n]["mask"], m) for n, m in before.items())
+    assert any((m != 1).any() for m in before.values())

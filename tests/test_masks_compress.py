@@ -88,6 +88,60 @@ def test_remove_masks_restores_timm_modules(vit):
     torch.testing.assert_close(_out(vit, x), before)
 
 
+def test_remove_masks_keeps_a_users_subclass(vit):
+    """A model whose blocks use a subclass of timm's Attention / Mlp gets its own classes back."""
+    from timm.layers import Mlp
+    from timm.layers.attention import Attention
+
+    class MyAttention(Attention):
+        pass
+
+    class MyMlp(Mlp):
+        pass
+
+    for block in vit.blocks:
+        block.attn.__class__, block.mlp.__class__ = MyAttention, MyMlp
+    x = _x()
+    before = _out(vit, x)
+    spp.add_masks(vit)
+    assert isinstance(vit.blocks[0].attn, MyAttention)
+    torch.testing.assert_close(_out(vit, x), before)
+    spp.remove_masks(vit)
+    assert type(vit.blocks[0].attn) is MyAttention and type(vit.blocks[1].mlp) is MyMlp
+    assert not [n for n, _ in vit.named_parameters() if "mask" in n]
+
+
+@pytest.mark.parametrize("how", ["timm.create_model", "class"])
+def test_save_pruned_without_spp_create_model(tmp_path, how):
+    """A ViT built by timm.create_model or by its class saves and loads: its constructor arguments are read off
+    the model and checked by rebuilding it."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    args = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
+    model = timm.create_model("vit_tiny_patch16_224", **args) if how != "class" else VisionTransformer(**args)
+    assert not hasattr(model, "spp_base")
+    masks = random_masks(model, "dim", seed=3)
+    pruned = spp.compress(model.eval(), masks)
+    spp.save_pruned(pruned, str(tmp_path))
+    loaded = spp.load_pruned(str(tmp_path))
+    x = _x()
+    torch.testing.assert_close(_out(loaded, x), _out(pruned, x), rtol=0, atol=0)
+
+
+def test_import_spp_loads_neither_timm_nor_transformers():
+    """The core (optimizer, path, family, calibration, masks, compression) is model-independent; a family's
+    library loads the first time a model of it is used."""
+    import subprocess
+    import sys
+    code = ("import sys, spp, spp.family, spp.path, spp.optim, spp.calibrate, spp.masks, spp.compress, spp.criteria; "
+            "print(sorted(m for m in ('timm', 'transformers', 'spp.config', 'spp.runtime') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def _check_exact(model, masks, granularity):
     x = _x()
     spp.add_masks(model, granularity)
@@ -303,11 +357,15 @@ def test_load_checkpoint_errors(tmp_path):
     torch.save({"model": wide.state_dict()}, tmp_path / "wide.pth")
     with pytest.raises(ValueError, match=r"shapes differ.*blocks.0.attn.qkv.weight: checkpoint \(288, 96\) vs model \(192, 64\)"):
         spp.load_checkpoint(tiny_vit(), str(tmp_path / "wide.pth"))
-    torch.save({"model": {"extra.weight": torch.ones(1)}}, tmp_path / "partial.pth")
-    result = spp.load_checkpoint(tiny_vit(), str(tmp_path / "partial.pth"))
-    assert result.unexpected_keys == ["extra.weight"] and "blocks.0.attn.qkv.weight" in result.missing_keys
+    partial = {k: v for k, v in tiny_vit().state_dict().items() if not k.startswith("head.")}
+    torch.save({"model": {**partial, "extra.weight": torch.ones(1)}}, tmp_path / "partial.pth")
+    result = spp.load_checkpoint(tiny_vit(), str(tmp_path / "partial.pth"))   # a backbone without its head
+    assert result.unexpected_keys == ["extra.weight"] and result.missing_keys == ["head.bias", "head.weight"]
     with pytest.raises(ValueError, match="missing keys"):
         spp.load_checkpoint(tiny_vit(), str(tmp_path / "partial.pth"), strict=True)
+    torch.save({"model": {"extra.weight": torch.ones(1)}}, tmp_path / "unrelated.pth")
+    with pytest.raises(ValueError, match="holds only 0 of this VisionTransformer's 32 tensors.*another model's"):
+        spp.load_checkpoint(tiny_vit(), str(tmp_path / "unrelated.pth"))
 
     class Evil:
         def __reduce__(self):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import spp
-from spp.compress import PrunedWindowAttention
+from spp.models.vit import PrunedWindowAttention
 
 from conftest import random_masks, tiny_swin
 from test_family import fake_path

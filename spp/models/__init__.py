@@ -1,0 +1,98 @@
+"""Model families: each one knows where a family's prunable pairs are and how to compress them.
+
+=====================  =================================================  ============================
+family                 models                                             module
+=====================  =================================================  ============================
+``timm-vit``           timm ``VisionTransformer`` (ViT, DeiT, distilled)  :mod:`spp.models.vit`
+``timm-swin``          timm ``SwinTransformer`` (v1)                      :mod:`spp.models.vit`
+``hf-llama``           transformers Llama, Mistral, Qwen2 (GQA, RoPE)     :mod:`spp.models.decoder`
+``hf-opt``             transformers OPT                                   :mod:`spp.models.decoder`
+=====================  =================================================  ============================
+
+A family is found from the model's class (or any base class) by name, so matching a model imports
+neither timm nor transformers; a family's module is imported the first time it is used. Add one with
+:func:`register` (see :class:`spp.models.base.ModelFamily` for what it implements).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Dict, List, NamedTuple, Sequence
+
+from torch import nn
+
+from ..structure import UnsupportedModel
+from .base import ModelFamily
+
+__all__ = ["ModelFamily", "family_of", "register", "supported", "UnsupportedModel"]
+
+
+class _Entry(NamedTuple):
+    name: str
+    description: str
+    classes: Sequence[str]
+    target: str          # "module:attribute" of the ModelFamily instance
+
+
+_LLAMA = "transformers.models.{0}.modeling_{0}.{1}"
+_REGISTRY: List[_Entry] = [
+    _Entry("timm-vit", "timm VisionTransformer (ViT, DeiT, DeiT distilled)",
+           ("timm.models.vision_transformer.VisionTransformer",), "spp.models.vit:VIT"),
+    _Entry("timm-swin", "timm SwinTransformer (Swin v1)",
+           ("timm.models.swin_transformer.SwinTransformer",), "spp.models.vit:SWIN"),
+    _Entry("hf-llama", "transformers LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (and their *Model)",
+           tuple(_LLAMA.format(m, c + s) for m, c in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"))
+                 for s in ("ForCausalLM", "Model")), "spp.models.decoder:LLAMA"),
+    _Entry("hf-opt", "transformers OPTForCausalLM (and OPTModel)",
+           (_LLAMA.format("opt", "OPTForCausalLM"), _LLAMA.format("opt", "OPTModel")), "spp.models.decoder:OPT"),
+]
+
+# Models people try that spp cannot prune exactly, and why (instead of the generic "not supported").
+_KNOWN_UNSUPPORTED: Dict[str, str] = {
+    "Qwen3": "q_norm/k_norm normalise q and k over the head dim, so a mask on query-key dims changes the "
+             "norm and cannot be folded into the weights",
+    "Gemma": "q/k normalisation and soft-capping of the logits are not folded into pruned weights",
+    "Phi": "partial rotary embeddings (only part of each head is rotated) are not supported",
+}
+
+_loaded: Dict[str, ModelFamily] = {}
+
+
+def _load(entry: _Entry) -> ModelFamily:
+    if entry.target not in _loaded:
+        module, attribute = entry.target.split(":")
+        _loaded[entry.target] = getattr(importlib.import_module(module), attribute)
+    return _loaded[entry.target]
+
+
+def _class_names(model: nn.Module) -> List[str]:
+    return [f"{c.__module__}.{c.__qualname__}" for c in type(model).__mro__]
+
+
+def supported() -> str:
+    """One line per supported family."""
+    return "; ".join(f"{e.name}: {e.description}" for e in _REGISTRY)
+
+
+def family_of(model: nn.Module) -> ModelFamily:
+    """The family that handles ``model``; :class:`UnsupportedModel` lists the supported ones."""
+    names = _class_names(model)
+    for entry in _REGISTRY:
+        if any(c in names for c in entry.classes):
+            return _load(entry)
+    model_name = type(model).__name__
+    for prefix, why in _KNOWN_UNSUPPORTED.items():
+        if model_name.startswith(prefix):
+            raise UnsupportedModel(f"spp does not support {model_name}: {why}. Supported: {supported()}")
+    raise UnsupportedModel(f"spp does not support {model_name}. Supported: {supported()}. "
+                           "Another family can be added with spp.models.register (docs/library.md)")
+
+
+def register(family: ModelFamily, first: bool = True) -> None:
+    """Add a family: ``family.classes`` are the fully qualified class names it handles. With ``first``
+    it is tried before the built-in ones (so it can take over a class they handle)."""
+    if not family.classes:
+        raise ValueError("a ModelFamily needs .classes: the fully qualified names of the model classes it handles")
+    key = f"registered:{id(family)}"
+    _loaded[key] = family
+    entry = _Entry(family.name or type(family).__name__, family.description, tuple(family.classes), key)
+    _REGISTRY.insert(0 if first else len(_REGISTRY), entry)

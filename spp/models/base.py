@@ -1,0 +1,89 @@
+"""The interface a model family implements (see :mod:`spp.models` for the registry)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..structure import Geometry, Widths
+
+
+class ModelFamily:
+    """One family of models that spp can mask, price and compress exactly (timm ViT, HF Llama, ...).
+
+    ``classes`` are the fully qualified names of the model classes the family handles (a subclass of
+    one is handled too); the registry matches them without importing the library that defines them.
+    A family implements the methods below; everything else in spp is written against them.
+    """
+
+    name: str = ""
+    description: str = ""
+    classes: Sequence[str] = ()
+
+    # ----- structure ---------------------------------------------------------------------------
+    def blocks(self, model: nn.Module) -> List[nn.Module]:
+        """The prunable blocks (transformer layers), in forward order."""
+        raise NotImplementedError
+
+    def geometry(self, model: nn.Module, input_size: Optional[Sequence[int]] = None) -> List[Geometry]:
+        """One :class:`Geometry` per block, FLOPs priced at ``input_size`` (default: the model's own);
+        raises :class:`spp.structure.UnsupportedModel` for a block it cannot mask exactly."""
+        raise NotImplementedError
+
+    def example_input(self, model: nn.Module, input_size: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """One input (batch of 1) at ``input_size``, for counting FLOPs."""
+        raise NotImplementedError
+
+    def counting(self):
+        """Context in which a forward runs at its nominal widths, for ``torch.utils.flop_counter``."""
+        return contextlib.nullcontext()
+
+    # ----- masks -------------------------------------------------------------------------------
+    def add_masks(self, model: nn.Module, granularity: str) -> None:
+        """Insert all-one masks (float32 parameters named by ``Geometry.mask_names``), in place."""
+        raise NotImplementedError
+
+    def remove_masks(self, model: nn.Module) -> None:
+        """Undo :meth:`add_masks` in place (mask values are dropped)."""
+        raise NotImplementedError
+
+    # ----- compression -------------------------------------------------------------------------
+    def replaced_modules(self, block: nn.Module) -> List[nn.Module]:
+        """The modules of ``block`` that :meth:`compress_block` replaces (``compress`` does not copy them)."""
+        raise NotImplementedError
+
+    def compress_block(self, block: nn.Module, source: nn.Module, geom: Geometry, masks: Mapping[str, torch.Tensor],
+                       granularity: str) -> Widths:
+        """Put the compressed modules of ``source`` (the masked or dense block) into ``block`` (its copy,
+        whose :meth:`replaced_modules` are placeholders); return the block's widths."""
+        raise NotImplementedError
+
+    def resize_block(self, block: nn.Module, geom: Geometry, widths: Widths) -> None:
+        """Give a dense block the shapes of ``widths`` (weights uninitialised: they are loaded next)."""
+        raise NotImplementedError
+
+    # ----- save / load -------------------------------------------------------------------------
+    def describe(self, model: nn.Module) -> Dict[str, Any]:
+        """What :meth:`build` needs to rebuild the dense model (JSON-serialisable)."""
+        raise NotImplementedError
+
+    def build(self, base: Mapping[str, Any]) -> nn.Module:
+        """The dense model that :meth:`describe` described, with uninitialised weights."""
+        raise NotImplementedError
+
+    def layout(self, model: nn.Module) -> Optional[List[Dict[str, Any]]]:
+        """Per block, what a compressed block needs beyond its :class:`Widths` and weights (JSON), or None."""
+        return None
+
+    def set_layout(self, model: nn.Module, layout: List[Dict[str, Any]]) -> None:
+        """Give a rebuilt compressed model the :meth:`layout` it was saved with."""
+
+    def plain_config(self, model: nn.Module) -> Optional[Dict[str, Any]]:
+        """A config the model's own library loads the compressed model from with no spp (e.g.
+        ``AutoModelForCausalLM.from_pretrained``), where its shape allows one; else None."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"<spp model family {self.name}: {self.description}>"
