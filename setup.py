@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 setup(
     name="spp",
     version="0.1.0",
-    description="Solution Path Pruning: one differential-inclusion search, a whole family of pruned vision transformers",
+    description="Solution Path Pruning: one differential-inclusion search, a whole family of pruned transformers (timm ViT/Swin, Hugging Face LLMs)",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
@@ -21,9 +21,13 @@ setup(
         "matplotlib",
     ],
     extras_require={
+        # decoder LLMs (Llama, Mistral, Qwen2, OPT); tested on transformers 5.25 (its attention interface
+        # and cache= argument), lm-eval for zero-shot tasks and its HFLM wrapper
+        "llm": ["transformers>=5.25", "tokenizers", "lm-eval"],
         # Torch-Pruning baselines (benchmark and its tests): timm's Attention must follow pruned head
         # widths (attn_dim, 1.0.23)
-        "test": ["pytest", "torch-pruning", "timm>=1.0.23", "scikit-learn"],
+        "test": ["pytest", "torch-pruning", "timm>=1.0.23", "scikit-learn", "transformers>=5.25", "tokenizers",
+                 "lm-eval"],
         "bench": ["torch-pruning", "timm>=1.0.23", "scikit-learn"],   # scikit-learn: the robustness benchmark's digits
     },
     entry_points={"console_scripts": ["spp=spp.cli:main"]},

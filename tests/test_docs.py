@@ -57,3 +57,17 @@ def test_api_example_tour_runs():
     assert "saved and reloaded: True" in result.stdout
     best = re.search(r"select_best at 50%: ranked by (entry|z), values (binary|path), scores (\{.*\})", result.stdout)
     assert best and len(ast.literal_eval(best.group(3))) == 4, result.stdout   # every reading scored
+
+
+def test_llm_api_example_tour_runs():
+    """The README's LLM tour (``python scripts/api_example_llm.py``): exact members, identical generation, reload."""
+    pytest.importorskip("transformers", reason="the LLM tour needs transformers: pip install -e '.[llm]'")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "api_example_llm.py")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    members = re.findall(r"keep (\d+)% of (\w+): ([\d,]+) params \(predicted ([\d,]+)\), masked vs compressed logits "
+                         r"max diff (\S+), 16 greedy tokens identical: (\w+)", result.stdout)
+    assert [(m[0], m[1]) for m in members] == [("70", "params"), ("50", "params"), ("50", "flops")], result.stdout
+    for _, _, params, predicted, diff, same in members:
+        assert params == predicted and float(diff) < 1e-4 and same == "True", result.stdout
+    assert "saved and reloaded: LlamaForCausalLM True" in result.stdout

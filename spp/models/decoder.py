@@ -1,0 +1,533 @@
+"""Decoder LLMs from Hugging Face transformers: Llama, Mistral, Qwen2 (``hf-llama``) and OPT (``hf-opt``).
+
+Masks per decoder layer, applied by hooks on the projections (the models' own forwards run unchanged):
+
+* query-key, ``{layer}.self_attn.q_proj.qk_mask``, scales the query (after ``q_proj``):
+  logits = q diag(m) kᵀ. With RoPE an entry covers a **rotary pair**: head dims j and j + d/2, which
+  the rotation mixes at one frequency. Scaling both dims of a pair by one value commutes with the
+  rotation, so masking q before RoPE is masking it after, and a removed pair is two rows of ``q_proj``
+  and ``k_proj`` that can be sliced out. OPT (learned positions): one entry per head dim.
+* value, ``{layer}.self_attn.o_proj.v_mask`` (OPT: ``out_proj``), scales each value dim of every
+  head at the output projection's input: a column of ``o_proj`` and a row of ``v_proj``.
+* MLP, ``{layer}.mlp.down_proj.mlp_mask`` (OPT: ``{layer}.fc2.mlp_mask``), scales each intermediate
+  neuron: rows of ``gate_proj`` and ``up_proj`` (OPT: ``fc1``), a column of ``down_proj`` (``fc2``).
+
+**Grouped-query attention.** With ``granularity="dim"`` (the default) an entry is one pair / dim of
+*every* head, query and key/value alike: removing value dim i removes row i of every key/value head
+and column i of every query head, so each query head still reads its own group's key/value head and
+compression stays exact with the model's grouping unchanged. With ``granularity="head"`` the masks
+hold one entry per **query** head; a key/value head is removed when all the query heads of its group
+are, and the compressed attention maps each kept query head to its kept key/value head (groups may
+then differ in size; equal groups use the model's own repeat).
+
+**Compression** keeps the original softmax scale and the original rotary frequencies of the kept pairs
+(the compressed attention indexes the model's cos/sin tables; nothing is recomputed from the new head
+dim). A query head with values but no query-key entries attends uniformly over its prefix (its query
+rows are zero, so its logits are); a layer with no query-key entries left at all attends through one
+zero dim; a layer with no value dims keeps the ``o_proj`` bias (if any) as a constant output; the KV
+cache holds each layer's kept widths.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..structure import Geometry, UnsupportedModel, Widths
+from .base import ModelFamily
+from .common import copy_linear, new_linear
+
+__all__ = ["DecoderGeometry", "PrunedDecoderAttention", "LLAMA", "OPT", "DEFAULT_TOKENS"]
+
+DEFAULT_TOKENS = 2048   # sequence length FLOPs are priced at (capped by the model's max_position_embeddings)
+
+
+# ================================================================================================
+# Geometry
+# ================================================================================================
+@dataclass(frozen=True)
+class DecoderGeometry(Geometry):
+    """The unpruned shape of one decoder layer, and how to price any :class:`Widths` of it."""
+
+    name: str              # module name of the layer, e.g. "model.layers.3"
+    index: int
+    attn: str              # the attention's name within the layer ("self_attn")
+    out_proj: str          # the attention's output projection ("o_proj" or OPT's "out_proj")
+    mlp_out: str           # the MLP's output projection within the layer ("mlp.down_proj" or OPT's "fc2")
+    dim: int               # hidden size C
+    num_heads: int         # query heads H
+    num_kv_heads: int      # key/value heads (H / group size)
+    head_dim: int          # d
+    mlp_hidden: int        # intermediate size F
+    tokens: int            # sequence length the FLOPs are priced at
+    rotary: bool           # RoPE: a query-key entry is a pair of dims (j, j + d/2)
+    q_bias: bool
+    k_bias: bool
+    v_bias: bool
+    o_bias: bool
+    gated: bool            # gate_proj and up_proj (Llama) or one fc1 (OPT)
+    mlp_in_bias: bool
+    mlp_out_bias: bool
+
+    def mask_names(self) -> Dict[str, str]:
+        a = f"{self.name}.{self.attn}"
+        return {"qk": f"{a}.q_proj.qk_mask", "v": f"{a}.{self.out_proj}.v_mask",
+                "mlp": f"{self.name}.{self.mlp_out}.mlp_mask"}
+
+    def mask_size(self, pair: str, granularity: str) -> int:
+        if pair == "mlp":
+            return self.mlp_hidden
+        if granularity == "head":
+            return self.num_heads
+        return self.head_dim // 2 if pair == "qk" and self.rotary else self.head_dim
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def full(self) -> Widths:
+        return Widths(self.num_heads, self.num_heads, self.head_dim, self.head_dim, self.mlp_hidden, self.num_kv_heads)
+
+    @property
+    def empty(self) -> Widths:
+        return Widths(0, 0, 0, 0, 0, 0)
+
+    def widths_from_kept(self, qk: np.ndarray, v: np.ndarray, mlp: int, granularity: str) -> Widths:
+        if granularity == "dim":
+            v_dim = int(v.sum())
+            if not v_dim:
+                return Widths(0, 0, 0, 0, mlp, 0)
+            qk_dim = int(qk.sum()) * (2 if self.rotary else 1)
+            return Widths(self.num_heads, self.num_heads if qk_dim else 0, qk_dim, v_dim, mlp, self.num_kv_heads)
+        heads, qk_heads = int(v.sum()), int((qk & v).sum())
+        kv_heads = int(v.reshape(self.num_kv_heads, self.group).any(axis=1).sum())
+        return Widths(heads, qk_heads, self.head_dim if qk_heads else 0, self.head_dim if heads else 0, mlp, kv_heads)
+
+    def _attention_dims(self, w: Widths) -> Tuple[int, int, int, int, int]:
+        """Rows of q_proj, k_proj, v_proj, columns of o_proj, and the q/k width attention runs at."""
+        kv = w.num_kv_heads or 0
+        q_rows = w.num_heads * w.qk_dim            # heads without query-keys keep zero query rows
+        run_qk = w.qk_dim or (1 if w.num_heads else 0)   # no query-key dims at all: one zero dim
+        return q_rows, kv * w.qk_dim, kv * w.v_dim, w.num_heads * w.v_dim, run_qk
+
+    def params(self, w: Widths) -> int:
+        c = self.dim
+        q, k, v, o, _ = self._attention_dims(w)
+        attn = q * (c + self.q_bias) + k * (c + self.k_bias) + v * (c + self.v_bias) + o * c + c * self.o_bias
+        mlp = (2 if self.gated else 1) * w.mlp_hidden * (c + self.mlp_in_bias) + w.mlp_hidden * c + c * self.mlp_out_bias
+        return attn + mlp
+
+    def flops(self, w: Widths) -> int:
+        """Forward FLOPs per sequence of ``tokens`` tokens (2 per multiply-add), as
+        ``torch.utils.flop_counter`` counts: the attention over all T x T query-key pairs (the kernels
+        skip the masked half; the counter does not)."""
+        c, t = self.dim, self.tokens
+        q, k, v, o, run_qk = self._attention_dims(w)
+        projections = 2 * t * c * (q + k + v) + 2 * t * o * c
+        attention = 2 * w.num_heads * t * t * (run_qk + w.v_dim) if w.num_heads else 0
+        mlp = 2 * t * c * w.mlp_hidden * (3 if self.gated else 2)
+        return projections + attention + mlp
+
+    def elements(self, w: Widths, granularity: str) -> int:
+        if granularity == "head":
+            return w.num_qk_heads + w.num_heads + w.mlp_hidden
+        pairs = w.qk_dim // 2 if self.rotary else w.qk_dim
+        return (pairs if w.num_qk_heads else 0) + (w.v_dim if w.num_heads else 0) + w.mlp_hidden
+
+    def unit_costs(self, by: str, granularity: str) -> Dict[str, int]:
+        if by == "elements":
+            return {"qk": 1, "v": 1, "mlp": 1}
+        c, t = self.dim, self.tokens
+        if granularity == "dim":   # one dim (pair) of every head
+            per_qk = 2 if self.rotary else 1
+            qk_rows, kv_rows, o_cols = per_qk * self.num_heads, per_qk * self.num_kv_heads, self.num_heads
+            qk = qk_rows * (c + self.q_bias) + kv_rows * (c + self.k_bias)
+            v = self.num_kv_heads * (c + self.v_bias) + o_cols * c
+            attn_flops = 2 * self.num_heads * t * t * per_qk, 2 * self.num_heads * t * t
+            qk_f, v_f = 2 * t * c * (qk_rows + kv_rows), 2 * t * c * (self.num_kv_heads + o_cols)
+        else:                      # one query head (its share of the key/value head)
+            d = self.head_dim
+            qk = d * (c + self.q_bias) + d * (c + self.k_bias) // self.group
+            v = d * (c + self.v_bias) // self.group + d * c
+            attn_flops = 2 * t * t * d, 2 * t * t * d
+            qk_f, v_f = 2 * t * c * d * (1 + 1 / self.group), 2 * t * c * d * (1 + 1 / self.group)
+        mlp = (2 if self.gated else 1) * (c + self.mlp_in_bias) + c
+        if by == "params":
+            return {"qk": qk, "v": v, "mlp": mlp}
+        return {"qk": int(qk_f + attn_flops[0]), "v": int(v_f + attn_flops[1]),
+                "mlp": 2 * t * c * (3 if self.gated else 2)}
+
+
+# ================================================================================================
+# Masks: hooks on the projections
+# ================================================================================================
+def _scale(x: torch.Tensor, mask: torch.Tensor, layout: Tuple[int, int, bool, str]) -> torch.Tensor:
+    heads, head_dim, rotary, granularity = layout
+    mask = mask.to(x.dtype)
+    if granularity == "head":
+        return (x.unflatten(-1, (heads, head_dim)) * mask[:, None]).flatten(-2)
+    if rotary and mask.numel() * 2 == head_dim:
+        mask = torch.cat([mask, mask])
+    return (x.unflatten(-1, (heads, head_dim)) * mask).flatten(-2)
+
+
+def _qk_hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+    return _scale(output, module.qk_mask, module.spp_layout)
+
+
+def _v_hook(module: nn.Module, inputs):
+    return (_scale(inputs[0], module.v_mask, module.spp_layout), *inputs[1:])
+
+
+def _mlp_hook(module: nn.Module, inputs):
+    return (inputs[0] * module.mlp_mask.to(inputs[0].dtype), *inputs[1:])
+
+
+_HOOKS = (_qk_hook, _v_hook, _mlp_hook)
+
+
+def _add_mask(linear: nn.Linear, attr: str, size: int, layout=None) -> None:
+    setattr(linear, attr, nn.Parameter(torch.ones(size, device=linear.weight.device, dtype=torch.float32)))
+    if layout is not None:
+        linear.spp_layout = layout
+
+
+# ================================================================================================
+# Compressed attention
+# ================================================================================================
+class PrunedDecoderAttention(nn.Module):
+    """A decoder attention with pruned widths, a drop-in for the model's own (same call and return).
+
+    ``num_heads`` query heads with ``qk_dim`` query-key and ``v_dim`` value dims each read
+    ``num_kv_heads`` key/value heads: query head h reads ``kv_map[h]``. With RoPE, ``rope_index``
+    picks the kept dims' entries of the model's cos/sin tables (kept pairs' original frequencies).
+    ``scaling`` is the unpruned model's ``head_dim ** -0.5``.
+    """
+
+    def __init__(self, config, layer_idx: int, dim: int, widths: Widths, *, rotary: bool, scaling: float,
+                 biases: Tuple[bool, bool, bool, bool], out_proj: str = "o_proj", scale_query: bool = False,
+                 attention_dropout: float = 0.0, sliding_window: Optional[int] = None):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.num_heads, self.num_kv_heads = widths.num_heads, widths.num_kv_heads or 0
+        self.qk_dim, self.v_dim = widths.qk_dim, widths.v_dim
+        self.scaling, self.scale_query, self.rotary = scaling, scale_query, rotary
+        self.attention_dropout, self.sliding_window, self.is_causal = attention_dropout, sliding_window, True
+        self.out_proj_name = out_proj
+        q_bias, k_bias, v_bias, o_bias = biases
+        self.q_proj = new_linear(dim, self.num_heads * self.qk_dim, q_bias)
+        self.k_proj = new_linear(dim, self.num_kv_heads * self.qk_dim, k_bias)
+        self.v_proj = new_linear(dim, self.num_kv_heads * self.v_dim, v_bias)
+        setattr(self, out_proj, new_linear(self.num_heads * self.v_dim, dim, o_bias))
+        # which kept key/value head each query head reads, and (RoPE) the kept dims' cos/sin entries; saved
+        # in spp's config.json ("layout"), not with the weights, so the weights are the model's own names only
+        self.register_buffer("kv_map", torch.zeros(self.num_heads, dtype=torch.long), persistent=False)
+        self.register_buffer("rope_index", torch.arange(self.qk_dim, dtype=torch.long), persistent=False)
+        self._refresh()
+
+    def set_layout(self, kv_map: Sequence[int], rope_index: Optional[Sequence[int]] = None) -> None:
+        self.kv_map.copy_(torch.as_tensor(kv_map, dtype=torch.long))
+        if rope_index is not None:
+            self.rope_index.copy_(torch.as_tensor(rope_index, dtype=torch.long))
+        self._refresh()
+
+    @property
+    def layout(self) -> Dict[str, List[int]]:
+        return {"kv_map": self.kv_map.tolist(), "rope_index": self.rope_index.tolist()}
+
+    def _refresh(self) -> None:
+        """Use the model's repeat of key/value heads when every kept group has the same size, in order."""
+        h, kv = self.num_heads, self.num_kv_heads
+        group = h // kv if kv and h % kv == 0 else 0
+        self.standard_groups = bool(group) and torch.equal(self.kv_map.cpu(), torch.arange(h) // group)
+        self.num_key_value_groups = group if self.standard_groups else 1
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                cache=None, past_key_values=None, **kwargs):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+
+        cache = cache if cache is not None else past_key_values
+        B, T, _ = hidden_states.shape
+        out_proj = getattr(self, self.out_proj_name)
+        if not self.num_heads:   # no value dims left: the output projection's bias, and a placeholder cache entry
+            if cache is not None:
+                empty = hidden_states.new_zeros(B, 1, T, 1)
+                cache.update(empty, empty, self.layer_idx, kwargs=kwargs)
+            return out_proj(hidden_states.new_zeros(B, T, 0)), None
+        q = self.q_proj(hidden_states)
+        if self.scale_query:
+            q = q * self.scaling
+        q = q.view(B, T, self.num_heads, self.qk_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.qk_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.v_dim).transpose(1, 2)
+        if self.rotary and self.qk_dim:
+            cos, sin = position_embeddings
+            q, k = apply_rotary_pos_emb(q, k, cos[..., self.rope_index], sin[..., self.rope_index])
+        if not self.qk_dim:   # no query-key dims: equal logits, i.e. uniform attention over the prefix
+            q, k = q.new_zeros(B, self.num_heads, T, 1), k.new_zeros(B, self.num_kv_heads, T, 1)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+        if not self.standard_groups:
+            k, v = k[:, self.kv_map], v[:, self.kv_map]
+        attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, weights = attend(self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
+                              scaling=1.0 if self.scale_query else self.scaling, sliding_window=self.sliding_window,
+                              **kwargs)
+        return out_proj(out.reshape(B, T, -1).contiguous()), weights
+
+
+# ================================================================================================
+# The families
+# ================================================================================================
+class _DecoderFamily(ModelFamily):
+    """What the Hugging Face decoders share; subclasses name the modules."""
+
+    rotary = True
+    out_proj = "o_proj"
+    mlp_out = "mlp.down_proj"
+    scale_query = False
+
+    # ----- structure -------------------------------------------------------------------------
+    def decoder(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def blocks(self, model: nn.Module) -> List[nn.Module]:
+        return list(self.decoder(model).layers)
+
+    def _mlp_in(self, layer: nn.Module) -> List[nn.Linear]:
+        mlp = layer.mlp
+        return [mlp.gate_proj, mlp.up_proj]
+
+    def _check(self, model: nn.Module, name: str, layer: nn.Module) -> None:
+        config = model.config
+        attn = layer.self_attn
+        for norm in ("q_norm", "k_norm"):
+            if isinstance(getattr(attn, norm, None), nn.Module):
+                raise UnsupportedModel(f"{type(model).__name__}: {name}.self_attn.{norm} normalises over the head dim, "
+                                       "so query-key masks cannot be folded into the weights; not supported")
+        if getattr(config, "partial_rotary_factor", 1.0) not in (1, 1.0, None):
+            raise UnsupportedModel(f"{type(model).__name__}: partial rotary embeddings (partial_rotary_factor="
+                                   f"{config.partial_rotary_factor}) are not supported")
+        if isinstance(attn, PrunedDecoderAttention):
+            raise UnsupportedModel(f"{name}.self_attn is already compressed (PrunedDecoderAttention); prune the "
+                                   "dense model, or load the compressed one to finetune it")
+        if self.rotary and attn.head_dim % 2:
+            raise UnsupportedModel(f"{name}: odd head_dim {attn.head_dim} cannot hold rotary pairs")
+
+    def tokens(self, model: nn.Module, input_size: Optional[Sequence[int]] = None) -> int:
+        if input_size is not None:
+            return int(input_size[-1])
+        return min(DEFAULT_TOKENS, getattr(model.config, "max_position_embeddings", DEFAULT_TOKENS) or DEFAULT_TOKENS)
+
+    def geometry(self, model: nn.Module, input_size: Optional[Sequence[int]] = None) -> List[DecoderGeometry]:
+        names = {id(m): n for n, m in model.named_modules()}
+        tokens = self.tokens(model, input_size)
+        geoms = []
+        for i, layer in enumerate(self.blocks(model)):
+            name = names[id(layer)]
+            self._check(model, name, layer)
+            attn, fcs = layer.self_attn, self._mlp_in(layer)
+            out = layer.get_submodule(self.mlp_out)
+            d = attn.head_dim
+            heads = attn.q_proj.out_features // d
+            kv = attn.k_proj.out_features // d
+            geoms.append(DecoderGeometry(
+                name=name, index=i, attn="self_attn", out_proj=self.out_proj, mlp_out=self.mlp_out,
+                dim=attn.q_proj.in_features, num_heads=heads, num_kv_heads=kv, head_dim=d,
+                mlp_hidden=fcs[0].out_features, tokens=tokens, rotary=self.rotary,
+                q_bias=attn.q_proj.bias is not None, k_bias=attn.k_proj.bias is not None,
+                v_bias=attn.v_proj.bias is not None, o_bias=getattr(attn, self.out_proj).bias is not None,
+                gated=len(fcs) == 2, mlp_in_bias=fcs[0].bias is not None, mlp_out_bias=out.bias is not None))
+        return geoms
+
+    def example_input(self, model: nn.Module, input_size: Optional[Sequence[int]] = None) -> torch.Tensor:
+        device = next(model.parameters()).device
+        return torch.zeros(1, self.tokens(model, input_size), dtype=torch.long, device=device)
+
+    # ----- masks -----------------------------------------------------------------------------
+    def add_masks(self, model: nn.Module, granularity: str) -> None:
+        for geom, layer in zip(self.geometry(model), self.blocks(model)):
+            attn = layer.self_attn
+            qk_layout = (geom.num_heads, geom.head_dim, geom.rotary, granularity)
+            _add_mask(attn.q_proj, "qk_mask", geom.mask_size("qk", granularity), qk_layout)
+            attn.q_proj.register_forward_hook(_qk_hook)
+            o = getattr(attn, self.out_proj)
+            _add_mask(o, "v_mask", geom.mask_size("v", granularity), (geom.num_heads, geom.head_dim, False, granularity))
+            o.register_forward_pre_hook(_v_hook)
+            down = layer.get_submodule(self.mlp_out)
+            _add_mask(down, "mlp_mask", geom.mlp_hidden)
+            down.register_forward_pre_hook(_mlp_hook)
+
+    def remove_masks(self, model: nn.Module) -> None:
+        for module in model.modules():
+            for attr in ("qk_mask", "v_mask", "mlp_mask", "spp_layout"):
+                if attr in module._parameters or attr in module.__dict__:
+                    delattr(module, attr)
+            for hooks in (module._forward_hooks, module._forward_pre_hooks):
+                for key in [k for k, fn in hooks.items() if fn in _HOOKS]:
+                    del hooks[key]
+
+    # ----- compression -----------------------------------------------------------------------
+    def replaced_modules(self, block: nn.Module) -> List[nn.Module]:
+        return [block.self_attn, *self._mlp_in(block), block.get_submodule(self.mlp_out)]
+
+    def _new_attention(self, source: nn.Module, geom: DecoderGeometry, w: Widths) -> PrunedDecoderAttention:
+        return PrunedDecoderAttention(
+            source.config, source.layer_idx, geom.dim, w, rotary=self.rotary, scaling=source.scaling,
+            biases=(geom.q_bias, geom.k_bias, geom.v_bias, geom.o_bias), out_proj=self.out_proj,
+            scale_query=self.scale_query,
+            attention_dropout=getattr(source, "attention_dropout", getattr(source, "dropout", 0.0)),
+            sliding_window=getattr(source, "sliding_window", None) or (
+                getattr(source.config, "sliding_window", None) if "Mistral" in type(source).__name__ else None))
+
+    @torch.no_grad()
+    def compress_block(self, block, source, geom: DecoderGeometry, masks, granularity: str) -> Widths:
+        qk, v, mlp_mask = masks["qk"].float(), masks["v"].float(), masks["mlp"]
+        w = geom.widths_from_masks(qk, v, mlp_mask, granularity)
+        attn = source.self_attn
+        H, K, d = geom.num_heads, geom.num_kv_heads, geom.head_dim
+        if granularity == "dim":
+            qk_full = torch.cat([qk, qk]) if self.rotary else qk          # (d,) per head dim
+            dims = torch.nonzero(qk_full).flatten() if w.qk_dim else qk_full.new_zeros(0, dtype=torch.long)
+            v_dims = torch.nonzero(v).flatten()
+            heads = torch.arange(H) if w.num_heads else torch.zeros(0, dtype=torch.long)
+            kv_heads = torch.arange(K) if w.num_heads else torch.zeros(0, dtype=torch.long)
+            q_scale = qk_full[dims].expand(len(heads), -1)                # (heads, qk_dim)
+            v_scale = v[v_dims].expand(len(heads), -1)                    # (heads, v_dim)
+        else:
+            heads = torch.nonzero(v).flatten()
+            kv_heads = torch.unique(heads // geom.group)
+            dims = torch.arange(d) if w.qk_dim else torch.zeros(0, dtype=torch.long)
+            v_dims = torch.arange(d) if w.v_dim else torch.zeros(0, dtype=torch.long)
+            q_scale = (qk[heads] * (v[heads] != 0))[:, None].expand(-1, len(dims))
+            v_scale = v[heads][:, None].expand(-1, len(v_dims))
+        device = attn.q_proj.weight.device
+        dtype = attn.q_proj.weight.dtype
+        new = self._new_attention(attn, geom, w)
+
+        def rows(linear, head_index, dim_index, scale=None):
+            index = (head_index[:, None] * d + dim_index[None, :]).flatten().to(device)
+            weight, bias = linear.weight[index], linear.bias[index] if linear.bias is not None else None
+            if scale is not None:
+                s = scale.flatten().to(device, dtype)
+                weight, bias = weight * s[:, None], bias * s if bias is not None else None
+            return copy_linear(weight, bias)
+
+        new.q_proj = rows(attn.q_proj, heads, dims, q_scale)
+        new.k_proj = rows(attn.k_proj, kv_heads, dims)
+        new.v_proj = rows(attn.v_proj, kv_heads, v_dims)
+        o = getattr(attn, self.out_proj)
+        cols = (heads[:, None] * d + v_dims[None, :]).flatten().to(device)
+        setattr(new, self.out_proj, copy_linear(o.weight[:, cols] * v_scale.flatten().to(device, dtype), o.bias))
+        kv_position = {int(h): i for i, h in enumerate(kv_heads.tolist())}
+        kv_map = torch.tensor([kv_position[int(h) // geom.group] for h in heads.tolist()], dtype=torch.long)
+        new.set_layout(kv_map, dims if self.rotary else None)
+        block.self_attn = new.to(device)
+        self._compress_mlp(block, source, mlp_mask)
+        return w
+
+    def _compress_mlp(self, block, source, mask: torch.Tensor) -> None:
+        keep = torch.nonzero(mask).flatten()
+        for path, linear in zip(self._in_paths(), self._mlp_in(source)):
+            _set(block, path, copy_linear(linear.weight[keep], linear.bias[keep] if linear.bias is not None else None))
+        down = source.get_submodule(self.mlp_out)
+        _set(block, self.mlp_out, copy_linear(down.weight[:, keep] * mask[keep].to(down.weight), down.bias))
+
+    def _in_paths(self) -> List[str]:
+        return ["mlp.gate_proj", "mlp.up_proj"]
+
+    def resize_block(self, block: nn.Module, geom: DecoderGeometry, widths: Widths) -> None:
+        like = dict(dtype=block.self_attn.q_proj.weight.dtype, device=block.self_attn.q_proj.weight.device)
+        block.self_attn = self._new_attention(block.self_attn, geom, widths).to(**like)
+        for path in self._in_paths():
+            _set(block, path, new_linear(geom.dim, widths.mlp_hidden, geom.mlp_in_bias, **like))
+        _set(block, self.mlp_out, new_linear(widths.mlp_hidden, geom.dim, geom.mlp_out_bias, **like))
+
+    # ----- save / load -----------------------------------------------------------------------
+    def layout(self, model: nn.Module) -> List[Dict[str, List[int]]]:
+        return [layer.self_attn.layout for layer in self.blocks(model)]
+
+    def set_layout(self, model: nn.Module, layout: List[Dict[str, List[int]]]) -> None:
+        for layer, entry in zip(self.blocks(model), layout):
+            layer.self_attn.set_layout(entry["kv_map"], entry["rope_index"] if self.rotary else None)
+
+    def plain_config(self, model: nn.Module) -> Optional[Dict[str, Any]]:
+        """The model's own transformers config at the pruned widths, when every layer keeps the same number of
+        whole heads (query-key and value dims uncut, key/value groups equal and in order) and the same MLP
+        width. A member with fewer dims per head needs its original softmax scale and rotary frequencies,
+        which a plain config cannot state; it loads with :func:`spp.load_pruned` only."""
+        widths, attns = model.spp_widths, [layer.self_attn for layer in self.blocks(model)]
+        w, d = widths[0], model.config.to_dict().get("head_dim") or model.config.hidden_size // model.config.num_attention_heads
+        if not (all(x == w for x in widths) and w.num_heads and w.num_qk_heads == w.num_heads
+                and w.qk_dim == w.v_dim == d and all(a.standard_groups for a in attns)):
+            return None
+        return self._plain(model.config.to_dict(), w)
+
+    def _plain(self, config: Dict[str, Any], w: Widths) -> Optional[Dict[str, Any]]:
+        return {**config, "num_attention_heads": w.num_heads, "num_key_value_heads": w.num_kv_heads,
+                "head_dim": w.qk_dim, "intermediate_size": w.mlp_hidden}
+
+    def describe(self, model: nn.Module) -> Dict[str, Any]:
+        config = model.config.to_dict()
+        dtype = str(next(model.parameters()).dtype).replace("torch.", "")   # what the weights are, whatever config says
+        return {"class": f"{type(model).__module__}.{type(model).__qualname__}", "config": config, "dtype": dtype,
+                "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+
+    def build(self, base: Mapping[str, Any]) -> nn.Module:
+        import importlib
+
+        from transformers import AutoConfig
+        config = dict(base["config"])
+        config = AutoConfig.for_model(config.pop("model_type"), **config)
+        if base.get("attn_implementation"):
+            config._attn_implementation = base["attn_implementation"]
+        module, _, name = base["class"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        dtype = getattr(torch, base.get("dtype", "float32"))
+        # built in its saved dtype (a bf16 model never exists in float32); the dense layers are replaced by
+        # the pruned ones before the weights load, so the process holds one dense model's worth at most
+        return cls._from_config(config, dtype=dtype).eval()
+
+
+def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+class LlamaFamily(_DecoderFamily):
+    name = "hf-llama"
+    description = "transformers LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (and their *Model)"
+
+    def decoder(self, model: nn.Module) -> nn.Module:
+        return model.model if hasattr(model, "lm_head") else model
+
+
+class OPTFamily(_DecoderFamily):
+    name = "hf-opt"
+    description = "transformers OPTForCausalLM (and OPTModel)"
+    rotary = False
+    out_proj = "out_proj"
+    mlp_out = "fc2"
+    scale_query = True
+
+    def decoder(self, model: nn.Module) -> nn.Module:
+        return model.model.decoder if hasattr(model, "lm_head") else model.decoder
+
+    def _mlp_in(self, layer: nn.Module) -> List[nn.Linear]:
+        return [layer.fc1]
+
+    def _in_paths(self) -> List[str]:
+        return ["fc1"]
+
+    def _plain(self, config: Dict[str, Any], w: Widths) -> Optional[Dict[str, Any]]:
+        if w.num_heads != config["num_attention_heads"]:   # OPT's head dim is hidden_size / heads
+            return None
+        return {**config, "ffn_dim": w.mlp_hidden}
+
+
+LLAMA, OPT = LlamaFamily(), OPTFamily()

@@ -1,0 +1,386 @@
+"""Decoder LLMs (Llama, Mistral, Qwen2, OPT from transformers): masks, exact compression, save/load, a search.
+
+Every model is a tiny random config built here (no download): 2 layers, hidden 64, 4 query heads.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import spp
+from spp.structure import UnsupportedModel, model_geometry
+
+transformers = pytest.importorskip("transformers", reason="the LLM families need transformers: pip install -e '.[llm]'")
+
+VOCAB = 101
+
+
+def _config(kind: str, **overrides):
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=96, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if kind == "opt":
+        return transformers.OPTConfig(**{**common, "ffn_dim": 96, "word_embed_proj_dim": 64, **overrides})
+    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+           "qwen2": transformers.Qwen2Config}[kind]
+    return cls(**{**common, "intermediate_size": 96, "num_key_value_heads": 2, **overrides})
+
+
+MODELS = {   # name: (config kind, overrides)
+    "llama-mha": ("llama", dict(num_key_value_heads=4)),
+    "llama-gqa-bias": ("llama", dict(attention_bias=True, mlp_bias=True)),
+    "mistral-gqa": ("mistral", dict(sliding_window=64)),
+    "qwen2-gqa": ("qwen2", {}),
+    "opt": ("opt", {}),
+    "opt-nobias": ("opt", dict(enable_bias=False)),
+}
+
+
+def tiny(name: str, seed: int = 0):
+    kind, overrides = MODELS[name]
+    torch.manual_seed(seed)
+    config = _config(kind, **overrides)
+    cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
+           "qwen2": transformers.Qwen2ForCausalLM, "opt": transformers.OPTForCausalLM}[kind]
+    return cls(config).eval()
+
+
+def random_masks(model, seed: int, zero: float = 0.35):
+    """Masks with a share of zeros and other entries away from 1 (so folding the values is tested too)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, p in spp.mask_parameters(model):
+        r = torch.rand(p.shape, generator=g)
+        out[name] = torch.where(r < zero, torch.zeros_like(r), 0.5 + r)
+    return out
+
+
+def check_exact(masked, small, ids):
+    """Logits equal to 1e-4, and 32 greedy tokens (KV cache on) identical with close scores at every step."""
+    with torch.no_grad():
+        diff = (masked(ids).logits - small(ids).logits).abs().max().item()
+    assert diff < 1e-4, diff
+    kwargs = dict(max_new_tokens=32, do_sample=False, use_cache=True, output_scores=True, return_dict_in_generate=True,
+                  pad_token_id=0)
+    a, b = masked.generate(ids[:1, :6], **kwargs), small.generate(ids[:1, :6], **kwargs)
+    assert torch.equal(a.sequences, b.sequences)
+    assert a.sequences.shape[1] == 6 + 32
+    for sa, sb in zip(a.scores, b.scores):
+        assert (sa - sb).abs().max().item() < 1e-4
+
+
+def check_costs(masked, small):
+    """Parameters equal to the geometry's closed form; FLOPs within 2% of torch.utils.flop_counter."""
+    geoms = model_geometry(masked)
+    dense_params, dense_flops = spp.count_params(masked), spp.count_flops(masked)
+    params = dense_params + sum(g.params(w) - g.params(g.full) for g, w in zip(geoms, small.spp_widths))
+    flops = dense_flops + sum(g.flops(w) - g.flops(g.full) for g, w in zip(geoms, small.spp_widths))
+    assert spp.count_params(small) == params
+    assert abs(spp.count_flops(small) - flops) <= 0.02 * flops
+
+
+@pytest.mark.parametrize("granularity", ["dim", "head"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_masked_then_compressed_is_exact(name, granularity):
+    model = tiny(name)
+    ids = torch.randint(3, VOCAB, (2, 20))
+    with torch.no_grad():
+        dense = model(ids).logits
+    spp.add_masks(model, granularity=granularity)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, dense)   # masks at one change nothing
+    assert all(not p.requires_grad for n, p in model.named_parameters() if not n.endswith("_mask"))
+    spp.set_masks(model, random_masks(model, seed=1))
+    small = spp.compress(model)
+    assert isinstance(small, transformers.PreTrainedModel)
+    assert spp.count_params(small) < spp.count_params(model)
+    check_exact(model, small, ids)
+    check_costs(model, small)
+
+
+def test_rotary_pairs_and_gqa_layout():
+    """A query-key entry is a rotary pair (head_dim / 2 entries) shared by every head; removing pair j removes
+    dims j and j + d/2 of q_proj and k_proj in every query and key/value head, and the kept pairs keep their
+    frequencies (the compressed attention indexes the model's cos/sin)."""
+    model = tiny("llama-gqa-bias")
+    spp.add_masks(model)
+    geom = model_geometry(model)[0]
+    assert (geom.num_heads, geom.num_kv_heads, geom.head_dim) == (4, 2, 16)
+    names = geom.mask_names()
+    sizes = {n: p.numel() for n, p in spp.mask_parameters(model)}
+    assert sizes[names["qk"]] == 8 and sizes[names["v"]] == 16
+    masks = {n: torch.ones(s) for n, s in sizes.items()}
+    masks[names["qk"]][[1, 6]] = 0      # pairs 1 and 6: dims 1, 9, 6, 14 of each head
+    spp.set_masks(model, masks)
+    small = spp.compress(model)
+    attn = small.model.layers[0].self_attn
+    assert attn.q_proj.out_features == 4 * 12 and attn.k_proj.out_features == 2 * 12
+    assert attn.rope_index.tolist() == [0, 2, 3, 4, 5, 7, 8, 10, 11, 12, 13, 15]
+    ids = torch.randint(3, VOCAB, (1, 24))
+    check_exact(model, small, ids)
+
+
+def test_edge_cases_no_query_keys_no_values_no_mlp():
+    """A layer with no query-key pairs (uniform attention over the prefix), a layer with no value dims and no
+    MLP neurons (constant bias outputs), and heads with values but no query-keys (granularity="head")."""
+    for granularity in ("dim", "head"):
+        model = tiny("llama-gqa-bias")
+        spp.add_masks(model, granularity=granularity)
+        masks = random_masks(model, seed=3, zero=0.2)
+        g0, g1 = model_geometry(model)
+        masks[g0.mask_names()["qk"]].zero_()
+        masks[g1.mask_names()["v"]].zero_()
+        masks[g1.mask_names()["mlp"]].zero_()
+        if granularity == "head":
+            masks[g0.mask_names()["qk"]][0] = 1.0      # one head keeps its query-keys, the others do not
+        spp.set_masks(model, masks)
+        small = spp.compress(model)
+        w0, w1 = small.spp_widths
+        assert w1.num_heads == 0 and w1.mlp_hidden == 0
+        assert w0.num_qk_heads == (1 if granularity == "head" else 0)
+        check_exact(model, small, torch.randint(3, VOCAB, (2, 16)))
+        check_costs(model, small)
+
+
+def test_head_granularity_drops_kv_heads_whose_query_heads_all_go():
+    model = tiny("qwen2-gqa")
+    spp.add_masks(model, granularity="head")
+    masks = {n: torch.ones(p.shape) for n, p in spp.mask_parameters(model)}
+    g0, g1 = model_geometry(model)
+    masks[g0.mask_names()["v"]][torch.tensor([0, 1])] = 0     # both query heads of key/value head 0
+    masks[g1.mask_names()["v"]][torch.tensor([1, 2])] = 0     # one query head of each group: uneven groups
+    small = spp.compress(model, masks)
+    a0, a1 = (layer.self_attn for layer in small.model.layers)
+    assert (a0.num_heads, a0.num_kv_heads, a0.standard_groups) == (2, 1, True)
+    assert (a1.num_heads, a1.num_kv_heads, a1.kv_map.tolist(), a1.standard_groups) == (2, 2, [0, 1], True)
+    masks[g1.mask_names()["v"]] = torch.tensor([1.0, 0, 1, 1])   # groups of 1 and 2 query heads
+    spp.set_masks(model, masks)
+    small = spp.compress(model)
+    a1 = small.model.layers[1].self_attn
+    assert (a1.kv_map.tolist(), a1.standard_groups) == ([0, 1, 1], False)
+    check_exact(model, small, torch.randint(3, VOCAB, (2, 16)))
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-bias", "opt"])
+def test_save_load_safetensors_generate_and_hflm(tmp_path, name):
+    model = tiny(name)
+    spp.add_masks(model)
+    small = spp.compress(model, random_masks(model, seed=5))
+    spp.save_pruned(small, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    loaded = spp.load_pruned(str(tmp_path))
+    assert isinstance(loaded, transformers.PreTrainedModel)
+    assert loaded.spp_widths == small.spp_widths
+    ids = torch.randint(3, VOCAB, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, small(ids).logits)
+    out = loaded.generate(ids[:1, :5], max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 13)
+    assert spp.create_model(str(tmp_path)).spp_widths == small.spp_widths   # a pruned directory by path
+    hflm = pytest.importorskip("lm_eval.models.huggingface", reason="lm-evaluation-harness not installed (pip install lm-eval)")
+    from lm_eval.api.instance import Instance
+    lm = hflm.HFLM(pretrained=loaded, tokenizer=_tokenizer(), batch_size=1, max_length=64)
+    request = Instance(request_type="loglikelihood_rolling", doc={}, arguments=("the cat sat on the mat",), idx=0)
+    (logprob,) = lm.loglikelihood_rolling([request])
+    assert logprob < 0 and torch.isfinite(torch.tensor(logprob))
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = "the cat sat on mat a dog".split()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>", pad_token="<pad>")
+
+
+def test_whole_heads_member_loads_with_plain_transformers(tmp_path):
+    """Every layer keeping the same whole heads and MLP width: config.json is transformers' own, and
+    AutoModelForCausalLM loads the directory in a process that cannot import spp."""
+    model = tiny("llama-gqa-bias")
+    spp.add_masks(model, granularity="head")
+    masks = {n: torch.ones(p.shape) for n, p in spp.mask_parameters(model)}
+    for g in model_geometry(model):
+        masks[g.mask_names()["v"]][torch.tensor([0, 2])] = 0     # one query head per group
+        masks[g.mask_names()["mlp"]][40:] = 0
+    small = spp.compress(model, masks)
+    spp.save_pruned(small, str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (2, 2, 40)
+    assert config["spp"]["format"] == "spp-pruned"
+    ids = torch.randint(3, VOCAB, (1, 12))
+    with torch.no_grad():
+        expected = small(ids).logits
+    torch.save(ids, tmp_path / "ids.pt")
+    torch.save(expected, tmp_path / "expected.pt")
+    script = f"""
+import sys
+sys.modules["spp"] = None     # importing spp fails
+import torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}).eval()
+ids = torch.load({str(tmp_path / 'ids.pt')!r})
+expected = torch.load({str(tmp_path / 'expected.pt')!r})
+with torch.no_grad():
+    diff = (m(ids).logits - expected).abs().max().item()
+print("diff", diff)
+assert diff < 1e-4
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert spp.load_pruned(str(tmp_path)).spp_widths == small.spp_widths   # spp still reads it
+
+
+def test_uneven_member_has_spp_config_only(tmp_path):
+    model = tiny("llama-mha")
+    spp.add_masks(model)
+    spp.save_pruned(spp.compress(model, random_masks(model, seed=2)), str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["format"] == "spp-pruned" and config["family"] == "hf-llama" and len(config["layout"]) == 2
+
+
+def test_local_hf_directory_through_create_model_and_load_checkpoint(tmp_path):
+    model = tiny("llama-gqa-bias", seed=4)
+    model.save_pretrained(str(tmp_path / "dense"))
+    loaded = spp.create_model(str(tmp_path / "dense"))
+    ids = torch.randint(3, VOCAB, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    other = tiny("llama-gqa-bias", seed=9)
+    spp.add_masks(other)
+    result = spp.load_checkpoint(other, str(tmp_path / "dense"))     # into a masked model
+    assert not [k for k in result.missing_keys if k.endswith("_mask")]
+    with torch.no_grad():
+        assert torch.allclose(other(ids).logits, model(ids).logits, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        spp.create_model(str(tmp_path))
+    with pytest.raises(ValueError, match="shapes differ.*k_proj"):
+        spp.load_checkpoint(tiny("llama-mha"), str(tmp_path / "dense"))     # 4 key/value heads, not 2
+    with pytest.raises(ValueError, match="holds only .* another model"):
+        spp.load_checkpoint(tiny("opt"), str(tmp_path / "dense"))
+
+
+def test_unsupported_models_say_why():
+    qwen3 = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16))
+    with pytest.raises(UnsupportedModel, match="q_norm"):
+        spp.add_masks(qwen3)
+    with pytest.raises(UnsupportedModel, match="hf-llama.*hf-opt|Supported"):
+        spp.add_masks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    model = tiny("llama-mha")
+    spp.add_masks(model)
+    small = spp.compress(model, random_masks(model, seed=0))
+    with pytest.raises(UnsupportedModel, match="already compressed"):
+        spp.add_masks(small)
+
+
+def test_remove_masks_restores_the_model():
+    model = tiny("opt")
+    ids = torch.randint(3, VOCAB, (1, 10))
+    with torch.no_grad():
+        before = model(ids).logits
+    spp.add_masks(model)
+    spp.set_masks(model, random_masks(model, seed=1))
+    spp.remove_masks(model)
+    assert not spp.is_masked(model)
+    assert not [n for n, _ in model.named_parameters() if n.endswith("_mask")]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+
+
+def _checkpointing(model):
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    assert model.is_gradient_checkpointing
+
+
+def test_search_through_the_library_api():
+    """calibrate_nu, search_optimizer, SolutionPath and WeightFamily unchanged on a tiny Llama with the
+    next-token loss: frozen weights, members at three budgets by params and by FLOPs, each exact."""
+    model = tiny("llama-gqa-bias")
+    spp.add_masks(model)
+    torch.manual_seed(0)
+    batches = [(ids, ids) for ids in torch.randint(3, VOCAB, (6, 8, 32))]
+    nu = spp.calibrate_nu(model, batches[:2], spp.next_token_loss, batches=2)
+    optimizer = spp.search_optimizer(model, nu, rho=0.2, lam=0.05)
+    _checkpointing(model)    # activation checkpointing: transformers' own switch works with frozen weights
+    model.train()
+    for step in range(40):
+        ids, _ = batches[step % len(batches)]
+        loss = spp.next_token_loss(model(ids), ids)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.endswith("_mask"))
+    assert sum(spp.support_sizes(optimizer, model).values()) > 0
+    model.eval()
+    family = spp.WeightFamily(model, spp.SolutionPath.from_optimizer(optimizer, model), input_size=(32,))
+    sizes = []
+    for by in ("params", "flops"):
+        for keep in (0.8, 0.5, 0.3):
+            member = family.select(keep=keep, by=by)
+            assert abs(member.summary.kept - keep) < 0.05
+            small = spp.compress(model, member.masks)
+            assert spp.count_params(small) == member.summary.params_after
+            if by == "flops":
+                assert abs(spp.count_flops(small, (32,)) - member.summary.flops_after) <= 0.02 * member.summary.flops_after
+            spp.set_masks(model, member.masks)
+            with torch.no_grad():
+                assert (model(batches[0][0]).logits - small(batches[0][0]).logits).abs().max() < 1e-4
+            sizes.append(member.summary.params_after)
+    assert sizes[0] > sizes[1] > sizes[2]
+
+
+def test_activation_checkpointing_gives_the_same_mask_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny("mistral-gqa")
+        spp.add_masks(model)
+        if checkpointing:
+            _checkpointing(model)
+        model.train()
+        ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+        spp.next_token_loss(model(ids), ids).backward()
+        grads.append(torch.cat([p.grad.flatten() for _, p in spp.mask_parameters(model)]))
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_compress_copies_no_projection(monkeypatch):
+    """compress copies the model outside its prunable projections, and of those only the kept slices."""
+    model = tiny("llama-gqa-bias")
+    spp.add_masks(model)
+    copied = []
+    original = torch.nn.Parameter.__deepcopy__
+
+    def counting(self, memo):
+        copied.append(self.numel())
+        return original(self, memo)
+
+    monkeypatch.setattr(torch.nn.Parameter, "__deepcopy__", counting)
+    spp.compress(model, random_masks(model, seed=0))
+    projections = sum(p.numel() for layer in model.model.layers for m in (layer.self_attn, layer.mlp)
+                      for n, p in m.named_parameters())
+    outside = spp.count_params(model) - projections + sum(p.numel() for _, p in spp.mask_parameters(model))
+    assert sum(copied) <= outside
+
+
+def test_bf16_member_saves_and_loads_in_bf16(tmp_path):
+    """A bf16 model (as from_pretrained(dtype=torch.bfloat16) makes it) compresses, saves and loads in bf16,
+    never materialised in float32, and computes what it computed before saving."""
+    kind, overrides = MODELS["llama-gqa-bias"]
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM._from_config(_config(kind, **overrides), dtype=torch.bfloat16).eval()
+    spp.add_masks(model)
+    assert all(p.dtype == torch.float32 for _, p in spp.mask_parameters(model))   # masks stay float32
+    small = spp.compress(model, random_masks(model, seed=7))
+    spp.save_pruned(small, str(tmp_path))
+    loaded = spp.load_pruned(str(tmp_path))
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    ids = torch.randint(3, VOCAB, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, small(ids).logits)
