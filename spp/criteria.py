@@ -18,33 +18,24 @@ import torch.nn.functional as F
 
 from .masks import granularity_of, require_masks
 from .path import SolutionPath
-from .structure import find_blocks, mask_names, model_geometry
+from .structure import mask_names, model_family
 
 __all__ = ["magnitude_scores", "taylor_scores", "random_scores", "lasso_values", "lasso_path"]
 
 
 def magnitude_scores(model) -> Dict[str, torch.Tensor]:
-    """RMS of the weights each element removes: a query-key dim's rows of W_q and W_k, a value dim's row of
-    W_v and column of W_proj, a neuron's row of fc1 and column of fc2 (each matrix's mean square, so a
-    structure's size does not decide its rank). Rank by weight norm, as in Li et al., "Pruning Filters
-    for Efficient ConvNets" (ICLR 2017), over SPP's pairs."""
+    """RMS of the weights each element removes: a query-key dim's (rotary pair's) rows of W_q and W_k, a
+    value dim's row of W_v and column of the output projection, a neuron's rows of the MLP's input
+    matrices and column of its output matrix (each matrix's mean square, so a structure's size does not
+    decide its rank). Rank by weight norm, as in Li et al., "Pruning Filters for Efficient ConvNets"
+    (ICLR 2017), over SPP's pairs; every model family computes it for its own layout."""
     require_masks(model)
-    heads = granularity_of(model) == "head"
+    granularity = granularity_of(model)
+    family = model_family(model)
     scores = {}
-    for geom, block in zip(model_geometry(model), find_blocks(model)):
-        H, hd = geom.num_heads, geom.head_dim
-        w = block.attn.qkv.weight.detach().view(3, H, hd, -1)       # (q|k|v, heads, head_dim, C)
-        proj = block.attn.proj.weight.detach().view(-1, H, hd)     # (C, heads, head_dim)
+    for geom, block in zip(family.geometry(model), family.blocks(model)):
         names = mask_names(geom)
-        qk = torch.cat([w[0], w[1]], -1).pow(2)                    # (heads, head_dim, 2C)
-        v = (w[2].pow(2).mean(-1) + proj.pow(2).mean(0)) / 2      # (heads, head_dim)
-        if heads:   # one element per head
-            scores[names["qk"]], scores[names["v"]] = qk.mean((1, 2)).sqrt(), v.mean(1).sqrt()
-        else:       # one element per dim, shared by the heads
-            scores[names["qk"]], scores[names["v"]] = qk.mean((0, 2)).sqrt(), v.mean(0).sqrt()
-        mlp = block.mlp
-        scores[names["mlp"]] = ((mlp.fc1.weight.detach().pow(2).mean(1)
-                                 + mlp.fc2.weight.detach().pow(2).mean(0)) / 2).sqrt()
+        scores.update({names[pair]: s for pair, s in family.magnitude(block, geom, granularity).items()})
     return scores
 
 

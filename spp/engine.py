@@ -14,6 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .runtime import NonFiniteLoss, Runtime
+from .tasks import Classification, Task
 
 __all__ = ["train_one_epoch", "evaluate", "DistillationLoss"]
 
@@ -52,9 +53,11 @@ def train_one_epoch(
     clip_grad: Optional[float] = None,
     on_step: Optional[Callable[[int, float], None]] = None,
     desc: str = "train",
+    task: Task = Classification(),
 ) -> Dict[str, float]:
     """One pass over ``loader`` (or until global step ``max_steps``).
 
+    ``task`` splits each batch into inputs and targets and runs the model (:mod:`spp.tasks`);
     ``criterion(inputs, outputs, targets)`` gives the loss. ``on_step(step, loss)`` runs
     after every optimizer step, with the new global step. Raises :class:`NonFiniteLoss`
     before stepping on a NaN or infinite loss.
@@ -62,16 +65,17 @@ def train_one_epoch(
     model.train()
     total, count = 0.0, 0
     bar = tqdm(loader, desc=desc, disable=not runtime.is_main, dynamic_ncols=True, leave=False, mininterval=1.0)
-    for images, targets in bar:
+    for batch in bar:
         if max_steps is not None and step >= max_steps:
             break
-        images = images.to(runtime.device, non_blocking=True)
+        inputs, targets = task.split(batch)
+        inputs = inputs.to(runtime.device, non_blocking=True)
         targets = targets.to(runtime.device, non_blocking=True)
         if mixup_fn is not None:
-            images, targets = mixup_fn(images, targets)
+            inputs, targets = mixup_fn(inputs, targets)
         with runtime.autocast():
-            outputs = model(images)
-            loss = criterion(images, outputs, targets)
+            outputs = task.forward(model, inputs)
+            loss = criterion(inputs, outputs, targets)
         value = loss.item()
         if not math.isfinite(value):
             raise NonFiniteLoss(f"loss is {value} at step {step + 1}")
@@ -98,25 +102,20 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, runtime: Runtime, max_batches: int = 0,
-             desc: str = "eval") -> Dict[str, float]:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy, summed over all ranks."""
+             desc: str = "eval", task: Task = Classification()) -> Dict[str, float]:
+    """The task's metrics over ``loader`` (classification: top-1 / top-5 accuracy (%) and mean
+    cross-entropy), summed over all ranks."""
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=runtime.device)  # loss, top1, top5, n
-    for i, (images, targets) in enumerate(tqdm(loader, desc=desc, disable=not runtime.is_main,
-                                               dynamic_ncols=True, leave=False, mininterval=1.0)):
+    sums = torch.zeros(len(task.metric_names), dtype=torch.float64, device=runtime.device)
+    for i, batch in enumerate(tqdm(loader, desc=desc, disable=not runtime.is_main,
+                                   dynamic_ncols=True, leave=False, mininterval=1.0)):
         if max_batches and i >= max_batches:
             break
-        images, targets = images.to(runtime.device), targets.to(runtime.device)
+        inputs, targets = task.split(batch)
+        inputs, targets = inputs.to(runtime.device), targets.to(runtime.device)
         with runtime.autocast():
-            outputs = model(images)
-        outputs = outputs.float()
-        top = outputs.topk(min(5, outputs.shape[-1]), dim=-1).indices
-        correct = top == targets[:, None]
-        sums += torch.tensor([F.cross_entropy(outputs, targets, reduction="sum").item(),
-                              correct[:, :1].sum().item(), correct.sum().item(), targets.numel()],
-                             dtype=torch.float64, device=runtime.device)
+            outputs = task.forward(model, inputs)
+        sums += task.metric_sums(outputs, targets).to(runtime.device)
     if runtime.distributed:
         torch.distributed.all_reduce(sums)
-    loss, top1, top5, n = sums.tolist()
-    n = max(n, 1)
-    return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "n": int(n)}
+    return task.summarize(sums.tolist())

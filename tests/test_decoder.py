@@ -384,3 +384,58 @@ def test_bf16_member_saves_and_loads_in_bf16(tmp_path):
     ids = torch.randint(3, VOCAB, (1, 12))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, small(ids).logits)
+
+
+def test_loops_run_next_token_task():
+    """The search's loop and the evaluation take a task: with NextToken, a masked Llama trains its masks with
+    the LBI on token batches, and evaluate reports token-level loss and perplexity = exp(loss)."""
+    import math
+
+    from spp.engine import evaluate, train_one_epoch
+    from spp.runtime import Runtime
+    from spp.tasks import NextToken
+
+    model = tiny("qwen2-gqa")
+    spp.add_masks(model)
+    runtime = Runtime(device=torch.device("cpu"), amp_dtype=None)
+    text = torch.randint(3, VOCAB, (24, 16), generator=torch.Generator().manual_seed(0))
+    loader = [text[i:i + 8] for i in range(0, 24, 8)]
+    task = NextToken()
+    before = evaluate(model, loader, runtime, task=task)
+    with torch.no_grad():
+        manual = sum(spp.next_token_loss(model(ids), ids).item() for ids in loader) / len(loader)
+    assert before["tokens"] == 24 * 15 and abs(before["loss"] - manual) < 1e-5
+    assert abs(before["perplexity"] - math.exp(before["loss"])) < 1e-6 * before["perplexity"]
+    optimizer = spp.search_optimizer(model, 1000.0, rho=0.3, lam=0.0)
+    stats = train_one_epoch(model, lambda inputs, outputs, targets: task.loss(outputs, targets), loader * 4, optimizer,
+                            runtime, step=0, task=task)
+    assert stats["steps"] == 12 and stats["step"] == 12
+    assert sum(spp.support_sizes(optimizer, model).values()) > 0
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.endswith("_mask"))
+
+
+@pytest.mark.parametrize("name,granularity", [("llama-gqa-bias", "dim"), ("llama-gqa-bias", "head"), ("opt", "dim")])
+def test_magnitude_scores_follow_the_mask_layout(name, granularity):
+    """spp.criteria.magnitude_scores on an LLM: one score per mask entry, and the entry whose weights are zeroed
+    scores lowest (a rotary pair is dims j and j + d/2 of every query and key/value head)."""
+    from spp.criteria import magnitude_scores
+
+    model = tiny(name)
+    spp.add_masks(model, granularity=granularity)
+    geom = model_geometry(model)[0]
+    attn = model.get_submodule(geom.name).self_attn
+    d = geom.head_dim
+    with torch.no_grad():
+        if granularity == "head":
+            attn.q_proj.weight.view(geom.num_heads, d, -1)[2] = 0     # query head 2
+        else:
+            dims = [3, 3 + d // 2] if geom.rotary else [3]            # pair 3 (OPT: dim 3)
+            attn.q_proj.weight.view(geom.num_heads, d, -1)[:, dims] = 0
+            attn.k_proj.weight.view(geom.num_kv_heads, d, -1)[:, dims] = 0
+        model.get_submodule(geom.name + "." + geom.mlp_out).weight[:, 5] = 0
+    scores = magnitude_scores(model)
+    sizes = {n: p.shape for n, p in spp.mask_parameters(model)}
+    assert {n: s.shape for n, s in scores.items()} == sizes
+    names = geom.mask_names()
+    assert int(scores[names["qk"]].argmin()) == (2 if granularity == "head" else 3)
+    assert scores[names["mlp"]][5] < scores[names["mlp"]].median()

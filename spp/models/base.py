@@ -49,6 +49,11 @@ class ModelFamily:
         """Undo :meth:`add_masks` in place (mask values are dropped)."""
         raise NotImplementedError
 
+    def magnitude(self, block: nn.Module, geom: Geometry, granularity: str) -> Dict[str, torch.Tensor]:
+        """``{pair: scores}`` shaped like the block's masks: the RMS of the weights each element removes
+        (each matrix's mean square, averaged over the matrices), for :func:`spp.criteria.magnitude_scores`."""
+        raise NotImplementedError(f"the {self.name} family has no magnitude criterion")
+
     # ----- compression -------------------------------------------------------------------------
     def replaced_modules(self, block: nn.Module) -> List[nn.Module]:
         """The modules of ``block`` that :meth:`compress_block` replaces (``compress`` does not copy them)."""

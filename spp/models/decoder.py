@@ -372,6 +372,26 @@ class _DecoderFamily(ModelFamily):
                 for key in [k for k, fn in hooks.items() if fn in _HOOKS]:
                     del hooks[key]
 
+    @torch.no_grad()
+    def magnitude(self, block: nn.Module, geom: DecoderGeometry, granularity: str) -> Dict[str, torch.Tensor]:
+        attn, H, K, d = block.self_attn, geom.num_heads, geom.num_kv_heads, geom.head_dim
+        q = attn.q_proj.weight.float().view(H, d, -1).pow(2).mean(-1)           # (heads, head_dim)
+        k = attn.k_proj.weight.float().view(K, d, -1).pow(2).mean(-1)           # (kv heads, head_dim)
+        v = attn.v_proj.weight.float().view(K, d, -1).pow(2).mean(-1)
+        o = getattr(attn, self.out_proj).weight.float().view(-1, H, d).pow(2).mean(0)   # (heads, head_dim)
+        if granularity == "head":   # a query head, with its key/value head's rows
+            kv = torch.arange(H) // geom.group
+            scores = {"qk": ((q.mean(1) + k.mean(1)[kv]) / 2).sqrt(), "v": ((o.mean(1) + v.mean(1)[kv]) / 2).sqrt()}
+        else:                       # a dim (rotary pair) of every head
+            qk = (q.mean(0) + k.mean(0)) / 2
+            if self.rotary:
+                qk = (qk[:d // 2] + qk[d // 2:]) / 2
+            scores = {"qk": qk.sqrt(), "v": ((o.mean(0) + v.mean(0)) / 2).sqrt()}
+        rows = [fc.weight.float().pow(2).mean(1) for fc in self._mlp_in(block)]
+        out = block.get_submodule(self.mlp_out).weight.float().pow(2).mean(0)
+        scores["mlp"] = ((sum(rows) + out) / (len(rows) + 1)).sqrt()
+        return scores
+
     # ----- compression -----------------------------------------------------------------------
     def replaced_modules(self, block: nn.Module) -> List[nn.Module]:
         return [block.self_attn, *self._mlp_in(block), block.get_submodule(self.mlp_out)]

@@ -437,6 +437,21 @@ class _TimmFamily(ModelFamily):
                 del module.mask
                 restore_class(module)
 
+    @torch.no_grad()
+    def magnitude(self, block: nn.Module, geom: BlockGeometry, granularity: str) -> Dict[str, torch.Tensor]:
+        H, hd = geom.num_heads, geom.head_dim
+        w = block.attn.qkv.weight.view(3, H, hd, -1)              # (q|k|v, heads, head_dim, C)
+        proj = block.attn.proj.weight.view(-1, H, hd)             # (C, heads, head_dim)
+        qk = torch.cat([w[0], w[1]], -1).pow(2)                   # (heads, head_dim, 2C)
+        v = (w[2].pow(2).mean(-1) + proj.pow(2).mean(0)) / 2     # (heads, head_dim)
+        if granularity == "head":   # one element per head
+            scores = {"qk": qk.mean((1, 2)).sqrt(), "v": v.mean(1).sqrt()}
+        else:                       # one element per dim, shared by the heads
+            scores = {"qk": qk.mean((0, 2)).sqrt(), "v": v.mean(0).sqrt()}
+        mlp = block.mlp
+        scores["mlp"] = ((mlp.fc1.weight.pow(2).mean(1) + mlp.fc2.weight.pow(2).mean(0)) / 2).sqrt()
+        return scores
+
     def replaced_modules(self, block: nn.Module) -> List[nn.Module]:
         return [block.attn, block.mlp.fc1, block.mlp.fc2]
 
