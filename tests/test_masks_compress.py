@@ -111,23 +111,30 @@ def test_remove_masks_keeps_a_users_subclass(vit):
     assert not [n for n, _ in vit.named_parameters() if "mask" in n]
 
 
-@pytest.mark.parametrize("how", ["timm.create_model", "class"])
+@pytest.mark.parametrize("how", ["timm.create_model", "class", "swin"])
 def test_save_pruned_without_spp_create_model(tmp_path, how):
-    """A ViT built by timm.create_model or by its class saves and loads: its constructor arguments are read off
-    the model and checked by rebuilding it."""
+    """A ViT or Swin built by timm.create_model or by its class saves and loads: its constructor arguments are
+    read off the model and checked by rebuilding it."""
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
+    from conftest import SWIN
+
     torch.manual_seed(0)
     args = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
-    model = timm.create_model("vit_tiny_patch16_224", **args) if how != "class" else VisionTransformer(**args)
+    if how == "swin":
+        model = timm.create_model("swin_tiny_patch4_window7_224", **SWIN)
+    else:
+        model = timm.create_model("vit_tiny_patch16_224", **args) if how != "class" else VisionTransformer(**args)
     assert not hasattr(model, "spp_base")
     masks = random_masks(model, "dim", seed=3)
     pruned = spp.compress(model.eval(), masks)
     spp.save_pruned(pruned, str(tmp_path))
-    loaded = spp.load_pruned(str(tmp_path))
+    loaded = spp.load_pruned(str(tmp_path)).eval()
     x = _x()
     torch.testing.assert_close(_out(loaded, x), _out(pruned, x), rtol=0, atol=0)
+    if how == "swin":   # the stochastic depth it was built with (timm's default for Swin: 0.1), for finetuning
+        assert loaded.spp_base["kwargs"]["drop_path_rate"] == pytest.approx(0.1)
 
 
 def test_import_spp_loads_neither_timm_nor_transformers():

@@ -487,8 +487,18 @@ class _TimmFamily(ModelFamily):
         return self._infer_base(model)
 
     def _infer_base(self, model: nn.Module) -> Dict[str, Any]:
+        kwargs = self._constructor_arguments(model)
+        if kwargs is not None:   # checked by rebuilding the model and comparing every tensor's shape
+            base = {"class": f"{type(model).__module__}.{type(model).__qualname__}", "kwargs": kwargs}
+            own = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("mask")}
+            if {k: v.shape for k, v in self.build(base).state_dict().items()} == own:
+                return base
         raise ValueError(f"the {type(model).__name__} does not record how it was built; create it with "
                          "spp.create_model(name, **kwargs) or pass base={'name': ..., 'kwargs': {...}}")
+
+    def _constructor_arguments(self, model: nn.Module) -> Optional[Dict[str, Any]]:
+        """The arguments of ``type(model)(...)`` read off a model built without :func:`spp.create_model`."""
+        return None
 
     def build(self, base: Mapping[str, Any]) -> nn.Module:
         if "class" in base:   # a model built without spp.create_model: its class and constructor arguments
@@ -516,26 +526,14 @@ class ViTFamily(_TimmFamily):
             tokens = (input_size[1] // patch[0]) * (input_size[2] // patch[1]) + model.num_prefix_tokens
         return {}, block.attn.head_dim, tokens
 
-    def _infer_base(self, model: nn.Module) -> Dict[str, Any]:
-        """Constructor arguments of a ``VisionTransformer`` built without :func:`spp.create_model`
-        (``timm.create_model`` or the class itself), checked by rebuilding it and comparing every shape."""
+    def _constructor_arguments(self, model: nn.Module) -> Optional[Dict[str, Any]]:
         embed, block = model.patch_embed, model.blocks[0]
-        attn = block.attn.spp_plain_class if hasattr(block.attn, "spp_plain_class") else type(block.attn)
-        if attn is not Attention or type(block.mlp).__name__ not in ("Mlp", "MaskedMlp"):
-            return super()._infer_base(model)
-        kwargs = dict(img_size=list(embed.img_size), patch_size=list(embed.patch_size),
-                      in_chans=embed.proj.in_channels, num_classes=model.num_classes, embed_dim=model.embed_dim,
-                      depth=len(model.blocks), num_heads=block.attn.num_heads,
-                      mlp_ratio=block.mlp.fc1.out_features / model.embed_dim,
-                      qkv_bias=block.attn.qkv.bias is not None, class_token=model.has_class_token,
-                      reg_tokens=model.num_reg_tokens, global_pool=model.global_pool,
-                      no_embed_class=model.no_embed_class)
-        base = {"class": f"{type(model).__module__}.{type(model).__qualname__}", "kwargs": kwargs}
-        rebuilt = self.build(base)
-        own = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("_mask") and not k.endswith(".mask")}
-        if {k: v.shape for k, v in rebuilt.state_dict().items()} != own:
-            return super()._infer_base(model)
-        return base
+        return dict(img_size=list(embed.img_size), patch_size=list(embed.patch_size), in_chans=embed.proj.in_channels,
+                    num_classes=model.num_classes, embed_dim=model.embed_dim, depth=len(model.blocks),
+                    num_heads=block.attn.num_heads, mlp_ratio=block.mlp.fc1.out_features / model.embed_dim,
+                    qkv_bias=block.attn.qkv.bias is not None, class_token=model.has_class_token,
+                    reg_tokens=model.num_reg_tokens, global_pool=model.global_pool, no_embed_class=model.no_embed_class,
+                    drop_path_rate=_drop_path_rate(model.blocks[-1]))
 
 
 class SwinFamily(_TimmFamily):
@@ -554,6 +552,22 @@ class SwinFamily(_TimmFamily):
         tokens = -(-h // wh) * wh * -(-w // ww) * ww   # padded to whole windows
         span = dict(keys=wh * ww, windowed=True, bias_rows=attn.relative_position_bias_table.shape[0])
         return span, attn.qkv.out_features // (3 * attn.num_heads), tokens
+
+    def _constructor_arguments(self, model: nn.Module) -> Optional[Dict[str, Any]]:
+        embed, first = model.patch_embed, model.layers[0].blocks[0]
+        attn = first.attn
+        return dict(img_size=list(embed.img_size), patch_size=embed.patch_size[0], in_chans=embed.proj.in_channels,
+                    num_classes=model.num_classes, global_pool=model.global_pool, embed_dim=model.embed_dim,
+                    depths=[len(stage.blocks) for stage in model.layers],
+                    num_heads=[stage.blocks[0].attn.num_heads for stage in model.layers],
+                    head_dim=attn.qkv.out_features // (3 * attn.num_heads), window_size=list(first.window_size),
+                    mlp_ratio=first.mlp.fc1.out_features / model.embed_dim, qkv_bias=attn.qkv.bias is not None,
+                    drop_path_rate=_drop_path_rate(model.layers[-1].blocks[-1]))
+
+
+def _drop_path_rate(last_block: nn.Module) -> float:
+    """timm spreads drop-path rates linearly over the blocks, so the last block's is the model's."""
+    return float(getattr(getattr(last_block, "drop_path1", None), "drop_prob", 0.0))
 
 
 def input_size_of(model: nn.Module) -> Sequence[int]:
