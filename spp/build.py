@@ -17,11 +17,59 @@ from .path import SolutionPath
 from .runtime import Runtime, main_print
 from .models import supported
 
-__all__ = ["build_model", "source_model", "build_loaders", "build_criterion", "select_member", "read_member", "HeldOutScore"]
+__all__ = ["build_model", "is_hf", "task_for", "input_size_for", "NextTokenLoss", "source_model", "build_loaders", "build_criterion", "select_member", "read_member", "HeldOutScore"]
+
+
+def is_hf(name: str) -> bool:
+    """``model.name`` names a Hugging Face model (a local directory or ``hf:ORG/NAME``), not a timm one."""
+    return name.startswith("hf:") or os.path.isdir(name)
+
+
+def task_for(cfg: Config):
+    """How the loops read this config's batches: next-token prediction on text, else classification."""
+    from .tasks import Classification, NextToken
+    return NextToken() if cfg.data.dataset == "text" else Classification()
+
+
+def input_size_for(cfg: Config) -> Optional[Tuple[int, ...]]:
+    """The input FLOPs are counted at: a sequence of ``data.seq_len`` tokens for text, else the model's own."""
+    return (cfg.data.seq_len,) if cfg.data.dataset == "text" else None
+
+
+def _build_hf(cfg: Config) -> nn.Module:
+    if cfg.data.dataset != "text":
+        raise ConfigError(f"model.name={cfg.model.name} is a language model: set data.dataset=text "
+                          "(and data.root to a text file or folder)")
+    dtype = cfg.model.dtype if cfg.model.dtype == "auto" else getattr(torch, cfg.model.dtype)
+    model = create_model(cfg.model.name, dtype=dtype, **cfg.model.kwargs)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and cfg.data.seq_len > positions:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than the model's {positions} positions "
+                          f"(max_position_embeddings of {cfg.model.name}); use data.seq_len<={positions}")
+    return model
 
 
 def build_model(cfg: Config, runtime: Optional[Runtime] = None) -> nn.Module:
     """The dense model of ``cfg.model``, with pretrained weights if configured."""
+    model = _build_model(cfg, runtime)
+    if cfg.model.activation_checkpointing:   # the libraries' own switches
+        if hasattr(model, "gradient_checkpointing_enable"):
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+        else:
+            model.set_grad_checkpointing(True)
+    return model
+
+
+def _build_model(cfg: Config, runtime: Optional[Runtime]) -> nn.Module:
+    if is_hf(cfg.model.name):
+        model = _build_hf(cfg)
+        if cfg.model.checkpoint:
+            from .checkpoint import load_checkpoint
+            load_checkpoint(model, cfg.model.checkpoint)
+        return model
+    if cfg.data.dataset == "text":
+        raise ConfigError(f"data.dataset=text needs a language model: model.name={cfg.model.name!r} is not a "
+                          "directory or hf:ORG/NAME (a local Hugging Face model directory: config.json + *.safetensors)")
     kwargs = dict(cfg.model.kwargs)
     kwargs.setdefault("num_classes", cfg.data.num_classes)
     kwargs.setdefault("img_size", cfg.data.img_size)
@@ -63,7 +111,7 @@ def source_model(cfg: Config, runtime: Optional[Runtime] = None) -> nn.Module:
         return load_pruned(source)
     if os.path.isfile(os.path.join(source, "path.json")):
         model = build_model(cfg, runtime)
-        family = WeightFamily(model, SolutionPath.load(source))
+        family = WeightFamily(model, SolutionPath.load(source), input_size_for(cfg))
         if runtime is None:
             from .runtime import setup_runtime
             runtime = setup_runtime("cpu", "off", cfg.seed)
@@ -79,7 +127,7 @@ def source_model(cfg: Config, runtime: Optional[Runtime] = None) -> nn.Module:
 def build_loaders(cfg: Config, runtime: Runtime,
                   splits: Sequence[str] = ("train", "val", "test")) -> Dict[str, torch.utils.data.DataLoader]:
     """Loaders of ``splits``; only the data they need is read (an eval does not scan train/)."""
-    datasets = build_datasets(cfg.data, cfg.seed, splits)
+    datasets = build_datasets(cfg.data, cfg.seed, splits, tokenizer=cfg.model.name if is_hf(cfg.model.name) else None)
     common = dict(workers=cfg.data.workers, seed=cfg.seed, num_replicas=runtime.world_size,
                   rank=runtime.rank, pin_memory=runtime.device.type == "cuda")
     return {split: build_loader(data, cfg.data.batch_size if split == "train" else cfg.data.eval_batch_size,
@@ -90,6 +138,8 @@ def build_criterion(data: DataConfig, teacher: Optional[nn.Module] = None, disti
                     temperature: float = 1.0) -> Tuple[Optional[Callable], Callable]:
     """``(mixup_fn, criterion)``; ``criterion(inputs, outputs, targets)``, and ``criterion.base(outputs,
     targets)`` the loss without distillation (what the search calibrates ν on)."""
+    if data.dataset == "text":   # next-token cross-entropy; distillation: the KL to the teacher's next-token distributions
+        return None, DistillationLoss(NextTokenLoss(), teacher, distill if teacher is not None else 0.0, temperature)
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
@@ -107,9 +157,17 @@ def build_criterion(data: DataConfig, teacher: Optional[nn.Module] = None, disti
     return mixup_fn, DistillationLoss(base, teacher, distill, temperature)
 
 
+class NextTokenLoss(nn.Module):
+    """:func:`spp.next_token_loss` as a module (the base loss of a language model's criterion)."""
+
+    def forward(self, outputs, targets):
+        from .calibrate import next_token_loss
+        return next_token_loss(outputs, targets)
+
+
 class HeldOutScore:
-    """Top-1 (%) of a member, compressed, on the first ``max_batches`` of the validation split (0: all of
-    it): the score :meth:`spp.WeightFamily.select_best` reads a member by (``rank`` / ``values: best``).
+    """The task's headline metric (top-1 %, or minus the perplexity) of a member, compressed, on the first
+    ``max_batches`` of the validation split (0: all of it): the score :meth:`spp.WeightFamily.select_best` reads a member by (``rank`` / ``values: best``).
     ``metrics[reading(member)]`` keeps each reading's evaluation, so the chosen one is not run twice."""
 
     def __init__(self, cfg: Config, runtime: Runtime, model: nn.Module, granularity: str, max_batches: int):
@@ -128,9 +186,10 @@ class HeldOutScore:
             self.loader = build_loaders(self.cfg, self.runtime, ["val"])["val"]
         pruned = compress(self.model, member.masks, granularity=self.granularity)
         label = self.reading(member)
+        task = task_for(self.cfg)
         self.metrics[label] = evaluate(pruned, self.loader, self.runtime, self.max_batches,
-                                       desc=f"{member.summary.kept:.0%} kept, {label}")
-        return self.metrics[label]["top1"]
+                                       desc=f"{member.summary.kept:.0%} kept, {label}", task=task)
+        return task.score(self.metrics[label])
 
 
 def choices(setting: str, options) -> tuple:

@@ -99,7 +99,7 @@ def save_pruned(model: nn.Module, directory: str, base: Optional[Mapping] = None
     family = model_family(model)
     base = dict(base) if base is not None else getattr(model, "spp_base", None) or family.describe(model)
     os.makedirs(directory, exist_ok=True)
-    aliases = _aliases(model)   # tied weights (an LLM's lm_head and embeddings) are written once
+    aliases = aliased_keys(model)   # tied weights (an LLM's lm_head and embeddings) are written once
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in aliases}
     config = {"format": FORMAT, "version": FORMAT_VERSION, "family": family.name, "base": base,
               "blocks": [w.to_dict() for w in widths],
@@ -115,7 +115,7 @@ def save_pruned(model: nn.Module, directory: str, base: Optional[Mapping] = None
                  lambda f: open(f, "w").write(json.dumps(config, indent=2) + "\n"))
 
 
-def _aliases(model: nn.Module) -> set:
+def aliased_keys(model: nn.Module) -> set:
     """State-dict keys whose tensor is an earlier key's (tied weights; safetensors refuses shared storage)."""
     seen, aliases = set(), set()
     for name, tensor in model.state_dict().items():
@@ -177,7 +177,7 @@ def load_pruned(directory: str, map_location: str = "cpu") -> nn.Module:
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{weights} cannot be read ({e}); the file is truncated or corrupt") from e
     expected = model.state_dict()
-    tied = _aliases(model)
+    tied = aliased_keys(model)
     problems = [f"{k}: file {tuple(state[k].shape)} != model {tuple(v.shape)}"
                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
     missing = sorted(set(expected) - set(state) - tied)

@@ -28,18 +28,23 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = "deit_small_patch16_224"   # timm model name
+    name: str = "deit_small_patch16_224"   # timm model name, a local Hugging Face model directory, or hf:ORG/NAME
     pretrained: bool = False                # timm's pretrained weights (needs the internet)
-    checkpoint: Optional[str] = None        # local .pth / .safetensors / timm:NAME
-    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+    checkpoint: Optional[str] = None        # local .pth / .safetensors / timm:NAME / a directory of .safetensors
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model / from_pretrained arguments
     granularity: str = "dim"                # mask granularity: dim | head
     drop_path: float = 0.0
+    dtype: str = "auto"                     # Hugging Face models: auto (the checkpoint's) | float32 | bfloat16 | float16
+    activation_checkpointing: bool = False  # recompute activations in the backward pass (memory for time)
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "imagenet"               # imagenet | imagefolder | fashion_mnist | synthetic
-    root: Optional[str] = None
+    dataset: str = "imagenet"               # imagenet | imagefolder | fashion_mnist | synthetic | text
+    root: Optional[str] = None              # text: a file or folder of .txt / .jsonl / .md / .rst (spp/text.py)
+    seq_len: int = 2048                     # text: tokens per sequence
+    tokenizer: Optional[str] = None         # text: tokenizer directory or hf:ORG/NAME (default: the model's directory)
+    test_fraction: float = 0.0              # text: hold out this fraction of the files (or sequences) as test
     img_size: int = 224
     in_chans: int = 3
     num_classes: int = 1000
@@ -267,7 +272,8 @@ def _validate(c: Config) -> None:
     _choice("device", c.device, ("auto", "cpu", "cuda"))
     _choice("amp", c.amp, ("auto", "bf16", "fp16", "off"))
     _choice("model.granularity", c.model.granularity, ("dim", "head"))
-    _choice("data.dataset", c.data.dataset, ("imagenet", "imagefolder", "fashion_mnist", "synthetic"))
+    _choice("data.dataset", c.data.dataset, ("imagenet", "imagefolder", "fashion_mnist", "synthetic", "text"))
+    _choice("model.dtype", c.model.dtype, ("auto", "float32", "bfloat16", "float16"))
     for key, value in (("search.lr", c.search.lr), ("search.nu", c.search.nu)):
         if isinstance(value, str) and value != "auto":
             raise ConfigError(f"{key}={value!r}: give a number or auto")
@@ -303,7 +309,7 @@ def _check_ranges(c: Config) -> None:
         (positive, {
             "data.img_size": d.img_size, "data.in_chans": d.in_chans, "data.num_classes": d.num_classes,
             "data.batch_size": d.batch_size, "data.eval_batch_size": d.eval_batch_size,
-            "data.synthetic_size": d.synthetic_size, "search.epochs": s.epochs, "search.rho": s.rho,
+            "data.synthetic_size": d.synthetic_size, "data.seq_len": d.seq_len, "search.epochs": s.epochs, "search.rho": s.rho,
             "search.kappa": s.kappa, "search.nu_scale": s.nu_scale, "search.calibration_batches": s.calibration_batches,
             "search.log_every": s.log_every, "family.round_to": c.family.round_to,
             "export.round_to": c.export.round_to, "export.budget": c.export.budget, "train.epochs": t.epochs,
@@ -323,7 +329,7 @@ def _check_ranges(c: Config) -> None:
             **{f"search.targets[{i}]": v for i, v in enumerate(s.targets)},
             **{f"family.targets[{i}]": v for i, v in enumerate(c.family.targets)}}),
         (below_one, {
-            "data.val_fraction": d.val_fraction, "data.smoothing": d.smoothing, "model.drop_path": c.model.drop_path,
+            "data.val_fraction": d.val_fraction, "data.test_fraction": d.test_fraction, "data.smoothing": d.smoothing, "model.drop_path": c.model.drop_path,
             "train.ema_decay": t.ema_decay}),
     ]
     for (allowed, what), values in table:

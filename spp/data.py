@@ -174,12 +174,23 @@ def _imagefolder(cfg: DataConfig, split: str):
                               "images per class)") from e
 
 
-def build_datasets(cfg: DataConfig, seed: int = 0, splits: Sequence[str] = SPLITS) -> Dict[str, Dataset]:
+def build_datasets(cfg: DataConfig, seed: int = 0, splits: Sequence[str] = SPLITS,
+                   tokenizer: Optional[str] = None) -> Dict[str, Dataset]:
     """The datasets of ``splits`` (of train, val, test); ``val`` is held out from train when
-    ``val_fraction > 0``, else it is the test set. Only the image folders a split needs are read."""
+    ``val_fraction > 0``, else it is the test set. Only the image folders a split needs are read.
+    Text (``dataset: text``) is tokenized with ``tokenizer`` (``cfg.tokenizer`` first; see :mod:`spp.text`)."""
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown:
         raise ValueError(f"unknown splits {unknown}; choose from {SPLITS}")
+    if cfg.dataset == "text":
+        from .text import text_datasets
+        if not cfg.root:
+            raise DatasetNotFound("data.dataset=text needs data.root: a text file or a folder of .txt / .jsonl / "
+                                  ".md / .rst files")
+        source = cfg.tokenizer or tokenizer
+        if not source:
+            raise ValueError("data.dataset=text needs a tokenizer: set data.tokenizer (a directory or hf:ORG/NAME)")
+        return text_datasets(cfg.root, source, cfg.seq_len, cfg.val_fraction, cfg.test_fraction, seed, splits)
     if cfg.dataset in ("imagenet", "imagefolder"):
         from timm.data import create_transform
         load = functools.partial(_imagefolder, cfg)

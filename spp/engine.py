@@ -34,7 +34,9 @@ class DistillationLoss(nn.Module):
         with torch.no_grad():
             teacher = self.teacher(inputs)
         t = self.temperature
-        kl = F.kl_div(F.log_softmax(outputs / t, dim=-1), F.log_softmax(teacher / t, dim=-1),
+        # language models: per-token distributions (outputs with .logits, (B, T, V)); the KL is their mean
+        student, teacher = (getattr(x, "logits", x).flatten(0, -2).float() for x in (outputs, teacher))
+        kl = F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1),
                       reduction="batchmean", log_target=True) * (t * t)
         return (1 - self.weight) * loss + self.weight * kl
 

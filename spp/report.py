@@ -9,7 +9,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .build import HeldOutScore, build_loaders, build_model, read_member, select_member, source_model
+from .build import (HeldOutScore, build_loaders, build_model, input_size_for, read_member, select_member, source_model,
+                    task_for)
 from .checkpoint import atomic_write
 from .compress import compress, save_pruned
 from .config import Config
@@ -21,7 +22,7 @@ from .path import SolutionPath
 from .runtime import Runtime, main_print, setup_runtime
 from .structure import PAIRS
 
-__all__ = ["run_family", "run_export", "run_eval", "write_table", "plot_path", "plot_family", "throughput"]
+__all__ = ["run_family", "run_export", "run_eval", "write_table", "plot_path", "plot_family", "throughput", "lm_throughput"]
 
 
 def write_table(rows: List[Dict], stem: str) -> str:
@@ -61,21 +62,24 @@ def plot_path(path: SolutionPath, filename: str) -> None:
     plt.close(fig)
 
 
-def plot_family(rows: List[Dict], filename: str, dense: Optional[Dict] = None, label: str = "SPP family") -> None:
-    """Accuracy against parameters (M) for the members of one family."""
+def plot_family(rows: List[Dict], filename: str, dense: Optional[Dict] = None, label: str = "SPP family",
+                metric: str = "top1") -> None:
+    """Accuracy (or perplexity: ``metric``) against parameters (M) for the members of one family."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["params"] / 1e6 for r in rows], [r["top1"] for r in rows], "o-", label=label)
+    ax.plot([r["params"] / 1e6 for r in rows], [r[metric] for r in rows], "o-", label=label)
     for r in rows:
-        ax.annotate(f"{r['flops_kept']:.0%} FLOPs", (r["params"] / 1e6, r["top1"]), fontsize=7,
+        ax.annotate(f"{r['flops_kept']:.0%} FLOPs", (r["params"] / 1e6, r[metric]), fontsize=7,
                     textcoords="offset points", xytext=(4, -10))
     if dense:
-        ax.axhline(dense["top1"], color="gray", ls=":", label=f"dense ({dense['top1']:.2f}%)")
+        ax.axhline(dense[metric], color="gray", ls=":", label=f"dense ({dense[metric]:.2f})")
     ax.set_xlabel("parameters (M)")
-    ax.set_ylabel("top-1 accuracy (%), no retraining")
+    ax.set_ylabel("top-1 accuracy (%), no retraining" if metric == "top1" else f"{metric}, no retraining")
+    if metric == "perplexity":
+        ax.set_yscale("log")
     ax.set_title("One search, every budget")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
@@ -95,15 +99,17 @@ def _search_dir(cfg: Config, explicit: Optional[str]) -> str:
 def _family(cfg: Config, directory: str, runtime: Runtime):
     model = build_model(cfg, runtime).to(runtime.device)
     path = SolutionPath.load(directory)
-    return model, WeightFamily(model, path)
+    return model, WeightFamily(model, path, input_size_for(cfg))
 
 
 def run_family(cfg: Config) -> List[Dict]:
-    """Evaluate members at ``family.targets`` without retraining; table + plot of accuracy vs size."""
+    """Evaluate members at ``family.targets`` without retraining; table + plot of accuracy (language models:
+    perplexity on non-overlapping windows of ``data.seq_len`` tokens of the validation text) vs size."""
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
     directory = _search_dir(cfg, cfg.family.path)
     model, family = _family(cfg, directory, runtime)
     f = cfg.family
+    task = task_for(cfg)
     score = HeldOutScore(cfg, runtime, model, family.granularity, f.max_batches)
     rows = []
     for keep in f.targets:
@@ -116,14 +122,18 @@ def run_family(cfg: Config) -> List[Dict]:
         rows.append({"target": keep, "kept": round(s.kept, 4), "params": s.params_after,
                      "params_kept": round(s.params_after / s.params_before, 4), "flops": s.flops_after,
                      "flops_kept": round(s.flops_after / s.flops_before, 4), "rank": s.rank, "values": s.values,
-                     "top1": round(metrics["top1"], 2), "top5": round(metrics["top5"], 2),
-                     **{f"top1 {reading}": round(value, 2) for reading, value in s.scores.items()}})
+                     **{m: round(metrics[m], 2 if m != "loss" else 4) for m in task.table},
+                     **{f"{task.headline} {reading}": round(abs(value), 2) for reading, value in s.scores.items()}})
         main_print(runtime, f"keep {keep:.0%} of prunable {f.by}: {s.params_after / 1e6:.3f}M params, "
-                            f"{s.flops_after / 1e9:.4f} GFLOPs, top-1 {metrics['top1']:.2f}%")
+                            f"{s.flops_after / 1e9:.4f} GFLOPs, " + (f"top-1 {metrics['top1']:.2f}%" if task.headline == "top1"
+                                                                   else f"{task.headline} {metrics[task.headline]:.2f}"))
     if runtime.is_main:
         out = os.path.join(cfg.output, "family_eval")
+        if task.headline == "perplexity":   # peers' perplexities differ by protocol: say which this is
+            for r in rows:
+                r["protocol"] = f"non-overlapping {cfg.data.seq_len}-token windows of the val text, token-level"
         write_table(rows, out)
-        plot_family(rows, out + ".png")
+        plot_family(rows, out + ".png", metric=task.headline)
         main_print(runtime, f"wrote {out}.md, {out}.json, {out}.png")
     return rows
 
@@ -143,6 +153,38 @@ def run_export(cfg: Config) -> str:
     print(member.summary)
     print(f"wrote {out}/model.safetensors, config.json, summary.json")
     return out
+
+
+@torch.no_grad()
+def lm_throughput(model: nn.Module, seq_len: int, device: torch.device, amp_dtype=None, new_tokens: int = 32,
+                  repeats: int = 5) -> Dict[str, float]:
+    """Tokens/s of a language model: prefill (one sequence of ``seq_len`` tokens) and greedy decoding of
+    ``new_tokens`` tokens with the KV cache after a 16-token prompt; medians of ``repeats`` after a warm-up."""
+    from contextlib import nullcontext
+
+    model.eval()
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+
+    def timed(fn) -> float:
+        times = []
+        for i in range(repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            with autocast:
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i:   # the first run warms up
+                times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
+    prefill = timed(lambda: model(ids))
+    decode = timed(lambda: model.generate(ids[:, :16], max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                          do_sample=False, use_cache=True, pad_token_id=0))
+    return {"prefill_tokens_per_s": round(seq_len / prefill, 1), "decode_tokens_per_s": round(new_tokens / decode, 1)}
 
 
 @torch.no_grad()
@@ -174,7 +216,17 @@ def run_eval(cfg: Config) -> Dict:
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
     source = cfg.train.source
     model = source_model(cfg, runtime).to(runtime.device)
-    metrics = evaluate(model, build_loaders(cfg, runtime, ["test"])["test"], runtime)
+    task = task_for(cfg)
+    metrics = evaluate(model, build_loaders(cfg, runtime, ["test"])["test"], runtime, task=task)
+    if task.headline == "perplexity":
+        seq_len = cfg.data.seq_len
+        result = {"model": source or cfg.model.name, "perplexity": round(metrics["perplexity"], 3),
+                  "loss": round(metrics["loss"], 4), "tokens": metrics["tokens"],
+                  "protocol": f"non-overlapping {seq_len}-token windows of the test text, token-level",
+                  "params": count_params(model), "flops_per_sequence": count_flops(model, (seq_len,)),
+                  **lm_throughput(model, seq_len, runtime.device, runtime.amp_dtype)}
+        main_print(runtime, json.dumps(result))
+        return result
     size = input_size_of(model)
     result = {"model": source or cfg.model.name, "top1": round(metrics["top1"], 2), "top5": round(metrics["top5"], 2),
               "params": count_params(model), "flops": count_flops(model, size),

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .build import build_criterion, build_loaders, build_model, source_model
+from .build import build_criterion, build_loaders, build_model, source_model, task_for
 from .checkpoint import atomic_write
 from .compress import save_pruned
 from .config import Config, save_config
@@ -29,7 +29,10 @@ def _save_model(model: nn.Module, directory: str) -> None:
         save_pruned(model, directory)
     else:
         from safetensors.torch import save_file
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+        from .compress import aliased_keys
+        aliases = aliased_keys(model)   # tied weights once
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in aliases}
         atomic_write(directory + ".safetensors", lambda f: save_file(state, f))
 
 
@@ -61,7 +64,8 @@ def run_retrain(cfg: Config) -> Dict:
     net = DistributedDataParallel(model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None) \
         if runtime.distributed else model
 
-    step, epoch, batch, best = 0, 0, 0, {"top1": -1.0}
+    task = task_for(cfg)   # classification, or next-token prediction for language models
+    step, epoch, batch, best = 0, 0, 0, {"score": float("-inf")}
     resume = resume_file(cfg.resume, os.path.join(cfg.output, CHECKPOINT))
     if resume:
         state = load_training_checkpoint(resume, "train", cfg.model.name)
@@ -114,18 +118,22 @@ def run_retrain(cfg: Config) -> Dict:
             loader.dataset.set_epoch(epoch)
             stats = train_one_epoch(net, criterion, loader, optimizer, runtime, step=step, max_steps=total_steps,
                                     mixup_fn=mixup_fn, scaler=scaler, clip_grad=t.clip_grad, on_step=on_step,
-                                    desc=f"train epoch {epoch}")
+                                    desc=f"train epoch {epoch}", task=task)
             step = stats["step"]
             finished_epoch = step - epoch_start >= steps_per_epoch
             if (epoch + 1) % t.eval_every == 0 or step >= total_steps:
                 evaluated = ema.module if ema is not None else model
-                metrics = evaluate(evaluated, loaders["val"], runtime, desc="val")
+                metrics = evaluate(evaluated, loaders["val"], runtime, desc="val", task=task)
                 logger.log(step, **{f"val/{k}": v for k, v in metrics.items()})
-                main_print(runtime, f"epoch {epoch}: train loss {stats['loss']:.4f}, val top-1 {metrics['top1']:.2f}%")
+                main_print(runtime, f"epoch {epoch}: train loss {stats['loss']:.4f}, val " + (
+                    f"top-1 {metrics['top1']:.2f}%" if task.headline == "top1" else
+                    f"{task.headline} {metrics[task.headline]:.3f}"))
+                score = task.score(metrics)
                 if runtime.is_main:
                     _save_model(evaluated, os.path.join(cfg.output, "last"))
-                    if metrics["top1"] > best["top1"]:
-                        best = {**metrics, "epoch": epoch, "step": step}
+                if score > best.get("score", best.get("top1", float("-inf"))):
+                    best = {**metrics, "score": score, "epoch": epoch, "step": step}
+                    if runtime.is_main:
                         _save_model(evaluated, os.path.join(cfg.output, "best"))
             epoch, batch = (epoch + 1, 0) if finished_epoch else (epoch, step - epoch_start)
             save(step, epoch, batch)

@@ -7,7 +7,7 @@ from typing import Dict, List
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .build import build_criterion, build_loaders, build_model
+from .build import build_criterion, build_loaders, build_model, input_size_for, task_for
 from .calibrate import calibrate_nu, lbi_groups, search_optimizer
 from .config import Config, save_config
 from .data import build_loader
@@ -73,8 +73,9 @@ def _calibration_loader(cfg: Config, loaders, runtime: Runtime):
                          f"training batches (search.nu_data=train)")
     batch -= batch % 2   # mixup pairs the samples of a batch
     loader = build_loader(val, batch, True, cfg.data.workers, cfg.seed + 7919, runtime.world_size, runtime.rank)
-    source = (f"{len(val):,} training images held out (data.val_fraction={cfg.data.val_fraction})"
-              if cfg.data.val_fraction > 0 else f"the dataset's validation set ({len(val):,} images)")
+    what = "sequences" if cfg.data.dataset == "text" else "images"
+    source = (f"{len(val):,} training {what} held out (data.val_fraction={cfg.data.val_fraction})"
+              if cfg.data.val_fraction > 0 else f"the dataset's validation set ({len(val):,} {what})")
     main_print(runtime, f"nu: calibrated on {min(len(loader), cfg.search.calibration_batches)} batches of {source}")
     return loader
 
@@ -157,7 +158,7 @@ def run_search(cfg: Config) -> SolutionPath:
             loader.sampler.set_epoch(epoch, start=batch * cfg.data.batch_size)
             loader.dataset.set_epoch(epoch)
             stats = train_one_epoch(net, criterion, loader, optimizer, runtime, step=step, max_steps=total_steps,
-                                    mixup_fn=mixup_fn, scaler=scaler, on_step=on_step,
+                                    mixup_fn=mixup_fn, scaler=scaler, on_step=on_step, task=task_for(cfg),
                                     desc=f"search epoch {epoch}")
             step = stats["step"]
             epoch, batch = (epoch + 1, 0) if step - epoch_start >= steps_per_epoch else (epoch, step - epoch_start)
@@ -178,7 +179,7 @@ def run_search(cfg: Config) -> SolutionPath:
     path = SolutionPath.from_optimizer(optimizer, model, support, meta)
     if runtime.is_main:
         path.save(cfg.output)
-        write_family_table(model, path, cfg.search.targets, cfg.output)
+        write_family_table(model, path, cfg.search.targets, cfg.output, input_size_for(cfg))
         from .report import plot_path
         plot_path(path, os.path.join(cfg.output, "path.png"))
         main_print(runtime, f"wrote {cfg.output}/path.json, path.safetensors, family.md, path.png")
@@ -187,15 +188,16 @@ def run_search(cfg: Config) -> SolutionPath:
     return path
 
 
-def write_family_table(model, path: SolutionPath, targets, output: str) -> List[Dict]:
+def write_family_table(model, path: SolutionPath, targets, output: str, input_size=None) -> List[Dict]:
     from .report import write_table
 
-    family = WeightFamily(model, path)
+    family = WeightFamily(model, path, input_size)
     rows = []
     for keep in targets:
         s = family.select(keep=keep).summary
+        flops = f"{s.flops_after / 1e9:.4f}" + (f" per {input_size[0]} tokens" if input_size else "")
         rows.append({"kept (prunable params)": f"{s.kept:.1%}", "params": f"{s.params_after / 1e6:.3f}M",
-                     "params kept": f"{s.params_after / s.params_before:.1%}", "GFLOPs": f"{s.flops_after / 1e9:.4f}",
+                     "params kept": f"{s.params_after / s.params_before:.1%}", "GFLOPs": flops,
                      "FLOPs kept": f"{s.flops_after / s.flops_before:.1%}"})
     write_table(rows, os.path.join(output, "family"))
     return rows

@@ -18,9 +18,18 @@ __all__ = ["Task", "Classification", "NextToken"]
 
 
 class Task:
-    """The interface; ``metric_names`` name the sums :meth:`metric_sums` returns, in order."""
+    """The interface; ``metric_names`` name the sums :meth:`metric_sums` returns, in order; ``headline`` is
+    the metric tables lead with and held-out scores use (``higher_is_better`` says which way is better);
+    ``table`` the metrics a family table shows."""
 
     metric_names: Sequence[str] = ()
+    headline: str = ""
+    higher_is_better: bool = True
+    table: Sequence[str] = ()
+
+    def score(self, metrics: Dict[str, float]) -> float:
+        """The headline as a score where higher is better (for :meth:`spp.WeightFamily.select_best`)."""
+        return metrics[self.headline] if self.higher_is_better else -metrics[self.headline]
 
     def split(self, batch: Any) -> Tuple[Any, Any]:
         """``(inputs, targets)`` of one batch from the loader."""
@@ -45,6 +54,7 @@ class Classification(Task):
     """Images and class labels: cross-entropy, top-1 and top-5 accuracy (%)."""
 
     metric_names = ("loss", "top1", "top5", "n")
+    headline, table = "top1", ("top1", "top5")
 
     def loss(self, outputs, targets):
         return F.cross_entropy(outputs, targets)
@@ -68,6 +78,7 @@ class NextToken(Task):
     pair whose first item is."""
 
     metric_names = ("loss", "tokens")
+    headline, higher_is_better, table = "perplexity", False, ("perplexity", "loss")
 
     def split(self, batch):
         ids = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -1,0 +1,163 @@
+"""The commands on a language model: a tiny random Llama and OPT from directories the tests write, with a
+word-level tokenizer trained here and a folder of text files (seconds each)."""
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from spp.cli import main
+from spp.config import load_config
+from spp.report import run_eval
+
+transformers = pytest.importorskip("transformers", reason="language models need transformers: pip install -e '.[llm]'")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "smoke_llm.yaml")
+WORDS = [f"w{i}" for i in range(60)]
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>", pad_token="<pad>")
+
+
+def write_model(directory, kind: str):
+    torch.manual_seed(0)
+    common = dict(vocab_size=len(WORDS) + 4, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if kind == "opt":
+        model = transformers.OPTForCausalLM(transformers.OPTConfig(**common, ffn_dim=96, word_embed_proj_dim=64))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, intermediate_size=96,
+                                                                        num_key_value_heads=2))
+    model.save_pretrained(str(directory))
+    _tokenizer().save_pretrained(str(directory))
+    return str(directory)
+
+
+def write_text(directory, files: int = 10):
+    """Files of sentences with structure to learn: each word is mostly followed by the next one."""
+    rng = random.Random(0)
+    os.makedirs(directory, exist_ok=True)
+    for f in range(files):
+        words, w = [], rng.randrange(len(WORDS))
+        for _ in range(400):
+            words.append(WORDS[w])
+            w = (w + 1) % len(WORDS) if rng.random() < 0.8 else rng.randrange(len(WORDS))
+        with open(os.path.join(directory, f"doc{f}.txt"), "w") as out:
+            out.write(" ".join(words))
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    return write_text(tmp_path_factory.mktemp("text"))
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_search_family_export_eval_on_text(tmp_path, text, kind):
+    model = write_model(tmp_path / "model", kind)
+    out = str(tmp_path / "run")
+    args = [SMOKE, f"output={out}", f"model.name={model}", f"data.root={text}"]
+    assert main(["search", *args]) == 0
+    path = json.load(open(os.path.join(out, "path.json")))
+    assert path["steps"] == 16
+    assert "per 32 tokens" in open(os.path.join(out, "family.md")).read()
+    assert main(["family", *args]) == 0
+    rows = json.load(open(os.path.join(out, "family_eval.json")))
+    assert [r["target"] for r in rows] == [1.0, 0.5, 0.2]
+    assert all(r["perplexity"] > 1 and "32-token windows" in r["protocol"] for r in rows)
+    assert rows[0]["params"] > rows[1]["params"] > rows[2]["params"]
+    assert os.path.isfile(os.path.join(out, "family_eval.png"))
+    assert main(["export", *args]) == 0
+    pruned = os.path.join(out, "pruned")
+    assert os.path.isfile(os.path.join(pruned, "model.safetensors"))
+    result = run_eval(load_config(SMOKE, [*args[1:], f"train.source={pruned}"]))
+    assert result["perplexity"] > 1 and result["params"] < rows[0]["params"]
+    assert result["prefill_tokens_per_s"] > 0 and result["decode_tokens_per_s"] > 0
+
+
+def test_text_inputs_errors_name_the_problem(tmp_path, text, capsys):
+    model = write_model(tmp_path / "model", "llama")
+    args = [SMOKE, f"output={tmp_path / 'run'}", f"model.name={model}"]
+    os.makedirs(tmp_path / "empty")
+    for overrides, message in [
+            ([f"data.root={tmp_path / 'nope'}"], "data.root=.*nope not found"),
+            ([f"data.root={text}", "data.seq_len=128"], "data.seq_len=128 is longer than the model's 64 positions"),
+            ([f"data.root={tmp_path / 'empty'}"], "no text files"),
+            ([f"data.root={text}", f"data.tokenizer={tmp_path / 'empty'}"], "no tokenizer in"),
+            ([f"data.root={text}", "model.name=vit_tiny_patch16_224"], "needs a language model")]:
+        assert main(["search", *args, *overrides]) == 2, overrides
+        err = capsys.readouterr().err
+        assert re.search(message, err), (message, err)
+
+
+def test_retrain_finetunes_a_member_and_lowers_validation_perplexity(tmp_path, text):
+    """spp retrain on text: the exported member is finetuned on next-token prediction (all weights), the
+    best checkpoint by validation perplexity is saved as a pruned directory, with distillation from the
+    dense model too."""
+    import spp
+
+    model = write_model(tmp_path / "model", "llama")
+    out = str(tmp_path / "run")
+    args = [f"output={out}", f"model.name={model}", f"data.root={text}"]
+    assert main(["search", SMOKE, *args]) == 0
+    assert main(["export", SMOKE, *args, "export.rank=entry", "export.values=binary"]) == 0
+    pruned = os.path.join(out, "pruned")
+    from spp.build import build_loaders, task_for
+    from spp.engine import evaluate
+    from spp.runtime import setup_runtime
+    cfg = load_config(SMOKE, args)
+    runtime = setup_runtime("cpu", "off", 0)
+    small = spp.load_pruned(pruned)
+    before = evaluate(small, build_loaders(cfg, runtime, ["val"])["val"], runtime, task=task_for(cfg))
+    retrain = [*args, f"output={tmp_path / 'ft'}", f"train.source={pruned}", "train.epochs=3", "train.lr=0.05",
+               "train.warmup_epochs=0", "train.distill=0.3", "train.log_every=2"]
+    assert main(["retrain", SMOKE, *retrain]) == 0
+    result = json.load(open(tmp_path / "ft" / "result.json"))
+    assert result["best"]["perplexity"] < before["perplexity"]
+    best = spp.load_pruned(str(tmp_path / "ft" / "best"))
+    assert isinstance(best, transformers.PreTrainedModel) and spp.count_params(best) == spp.count_params(small)
+
+
+def _search_cmd(out, model, text, *overrides):
+    return [sys.executable, "-m", "spp", "search", SMOKE, f"output={out}", f"model.name={model}", f"data.root={text}",
+            *overrides]
+
+
+def test_killed_llm_search_resumes_to_the_same_path(tmp_path, text):
+    import spp
+    from test_pipeline import _kill_after_checkpoint, _path_tensors
+
+    model = write_model(tmp_path / "model", "llama")
+    long = ["search.steps=60", "search.checkpoint_every=5"]
+    reference = str(tmp_path / "reference")
+    subprocess.run(_search_cmd(reference, model, text, *long), check=True, capture_output=True)
+    out = str(tmp_path / "killed")
+    _kill_after_checkpoint(_search_cmd(out, model, text, *long), os.path.join(out, "checkpoint.pth"), total=60)
+    subprocess.run(_search_cmd(out, model, text, *long, "resume=auto"), check=True, capture_output=True)
+    (ref_path, ref), (got_path, got) = _path_tensors(reference), _path_tensors(out)
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert ref_path.support == got_path.support
+    assert spp.SolutionPath.load(out).steps == 60
+
+
+def test_torchrun_two_processes_give_one_identical_llm_path(tmp_path, text):
+    model = write_model(tmp_path / "model", "opt")
+    out = str(tmp_path / "ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                             "-m", "spp", "search", SMOKE, f"output={out}", f"model.name={model}", f"data.root={text}",
+                             "search.steps=8"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "solution path identical on all 2 ranks" in result.stdout
+    assert json.load(open(os.path.join(out, "path.json")))["steps"] == 8
