@@ -1,7 +1,7 @@
 # The two commands of the README. Each installs what it needs first and is safe to rerun.
 PYTHON ?= python3
 
-.PHONY: install test demo
+.PHONY: install test demo demo-llm
 
 install:
 	$(PYTHON) -m pip install -q -e ".[test]"
@@ -11,3 +11,6 @@ test: install
 
 demo: install
 	bash scripts/demo.sh
+
+demo-llm: install
+	bash scripts/demo_llm.sh $(ARGS)

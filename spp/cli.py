@@ -23,7 +23,7 @@ COMMANDS = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spp", description="Solution Path Pruning for vision transformers")
+    parser = argparse.ArgumentParser(prog="spp", description="Solution Path Pruning for vision transformers and LLMs")
     parser.add_argument("--version", action="version", version=f"spp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in COMMANDS.items():
@@ -34,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="outputs/demo", help="where the demo writes (default outputs/demo)")
     demo.add_argument("--fresh", action="store_true", help="pretrain again even if a cached model exists")
     demo.add_argument("overrides", nargs="*", default=[], help="key=value overrides applied to every stage")
+    demo_llm = sub.add_parser("demo-llm", help="the same on a small Llama pretrained on the Python documentation")
+    demo_llm.add_argument("--output", default="outputs/demo_llm", help="where the demo writes (default outputs/demo_llm)")
+    demo_llm.add_argument("--fresh", action="store_true", help="pretrain again even if a cached model exists")
+    demo_llm.add_argument("overrides", nargs="*", default=[], help="key=value overrides applied to every stage")
     return parser
 
 
@@ -46,6 +50,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "demo":
             from .demo import run_demo
             run_demo(args.output, args.overrides, fresh=args.fresh)
+            return 0
+        if args.command == "demo-llm":
+            from .demo_llm import run_demo_llm
+            run_demo_llm(args.output, args.overrides, fresh=args.fresh)
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "search":

@@ -73,9 +73,11 @@ def _calibration_loader(cfg: Config, loaders, runtime: Runtime):
                          f"training batches (search.nu_data=train)")
     batch -= batch % 2   # mixup pairs the samples of a batch
     loader = build_loader(val, batch, True, cfg.data.workers, cfg.seed + 7919, runtime.world_size, runtime.rank)
-    what = "sequences" if cfg.data.dataset == "text" else "images"
-    source = (f"{len(val):,} training {what} held out (data.val_fraction={cfg.data.val_fraction})"
-              if cfg.data.val_fraction > 0 else f"the dataset's validation set ({len(val):,} {what})")
+    if cfg.data.dataset == "text":
+        source = f"the validation text ({len(val):,} sequences of {cfg.data.seq_len} tokens)"
+    else:
+        source = (f"{len(val):,} training images held out (data.val_fraction={cfg.data.val_fraction})"
+                  if cfg.data.val_fraction > 0 else f"the dataset's validation set ({len(val):,} images)")
     main_print(runtime, f"nu: calibrated on {min(len(loader), cfg.search.calibration_batches)} batches of {source}")
     return loader
 

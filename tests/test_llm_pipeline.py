@@ -161,3 +161,25 @@ def test_torchrun_two_processes_give_one_identical_llm_path(tmp_path, text):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "solution path identical on all 2 ranks" in result.stdout
     assert json.load(open(os.path.join(out, "path.json")))["steps"] == 8
+
+
+def test_demo_llm_pretrains_once_and_prints_the_table(tmp_path, text, capsys, monkeypatch):
+    """spp demo-llm on a small text folder, shrunk: tokenizer + model pretrained and cached, then search, family,
+    export and finetune; a second run takes the cached model."""
+    import spp.demo_llm as demo
+
+    monkeypatch.setattr(demo, "PRETRAIN", dict(demo.PRETRAIN, hidden_size=64, intermediate_size=96,
+                                               num_hidden_layers=2))
+    monkeypatch.setattr(demo, "STEPS", 20)
+    monkeypatch.setattr(demo, "VOCAB", 80)
+    out = str(tmp_path / "demo")
+    small = [f"data.root={text}", "data.seq_len=32", "data.val_fraction=0.2", "data.test_fraction=0.2",
+             "search.steps=12", "family.targets=[1.0,0.7,0.5]", "train.steps=6"]
+    assert main(["demo-llm", "--output", out, *small]) == 0
+    printed = capsys.readouterr().out
+    assert "1/5 pretrain a small Llama" in printed and "pretrained: val perplexity" in printed
+    rows = [line for line in printed.splitlines() if line.startswith("| ") and "%" in line]
+    assert len(rows) == 3 and rows[1].split("|")[-2].strip()       # the exported 70% member was finetuned
+    assert os.path.isfile(os.path.join(out, "pretrain", "model", "tokenizer.json"))
+    assert main(["demo-llm", "--output", out, *small]) == 0
+    assert "pretrained model cached in" in capsys.readouterr().out

@@ -1,0 +1,126 @@
+"""`spp demo-llm`: the pipeline on a decoder LLM in minutes on a laptop CPU, on real English text.
+
+Stage 1 (cached): train a byte-level BPE tokenizer (4,096 tokens) on the training files of the Python
+documentation's reStructuredText sources (Debian's ``python3.11-doc``), and pretrain a small Llama on them
+(4 layers, width 256, 4 query heads sharing 2 key/value heads, RoPE, SwiGLU). Then the LBI search, the
+family's validation perplexity at several sizes without retraining, one member exported (30% of the
+prunable parameters removed) and finetuned briefly with distillation from the dense model.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import List, Sequence
+
+import torch
+
+from .demo import _banner, _config
+
+PRETRAIN = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+VOCAB, STEPS, WARMUP, LR, BATCH = 4096, 700, 50, 2e-3, 16
+
+
+def _tokenizer(files: Sequence[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train(list(files), trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
+                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+def pretrain(cfg, directory: str) -> None:
+    """Tokenizer and model from scratch on the training split of ``cfg.data`` (the search's), saved to
+    ``directory`` as a Hugging Face model directory (safetensors) with its tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .engine import evaluate, train_one_epoch
+    from .runtime import setup_runtime
+    from .tasks import NextToken
+    from .text import _split_files, text_datasets
+
+    runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
+    files = _split_files(cfg.data.root, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    tokenizer = _tokenizer(files["train"])
+    os.makedirs(directory, exist_ok=True)
+    tokenizer.save_pretrained(directory)
+    print(f"tokenizer: {VOCAB:,} byte-level BPE tokens, trained on {len(files['train'])} files of {cfg.data.root}")
+    data = text_datasets(cfg.data.root, directory, cfg.data.seq_len, cfg.data.val_fraction, cfg.data.test_fraction,
+                         cfg.seed, ["train", "val"])
+    torch.manual_seed(cfg.seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                                         eos_token_id=tokenizer.eos_token_id, **PRETRAIN)).to(runtime.device)
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {STEPS} steps of "
+          f"{BATCH} x {cfg.data.seq_len} tokens ({data['train'].ids.numel():,} training tokens)")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / WARMUP, 0.5 * (
+        1 + math.cos(math.pi * min(s, STEPS) / STEPS)) * 0.9 + 0.1))
+    loader = torch.utils.data.DataLoader(data["train"], batch_size=BATCH, shuffle=True, drop_last=True,
+                                         generator=torch.Generator().manual_seed(cfg.seed))
+    task, step = NextToken(), 0
+    while step < STEPS:
+        stats = train_one_epoch(model, lambda x, out, y: task.loss(out, y), loader, optimizer, runtime, step=step,
+                                max_steps=STEPS, clip_grad=1.0, on_step=lambda s, loss: schedule.step(),
+                                desc="pretrain", task=task)
+        step = stats["step"]
+    val = torch.utils.data.DataLoader(data["val"], batch_size=cfg.data.eval_batch_size)
+    metrics = evaluate(model, val, runtime, max_batches=cfg.family.max_batches, task=task)
+    print(f"pretrained: val perplexity {metrics['perplexity']:.2f} ({metrics['tokens']:,} tokens)")
+    model.save_pretrained(directory)
+
+
+def run_demo_llm(output: str = "outputs/demo_llm", overrides: Sequence[str] = (), fresh: bool = False) -> str:
+    from .report import run_export, run_family, write_table
+    from .retrain import run_retrain
+    from .search import run_search
+
+    start = time.time()
+    model_dir = os.path.join(output, "pretrain", "model")
+    search_dir, pruned_dir = os.path.join(output, "search"), os.path.join(output, "search", "pruned")
+    shared = [f"model.name={model_dir}", *overrides]
+    search = _config("demo_llm_search.yaml", [f"output={search_dir}", "resume=null", f"export.out={pruned_dir}",
+                                               *shared])
+    if not os.path.isdir(search.data.root):
+        raise FileNotFoundError(f"{search.data.root} not found: the demo's text is Debian's python3.11-doc "
+                                "(sudo apt-get install python3.11-doc), or give data.root=FOLDER of .txt files")
+    if fresh or not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        _banner("1/5 pretrain a small Llama on the Python documentation (cached for the next run)")
+        pretrain(search, model_dir)
+    else:
+        _banner(f"1/5 pretrained model cached in {model_dir} (--fresh trains it again)")
+    _banner("2/5 search: LBI over the masks of the frozen model")
+    run_search(search)
+    _banner("3/5 family: members at several sizes, no retraining")
+    rows = run_family(search)
+    _banner(f"4/5 export: {search.export.remove:.0%} of the prunable parameters removed, compressed")
+    run_export(search)
+    _banner("5/5 finetune the exported member briefly (distilled from the dense model)")
+    retrain = _config("demo_llm_search.yaml", [f"output={output}/retrain", "resume=null", f"train.source={pruned_dir}",
+                                               *shared])
+    result = run_retrain(retrain)
+    table = _summary(rows, search.export.remove, result)
+    markdown = write_table(table, os.path.join(output, "summary"))
+    print(f"\nSPP LLM demo on the Python documentation (validation perplexity, {search.data.seq_len}-token windows, "
+          f"{time.time() - start:.0f} s):\n")
+    print(markdown)
+    print(f"plots: {search_dir}/path.png (solution path), {search_dir}/family_eval.png (perplexity vs size)")
+    return markdown
+
+
+def _summary(rows: List[dict], removed: float, result: dict) -> List[dict]:
+    table = []
+    for r in rows:
+        exported = abs(r["target"] - (1 - removed)) < 1e-9
+        table.append({"prunable params kept": f"{r['target']:.0%}", "params": f"{r['params'] / 1e6:.3f}M",
+                      "FLOPs per sequence": f"{r['flops'] / 1e6:.1f}M ({r['flops_kept']:.0%})",
+                      "ranked by, kept elements hold": f"{'entry step' if r['rank'] == 'entry' else 'final z'}, "
+                                                       f"{'1' if r['values'] == 'binary' else 'search M'}",
+                      "perplexity, no finetune": f"{r['perplexity']:.2f}",
+                      "perplexity, finetuned": f"{result['best']['perplexity']:.2f}" if exported else ""})
+    return table
