@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Prepare, on a machine with a package index, what scripts/gpu_check.sh needs on a GPU machine without
 # one (git ignores all three):
-#   .whl/                                   wheels of timm and torch-pruning (pure Python) for that
-#                                           machine's Python (PYTHON_VERSION, default 3.12)
+#   .whl/                                   wheels of timm, torch-pruning and transformers (with its
+#                                           dependencies) for that machine's Python (PYTHON_VERSION, default 3.12)
 #   data/fashion-mnist/                     a copy of the Debian package's Fashion-MNIST files
 #   outputs/demo/pretrain/best.safetensors  the demo's pretrained ViT (`make demo` writes it)
 # Prints the paths to carry.
@@ -14,6 +14,9 @@ TORCH_PRUNING=$(python3 -c "import importlib.metadata as m; print(m.version('tor
 rm -rf .whl && mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYTHON_VERSION" -d .whl \
   "timm==$TIMM" "torch-pruning==$TORCH_PRUNING"
+TRANSFORMERS=$(python3 -c "import transformers; print(transformers.__version__)")
+python3 -m pip download -q --only-binary=:all: --python-version "$PYTHON_VERSION" -d .whl "transformers==$TRANSFORMERS" \
+  && rm -f .whl/torch-*.whl .whl/nvidia_*.whl .whl/triton-*.whl   # the GPU machine has its own PyTorch
 ls .whl
 if [ -d /usr/share/datasets/fashion-mnist ]; then
   mkdir -p data && rm -rf data/fashion-mnist && cp -r /usr/share/datasets/fashion-mnist data/

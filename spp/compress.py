@@ -85,11 +85,13 @@ def compress(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
     return pruned
 
 
-def save_pruned(model: nn.Module, directory: str, base: Optional[Mapping] = None) -> None:
+def save_pruned(model: nn.Module, directory: str, base: Optional[Mapping] = None,
+                state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> None:
     """Write ``model.safetensors`` and ``config.json`` for a compressed model (no pickle).
 
     ``base`` says how to rebuild the dense model (the family's description, recorded by
-    :func:`compress`; for timm, ``{"name": timm model name, "kwargs": {...}}``).
+    :func:`compress`; for timm, ``{"name": timm model name, "kwargs": {...}}``). ``state_dict`` (default
+    ``model.state_dict()``) are the weights to write, under the model's own names.
     """
     from safetensors.torch import save_file
 
@@ -100,10 +102,11 @@ def save_pruned(model: nn.Module, directory: str, base: Optional[Mapping] = None
     base = dict(base) if base is not None else getattr(model, "spp_base", None) or family.describe(model)
     os.makedirs(directory, exist_ok=True)
     aliases = aliased_keys(model)   # tied weights (an LLM's lm_head and embeddings) are written once
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in aliases}
+    state = {k: v.detach().contiguous().cpu() for k, v in (state_dict or model.state_dict()).items() if k not in aliases}
+    buffers = {name for name, _ in model.named_buffers()}
     config = {"format": FORMAT, "version": FORMAT_VERSION, "family": family.name, "base": base,
               "blocks": [w.to_dict() for w in widths],
-              "params": sum(v.numel() for v in model.parameters())}
+              "params": sum(v.numel() for k, v in state.items() if k not in buffers)}
     layout = family.layout(model)
     if layout is not None:
         config["layout"] = layout

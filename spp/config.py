@@ -78,6 +78,7 @@ class SearchConfig:
     calibration_batches: int = _SEARCH["calibration_batches"]
     nu_data: str = "val"                    # batches auto ν is calibrated on: val (held out, never trained on) | train
     lam: float = _SEARCH["lam"]  # κλ = 4: see spp.LBI (0.1, κλ = 1, ranked worse on the benchmark)
+    distill: float = 0.0                    # weight of the KL to the dense model's outputs (the same weights, masks at 1)
     preconditioner: str = _SEARCH["preconditioner"]
     shrink: str = _SEARCH["shrink"]
     log_every: int = 20
@@ -129,6 +130,9 @@ class TrainConfig:
     clip_grad: Optional[float] = None
     ema: bool = False
     ema_decay: float = 0.99996
+    lora_rank: int = 0                      # language models: > 0 trains LoRA adapters of this rank (peft) on every
+                                            # projection instead of all weights; merged into the saved model
+    lora_alpha: float = 16.0
     distill: float = 0.0                    # weight of the soft KL to the dense teacher
     distill_temperature: float = 1.0
     eval_every: int = 1
@@ -314,16 +318,17 @@ def _check_ranges(c: Config) -> None:
             "search.log_every": s.log_every, "family.round_to": c.family.round_to,
             "export.round_to": c.export.round_to, "export.budget": c.export.budget, "train.epochs": t.epochs,
             "train.lr": t.lr, "train.clip_grad": t.clip_grad, "train.distill_temperature": t.distill_temperature,
-            "train.eval_every": t.eval_every, "train.log_every": t.log_every, **numbers}),
+            "train.eval_every": t.eval_every, "train.log_every": t.log_every, "train.lora_alpha": t.lora_alpha,
+            **numbers}),
         (count, {
             "data.workers": d.workers, "data.mixup": d.mixup, "data.cutmix": d.cutmix,
-            "data.color_jitter": d.color_jitter, "search.steps": s.steps, "search.lam": s.lam,
+            "data.color_jitter": d.color_jitter, "search.steps": s.steps, "search.lam": s.lam, "search.distill": s.distill,
             "search.checkpoint_every": s.checkpoint_every, "family.floor": c.family.floor,
             "family.max_batches": c.family.max_batches, "export.floor": c.export.floor,
             "export.max_batches": c.export.max_batches, "train.steps": t.steps,
             "train.min_lr": t.min_lr, "train.warmup_epochs": t.warmup_epochs, "train.warmup_lr": t.warmup_lr,
             "train.weight_decay": t.weight_decay, "train.distill": t.distill,
-            "train.checkpoint_every": t.checkpoint_every}),
+            "train.checkpoint_every": t.checkpoint_every, "train.lora_rank": t.lora_rank}),
         (fraction, {
             "data.reprob": d.reprob, "export.keep": c.export.keep, "export.remove": c.export.remove,
             **{f"search.targets[{i}]": v for i, v in enumerate(s.targets)},

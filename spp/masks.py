@@ -22,7 +22,7 @@ from torch import nn
 from .structure import GRANULARITIES, mask_names, model_family, model_geometry
 
 __all__ = ["add_masks", "remove_masks", "mask_parameters", "freeze_weights", "set_masks", "is_masked",
-           "granularity_of", "require_masks"]
+           "granularity_of", "require_masks", "MasksAtOne"]
 
 _NO_MASKS = "the model has no masks; call spp.add_masks(model) first"
 
@@ -98,3 +98,21 @@ def set_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:
             raise ValueError(f"mask {name}: shape {tuple(value.shape)} != model's {tuple(params[name].shape)}")
         params[name].copy_(value)
     return model
+
+
+class MasksAtOne:
+    """The dense model a masked model was made from, without a second copy of its weights: calling it runs
+    the masked model with every mask at 1 (no gradients; the mask parameters themselves are not touched).
+    A search's distillation teacher (``search.distill``)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @torch.no_grad()
+    def __call__(self, *args, **kwargs):
+        ones = {name: torch.ones_like(p) for name, p in mask_parameters(self.model)}
+        training = self.model.training
+        try:   # the masks are swapped for ones for this call only: the student's graph keeps its own
+            return torch.func.functional_call(self.model.eval(), ones, args, kwargs, strict=False)   # no dropout
+        finally:
+            self.model.train(training)

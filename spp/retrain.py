@@ -23,8 +23,31 @@ __all__ = ["run_retrain"]
 CHECKPOINT = "train_checkpoint.pth"
 
 
+def _with_lora(model: nn.Module, rank: int, alpha: float) -> nn.Module:
+    """``model`` with LoRA adapters (peft) of ``rank`` on every prunable projection; only they train."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise ImportError("train.lora_rank needs peft: pip install peft") from e
+    from .structure import model_family
+    family = model_family(model)
+    names = sorted({name.rsplit(".", 1)[-1] for block in family.blocks(model)
+                    for name, m in block.named_modules() if isinstance(m, nn.Linear)})
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=names))
+
+
 def _save_model(model: nn.Module, directory: str) -> None:
-    """Pruned models as ``save_pruned`` dirs; dense ones as ``<dir>.safetensors``."""
+    """Pruned models as ``save_pruned`` dirs; dense ones as ``<dir>.safetensors``. A model with LoRA adapters is
+    saved with them merged into its weights (merged in place for the save, then taken out again)."""
+    if hasattr(model, "merge_adapter"):
+        model.merge_adapter()
+        try:
+            base = model.get_base_model()
+            state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if ".lora_" not in k}
+            save_pruned(base, directory, state_dict=state)
+        finally:
+            model.unmerge_adapter()
+        return
     if getattr(model, "spp_widths", None) is not None:
         save_pruned(model, directory)
     else:
@@ -46,6 +69,10 @@ def run_retrain(cfg: Config) -> Dict:
     model = source_model(cfg, runtime).to(runtime.device)
     for p in model.parameters():
         p.requires_grad_(True)
+    if t.lora_rank:
+        if cfg.data.dataset != "text":
+            raise ValueError("train.lora_rank is for language models (data.dataset=text); set train.lora_rank=0")
+        model = _with_lora(model, t.lora_rank, t.lora_alpha)
     loaders = build_loaders(cfg, runtime)
     loader = loaders["train"]
     steps_per_epoch = len(loader)
@@ -83,7 +110,9 @@ def run_retrain(cfg: Config) -> Dict:
     if runtime.is_main:  # after the resume checks: a refused resume leaves the folder as it was
         os.makedirs(cfg.output, exist_ok=True)
         save_config(cfg, os.path.join(cfg.output, "config.yaml"))
-    main_print(runtime, f"train: {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M params, "
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    main_print(runtime, f"train: {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M params"
+                        + (f" ({trained / 1e6:.3f}M in LoRA adapters of rank {t.lora_rank})" if t.lora_rank else "") + ", "
                         f"{total_steps} steps ({steps_per_epoch}/epoch), lr {lr:.3g}")
     logger = RunLogger(cfg.output, runtime)
 

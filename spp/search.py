@@ -13,7 +13,7 @@ from .config import Config, save_config
 from .data import build_loader
 from .engine import train_one_epoch
 from .family import WeightFamily
-from .masks import add_masks, mask_parameters
+from .masks import MasksAtOne, add_masks, mask_parameters
 from .optim import LBI
 from .path import SolutionPath, support_sizes
 from .runtime import (CheckpointError, NonFiniteLoss, Runtime, RunLogger, check_same_run, check_shapes,
@@ -95,7 +95,8 @@ def run_search(cfg: Config) -> SolutionPath:
     if steps_per_epoch == 0:
         raise ValueError(f"the training set has fewer samples per process than data.batch_size={cfg.data.batch_size}")
     total_steps = cfg.search.steps or cfg.search.epochs * steps_per_epoch
-    mixup_fn, criterion = build_criterion(cfg.data)
+    teacher = MasksAtOne(model) if cfg.search.distill > 0 else None   # the dense model: the same weights, masks at 1
+    mixup_fn, criterion = build_criterion(cfg.data, teacher, cfg.search.distill)
     net = DistributedDataParallel(model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None) \
         if runtime.distributed else model
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.amp_dtype is torch.float16 else None

@@ -324,3 +324,21 @@ def test_robustness_benchmark_runs_and_its_spp_row_takes_the_reading_val_prefers
     assert set(summary["taylor"]) == {"0.5", "0.85"} and len(summary["spp"]["0.5"]) == 2   # mean, std
     assert "| spp-train-nu |" in (out / "benchmark_robustness.md").read_text()
     assert (out / "models" / "digits-memorised.safetensors").is_file()   # cached for the next run
+
+
+def test_llm_speed_check_runs_on_a_tiny_model(tmp_path):
+    """scripts/llm_speed.py (gpu_check.sh's LLM part) on CPU, tiny: a search step, then tokens/s of the dense model
+    and of two compressed members, each smaller than the last."""
+    pytest.importorskip("transformers", reason="the LLM speed check needs transformers")
+    out = tmp_path / "llm_speed.json"
+    result = subprocess.run([sys.executable, os.path.join(SCRIPTS, "llm_speed.py"), "--tiny", "--device", "cpu",
+                             "--repeats", "1", "--warmup", "0", "--out", str(out)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.load(open(out))
+    assert rows[0]["what"] == "search step" and rows[0]["seconds"] > 0
+    inference = [r for r in rows if r["what"] == "inference"]
+    assert [r["member"] for r in inference] == ["dense", "dense", "-30%", "-30%", "-50%", "-50%"]
+    params = [r["params"] for r in inference[::2]]
+    assert params[0] > params[1] > params[2]
+    assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in inference)

@@ -456,3 +456,22 @@ def test_magnitude_scores_follow_the_mask_layout(name, granularity):
     names = geom.mask_names()
     assert int(scores[names["qk"]].argmin()) == (2 if granularity == "head" else 3)
     assert scores[names["mlp"]][5] < scores[names["mlp"]].median()
+
+
+def test_masks_at_one_is_the_dense_model_without_a_copy():
+    """search.distill's teacher: the masked model run with every mask at 1 gives the dense logits, without
+    gradients, and leaves the masks and the train/eval mode as they were."""
+    from spp.masks import MasksAtOne
+
+    model = tiny("llama-gqa-bias")
+    ids = torch.randint(3, VOCAB, (2, 12))
+    with torch.no_grad():
+        dense = model(ids).logits
+    spp.add_masks(model)
+    masks = random_masks(model, seed=4)
+    spp.set_masks(model, masks)
+    model.train()
+    out = MasksAtOne(model)(ids).logits
+    assert torch.equal(out, dense) and not out.requires_grad
+    assert model.training
+    assert all(torch.equal(p, masks[n]) for n, p in spp.mask_parameters(model))

@@ -183,3 +183,51 @@ def test_demo_llm_pretrains_once_and_prints_the_table(tmp_path, text, capsys, mo
     assert os.path.isfile(os.path.join(out, "pretrain", "model", "tokenizer.json"))
     assert main(["demo-llm", "--output", out, *small]) == 0
     assert "pretrained model cached in" in capsys.readouterr().out
+
+
+def test_retrain_with_lora_trains_adapters_and_saves_them_merged(tmp_path, text, capsys):
+    """train.lora_rank: peft adapters on every projection of the member train, its own weights stay; the saved
+    best model has them merged (a plain transformers model of the member's size) and the lower perplexity."""
+    pytest.importorskip("peft", reason="LoRA needs peft")
+    import spp
+    from spp.build import build_loaders, task_for
+    from spp.engine import evaluate
+    from spp.runtime import setup_runtime
+
+    model = write_model(tmp_path / "model", "llama")
+    out = str(tmp_path / "run")
+    args = [f"output={out}", f"model.name={model}", f"data.root={text}"]
+    assert main(["search", SMOKE, *args]) == 0 and main(["export", SMOKE, *args]) == 0
+    pruned = os.path.join(out, "pruned")
+    retrain = [*args, f"output={tmp_path / 'lora'}", f"train.source={pruned}", "train.epochs=3", "train.lr=0.2",
+               "train.warmup_epochs=0", "train.lora_rank=4", "train.weight_decay=0"]
+    assert main(["retrain", SMOKE, *retrain]) == 0
+    printed = capsys.readouterr().out
+    assert "in LoRA adapters of rank 4" in printed
+    best = spp.load_pruned(str(tmp_path / "lora" / "best"))
+    small = spp.load_pruned(pruned)
+    assert spp.count_params(best) == spp.count_params(small)
+    assert not any("lora" in n for n in best.state_dict())
+    changed = [n for n, p in best.state_dict().items() if not torch.equal(p, small.state_dict()[n])]
+    assert changed and all(n.endswith("proj.weight") for n in changed)     # adapters merged into the projections
+    cfg = load_config(SMOKE, args)
+    runtime = setup_runtime("cpu", "off", 0)
+    val = build_loaders(cfg, runtime, ["val"])["val"]
+    assert evaluate(best, val, runtime, task=task_for(cfg))["perplexity"] < evaluate(small, val, runtime, task=task_for(cfg))["perplexity"]
+    saved = json.load(open(tmp_path / "lora" / "best" / "config.json"))
+    assert saved["params"] == spp.count_params(small)
+
+
+def test_search_distills_from_the_dense_model(tmp_path, text):
+    """search.distill > 0 adds the KL to the dense model's next-token distributions: another path, same steps."""
+    import spp
+
+    model = write_model(tmp_path / "model", "llama")
+    paths = []
+    for distill in (0.0, 0.5):
+        out = str(tmp_path / f"d{distill}")
+        assert main(["search", SMOKE, f"output={out}", f"model.name={model}", f"data.root={text}",
+                     f"search.distill={distill}"]) == 0
+        paths.append(spp.SolutionPath.load(out))
+    assert paths[0].steps == paths[1].steps == 16
+    assert any(not torch.equal(paths[0].entries[n]["z"], paths[1].entries[n]["z"]) for n in paths[0].entries)

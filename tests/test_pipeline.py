@@ -480,3 +480,9 @@ def test_torchrun_two_processes_retrain(tmp_path):
         spp.count_params(spp.load_pruned(os.path.join(search, "pruned")))
     runs = [line["run"] for line in map(json.loads, open(os.path.join(out, "log.jsonl"))) if "run" in line]
     assert [r["processes"] for r in runs] == [2]
+
+
+def test_search_distills_from_the_dense_vit(tmp_path):
+    """search.distill on a ViT (mixup on): the KL to the dense model's predictions, masks at 1, without a copy."""
+    assert run("search", str(tmp_path / "kd"), "search.steps=6", "search.distill=0.5") == 0
+    assert spp.SolutionPath.load(str(tmp_path / "kd")).steps == 6
