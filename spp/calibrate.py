@@ -74,6 +74,8 @@ def mask_gradient_rms(model, data: Iterable, loss_fn: Callable = F.cross_entropy
     if runtime is None:
         runtime = _OneProcess(named[0][1].device)
     squares = dict.fromkeys((n for n, _ in named), 0.0)
+    sharded = any(hasattr(p, "device_mesh") for _, p in named)   # FSDP2's DTensors: not leaves of the graph
+    world = torch.distributed.get_world_size() if sharded else 1
     seen = samples = 0
     model.train()
     for i, batch in enumerate(data):
@@ -89,10 +91,17 @@ def mask_gradient_rms(model, data: Iterable, loss_fn: Callable = F.cross_entropy
             images, targets = mixup_fn(images, targets)
         with runtime.autocast():
             loss = loss_fn(model(images), targets)
-        for (name, _), g in zip(named, torch.autograd.grad(loss, [p for _, p in named])):
+        if sharded:   # FSDP2: backward reduce-scatters the masks' gradient, averaged over the ranks' batches
+            for _, p in named:
+                p.grad = None
+            loss.backward()
+            grads = [p.grad.full_tensor() for _, p in named]
+        else:
+            grads = torch.autograd.grad(loss, [p for _, p in named])
+        for (name, _), g in zip(named, grads):
             squares[name] += float(g.float().pow(2).sum())
         seen += 1
-        samples += images.shape[0]
+        samples += images.shape[0] * (world if sharded else 1)   # sharded: one gradient of every rank's samples
     if seen == 0:
         raise ValueError("no batch to calibrate nu from: data yielded none (is the data set smaller than one batch?)")
     rms = {n: (math.sqrt(runtime.all_mean(squares[n] / (seen * p.numel()))), p.numel()) for n, p in named}

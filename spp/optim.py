@@ -189,8 +189,9 @@ def lbi(
     foreach: Optional[bool] = None,
 ):
     """Functional LBI step (see :class:`LBI`); updates every tensor in place."""
-    if foreach is None:
-        foreach = all(p.device.type in ("cuda", "cpu") for p in params) and not torch.jit.is_scripting()
+    if foreach is None:   # sharded masks (FSDP2's DTensors) take the per-tensor path: DTensor has no _foreach_copy_
+        foreach = all(p.device.type in ("cuda", "cpu") and type(p.data) is torch.Tensor for p in params) \
+            and not torch.jit.is_scripting()
     fn = _multi_tensor_lbi if foreach else _single_tensor_lbi
     fn(params, grads, zs, gammas, entry_steps, steps, exp_avgs, exp_avg_sqs,
        lr=lr, kappa=kappa, nu=nu, lam=lam, betas=betas, eps=eps, shrink=shrink)

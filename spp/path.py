@@ -18,6 +18,11 @@ FIELDS = ("entry_step", "z", "gamma", "mask")
 PATH_VERSION = 1
 
 
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded DTensor (FSDP2) as the whole tensor; any other tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 @torch.no_grad()
 def support_sizes(optimizer: torch.optim.Optimizer, model: nn.Module) -> Dict[str, int]:
     """Number of non-zero entries of Γ per pair type (``qk``, ``v``, ``mlp``)."""
@@ -26,7 +31,7 @@ def support_sizes(optimizer: torch.optim.Optimizer, model: nn.Module) -> Dict[st
     for name, p in mask_parameters(model):
         gamma = optimizer.state.get(p, {}).get("gamma")
         if gamma is not None:
-            counts[pairs[name][0]] += int(torch.count_nonzero(gamma))
+            counts[pairs[name][0]] += int(torch.count_nonzero(_whole(gamma)))
     return counts
 
 
@@ -42,8 +47,9 @@ class SolutionPath:
     def __init__(self, entries: Mapping[str, Mapping[str, torch.Tensor]], pairs: Mapping[str, Tuple[str, int]],
                  granularity: str, steps: int, support: Optional[List] = None,
                  meta: Optional[Mapping] = None):
-        # copies: the path must not follow the model's masks when set_masks later changes them
-        self.entries = {n: {f: e[f].detach().float().cpu().clone() for f in FIELDS} for n, e in entries.items()}
+        # copies: the path must not follow the model's masks when set_masks later changes them; masks sharded by
+        # FSDP2 (DTensors) are gathered whole, a collective every rank takes part in
+        self.entries = {n: {f: _whole(e[f]).detach().float().cpu().clone() for f in FIELDS} for n, e in entries.items()}
         self.pairs = {n: (p, int(b)) for n, (p, b) in pairs.items()}
         self.granularity = granularity
         self.steps = int(steps)

@@ -26,10 +26,26 @@ __all__ = ["run_search"]
 CHECKPOINT = "checkpoint.pth"
 
 
+def _whole(tensor):
+    """A DTensor (FSDP2-sharded) as the whole tensor, gathered from every rank; anything else as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _shard(model, runtime: Runtime) -> None:
+    """FSDP2: each block, then the rest of the model, split over the ranks (frozen weights and masks alike)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from .structure import model_family
+    for block in model_family(model).blocks(model):
+        fully_shard(block)
+    fully_shard(model)
+    main_print(runtime, f"FSDP2: weights and masks sharded over {runtime.world_size} processes")
+
+
 def _path_checksum(optimizer: LBI, masks) -> torch.Tensor:
     rows = []
     for p in masks:
-        s = optimizer.state[p]
+        s = {k: _whole(v) for k, v in optimizer.state[p].items()}
         entry = s["entry_step"]
         rows.append(torch.stack([s["gamma"].double().sum(), s["z"].double().sum(),
                                  entry[torch.isfinite(entry)].double().sum(), torch.isinf(entry).double().sum()]))
@@ -49,11 +65,14 @@ def _check_ranks_agree(runtime: Runtime, optimizer: LBI, masks) -> None:
 
 def _save(cfg: Config, model_masks, optimizer, support, step, epoch, batch, runtime) -> None:
     rng = gather_rng_states(runtime)  # collective: every rank takes part
+    masks = {n: _whole(p.detach()).cpu() for n, p in model_masks}   # FSDP2: gathered, also a collective
+    optim = optimizer.state_dict()
+    optim["state"] = {i: {k: _whole(v) for k, v in st.items()} for i, st in optim["state"].items()}
     if not runtime.is_main:
         return
     state = {"kind": "search", "model_name": cfg.model.name, "config": cfg.to_dict(),
-             "masks": {n: p.detach().cpu() for n, p in model_masks},
-             "optimizer": optimizer.state_dict(), "support": support, "step": step,
+             "masks": masks,
+             "optimizer": optim, "support": support, "step": step,
              "epoch": epoch, "batch": batch, "rng": rng}
     save_training_checkpoint(state, os.path.join(cfg.output, CHECKPOINT))
 
@@ -87,7 +106,10 @@ def run_search(cfg: Config) -> SolutionPath:
     model = build_model(cfg, runtime)
     add_masks(model, cfg.model.granularity, freeze=True)
     model.to(runtime.device)
-    named_masks = mask_parameters(model)
+    sharded = runtime.distributed and cfg.model.fsdp
+    if sharded:
+        _shard(model, runtime)
+    named_masks = mask_parameters(model)   # after sharding: FSDP2 replaces the parameters with DTensors
     masks = [p for _, p in named_masks]
     loaders = build_loaders(cfg, runtime)
     loader = loaders["train"]
@@ -98,7 +120,7 @@ def run_search(cfg: Config) -> SolutionPath:
     teacher = MasksAtOne(model) if cfg.search.distill > 0 else None   # the dense model: the same weights, masks at 1
     mixup_fn, criterion = build_criterion(cfg.data, teacher, cfg.search.distill)
     net = DistributedDataParallel(model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None) \
-        if runtime.distributed else model
+        if runtime.distributed and not sharded else model
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.amp_dtype is torch.float16 else None
 
     resume = resume_file(cfg.resume, os.path.join(cfg.output, CHECKPOINT))
@@ -112,13 +134,15 @@ def run_search(cfg: Config) -> SolutionPath:
         check_same_run(state, cfg.to_dict(), resume)              # same model: which settings differ
         with torch.no_grad():
             for name, p in named_masks:
-                p.copy_(state["masks"][name])
+                p.copy_(_like(state["masks"][name].to(runtime.device), p))
         optimizer = LBI(lbi_groups(named_masks, s.nu_calibration, pairs))
         if len(optimizer.param_groups) != len(state["optimizer"]["param_groups"]):
             raise CheckpointError(f"{resume} was written with another search.nu_calibration "
                                   f"({len(state['optimizer']['param_groups'])} ν groups, this config makes "
                                   f"{len(optimizer.param_groups)}); resume with the setting it was started with")
         optimizer.load_state_dict(state["optimizer"])  # restores every group's lr and ν too
+        for p in masks:   # FSDP2: the whole tensors saved are sharded again like their masks
+            optimizer.state[p] = {k: _like(v, p) for k, v in optimizer.state[p].items()}
         support, step, epoch, batch = state["support"], state["step"], state["epoch"], state["batch"]
         restore_rng_states(state["rng"], runtime)
         main_print(runtime, f"resumed {resume} at step {step} (epoch {epoch}, batch {batch})")
@@ -180,9 +204,11 @@ def run_search(cfg: Config) -> SolutionPath:
             hyper[k] = {name: group_of[id(p)][k] for name, p in named_masks}
     meta = {"model": cfg.model.name, "nu_calibration": s.nu_calibration, "hyperparameters": hyper}
     path = SolutionPath.from_optimizer(optimizer, model, support, meta)
+    # the family's FLOP count runs the model: under FSDP2 every rank takes part in that forward
+    family = WeightFamily(model, path, input_size_for(cfg)) if runtime.is_main or sharded else None
     if runtime.is_main:
         path.save(cfg.output)
-        write_family_table(model, path, cfg.search.targets, cfg.output, input_size_for(cfg))
+        write_family_table(model, path, cfg.search.targets, cfg.output, input_size_for(cfg), family=family)
         from .report import plot_path
         plot_path(path, os.path.join(cfg.output, "path.png"))
         main_print(runtime, f"wrote {cfg.output}/path.json, path.safetensors, family.md, path.png")
@@ -191,10 +217,19 @@ def run_search(cfg: Config) -> SolutionPath:
     return path
 
 
-def write_family_table(model, path: SolutionPath, targets, output: str, input_size=None) -> List[Dict]:
+def _like(tensor: torch.Tensor, param) -> torch.Tensor:
+    """``tensor`` (whole) sharded as ``param`` is, where ``param`` is a DTensor of the same shape."""
+    if hasattr(param, "device_mesh") and tensor.shape == param.shape:
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements)
+    return tensor
+
+
+def write_family_table(model, path: SolutionPath, targets, output: str, input_size=None,
+                       family: WeightFamily = None) -> List[Dict]:
     from .report import write_table
 
-    family = WeightFamily(model, path, input_size)
+    family = family or WeightFamily(model, path, input_size)
     rows = []
     for keep in targets:
         s = family.select(keep=keep).summary

@@ -475,3 +475,30 @@ def test_masks_at_one_is_the_dense_model_without_a_copy():
     assert torch.equal(out, dense) and not out.requires_grad
     assert model.training
     assert all(torch.equal(p, masks[n]) for n, p in spp.mask_parameters(model))
+
+
+def test_fsdp2_sharded_search_gives_the_unsharded_path(tmp_path):
+    """The LBI and the solution path on masks that FSDP2 shards (2 CPU processes over gloo): the same entry
+    steps and Γ as one unsharded process given the same batches."""
+    import subprocess
+    import sys
+
+    worker = os.path.join(os.path.dirname(__file__), "fsdp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    sharded, alone = str(tmp_path / "sharded"), str(tmp_path / "alone")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                             worker, sharded], capture_output=True, text=True, env=env, timeout=300)
+    if result.returncode and "fully_shard" in result.stderr and "gloo" in result.stderr:
+        pytest.skip(f"this torch has no FSDP2 over gloo on CPU: {result.stderr[-300:]}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = subprocess.run([sys.executable, worker, alone], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = spp.SolutionPath.load(sharded), spp.SolutionPath.load(alone)
+    assert a.entries.keys() == b.entries.keys() and a.steps == b.steps == 12
+    entered = 0
+    for name in a.entries:
+        assert torch.equal(a.entries[name]["entry_step"], b.entries[name]["entry_step"]), name
+        assert torch.equal(a.entries[name]["gamma"] != 0, b.entries[name]["gamma"] != 0), name
+        torch.testing.assert_close(a.entries[name]["z"], b.entries[name]["z"], rtol=1e-4, atol=1e-5)
+        entered += int(torch.isfinite(a.entries[name]["entry_step"]).sum())
+    assert 0 < entered < sum(e["entry_step"].numel() for e in a.entries.values())   # a path, not all or nothing

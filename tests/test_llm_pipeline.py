@@ -231,3 +231,55 @@ def test_search_distills_from_the_dense_model(tmp_path, text):
         paths.append(spp.SolutionPath.load(out))
     assert paths[0].steps == paths[1].steps == 16
     assert any(not torch.equal(paths[0].entries[n]["z"], paths[1].entries[n]["z"]) for n in paths[0].entries)
+
+
+def _torchrun_search(out, model, text, *overrides):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "spp", "search",
+            SMOKE, f"output={out}", f"model.name={model}", f"data.root={text}", *overrides]
+
+
+def test_fsdp2_search_matches_ddp_and_resumes_after_a_kill(tmp_path, text):
+    """model.fsdp=true under torchrun (2 CPU processes, gloo): weights and masks sharded by FSDP2, the same
+    path as DDP at the same ν, one path on both ranks, and a killed run resumes to the identical path."""
+    import signal
+    import time
+
+    import spp
+
+    model = write_model(tmp_path / "model", "llama")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    fixed = ["search.nu=5000", "search.rho=0.3", "search.lam=0.05", "search.steps=24", "search.checkpoint_every=4"]
+    runs = {}
+    for name, extra in (("ddp", []), ("fsdp", ["model.fsdp=true"])):
+        out = str(tmp_path / name)
+        result = subprocess.run(_torchrun_search(out, model, text, *fixed, *extra), capture_output=True, text=True,
+                                env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "solution path identical on all 2 ranks" in result.stdout
+        runs[name] = spp.SolutionPath.load(out)
+    assert "FSDP2: weights and masks sharded over 2 processes" in result.stdout
+    entered = 0
+    for n, e in runs["ddp"].entries.items():
+        assert torch.equal(e["entry_step"], runs["fsdp"].entries[n]["entry_step"]), n
+        torch.testing.assert_close(e["z"], runs["fsdp"].entries[n]["z"], rtol=1e-4, atol=1e-4)
+        entered += int(torch.isfinite(e["entry_step"]).sum())
+    assert entered > 0
+
+    out = str(tmp_path / "killed")
+    proc = subprocess.Popen(_torchrun_search(out, model, text, *fixed, "model.fsdp=true"), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint = os.path.join(out, "checkpoint.pth")
+    deadline = time.time() + 120
+    while not os.path.isfile(checkpoint) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)   # the launcher and both workers
+    proc.wait()
+    killed_at = torch.load(checkpoint, weights_only=True)["step"]
+    assert 0 < killed_at < 24
+    result = subprocess.run(_torchrun_search(out, model, text, *fixed, "model.fsdp=true", "resume=auto"),
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = spp.SolutionPath.load(out)
+    for n, e in runs["fsdp"].entries.items():
+        for field in ("entry_step", "z", "gamma", "mask"):
+            assert torch.equal(e[field], resumed.entries[n][field]), (n, field)
