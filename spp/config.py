@@ -42,7 +42,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dataset: str = "imagenet"               # imagenet | imagefolder | fashion_mnist | synthetic | text
-    root: Optional[str] = None              # text: a file or folder of .txt / .jsonl / .md / .rst (spp/text.py)
+    root: Optional[str] = None              # text: a file or folder of .txt / .jsonl / .md / .rst, or hf:NAME[:CONFIG]
     seq_len: int = 2048                     # text: tokens per sequence
     tokenizer: Optional[str] = None         # text: tokenizer directory or hf:ORG/NAME (default: the model's directory)
     test_fraction: float = 0.0              # text: hold out this fraction of the files (or sequences) as test
@@ -142,6 +142,15 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    tasks: List[str] = field(default_factory=list)  # language models: lm-evaluation-harness tasks (arc_easy, ...)
+    task_path: Optional[str] = None         # a folder of your own task YAML files (lm-eval's include_path)
+    limit: Optional[int] = None             # at most this many examples per task
+    num_fewshot: Optional[int] = None
+    batch_size: int = 8
+
+
+@dataclass
 class Config:
     output: str = "outputs/run"
     seed: int = 0
@@ -154,6 +163,7 @@ class Config:
     family: FamilyConfig = field(default_factory=FamilyConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -320,7 +330,7 @@ def _check_ranges(c: Config) -> None:
             "export.round_to": c.export.round_to, "export.budget": c.export.budget, "train.epochs": t.epochs,
             "train.lr": t.lr, "train.clip_grad": t.clip_grad, "train.distill_temperature": t.distill_temperature,
             "train.eval_every": t.eval_every, "train.log_every": t.log_every, "train.lora_alpha": t.lora_alpha,
-            **numbers}),
+            "eval.batch_size": c.eval.batch_size, **numbers}),
         (count, {
             "data.workers": d.workers, "data.mixup": d.mixup, "data.cutmix": d.cutmix,
             "data.color_jitter": d.color_jitter, "search.steps": s.steps, "search.lam": s.lam, "search.distill": s.distill,
@@ -329,7 +339,8 @@ def _check_ranges(c: Config) -> None:
             "export.max_batches": c.export.max_batches, "train.steps": t.steps,
             "train.min_lr": t.min_lr, "train.warmup_epochs": t.warmup_epochs, "train.warmup_lr": t.warmup_lr,
             "train.weight_decay": t.weight_decay, "train.distill": t.distill,
-            "train.checkpoint_every": t.checkpoint_every, "train.lora_rank": t.lora_rank}),
+            "train.checkpoint_every": t.checkpoint_every, "train.lora_rank": t.lora_rank,
+            "eval.limit": c.eval.limit, "eval.num_fewshot": c.eval.num_fewshot}),
         (fraction, {
             "data.reprob": d.reprob, "export.keep": c.export.keep, "export.remove": c.export.remove,
             **{f"search.targets[{i}]": v for i, v in enumerate(s.targets)},

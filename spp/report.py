@@ -155,6 +155,32 @@ def run_export(cfg: Config) -> str:
     return out
 
 
+def zero_shot(model: nn.Module, cfg: Config) -> Dict[str, Dict[str, float]]:
+    """``eval.tasks`` through lm-evaluation-harness (its ``HFLM`` around the model and its tokenizer):
+    ``{task: {metric: value}}``. Tasks read their data sets through ``datasets`` (online or cached);
+    ``eval.task_path`` adds task YAML files of your own (local data files work offline)."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise ImportError("eval.tasks needs lm-evaluation-harness: pip install -e '.[llm]' (lm-eval)") from e
+    from .text import load_tokenizer
+
+    e = cfg.eval
+    tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.name)
+    manager = TaskManager(include_path=e.task_path) if e.task_path else TaskManager()
+    unknown = [t for t in e.tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"eval.tasks: lm-evaluation-harness has no task {unknown} (lm_eval --tasks list names "
+                         "them; eval.task_path adds your own YAML files)")
+    lm = HFLM(pretrained=model.eval(), tokenizer=tokenizer, batch_size=e.batch_size, max_length=cfg.data.seq_len)
+    results = lm_eval.simple_evaluate(model=lm, tasks=list(e.tasks), task_manager=manager, limit=e.limit,
+                                      num_fewshot=e.num_fewshot)["results"]
+    return {task: {k.split(",")[0]: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+            for task, metrics in results.items()}
+
+
 @torch.no_grad()
 def lm_throughput(model: nn.Module, seq_len: int, device: torch.device, amp_dtype=None, new_tokens: int = 32,
                   repeats: int = 5) -> Dict[str, float]:
@@ -225,6 +251,8 @@ def run_eval(cfg: Config) -> Dict:
                   "protocol": f"non-overlapping {seq_len}-token windows of the test text, token-level",
                   "params": count_params(model), "flops_per_sequence": count_flops(model, (seq_len,)),
                   **lm_throughput(model, seq_len, runtime.device, runtime.amp_dtype)}
+        if cfg.eval.tasks:
+            result["tasks"] = zero_shot(model, cfg)
         main_print(runtime, json.dumps(result))
         return result
     size = input_size_of(model)

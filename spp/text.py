@@ -8,7 +8,10 @@
   (a seeded shuffle; ``data.val_fraction`` and ``data.test_fraction`` of the files, at least one each),
   so no document is in two splits;
 * one file: its sequences split in order (the last ``test_fraction`` for test, the ``val_fraction``
-  before them for val).
+  before them for val);
+* ``hf:NAME[:CONFIG]`` (online, or in the Hugging Face cache): that dataset's train / validation / test
+  splits through ``datasets.load_dataset``, e.g. ``hf:wikitext:wikitext-2-raw-v1``; offline, an error says
+  how to use local files instead.
 
 ``.jsonl`` files give the ``text`` field of each line. Documents are tokenized with the model's tokenizer
 (``data.tokenizer``, default the model's directory), joined with its end-of-sequence token, and cut into
@@ -71,6 +74,30 @@ def read_documents(files: Sequence[str]) -> List[str]:
     return [d for d in docs if d.strip()]
 
 
+def _hub_documents(root: str) -> Dict[str, List[str]]:
+    """The documents of each split of a Hugging Face dataset ``hf:NAME[:CONFIG]`` (its ``text`` field)."""
+    name, _, config = root[3:].partition(":")
+    try:
+        from datasets import load_dataset
+    except ImportError as e:
+        raise ImportError(f"data.root={root} is a Hugging Face dataset: pip install datasets") from e
+    try:
+        data = load_dataset(name, config or None)
+    except Exception as e:   # offline, unknown name or config: many exception types
+        raise FileNotFoundError(
+            f"could not load the Hugging Face dataset {name!r}{f' ({config})' if config else ''} for data.root={root} "
+            f"({type(e).__name__}: {str(e)[:200]}). Offline, save its text as .txt or .jsonl files (a 'text' field) "
+            "and set data.root to them (a folder with train/ val/ test/ entries keeps its splits)") from e
+    splits = {"train": "train", "val": "validation", "test": "test"}
+    out = {}
+    for split, hub in splits.items():
+        if hub in data:
+            texts = data[hub]["text"]
+            # line-per-row corpora (wikitext) are one running text per split; others give a document per row
+            out[split] = ["".join(texts)] if name.startswith("wikitext") else [t for t in texts if t.strip()]
+    return out
+
+
 def _split_files(root: str, val_fraction: float, test_fraction: float, seed: int) -> Dict[str, List[str]]:
     if not os.path.exists(root):
         raise FileNotFoundError(f"data.root={root} not found (looked for {os.path.abspath(root)}): give a text file "
@@ -126,8 +153,15 @@ def load_tokenizer(source: str):
 def text_datasets(root: str, tokenizer_source: str, seq_len: int, val_fraction: float, test_fraction: float,
                   seed: int, splits: Sequence[str]) -> Dict[str, TokenChunks]:
     """The :class:`TokenChunks` of ``splits`` (of train, val, test), as the module docstring describes."""
-    files = _split_files(root, val_fraction, test_fraction, seed)
     tokenizer = load_tokenizer(tokenizer_source)
+    if root.startswith("hf:"):   # a hub dataset's own train / validation / test splits
+        docs = _hub_documents(root)
+        missing = [split for split in splits if split not in docs]
+        if missing:
+            raise ValueError(f"data.root={root} has no {missing} split (it has {sorted(docs)})")
+        return {split: TokenChunks(_tokenize(tokenizer, docs[split], seq_len, f"{split} text of {root}"), root)
+                for split in splits}
+    files = _split_files(root, val_fraction, test_fraction, seed)
     if "single" in files:
         ids = _tokenize(tokenizer, read_documents(files["single"]), seq_len, root)
         n = ids.shape[0]

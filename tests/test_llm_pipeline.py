@@ -283,3 +283,52 @@ def test_fsdp2_search_matches_ddp_and_resumes_after_a_kill(tmp_path, text):
     for n, e in runs["fsdp"].entries.items():
         for field in ("entry_step", "z", "gamma", "mask"):
             assert torch.equal(e[field], resumed.entries[n][field]), (n, field)
+
+
+def test_unsupported_llm_is_an_error_line(tmp_path, text, capsys):
+    """A Qwen3 directory (q_norm/k_norm over the head dim) through spp search: one error line saying why."""
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(vocab_size=len(WORDS) + 4, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(str(tmp_path / "qwen3"))
+    _tokenizer().save_pretrained(str(tmp_path / "qwen3"))
+    assert main(["search", SMOKE, f"output={tmp_path / 'run'}", f"model.name={tmp_path / 'qwen3'}",
+                 f"data.root={text}"]) == 2
+    err = capsys.readouterr().err
+    assert "spp search: error: spp does not support Qwen3ForCausalLM: q_norm/k_norm normalise q and k" in err
+
+
+def test_hub_dataset_offline_says_how_to_use_local_files(tmp_path):
+    """data.root=hf:NAME:CONFIG reads a Hugging Face dataset; offline it is an error line pointing at local files."""
+    pytest.importorskip("datasets", reason="hub datasets need the datasets package")
+    model = write_model(tmp_path / "model", "llama")
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run([sys.executable, "-m", "spp", "search", SMOKE, f"output={tmp_path / 'run'}",
+                             f"model.name={model}", "data.root=hf:wikitext:wikitext-2-raw-v1"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "could not load the Hugging Face dataset 'wikitext' (wikitext-2-raw-v1)" in result.stderr
+    assert "Offline, save its text as .txt or .jsonl files" in result.stderr
+
+
+def test_eval_runs_zero_shot_tasks_through_lm_eval(tmp_path, text, capsys):
+    """spp eval with eval.tasks: lm-evaluation-harness scores a compressed member on a multiple-choice task read
+    from local files (eval.task_path), offline; an unknown task is an error line naming it."""
+    pytest.importorskip("lm_eval", reason="zero-shot tasks need lm-evaluation-harness (pip install lm-eval)")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    rows = [{"question": f"w{i} w{i + 1}", "choices": [f" w{i + 2}", f" w{i + 9}"], "answer": 0} for i in range(12)]
+    (tasks / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tasks / "next_word.yaml").write_text(
+        f"task: next_word\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tasks / 'data.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    model = write_model(tmp_path / "model", "llama")
+    out = str(tmp_path / "run")
+    args = [f"output={out}", f"model.name={model}", f"data.root={text}"]
+    assert main(["search", SMOKE, *args]) == 0 and main(["export", SMOKE, *args]) == 0
+    evaluate = [*args, f"train.source={os.path.join(out, 'pruned')}", f"eval.task_path={tasks}"]
+    result = run_eval(load_config(SMOKE, [*evaluate, "eval.tasks=[next_word]"]))
+    assert 0 <= result["tasks"]["next_word"]["acc"] <= 1
+    assert main(["eval", SMOKE, *evaluate, "eval.tasks=[no_such_task]"]) == 2
+    assert "lm-evaluation-harness has no task ['no_such_task']" in capsys.readouterr().err
