@@ -53,22 +53,27 @@ def run_demo(output: str = "outputs/demo", overrides: Sequence[str] = (), fresh:
     retrain = _config("demo_retrain.yaml", [f"output={output}/retrain", "resume=null", f"train.source={pruned_dir}",
                                             *shared])
     result = run_retrain(retrain)
-    table = _summary(rows, search.export.remove, result)
-    markdown = write_table(table, os.path.join(output, "summary"))
-    print(f"\nSPP demo on Fashion-MNIST (top-1 on 6,000 held-out validation images, {time.time() - start:.0f} s):\n")
-    print(markdown)
-    print(f"plots: {search_dir}/path.png (solution path), {search_dir}/family_eval.png (accuracy vs size)")
-    return markdown
+    return report(output, rows, search.export.remove, result,
+                  f"SPP demo on Fashion-MNIST (top-1 on 6,000 held-out validation images, {time.time() - start:.0f} s)",
+                  "accuracy vs size")
 
 
-def _summary(rows: List[dict], removed: float, result: dict) -> List[dict]:
+def report(output: str, rows: List[dict], removed: float, result: dict, title: str, plotted: str,
+           metric: str = "top1", columns=("top-1, no retrain", "top-1, retrained"), flops=("FLOPs", 2)) -> str:
+    """The demo's summary table (``output/summary.md``, printed): each member's size, reading and ``metric``
+    before and (the exported one) after retraining."""
     table = []
     for r in rows:
         exported = abs(r["target"] - (1 - removed)) < 1e-9
         table.append({"prunable params kept": f"{r['target']:.0%}", "params": f"{r['params'] / 1e6:.3f}M",
-                      "FLOPs": f"{r['flops'] / 1e6:.2f}M ({r['flops_kept']:.0%})",
+                      flops[0]: f"{r['flops'] / 1e6:.{flops[1]}f}M ({r['flops_kept']:.0%})",
                       "ranked by, kept elements hold": f"{'entry step' if r['rank'] == 'entry' else 'final z'}, "
                                                        f"{'1' if r['values'] == 'binary' else 'search M'}",
-                      "top-1, no retrain": f"{r['top1']:.2f}",
-                      "top-1, retrained": f"{result['best']['top1']:.2f}" if exported else ""})
-    return table
+                      columns[0]: f"{r[metric]:.2f}",
+                      columns[1]: f"{result['best'][metric]:.2f}" if exported else ""})
+    markdown = write_table(table, os.path.join(output, "summary"))
+    search_dir = os.path.join(output, "search")
+    print(f"\n{title}:\n")
+    print(markdown)
+    print(f"plots: {search_dir}/path.png (solution path), {search_dir}/family_eval.png ({plotted})")
+    return markdown

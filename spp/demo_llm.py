@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import List, Sequence
+from typing import Sequence
 
 import torch
 
-from .demo import _banner, _config
+from .demo import _banner, _config, report
 
 PRETRAIN = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
@@ -76,7 +76,7 @@ def pretrain(cfg, directory: str) -> None:
 
 
 def run_demo_llm(output: str = "outputs/demo_llm", overrides: Sequence[str] = (), fresh: bool = False) -> str:
-    from .report import run_export, run_family, write_table
+    from .report import run_export, run_family
     from .retrain import run_retrain
     from .search import run_search
 
@@ -104,23 +104,7 @@ def run_demo_llm(output: str = "outputs/demo_llm", overrides: Sequence[str] = ()
     retrain = _config("demo_llm_search.yaml", [f"output={output}/retrain", "resume=null", f"train.source={pruned_dir}",
                                                *shared])
     result = run_retrain(retrain)
-    table = _summary(rows, search.export.remove, result)
-    markdown = write_table(table, os.path.join(output, "summary"))
-    print(f"\nSPP LLM demo on the Python documentation (validation perplexity, {search.data.seq_len}-token windows, "
-          f"{time.time() - start:.0f} s):\n")
-    print(markdown)
-    print(f"plots: {search_dir}/path.png (solution path), {search_dir}/family_eval.png (perplexity vs size)")
-    return markdown
-
-
-def _summary(rows: List[dict], removed: float, result: dict) -> List[dict]:
-    table = []
-    for r in rows:
-        exported = abs(r["target"] - (1 - removed)) < 1e-9
-        table.append({"prunable params kept": f"{r['target']:.0%}", "params": f"{r['params'] / 1e6:.3f}M",
-                      "FLOPs per sequence": f"{r['flops'] / 1e6:.1f}M ({r['flops_kept']:.0%})",
-                      "ranked by, kept elements hold": f"{'entry step' if r['rank'] == 'entry' else 'final z'}, "
-                                                       f"{'1' if r['values'] == 'binary' else 'search M'}",
-                      "perplexity, no finetune": f"{r['perplexity']:.2f}",
-                      "perplexity, finetuned": f"{result['best']['perplexity']:.2f}" if exported else ""})
-    return table
+    return report(output, rows, search.export.remove, result,
+                  f"SPP LLM demo on the Python documentation (validation perplexity, {search.data.seq_len}-token windows, "
+                  f"{time.time() - start:.0f} s)", "perplexity vs size", metric="perplexity",
+                  columns=("perplexity, no finetune", "perplexity, finetuned"), flops=("FLOPs per sequence", 1))
