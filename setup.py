@@ -22,12 +22,12 @@ setup(
     ],
     extras_require={
         # decoder LLMs (Llama, Mistral, Qwen2, OPT); tested on transformers 5.25 (its attention interface
-        # and cache= argument), lm-eval for zero-shot tasks and its HFLM wrapper
-        "llm": ["transformers>=5.25", "tokenizers", "lm-eval"],
+        # and cache= argument); peft for LoRA, datasets for hub text, lm-eval for zero-shot tasks (HFLM)
+        "llm": ["transformers>=5.25", "tokenizers", "peft", "datasets", "lm-eval"],
         # Torch-Pruning baselines (benchmark and its tests): timm's Attention must follow pruned head
         # widths (attn_dim, 1.0.23)
         "test": ["pytest", "torch-pruning", "timm>=1.0.23", "scikit-learn", "transformers>=5.25", "tokenizers",
-                 "lm-eval"],
+                 "peft", "datasets", "lm-eval"],
         "bench": ["torch-pruning", "timm>=1.0.23", "scikit-learn"],   # scikit-learn: the robustness benchmark's digits
     },
     entry_points={"console_scripts": ["spp=spp.cli:main"]},
