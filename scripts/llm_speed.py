@@ -18,6 +18,7 @@ import torch
 
 import spp
 from spp.criteria import random_scores
+from spp.report import lm_throughput
 
 SHAPES = {
     "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -93,15 +94,9 @@ def main() -> None:
     for name in ("dense", *cuts):
         net = model if name == "dense" else spp.compress(model, cuts[name], granularity="dim").to(device, dtype).eval()
         for batch in batches:
-            x = torch.randint(0, shape["vocab_size"], (batch, prompt), device=device)
-            with torch.no_grad():
-                prefill = median_time(lambda: net(x), device, args.repeats, args.warmup)
-                decode = median_time(lambda: net.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                                          do_sample=False, pad_token_id=0), device, args.repeats,
-                                     args.warmup) - prefill
-            report(what="inference", member=name, params=spp.count_params(net), batch=batch, prompt=prompt,
-                   prefill_tokens_per_s=round(batch * prompt / prefill, 1),
-                   decode_tokens_per_s=round(batch * new_tokens / max(decode, 1e-9), 1))
+            speed = lm_throughput(net, prompt, device, batch=batch, prompt=prompt, new_tokens=new_tokens,
+                                  repeats=args.repeats, warmup=args.warmup)
+            report(what="inference", member=name, params=spp.count_params(net), batch=batch, prompt=prompt, **speed)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
 

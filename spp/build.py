@@ -7,7 +7,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .checkpoint import create_model
+from .calibrate import next_token_loss
+from .checkpoint import create_model, is_hf
 from .compress import compress, load_pruned
 from .config import Config, ConfigError, DataConfig, ExportConfig
 from .data import build_datasets, build_loader
@@ -17,12 +18,7 @@ from .path import SolutionPath
 from .runtime import Runtime, main_print
 from .models import supported
 
-__all__ = ["build_model", "is_hf", "task_for", "input_size_for", "NextTokenLoss", "source_model", "build_loaders", "build_criterion", "select_member", "read_member", "HeldOutScore"]
-
-
-def is_hf(name: str) -> bool:
-    """``model.name`` names a Hugging Face model (a local directory or ``hf:ORG/NAME``), not a timm one."""
-    return name.startswith("hf:") or os.path.isdir(name)
+__all__ = ["build_model", "is_hf", "task_for", "input_size_for", "source_model", "build_loaders", "build_criterion", "select_member", "read_member", "HeldOutScore"]
 
 
 def task_for(cfg: Config):
@@ -139,7 +135,7 @@ def build_criterion(data: DataConfig, teacher: Optional[nn.Module] = None, disti
     """``(mixup_fn, criterion)``; ``criterion(inputs, outputs, targets)``, and ``criterion.base(outputs,
     targets)`` the loss without distillation (what the search calibrates ν on)."""
     if data.dataset == "text":   # next-token cross-entropy; distillation: the KL to the teacher's next-token distributions
-        return None, DistillationLoss(NextTokenLoss(), teacher, distill if teacher is not None else 0.0, temperature)
+        return None, DistillationLoss(next_token_loss, teacher, distill if teacher is not None else 0.0, temperature)
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
@@ -155,14 +151,6 @@ def build_criterion(data: DataConfig, teacher: Optional[nn.Module] = None, disti
     if teacher is None:
         distill = 0.0   # the base loss alone
     return mixup_fn, DistillationLoss(base, teacher, distill, temperature)
-
-
-class NextTokenLoss(nn.Module):
-    """:func:`spp.next_token_loss` as a module (the base loss of a language model's criterion)."""
-
-    def forward(self, outputs, targets):
-        from .calibrate import next_token_loss
-        return next_token_loss(outputs, targets)
 
 
 class HeldOutScore:

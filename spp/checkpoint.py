@@ -24,7 +24,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] 
 
     ``checkpoint`` then loads weights from a local file or directory through :func:`load_checkpoint`.
     """
-    if os.path.isdir(name) or name.startswith("hf:"):
+    if is_hf(name):
         model = _hf_model(name, **kwargs)
         if checkpoint:
             load_checkpoint(model, checkpoint)
@@ -50,6 +50,11 @@ def _timm_model(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
             "load a local file instead: spp.create_model(name, checkpoint=PATH) or model.checkpoint=PATH "
             "in a config (a DeiT release .pth, a state dict or .safetensors); HF_HUB_OFFLINE=1 reads "
             "only the Hugging Face cache, without retrying the network") from e
+
+
+def is_hf(name: str) -> bool:
+    """``name`` is a Hugging Face model (a local directory or ``hf:ORG/NAME``), not a timm model name."""
+    return name.startswith("hf:") or os.path.isdir(name)
 
 
 def _hf_model(name: str, **kwargs: Any) -> nn.Module:

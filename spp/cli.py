@@ -17,8 +17,8 @@ COMMANDS = {
     "search": "run the LBI search over the masks; writes the solution path and the family table",
     "family": "evaluate family members at family.targets without retraining; table + plot",
     "export": "select one member (export.keep/remove/budget), compress and save it",
-    "retrain": "finetune a member (train.source) or train a dense model, DeiT recipe",
-    "eval": "top-1/top-5, params, FLOPs and throughput of train.source (or the dense model)",
+    "retrain": "finetune a member (train.source) or train a dense model: the DeiT recipe, or next-token (LoRA) for LLMs",
+    "eval": "top-1/top-5 (LLMs: perplexity, zero-shot tasks), params, FLOPs and throughput of train.source",
 }
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from .checkpoint import atomic_write
 from .masks import granularity_of, is_masked, mask_parameters
+from .models import family_named
 from .structure import Geometry, Widths, block_masks, model_family, model_geometry
 
 __all__ = ["compress", "save_pruned", "load_pruned", "pruned_widths"]
@@ -145,22 +146,13 @@ def _read_config(directory: str) -> Dict:
     return config
 
 
-def _family_named(name: str):
-    from .models import _REGISTRY, _load
-    for entry in _REGISTRY:
-        if entry.name == name:
-            return _load(entry)
-    raise ValueError(f"config.json names model family {name!r}, which this spp does not have; "
-                     f"families: {[e.name for e in _REGISTRY]}")
-
-
 def load_pruned(directory: str, map_location: str = "cpu") -> nn.Module:
     """Rebuild a model written by :func:`save_pruned`; loads no pickle."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     config = _read_config(directory)
-    family = _family_named(config.get("family", "timm-vit"))
+    family = family_named(config.get("family", "timm-vit"))
     widths = [Widths(**b) for b in config["blocks"]]
     model = family.build(config["base"])
     geoms = family.geometry(model)

@@ -43,10 +43,10 @@ def pretrain(cfg, directory: str) -> None:
     from .engine import evaluate, train_one_epoch
     from .runtime import setup_runtime
     from .tasks import NextToken
-    from .text import _split_files, text_datasets
+    from .text import split_files, text_datasets
 
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
-    files = _split_files(cfg.data.root, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    files = split_files(cfg.data.root, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
     tokenizer = _tokenizer(files["train"])
     os.makedirs(directory, exist_ok=True)
     tokenizer.save_pretrained(directory)

@@ -23,7 +23,7 @@ class DistillationLoss(nn.Module):
     """``(1 - w) * base(student, target) + w * T² KL(softmax(teacher/T) || softmax(student/T))``;
     at ``w = 0`` (no teacher needed) the base loss alone."""
 
-    def __init__(self, base: nn.Module, teacher: Optional[nn.Module], weight: float, temperature: float):
+    def __init__(self, base: Callable, teacher: Optional[Callable], weight: float, temperature: float):
         super().__init__()
         self.base, self.teacher, self.weight, self.temperature = base, teacher, weight, temperature
 

@@ -79,15 +79,20 @@ class _BlockWalk:
         self.geom, self.granularity = geom, granularity
         self.on = {p: np.zeros(geom.mask_size(p, granularity), bool) for p in ("qk", "v")}
         self.mlp = 0
+        self._attention: Optional[Widths] = None   # the attention's widths, until a qk or v element changes them
 
     def add(self, pair: str, index: int) -> None:
         if pair == "mlp":
             self.mlp += 1
         else:
             self.on[pair][index] = True
+            self._attention = None
 
     def widths(self) -> Widths:
-        return self.geom.widths_from_kept(self.on["qk"], self.on["v"], self.mlp, self.granularity)
+        if self._attention is None:   # most steps of a walk add MLP neurons, which leave the attention as it is
+            self._attention = self.geom.widths_from_kept(self.on["qk"], self.on["v"], 0, self.granularity)
+        a = self._attention
+        return Widths(a.num_heads, a.num_qk_heads, a.qk_dim, a.v_dim, self.mlp, a.num_kv_heads)
 
 
 class WeightFamily:

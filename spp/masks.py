@@ -73,9 +73,7 @@ def mask_parameters(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
     return [(name, params[name]) for geom in model_geometry(model) for name in mask_names(geom).values()]
 
 
-def require_masks(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
-    """:func:`mask_parameters`, or a ValueError that says how to add them."""
-    return mask_parameters(model)
+require_masks = mask_parameters   # raises the same ValueError when there are no masks
 
 
 def freeze_weights(model: nn.Module) -> nn.Module:
@@ -107,12 +105,12 @@ class MasksAtOne:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.ones = {name: torch.ones_like(p) for name, p in mask_parameters(model)}
 
     @torch.no_grad()
     def __call__(self, *args, **kwargs):
-        ones = {name: torch.ones_like(p) for name, p in mask_parameters(self.model)}
         training = self.model.training
         try:   # the masks are swapped for ones for this call only: the student's graph keeps its own
-            return torch.func.functional_call(self.model.eval(), ones, args, kwargs, strict=False)   # no dropout
+            return torch.func.functional_call(self.model.eval(), self.ones, args, kwargs, strict=False)   # no dropout
         finally:
             self.model.train(training)

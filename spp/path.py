@@ -12,13 +12,13 @@ from .checkpoint import atomic_write
 from .masks import granularity_of, mask_parameters
 from .structure import PAIRS, mask_pairs
 
-__all__ = ["SolutionPath", "support_sizes"]
+__all__ = ["SolutionPath", "support_sizes", "whole"]
 
 FIELDS = ("entry_step", "z", "gamma", "mask")
 PATH_VERSION = 1
 
 
-def _whole(tensor: torch.Tensor) -> torch.Tensor:
+def whole(tensor: torch.Tensor) -> torch.Tensor:
     """A sharded DTensor (FSDP2) as the whole tensor; any other tensor as it is."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
@@ -31,7 +31,7 @@ def support_sizes(optimizer: torch.optim.Optimizer, model: nn.Module) -> Dict[st
     for name, p in mask_parameters(model):
         gamma = optimizer.state.get(p, {}).get("gamma")
         if gamma is not None:
-            counts[pairs[name][0]] += int(torch.count_nonzero(_whole(gamma)))
+            counts[pairs[name][0]] += int(torch.count_nonzero(whole(gamma)))
     return counts
 
 
@@ -49,7 +49,7 @@ class SolutionPath:
                  meta: Optional[Mapping] = None):
         # copies: the path must not follow the model's masks when set_masks later changes them; masks sharded by
         # FSDP2 (DTensors) are gathered whole, a collective every rank takes part in
-        self.entries = {n: {f: _whole(e[f]).detach().float().cpu().clone() for f in FIELDS} for n, e in entries.items()}
+        self.entries = {n: {f: whole(e[f]).detach().float().cpu().clone() for f in FIELDS} for n, e in entries.items()}
         self.pairs = {n: (p, int(b)) for n, (p, b) in pairs.items()}
         self.granularity = granularity
         self.steps = int(steps)

@@ -182,35 +182,38 @@ def zero_shot(model: nn.Module, cfg: Config) -> Dict[str, Dict[str, float]]:
 
 
 @torch.no_grad()
-def lm_throughput(model: nn.Module, seq_len: int, device: torch.device, amp_dtype=None, new_tokens: int = 32,
-                  repeats: int = 5) -> Dict[str, float]:
-    """Tokens/s of a language model: prefill (one sequence of ``seq_len`` tokens) and greedy decoding of
-    ``new_tokens`` tokens with the KV cache after a 16-token prompt; medians of ``repeats`` after a warm-up."""
+def lm_throughput(model: nn.Module, seq_len: int, device: torch.device, amp_dtype=None, *, batch: int = 1,
+                  prompt: int = 16, new_tokens: int = 32, repeats: int = 5, warmup: int = 1) -> Dict[str, float]:
+    """Tokens/s of a language model, medians of ``repeats`` after ``warmup`` runs: prefill (a forward over
+    ``batch`` sequences of ``seq_len`` tokens) and greedy decoding with the KV cache (``new_tokens`` after a
+    ``prompt``-token prompt, less the prompt's own forward)."""
     from contextlib import nullcontext
 
     model.eval()
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    start = ids[:, :prompt]
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
 
     def timed(fn) -> float:
         times = []
-        for i in range(repeats + 1):
+        for i in range(warmup + repeats):
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            begin = time.perf_counter()
             with autocast:
                 fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            if i:   # the first run warms up
-                times.append(time.perf_counter() - start)
+            if i >= warmup:
+                times.append(time.perf_counter() - begin)
         return sorted(times)[len(times) // 2]
 
     prefill = timed(lambda: model(ids))
-    decode = timed(lambda: model.generate(ids[:, :16], max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                          do_sample=False, use_cache=True, pad_token_id=0))
-    return {"prefill_tokens_per_s": round(seq_len / prefill, 1), "decode_tokens_per_s": round(new_tokens / decode, 1)}
+    generate = timed(lambda: model.generate(start, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                            do_sample=False, use_cache=True, pad_token_id=0))
+    first = prefill if prompt == seq_len else timed(lambda: model(start))
+    return {"prefill_tokens_per_s": round(batch * seq_len / prefill, 1),
+            "decode_tokens_per_s": round(batch * new_tokens / max(generate - first, 1e-9), 1)}
 
 
 @torch.no_grad()

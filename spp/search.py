@@ -15,7 +15,7 @@ from .engine import train_one_epoch
 from .family import WeightFamily
 from .masks import MasksAtOne, add_masks, mask_parameters
 from .optim import LBI
-from .path import SolutionPath, support_sizes
+from .path import SolutionPath, support_sizes, whole
 from .runtime import (CheckpointError, NonFiniteLoss, Runtime, RunLogger, check_same_run, check_shapes,
                       gather_rng_states, load_training_checkpoint, main_print, resume_file,
                       restore_rng_states, save_training_checkpoint, setup_runtime)
@@ -24,11 +24,6 @@ from .structure import mask_pairs
 __all__ = ["run_search"]
 
 CHECKPOINT = "checkpoint.pth"
-
-
-def _whole(tensor):
-    """A DTensor (FSDP2-sharded) as the whole tensor, gathered from every rank; anything else as it is."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def _shard(model, runtime: Runtime) -> None:
@@ -45,7 +40,7 @@ def _shard(model, runtime: Runtime) -> None:
 def _path_checksum(optimizer: LBI, masks) -> torch.Tensor:
     rows = []
     for p in masks:
-        s = {k: _whole(v) for k, v in optimizer.state[p].items()}
+        s = {k: whole(v) for k, v in optimizer.state[p].items()}
         entry = s["entry_step"]
         rows.append(torch.stack([s["gamma"].double().sum(), s["z"].double().sum(),
                                  entry[torch.isfinite(entry)].double().sum(), torch.isinf(entry).double().sum()]))
@@ -65,9 +60,9 @@ def _check_ranks_agree(runtime: Runtime, optimizer: LBI, masks) -> None:
 
 def _save(cfg: Config, model_masks, optimizer, support, step, epoch, batch, runtime) -> None:
     rng = gather_rng_states(runtime)  # collective: every rank takes part
-    masks = {n: _whole(p.detach()).cpu() for n, p in model_masks}   # FSDP2: gathered, also a collective
+    masks = {n: whole(p.detach()).cpu() for n, p in model_masks}   # FSDP2: gathered, also a collective
     optim = optimizer.state_dict()
-    optim["state"] = {i: {k: _whole(v) for k, v in st.items()} for i, st in optim["state"].items()}
+    optim["state"] = {i: {k: whole(v) for k, v in st.items()} for i, st in optim["state"].items()}
     if not runtime.is_main:
         return
     state = {"kind": "search", "model_name": cfg.model.name, "config": cfg.to_dict(),

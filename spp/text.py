@@ -28,7 +28,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["TokenChunks", "text_datasets", "read_documents", "TEXT_SUFFIXES"]
+__all__ = ["TokenChunks", "text_datasets", "split_files", "read_documents", "load_tokenizer", "TEXT_SUFFIXES"]
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".md", ".rst")
 _SPLIT_NAMES = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
@@ -98,7 +98,7 @@ def _hub_documents(root: str) -> Dict[str, List[str]]:
     return out
 
 
-def _split_files(root: str, val_fraction: float, test_fraction: float, seed: int) -> Dict[str, List[str]]:
+def split_files(root: str, val_fraction: float, test_fraction: float, seed: int) -> Dict[str, List[str]]:
     if not os.path.exists(root):
         raise FileNotFoundError(f"data.root={root} not found (looked for {os.path.abspath(root)}): give a text file "
                                 f"({', '.join(TEXT_SUFFIXES)}) or a folder of them")
@@ -161,7 +161,7 @@ def text_datasets(root: str, tokenizer_source: str, seq_len: int, val_fraction: 
             raise ValueError(f"data.root={root} has no {missing} split (it has {sorted(docs)})")
         return {split: TokenChunks(_tokenize(tokenizer, docs[split], seq_len, f"{split} text of {root}"), root)
                 for split in splits}
-    files = _split_files(root, val_fraction, test_fraction, seed)
+    files = split_files(root, val_fraction, test_fraction, seed)
     if "single" in files:
         ids = _tokenize(tokenizer, read_documents(files["single"]), seq_len, root)
         n = ids.shape[0]

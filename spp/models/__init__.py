@@ -23,7 +23,7 @@ from torch import nn
 from ..structure import UnsupportedModel
 from .base import ModelFamily
 
-__all__ = ["ModelFamily", "family_of", "register", "supported", "UnsupportedModel"]
+__all__ = ["ModelFamily", "family_of", "family_named", "register", "supported", "UnsupportedModel"]
 
 
 class _Entry(NamedTuple):
@@ -85,6 +85,14 @@ def family_of(model: nn.Module) -> ModelFamily:
             raise UnsupportedModel(f"spp does not support {model_name}: {why}. Supported: {supported()}")
     raise UnsupportedModel(f"spp does not support {model_name}. Supported: {supported()}. "
                            "Another family can be added with spp.models.register (docs/library.md)")
+
+
+def family_named(name: str) -> ModelFamily:
+    """The family registered as ``name`` (``timm-vit``, ``hf-llama``, ...), as a saved model's config names it."""
+    for entry in _REGISTRY:
+        if entry.name == name:
+            return _load(entry)
+    raise ValueError(f"model family {name!r} is not one this spp has; families: {[e.name for e in _REGISTRY]}")
 
 
 def register(family: ModelFamily, first: bool = True) -> None:

@@ -289,6 +289,7 @@ class _DecoderFamily(ModelFamily):
 
     rotary = True
     out_proj = "o_proj"
+    mlp_in = ("mlp.gate_proj", "mlp.up_proj")   # the MLP's input projections within the layer
     mlp_out = "mlp.down_proj"
     scale_query = False
 
@@ -300,8 +301,7 @@ class _DecoderFamily(ModelFamily):
         return list(self.decoder(model).layers)
 
     def _mlp_in(self, layer: nn.Module) -> List[nn.Linear]:
-        mlp = layer.mlp
-        return [mlp.gate_proj, mlp.up_proj]
+        return [layer.get_submodule(path) for path in self.mlp_in]
 
     def _check(self, model: nn.Module, name: str, layer: nn.Module) -> None:
         config = model.config
@@ -453,18 +453,15 @@ class _DecoderFamily(ModelFamily):
 
     def _compress_mlp(self, block, source, mask: torch.Tensor) -> None:
         keep = torch.nonzero(mask).flatten()
-        for path, linear in zip(self._in_paths(), self._mlp_in(source)):
+        for path, linear in zip(self.mlp_in, self._mlp_in(source)):
             _set(block, path, copy_linear(linear.weight[keep], linear.bias[keep] if linear.bias is not None else None))
         down = source.get_submodule(self.mlp_out)
         _set(block, self.mlp_out, copy_linear(down.weight[:, keep] * mask[keep].to(down.weight), down.bias))
 
-    def _in_paths(self) -> List[str]:
-        return ["mlp.gate_proj", "mlp.up_proj"]
-
     def resize_block(self, block: nn.Module, geom: DecoderGeometry, widths: Widths) -> None:
         like = dict(dtype=block.self_attn.q_proj.weight.dtype, device=block.self_attn.q_proj.weight.device)
         block.self_attn = self._new_attention(block.self_attn, geom, widths).to(**like)
-        for path in self._in_paths():
+        for path in self.mlp_in:
             _set(block, path, new_linear(geom.dim, widths.mlp_hidden, geom.mlp_in_bias, **like))
         _set(block, self.mlp_out, new_linear(widths.mlp_hidden, geom.dim, geom.mlp_out_bias, **like))
 
@@ -532,17 +529,13 @@ class OPTFamily(_DecoderFamily):
     description = "transformers OPTForCausalLM (and OPTModel)"
     rotary = False
     out_proj = "out_proj"
+    mlp_in = ("fc1",)
     mlp_out = "fc2"
     scale_query = True
 
     def decoder(self, model: nn.Module) -> nn.Module:
         return model.model.decoder if hasattr(model, "lm_head") else model.decoder
 
-    def _mlp_in(self, layer: nn.Module) -> List[nn.Linear]:
-        return [layer.fc1]
-
-    def _in_paths(self) -> List[str]:
-        return ["fc1"]
 
     def _plain(self, config: Dict[str, Any], w: Widths) -> Optional[Dict[str, Any]]:
         if w.num_heads != config["num_attention_heads"]:   # OPT's head dim is hidden_size / heads

@@ -396,8 +396,6 @@ def _new_attention(attn: nn.Module, geom: BlockGeometry, w: Widths) -> PrunedAtt
 class _TimmFamily(ModelFamily):
     """What ViT and Swin share: the block layout (``attn``, ``mlp``), masks and compression."""
 
-    model_class: type = nn.Module
-
     def geometry(self, model: nn.Module, input_size: Optional[Sequence[int]] = None) -> List[BlockGeometry]:
         blocks = self.blocks(model)
         names = {id(m): n for n, m in model.named_modules()}
