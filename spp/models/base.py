@@ -2,12 +2,23 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..structure import Geometry, Widths
+
+
+class Channels(NamedTuple):
+    """Rows (``axis=0``: outputs the element writes) or columns (``axis=1``: inputs the element feeds) of
+    one linear layer's weight that mask elements remove: ``index[i]`` belongs to element ``element[i]``.
+    A row may be listed once per element it serves (a key/value head shared by its group's query heads)."""
+
+    linear: nn.Linear
+    axis: int
+    index: torch.Tensor
+    element: torch.Tensor
 
 
 class ModelFamily:
@@ -53,6 +64,12 @@ class ModelFamily:
         """``{pair: scores}`` shaped like the block's masks: the RMS of the weights each element removes
         (each matrix's mean square, averaged over the matrices), for :func:`spp.criteria.magnitude_scores`."""
         raise NotImplementedError(f"the {self.name} family has no magnitude criterion")
+
+    def channels(self, block: nn.Module, geom: Geometry, granularity: str) -> Dict[str, List[Channels]]:
+        """``{pair: [Channels, ...]}``: every weight row and column each element of the block's masks
+        removes, for the activation- and gradient-based criteria of :mod:`spp.criteria` (Wanda-sp, FLAP,
+        LLM-Pruner's Taylor)."""
+        raise NotImplementedError(f"the {self.name} family does not list its channels")
 
     # ----- compression -------------------------------------------------------------------------
     def replaced_modules(self, block: nn.Module) -> List[nn.Module]:

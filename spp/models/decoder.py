@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..structure import Geometry, UnsupportedModel, Widths
-from .base import ModelFamily
+from .base import Channels, ModelFamily
 from .common import copy_linear, new_linear
 
 __all__ = ["DecoderGeometry", "PrunedDecoderAttention", "LLAMA", "OPT", "DEFAULT_TOKENS"]
@@ -391,6 +391,25 @@ class _DecoderFamily(ModelFamily):
         out = block.get_submodule(self.mlp_out).weight.float().pow(2).mean(0)
         scores["mlp"] = ((sum(rows) + out) / (len(rows) + 1)).sqrt()
         return scores
+
+    def channels(self, block: nn.Module, geom: DecoderGeometry, granularity: str) -> Dict[str, List[Channels]]:
+        attn, d = block.self_attn, geom.head_dim
+        query = torch.arange(geom.num_heads * d)          # rows of q_proj, columns of o_proj: (head, dim)
+        if granularity == "head":                         # a query head, with its key/value head's rows
+            q_elem = v_elem = query // d
+            kv_index = (query // d // geom.group) * d + query % d
+            kv_qk = kv_v = (kv_index, q_elem)
+        else:                                             # a dim (rotary pair) of every head
+            v_elem = query % d
+            q_elem = v_elem % (d // 2) if geom.rotary else v_elem
+            kv_index = torch.arange(geom.num_kv_heads * d)
+            kv_qk = (kv_index, kv_index % d % (d // 2) if geom.rotary else kv_index % d)
+            kv_v = (kv_index, kv_index % d)
+        neurons = torch.arange(geom.mlp_hidden)
+        return {"qk": [Channels(attn.q_proj, 0, query, q_elem), Channels(attn.k_proj, 0, *kv_qk)],
+                "v": [Channels(attn.v_proj, 0, *kv_v), Channels(getattr(attn, self.out_proj), 1, query, v_elem)],
+                "mlp": [*(Channels(fc, 0, neurons, neurons) for fc in self._mlp_in(block)),
+                        Channels(block.get_submodule(self.mlp_out), 1, neurons, neurons)]}
 
     # ----- compression -----------------------------------------------------------------------
     def replaced_modules(self, block: nn.Module) -> List[nn.Module]:

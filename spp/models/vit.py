@@ -32,7 +32,7 @@ from timm.layers.attention import Attention
 from timm.models.swin_transformer import WindowAttention
 
 from ..structure import Geometry, UnsupportedModel, Widths
-from .base import ModelFamily
+from .base import Channels, ModelFamily
 from .common import copy_linear, new_linear, restore_class
 
 __all__ = ["BlockGeometry", "MaskedAttention", "MaskedWindowAttention", "MaskedMlp", "PrunedAttention",
@@ -449,6 +449,15 @@ class _TimmFamily(ModelFamily):
         mlp = block.mlp
         scores["mlp"] = ((mlp.fc1.weight.pow(2).mean(1) + mlp.fc2.weight.pow(2).mean(0)) / 2).sqrt()
         return scores
+
+    def channels(self, block: nn.Module, geom: BlockGeometry, granularity: str) -> Dict[str, List[Channels]]:
+        width = geom.num_heads * geom.head_dim
+        inner = torch.arange(width)                       # (head, dim) within q, k or v
+        elem = inner // geom.head_dim if granularity == "head" else inner % geom.head_dim
+        qkv, neurons = block.attn.qkv, torch.arange(geom.mlp_hidden)
+        return {"qk": [Channels(qkv, 0, torch.cat([inner, inner + width]), torch.cat([elem, elem]))],
+                "v": [Channels(qkv, 0, inner + 2 * width, elem), Channels(block.attn.proj, 1, inner, elem)],
+                "mlp": [Channels(block.mlp.fc1, 0, neurons, neurons), Channels(block.mlp.fc2, 1, neurons, neurons)]}
 
     def replaced_modules(self, block: nn.Module) -> List[nn.Module]:
         return [block.attn, block.mlp.fc1, block.mlp.fc2]
