@@ -332,3 +332,32 @@ def test_eval_runs_zero_shot_tasks_through_lm_eval(tmp_path, text, capsys):
     assert 0 <= result["tasks"]["next_word"]["acc"] <= 1
     assert main(["eval", SMOKE, *evaluate, "eval.tasks=[no_such_task]"]) == 2
     assert "lm-evaluation-harness has no task ['no_such_task']" in capsys.readouterr().err
+
+
+def test_llm_benchmark_ranks_the_same_structures_for_every_method(tmp_path, text):
+    """scripts/benchmark_llm.py end to end on the tiny Llama: every method's members meet each budget (one
+    budget walk over the same structures), SPP's reading is chosen on val, the
+    finetunes run, and the table has a row per method."""
+    model = write_model(tmp_path / "llama", "llama")
+    methods = ["spp", "magnitude", "random", "wanda-sp", "flap", "taylor", "lasso"]
+    out = tmp_path / "bench"
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "benchmark_llm.py"), "--model", model, "--data-root", text,
+         "--seq-len", "32", "--out", str(out), "--methods", *methods, "--seeds", "0", "1", "--removed", "0.3", "0.6",
+         "--batch", "4", "--eval-batch", "8", "--val-sequences", "8", "--test-sequences", "8", "--search-steps", "6",
+         "--calibration-batches", "2", "--lasso-steps", "4", "--lasso-lams", "1e-3", "--finetune-steps", "2",
+         "--long-steps", "4", "--long-removed", "0.6"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.load(open(out / "benchmark_llm.json"))
+    runs = results["runs"]
+    assert set(runs) == set(methods)
+    for r in ("0.3", "0.6"):   # the same walk: each hits the budget within about one structure's cost
+        removed = {m: (results["dense"]["params"] - runs[m]["0"][r]["params"]) / results["prunable"] for m in methods}
+        assert all(abs(x - float(r)) < 0.02 for x in removed.values()), removed
+    assert runs["spp"]["0"]["0.6"]["params"] < runs["spp"]["0"]["0.3"]["params"]
+    assert "reading" in runs["spp"]["0"]["0.3"] and runs["lasso"]["1"]["0.3"]["values"] in ("binary", "path")
+    assert runs["taylor"]["0"]["0.6"]["ft"] > 0 and runs["taylor"]["0"]["0.6"]["ft_long"] > 0
+    assert runs["taylor"]["1"]["0.6"].get("ft") is None          # finetunes at --finetune-seeds only
+    assert runs["random"]["0"]["0.3"]["test"] != runs["random"]["1"]["0.3"]["test"]
+    table = (out / "benchmark_llm.md").read_text()
+    assert all(f"| {m} |" in table for m in methods) and "32-token windows" in table

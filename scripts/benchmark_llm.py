@@ -1,0 +1,411 @@
+"""SPP against the structured LLM pruners, on the same model, text, structures, budgets and finetuning.
+
+    pip install -e .[llm,bench] && python scripts/benchmark_llm.py
+
+Model: the small Llama of ``make demo-llm`` (4 layers, width 256, 4 query heads sharing 2 key/value heads,
+RoPE, SwiGLU, a 4,096-token BPE), pretrained on the Python documentation's reStructuredText sources
+(Debian's python3.11-doc; pretrained here, as the demo does, if its cache is missing). Text: the demo's
+split by file: the search, the calibration and the finetunes read the training files, every setting is
+chosen on the validation files, figures are on the test files.
+
+Methods, each ranking the same structures (rotary query-key pairs, value dims, MLP neurons of every layer)
+and cut by the same global parameter-budget walk (``spp.WeightFamily``) at ``--removed`` fractions of the
+prunable parameters, except Torch-Pruning, which cuts by its own rules:
+
+  spp            one LBI search (``calibrate_nu`` on validation batches, ``search_optimizer``'s defaults,
+                 ``--search-steps`` steps of the training text); each budget's member by
+                 ``WeightFamily.select_best`` with validation perplexity as the score
+  magnitude      RMS of each structure's weights (``spp.criteria.magnitude_scores``)
+  random         a random ranking
+  wanda-sp       structured Wanda, |W| times the input activation norm (``wanda_sp_scores``)
+  flap           FLAP's fluctuation metric, standardised per layer and module, and its bias compensation of
+                 o_proj / down_proj (``flap_scores``, ``flap_biases``)
+  taylor         LLM-Pruner's element-wise first-order Taylor importance (``weight_taylor_scores``)
+  lasso          next-token loss + lam |M|_1 on the masks (Adam, ``--lasso-steps``), one run per lam in
+                 ``--lasso-lams``; per budget the lam and the member values (1 or the Lasso masks') on val
+  torch-pruning  Torch-Pruning's MetaPruner as its LLM example runs it (GroupMagnitudeImportance p=2, whole heads
+                 within key/value groups, MLP channels, round_to 4), the hidden size kept; its pruning
+                 ratio bisected to the budget's parameter count
+
+Calibration (wanda-sp, flap, taylor) reads ``--calibration-batches`` training batches drawn by the seed. A seed
+also sets the search's and Lasso's data order and the random ranking. Figures: test perplexity (non-
+overlapping ``seq_len``-token windows of the test files, every predicted token) with no finetuning (mean ±
+std over ``--seeds``), and for ``--finetune-seeds``, after ``--finetune-steps`` steps of full finetuning of the
+compressed member and, at ``--long-removed``, after ``--long-steps`` (the same run, evaluated twice; AdamW,
+the same recipe for every method); the time each method takes for all budgets (ranking and choosing on val).
+Writes JSON and a Markdown table to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import signal
+import statistics
+import time
+from importlib.metadata import version as _version
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+import spp
+from spp.criteria import (activation_stats, add_biases, flap_biases, flap_scores, lasso_path, lasso_values,
+                          magnitude_scores, random_scores, wanda_sp_scores, weight_taylor_scores)
+from spp.engine import evaluate
+from spp.runtime import Runtime, provenance, seed_everything
+from spp.tasks import NextToken
+
+METHODS = ("spp", "magnitude", "random", "wanda-sp", "flap", "taylor", "lasso", "torch-pruning")
+RUNTIME, TASK = Runtime(torch.device("cpu"), None), NextToken()
+Chosen = Tuple[torch.nn.Module, Dict]      # (the compressed member, what was chosen: removed, params, ...)
+
+
+class Bench:
+    """The pretrained model, its masked copy and the text splits, shared by every method."""
+
+    def __init__(self, args):
+        from spp.demo import _config
+        from spp.text import text_datasets
+
+        self.args = args
+        overrides = [f"model.name={args.model}"] + [f"data.{k}={v}" for k, v in (("root", args.data_root),
+                                                                                  ("seq_len", args.seq_len)) if v]
+        cfg = _config("demo_llm_search.yaml", overrides)
+        if not os.path.isfile(os.path.join(args.model, "model.safetensors")):
+            from spp.demo_llm import pretrain
+            print(f"no pretrained model in {args.model}: pretraining it as make demo-llm does")
+            pretrain(cfg, args.model)
+        self.seq_len = cfg.data.seq_len
+        self.data = text_datasets(cfg.data.root, args.model, cfg.data.seq_len, cfg.data.val_fraction,
+                                  cfg.data.test_fraction, cfg.seed, ["train", "val", "test"])
+        self.val = Subset(self.data["val"], range(min(args.val_sequences, len(self.data["val"]))))
+        self.test = Subset(self.data["test"], range(min(args.test_sequences, len(self.data["test"]))))
+        self.dense = spp.create_model(args.model).eval()
+        self.masked = spp.add_masks(copy.deepcopy(self.dense), "dim").eval()
+        self.family_of = lambda path: spp.WeightFamily(self.masked, path, input_size=(self.seq_len,))
+        self.prunable = self.family_of(spp.SolutionPath.from_scores(self.masked, magnitude_scores(self.masked))).prunable()
+
+    def loader(self, split: str, seed: int, batch: Optional[int] = None) -> DataLoader:
+        data = {"val": self.val, "test": self.test}.get(split, self.data[split])
+        return DataLoader(data, batch_size=batch or self.args.batch, shuffle=split == "train",
+                          generator=torch.Generator().manual_seed(seed))
+
+    def perplexity(self, model, split: str) -> float:
+        return evaluate(model, self.loader(split, 0, self.args.eval_batch), RUNTIME, task=TASK)["perplexity"]
+
+    def compressed(self, masks: Dict[str, torch.Tensor], biases: Optional[Dict] = None):
+        small = spp.compress(self.masked, masks)
+        if biases:
+            add_biases(small, biases)
+        return small.eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# Methods: each returns {removed: (compressed member, info)} for all budgets
+# ------------------------------------------------------------------------------------------------
+def _members(bench, path, removed: List[float], values: str = "binary", biases: Callable = None) -> Dict[float, Chosen]:
+    family, out = bench.family_of(path), {}
+    for r in removed:
+        member = family.select(remove=r, values=values)
+        out[r] = (bench.compressed(member.masks, biases(member.masks) if biases else None),
+                  {"params": member.summary.params_after})
+    return out
+
+
+def run_spp(bench, seed, removed):
+    args, masked = bench.args, copy.deepcopy(bench.masked)
+    nu = spp.calibrate_nu(masked, bench.loader("val", seed), spp.next_token_loss)
+    optimizer = spp.search_optimizer(masked, nu)
+    masked.train()
+    step = 0
+    while step < args.search_steps:
+        for ids, _ in bench.loader("train", seed):
+            loss = spp.next_token_loss(masked(ids), ids)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step >= args.search_steps:
+                break
+    masked.eval()
+    family = bench.family_of(spp.SolutionPath.from_optimizer(optimizer, masked))
+    out = {}
+    for r in removed:
+        member = family.select_best(lambda m: -bench.perplexity(bench.compressed(m.masks), "val"), remove=r)
+        out[r] = (bench.compressed(member.masks), {"params": member.summary.params_after,
+                                                   "reading": f"{member.summary.rank}, {member.summary.values}"})
+    return out, {"nu (first mask)": float(next(iter(nu.values()))) if isinstance(nu, dict) else float(nu)}
+
+
+def run_scores(name):
+    def method(bench, seed, removed):
+        masked, args = bench.masked, bench.args
+        calibration = bench.loader("train", seed)
+        if name == "magnitude":
+            return _members(bench, spp.SolutionPath.from_scores(masked, magnitude_scores(masked)), removed), {}
+        if name == "random":
+            return _members(bench, spp.SolutionPath.from_scores(masked, random_scores(masked, seed)), removed), {}
+        if name == "taylor":
+            scores = weight_taylor_scores(masked, calibration, args.calibration_batches, spp.next_token_loss)
+            return _members(bench, spp.SolutionPath.from_scores(masked, scores), removed), {}
+        stats = activation_stats(masked, calibration, args.calibration_batches)
+        if name == "wanda-sp":
+            return _members(bench, spp.SolutionPath.from_scores(masked, wanda_sp_scores(masked, stats)), removed), {}
+        path = spp.SolutionPath.from_scores(masked, flap_scores(masked, stats))
+        return _members(bench, path, removed, biases=lambda masks: flap_biases(masked, stats, masks)), {}
+    return method
+
+
+def run_lasso(bench, seed, removed):
+    args, paths = bench.args, {}
+    for lam in args.lasso_lams:
+        values = lasso_values(bench.masked, bench.loader("train", seed), lam, args.lasso_steps, 1e-2,
+                              spp.next_token_loss)
+        paths[lam] = bench.family_of(lasso_path(bench.masked, values))
+    out = {}
+    for r in removed:
+        best = None
+        for lam, family in paths.items():
+            for values in ("binary", "path"):
+                member = family.select(remove=r, values=values)
+                small = bench.compressed(member.masks)
+                ppl = bench.perplexity(small, "val")
+                if best is None or ppl < best[0]:
+                    best = (ppl, small, {"params": member.summary.params_after, "lam": lam, "values": values})
+        out[r] = best[1:]
+    return out, {}
+
+
+def _torch_pruning(model, ratio: float, example: torch.Tensor):
+    """Torch-Pruning's LLM example on a copy: heads (within key/value groups) and MLP channels at ``ratio``,
+    the hidden size kept (its embedding, o_proj and down_proj outputs ignored), attributes updated."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(model)
+    config, num_heads, ignored = model.config, {}, [model.lm_head]
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        num_heads[attn.q_proj] = config.num_attention_heads
+        num_heads[attn.k_proj] = num_heads[attn.v_proj] = config.num_key_value_heads
+        ignored += [attn.o_proj, layer.mlp.down_proj]
+    pruner = tp.pruner.MetaPruner(model, example_inputs=example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                  global_pruning=False, pruning_ratio=ratio, ignored_layers=ignored,
+                                  num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
+                                  head_pruning_ratio=ratio, round_to=4, output_transform=lambda out: out.logits)
+    for group in pruner.step(interactive=True):
+        group.prune()
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        heads, kv = attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim
+        attn.num_key_value_groups = heads // max(kv, 1)
+        attn.config = copy.copy(attn.config)
+        attn.config.num_attention_heads, attn.config.num_key_value_heads = heads, kv
+    return model.eval()
+
+
+def _prunable_params(model) -> int:
+    return sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+               for layer in model.model.layers
+               for m in (*(getattr(layer.self_attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
+                         layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj))
+
+
+def _alarm(signum, frame):
+    raise TimeoutError
+
+
+def run_torch_pruning(bench, seed, removed):
+    """Bisects Torch-Pruning's ratio to each budget; gives up (``{"failed": why}``) when one pruner takes longer
+    than ``--tp-timeout`` seconds to build its dependency groups."""
+    example = bench.data["train"][0][0][None, :16]
+    full, out = _prunable_params(bench.dense), {}
+    signal.signal(signal.SIGALRM, _alarm)
+    try:
+        signal.alarm(bench.args.tp_timeout)
+        _torch_pruning(bench.dense, 0.5, example)
+    except TimeoutError:
+        return {}, {"failed": f"MetaPruner on this model did not finish in {bench.args.tp_timeout} s (torch-pruning "
+                              f"{_version('torch-pruning')}, transformers {_version('transformers')})"}
+    finally:
+        signal.alarm(0)
+    for r in removed:
+        lo, hi, best = 0.0, 0.95, None
+        for _ in range(bench.args.tp_bisections):
+            ratio = (lo + hi) / 2
+            model = _torch_pruning(bench.dense, ratio, example)
+            got = 1 - _prunable_params(model) / full
+            if best is None or abs(got - r) < abs(best[1] - r):
+                best = (model, got, ratio)
+            lo, hi = (ratio, hi) if got < r else (lo, ratio)
+        model, got, ratio = best
+        out[r] = (model, {"params": spp.count_params(model), "removed": round(got, 4), "ratio": round(ratio, 4)})
+    return out, {}
+
+
+RUNNERS = {"spp": run_spp, "lasso": run_lasso, "torch-pruning": run_torch_pruning,
+           **{m: run_scores(m) for m in ("magnitude", "random", "wanda-sp", "flap", "taylor")}}
+
+
+# ------------------------------------------------------------------------------------------------
+# Finetuning, the same recipe for every method
+# ------------------------------------------------------------------------------------------------
+def finetune(bench, model, seed: int, checkpoints: List[int]) -> Dict[int, float]:
+    """Full finetuning of a compressed member (AdamW, lr ``--finetune-lr`` after 10 warm-up steps, constant,
+    gradient clip 1); test perplexity at each of ``checkpoints`` steps."""
+    args = bench.args
+    model = copy.deepcopy(model).train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.finetune_lr, weight_decay=0.01, betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 10))
+    step, out = 0, {}
+    while step < max(checkpoints):
+        for ids, _ in bench.loader("train", 1000 + seed):
+            loss = spp.next_token_loss(model(ids), ids)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if step in checkpoints:
+                out[step] = bench.perplexity(model, "test")
+                model.train()
+            if step >= max(checkpoints):
+                break
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+def _fmt(values: List[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def write_tables(results: Dict, args, out: str) -> str:
+    removed, lines = args.removed, []
+    head = "| method | " + " | ".join(f"−{r:.0%}" for r in removed) + " | time for all budgets (s) |"
+    rule = "|---|" + "---|" * (len(removed) + 1)
+    protocol = (f"test perplexity, non-overlapping {results['seq_len']}-token windows of the test files "
+                f"({results['test_tokens']:,} predicted tokens), every predicted token")
+    dense = results["dense"]
+    tuned = (f" (finetuned by the same recipe: {dense['ft']:.2f} after {args.finetune_steps} steps, "
+             f"{dense['ft_long']:.2f} after {args.long_steps})") if "ft" in dense else ""
+    lines += [f"Dense: {dense['params']:,} parameters ({results['prunable']:,} prunable), val perplexity "
+              f"{dense['val']:.2f}, test perplexity {dense['test']:.2f}{tuned}. Protocol: {protocol}.", ""]
+    for title, key in (("no finetuning", "test"), (f"after {args.finetune_steps} finetuning steps", "ft"),
+                       (f"after {args.long_steps} finetuning steps", "ft_long")):
+        seeds = args.seeds if key == "test" else args.finetune_seeds
+        lines += [f"**{title}** (seeds {', '.join(map(str, seeds))})", "", head, rule]
+        for method in results["methods"]:
+            runs = results["runs"].get(method, {})
+            failed = next((run["failed"] for run in runs.values() if "failed" in run), None)
+            if failed:
+                lines.append(f"| {method} | {failed} |" + " |" * len(removed))
+                continue
+            cells = [_fmt([runs[str(s)][str(r)][key] for s in seeds
+                           if str(s) in runs and runs[str(s)][str(r)].get(key) is not None]) for r in removed]
+            times = [runs[str(s)]["time"] for s in args.seeds if str(s) in runs]
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {statistics.mean(times):.0f} |" if times else "")
+        lines.append("")
+    text = "\n".join(lines)
+    with open(os.path.join(out, "benchmark_llm.md"), "w") as f:
+        f.write(text + "\n")
+    return text
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="outputs/demo_llm/pretrain/model",
+                        help="the demo's pretrained Llama (pretrained here if missing)")
+    parser.add_argument("--data-root", help="a folder of text files (default: the demo's, python3.11-doc)")
+    parser.add_argument("--seq-len", type=int, help="tokens per window (default: the demo's, 128)")
+    parser.add_argument("--out", default="outputs/benchmark_llm")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--removed", type=float, nargs="+", default=[0.2, 0.3, 0.5, 0.7])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--eval-batch", type=int, default=32)
+    parser.add_argument("--val-sequences", type=int, default=64, help="validation windows for every choice")
+    parser.add_argument("--test-sequences", type=int, default=256, help="test windows for every figure")
+    parser.add_argument("--search-steps", type=int, default=600)
+    parser.add_argument("--calibration-batches", type=int, default=8)
+    parser.add_argument("--lasso-lams", type=float, nargs="+", default=[3e-4, 1e-3])
+    parser.add_argument("--lasso-steps", type=int, default=300)
+    parser.add_argument("--tp-bisections", type=int, default=10)
+    parser.add_argument("--tp-timeout", type=int, default=300, help="seconds one Torch-Pruning pruner may take")
+    parser.add_argument("--finetune-seeds", type=int, nargs="*", default=[0])
+    parser.add_argument("--finetune-steps", type=int, default=100)
+    parser.add_argument("--long-steps", type=int, default=400)
+    parser.add_argument("--long-removed", type=float, nargs="*", default=[0.5])
+    parser.add_argument("--finetune-lr", type=float, default=5e-4)
+    parser.add_argument("--dense-finetune", action="store_true",
+                        help="also finetune the dense model by the same recipe (the reference for the finetuned rows)")
+    parser.add_argument("--table-from", nargs="+", metavar="JSON",
+                        help="measure nothing: write the table of earlier runs (their runs merged, later files "
+                             "adding methods and the dense finetune) to --out")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    if args.table_from:
+        results = json.load(open(args.table_from[0]))
+        for extra in args.table_from[1:]:
+            more = json.load(open(extra))
+            results["runs"].update(more["runs"])
+            results["methods"] += [m for m in more["methods"] if m not in results["methods"]]
+            results["dense"].update({k: v for k, v in more["dense"].items() if k.startswith("ft")})
+        print(write_tables(results, argparse.Namespace(**{**results["args"], "out": args.out}), args.out))
+        return
+    start = time.time()
+    bench = Bench(args)
+    results = {"args": vars(args), "provenance": provenance(RUNTIME.device), "seq_len": bench.seq_len, "prunable": bench.prunable,
+               "test_tokens": len(bench.test) * (bench.seq_len - 1), "methods": args.methods, "runs": {},
+               "dense": {"params": spp.count_params(bench.dense), "val": bench.perplexity(bench.dense, "val"),
+                         "test": bench.perplexity(bench.dense, "test")}}
+    print(f"dense: val {results['dense']['val']:.2f}, test {results['dense']['test']:.2f}, "
+          f"{bench.prunable:,} prunable parameters")
+    path = os.path.join(args.out, "benchmark_llm.json")
+    if args.dense_finetune:
+        tuned = finetune(bench, bench.dense, args.finetune_seeds[0] if args.finetune_seeds else 0,
+                         [args.finetune_steps, args.long_steps])
+        results["dense"]["ft"], results["dense"]["ft_long"] = tuned[args.finetune_steps], tuned[args.long_steps]
+        print(f"dense finetuned: {tuned}", flush=True)
+    for method in args.methods:
+        for seed in args.seeds:
+            if method in ("magnitude", "torch-pruning") and seed != args.seeds[0]:
+                results["runs"][method][str(seed)] = results["runs"][method][str(args.seeds[0])]  # one ranking
+                continue
+            seed_everything(seed)
+            t0 = time.time()
+            members, extra = RUNNERS[method](bench, seed, args.removed)
+            run = {"time": time.time() - t0, **extra}
+            if "failed" in extra:
+                print(f"{method}: {extra['failed']}", flush=True)
+            for r, (model, info) in members.items():
+                row = {**info, "val": bench.perplexity(model, "val"), "test": bench.perplexity(model, "test")}
+                if seed in args.finetune_seeds:
+                    checkpoints = [args.finetune_steps] + ([args.long_steps] if r in args.long_removed else [])
+                    tuned = finetune(bench, model, seed, checkpoints)
+                    row["ft"], row["ft_long"] = tuned.get(args.finetune_steps), tuned.get(args.long_steps)
+                run[str(r)] = row
+                print(f"{method:14s} seed {seed} -{r:.0%}: params {info['params']:,}  test {row['test']:.2f}"
+                      + (f"  ft {row['ft']:.2f}" if row.get("ft") else "")
+                      + (f"  long {row['ft_long']:.2f}" if row.get("ft_long") else ""), flush=True)
+            results["runs"].setdefault(method, {})[str(seed)] = run
+            with open(path + ".tmp", "w") as f:
+                json.dump(results, f, indent=1)
+            os.replace(path + ".tmp", path)
+    results["minutes"] = (time.time() - start) / 60
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(write_tables(results, args, args.out))
+    print(f"{results['minutes']:.1f} minutes; {path}")
+
+
+if __name__ == "__main__":
+    main()
