@@ -3,6 +3,7 @@
     python scripts/benchmark_speed.py                       # DeiT-Small, CPU-sized batches
     python scripts/benchmark_speed.py --device cuda --amp bf16 --batch-sizes 1 32 128 --train-batch 64
     python scripts/benchmark_speed.py --model vit_small_patch16_224 --model-args depth=6 num_classes=100
+    python scripts/benchmark_speed.py --llm [--device cuda]   # decoder LLMs: runs scripts/llm_speed.py (its --help)
 
 Prints and writes (``--out``, JSON):
   * a search step (frozen weights, mask gradients, LBI) against a full finetune step (AdamW
@@ -426,6 +427,12 @@ def latency(args, family, device, autocast):
 
 def main():
     sys.stdout.reconfigure(line_buffering=True)  # figures show as they are measured, also in a log file
+    if "--llm" in sys.argv[1:]:   # the LLM runs: prefill / decode tokens/s, search vs finetune step
+        import runpy
+        sys.argv = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "llm_speed.py"),
+                    *(a for a in sys.argv[1:] if a != "--llm")]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="deit_small_patch16_224")
     parser.add_argument("--img-size", type=int, default=224)

@@ -2,8 +2,9 @@
 # Everything that needs a GPU, in one call (under 10 minutes on one H200):
 #   1. the CUDA tests;
 #   2. the speed benchmark on CUDA with bf16;
-#   3. the LLM speed check: a random-weight 1.1B Llama in bf16, search step time and memory, tokens/s of the
-#      dense model and of members at -30% / -50% (prefill and decoding with the KV cache; scripts/llm_speed.py);
+#   3. the LLM speed benchmark: a random-weight 1.1B Llama in bf16, a search step against a finetune step (time,
+#      peak memory), prefill and decode tokens/s of the dense model and of members at -20/-30/-50/-70% (widths
+#      exact and rounded to 8), realised fractions (scripts/llm_speed.py);
 #   4. the quality benchmark on CUDA (fp32), cut to one seed, the README table's nu_scale 1 and lam 0.4 (three searches:
 #      batch 128 and 192, and one over whole heads with one nu per pair type) and no one-epoch finetune
 #      so that it fits (QUALITY_ARGS overrides that;
@@ -39,7 +40,7 @@ python3 -m pytest -q tests/test_cuda.py 2>&1 | tee "$OUT/cuda_tests.txt"
 PYTHONUNBUFFERED=1 python3 scripts/benchmark_speed.py --device cuda --amp bf16 \
   --batch-sizes 1 32 128 --train-batch 64 --repeats 20 --warmup 5 \
   --out "$OUT/benchmark_speed_cuda.json" 2>&1 | tee "$OUT/benchmark_speed_cuda.txt"
-PYTHONUNBUFFERED=1 timeout "${LLM_TIMEOUT:-150}" python3 scripts/llm_speed.py --device cuda \
+PYTHONUNBUFFERED=1 timeout "${LLM_TIMEOUT:-240}" python3 scripts/benchmark_speed.py --llm --device cuda \
   --out "$OUT/llm_speed_cuda.json" 2>&1 | tee "$OUT/llm_speed_cuda.txt"
 DATA_ROOT=()
 if [ ! -d /usr/share/datasets/fashion-mnist ] && [ -d data/fashion-mnist ]; then

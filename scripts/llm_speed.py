@@ -1,12 +1,21 @@
-"""LLM speed check: search step time, and tokens/s of the dense model and of compressed members.
+"""Speed of compressed LLMs, and the cost of a search step, as ratios measured in one run on one model.
 
-    python scripts/llm_speed.py --device cuda                 # a random-weight 1.1B Llama (TinyLlama's shape), bf16
-    python scripts/llm_speed.py --tiny --device cpu           # a seconds-long run of the same code (the tests')
+    python scripts/llm_speed.py                               # CPU: a random-weight 27M Llama (GQA), float32
+    python scripts/llm_speed.py --device cuda                 # GPU: a random-weight 1.1B Llama (TinyLlama's shape), bf16
+    python scripts/llm_speed.py --shape tiny --device cpu     # a seconds-long run of the same code (the tests')
+    (``python scripts/benchmark_speed.py --llm ...`` runs this script)
 
-Members are cut from a path of random scores (their speed depends on their widths, not on how they were
-ranked) at 30% and 50% of the prunable parameters removed, with widths rounded to multiples of 8. Prints
-one JSON line per measurement and writes them all to --out. Medians of --repeats after --warmup runs;
-tokens/s: prefill (one forward over the prompt) and greedy decoding with the KV cache.
+Measures, each figure the median of ``--repeats`` after ``--warmup`` runs:
+  * a search step (masks only, frozen weights, LBI) against a full finetune step (AdamW on every weight), same
+    model and batch; peak memory of both on CUDA;
+  * the dense model and members at ``--removed`` fractions of the prunable parameters, with widths rounded to
+    each of ``--round-to``: prefill tokens/s (one forward over ``--seq-len`` tokens) and greedy decoding
+    tokens/s with the KV cache, at each of ``--batch-sizes``;
+  * realised fraction: prefill speed-up ÷ FLOPs ratio (FLOPs per sequence, as ``torch.utils.flop_counter``
+    counts), decode speed-up ÷ ratio of the weight bytes read per token (every linear layer's weight).
+Members are cut from a path of random scores: their speed depends on their widths, not on how they were
+ranked. Weights are random: speed does not depend on them. Prints one JSON line per measurement, a table,
+and writes everything to ``--out``.
 """
 from __future__ import annotations
 
@@ -15,6 +24,7 @@ import json
 import time
 
 import torch
+from torch import nn
 
 import spp
 from spp.criteria import random_scores
@@ -23,6 +33,8 @@ from spp.report import lm_throughput
 SHAPES = {
     "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048),
+    "cpu": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                num_key_value_heads=2, vocab_size=8192, max_position_embeddings=1024),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=256),
 }
@@ -42,61 +54,118 @@ def median_time(fn, device, repeats: int, warmup: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def weight_elements(model: nn.Module) -> int:
+    """Elements of every linear layer's weight: what decoding reads per token (the embedding reads one row)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def step_costs(model, ids, device, args, report) -> None:
+    """A search step (masks, frozen weights, LBI) against a full finetune step, same batch."""
+    def run(step):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = median_time(step, device, args.repeats, args.warmup)
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+        return seconds, peak
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def finetune():
+        loss = spp.next_token_loss(model(ids), ids)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    finetune_s, finetune_peak = run(finetune)
+    del optimizer
+    spp.add_masks(model)
+    search = spp.search_optimizer(model, 1.0)
+
+    def search_step():
+        loss = spp.next_token_loss(model(ids), ids)
+        search.zero_grad()
+        loss.backward()
+        search.step()
+    search_s, search_peak = run(search_step)
+    report(what="search step vs finetune step", batch=list(ids.shape), search_s=round(search_s, 4),
+           finetune_s=round(finetune_s, 4), ratio=round(search_s / finetune_s, 3),
+           search_peak_gb=search_peak and round(search_peak, 2), finetune_peak_gb=finetune_peak and round(finetune_peak, 2))
+    model.eval()
+
+
 def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tiny", action="store_true", help="a tiny model (for a quick check of the script)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="default: 1.1b on CUDA, cpu on the CPU")
+    parser.add_argument("--tiny", action="store_true", help="the same as --shape tiny")
+    parser.add_argument("--seq-len", type=int, help="prefill tokens (default 512; tiny: 32)")
+    parser.add_argument("--new-tokens", type=int, help="decoded tokens (default 64; tiny: 8)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--removed", type=float, nargs="+", default=[0.2, 0.3, 0.5, 0.7])
+    parser.add_argument("--round-to", type=int, nargs="+", default=[1, 8], help="width multiples measured (1: exact widths)")
+    parser.add_argument("--step-batch", type=int, nargs=2, metavar=("B", "T"), help="search/finetune step batch")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="llm_speed.json")
     args = parser.parse_args()
     device = torch.device(args.device)
+    shape_name = "tiny" if args.tiny else args.shape or ("1.1b" if device.type == "cuda" else "cpu")
+    shape, tiny = SHAPES[shape_name], shape_name == "tiny"
+    seq_len = args.seq_len or (32 if tiny else 512)
+    new_tokens = args.new_tokens or (8 if tiny else 64)
+    step_batch = args.step_batch or ((2, 32) if tiny else (4, 1024) if device.type == "cuda" else (2, 256))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shape = SHAPES["tiny" if args.tiny else "1.1b"]
-    prompt, batches, search_batch = (32, (1, 2), (2, 32)) if args.tiny else (512, (1, 8), (4, 1024))
-    new_tokens = 8 if args.tiny else 128
     torch.manual_seed(0)
-    config = LlamaConfig(**shape)
-    model = LlamaForCausalLM._from_config(config, dtype=dtype).to(device).eval()
+    model = LlamaForCausalLM._from_config(LlamaConfig(**shape), dtype=dtype).to(device).eval()
     results = []
 
     def report(**row):
         row = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "dtype": str(dtype).replace("torch.", ""), **row}
+               "dtype": str(dtype).replace("torch.", ""), "shape": shape_name, **row}
         results.append(row)
         print(json.dumps(row), flush=True)
 
-    # one search step: masks only, activation checkpointing, the next-token loss
-    spp.add_masks(model)
-    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-    optimizer = spp.search_optimizer(model, 1.0)
-    ids = torch.randint(0, shape["vocab_size"], search_batch, device=device)
+    ids = torch.randint(0, shape["vocab_size"], tuple(step_batch), device=device)
+    step_costs(model, ids, device, args, report)
 
-    def step():
-        loss = spp.next_token_loss(model(ids), ids)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    model.train()
-    seconds = median_time(step, device, args.repeats, args.warmup)
-    report(what="search step", batch=list(search_batch), seconds=round(seconds, 4),
-           tokens_per_s=round(search_batch[0] * search_batch[1] / seconds, 1),
-           peak_memory_gb=round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if device.type == "cuda" else None)
-    (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
-    model.eval()
     family = spp.WeightFamily(model, spp.SolutionPath.from_scores(model, random_scores(model, 0)),
-                              input_size=(prompt,))
-    cuts = {f"-{r:.0%}": family.select(remove=r, round_to=8, values="binary").masks for r in (0.3, 0.5)}
+                              input_size=(seq_len,))
+    cuts = {(r, k): family.select(remove=r, round_to=k, values="binary") for r in args.removed for k in args.round_to}
     spp.remove_masks(model)   # the dense model is the library's own, unmasked
-    for name in ("dense", *cuts):
-        net = model if name == "dense" else spp.compress(model, cuts[name], granularity="dim").to(device, dtype).eval()
-        for batch in batches:
-            speed = lm_throughput(net, prompt, device, batch=batch, prompt=prompt, new_tokens=new_tokens,
+    for p in model.parameters():
+        p.requires_grad_(False)
+    dense = {"flops": family.flops_before, "weights": weight_elements(model)}
+    rows = {}
+    for key in [None, *cuts]:
+        if key is None:
+            net, name, flops = model, "dense", dense["flops"]
+        else:
+            member = cuts[key]
+            net = spp.compress(model, member.masks, granularity="dim").to(device, dtype).eval()
+            name, flops = f"-{key[0]:.0%} (round_to {key[1]})", member.summary.flops_after
+        for batch in args.batch_sizes:
+            speed = lm_throughput(net, seq_len, device, batch=batch, prompt=seq_len, new_tokens=new_tokens,
                                   repeats=args.repeats, warmup=args.warmup)
-            report(what="inference", member=name, params=spp.count_params(net), batch=batch, prompt=prompt, **speed)
+            row = {"member": name, "params": spp.count_params(net), "batch": batch, "seq_len": seq_len, **speed,
+                   "flops_ratio": round(dense["flops"] / flops, 3),
+                   "weight_bytes_ratio": round(dense["weights"] / weight_elements(net), 3)}
+            if key is not None:
+                base = rows[("dense", batch)]
+                row["prefill_speedup"] = round(speed["prefill_tokens_per_s"] / base["prefill_tokens_per_s"], 3)
+                row["decode_speedup"] = round(speed["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3)
+                row["prefill_realised"] = round(row["prefill_speedup"] / row["flops_ratio"], 3)
+                row["decode_realised"] = round(row["decode_speedup"] / row["weight_bytes_ratio"], 3)
+            rows[(name, batch)] = row
+            report(what="inference", **row)
+        del net
+    print("\n| member | batch | params | prefill tok/s | × | FLOPs ratio | realised | decode tok/s | × | bytes ratio | realised |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (name, batch), r in rows.items():
+        print(f"| {name} | {batch} | {r['params']:,} | {r['prefill_tokens_per_s']:,.0f} | {r.get('prefill_speedup', 1):.2f} | "
+              f"{r['flops_ratio']:.2f} | {r.get('prefill_realised', 1):.2f} | {r['decode_tokens_per_s']:,.0f} | "
+              f"{r.get('decode_speedup', 1):.2f} | {r['weight_bytes_ratio']:.2f} | {r.get('decode_realised', 1):.2f} |")
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
 

@@ -327,18 +327,24 @@ def test_robustness_benchmark_runs_and_its_spp_row_takes_the_reading_val_prefers
 
 
 def test_llm_speed_check_runs_on_a_tiny_model(tmp_path):
-    """scripts/llm_speed.py (gpu_check.sh's LLM part) on CPU, tiny: a search step, then tokens/s of the dense model
-    and of two compressed members, each smaller than the last."""
+    """scripts/llm_speed.py (gpu_check.sh's LLM part) on CPU, tiny: a search step against a finetune step, then
+    tokens/s of the dense model and of compressed members, each smaller than the last, with realised fractions."""
     pytest.importorskip("transformers", reason="the LLM speed check needs transformers")
     out = tmp_path / "llm_speed.json"
-    result = subprocess.run([sys.executable, os.path.join(SCRIPTS, "llm_speed.py"), "--tiny", "--device", "cpu",
+    result = subprocess.run([sys.executable, os.path.join(SCRIPTS, "benchmark_speed.py"), "--llm", "--tiny",
+                             "--device", "cpu", "--removed", "0.3", "0.5", "--round-to", "1", "--batch-sizes", "1", "2",
                              "--repeats", "1", "--warmup", "0", "--out", str(out)], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.load(open(out))
-    assert rows[0]["what"] == "search step" and rows[0]["seconds"] > 0
+    assert rows[0]["what"] == "search step vs finetune step" and rows[0]["search_s"] > 0 and rows[0]["finetune_s"] > 0
     inference = [r for r in rows if r["what"] == "inference"]
-    assert [r["member"] for r in inference] == ["dense", "dense", "-30%", "-30%", "-50%", "-50%"]
+    assert [r["member"] for r in inference] == ["dense", "dense", "-30% (round_to 1)", "-30% (round_to 1)",
+                                                "-50% (round_to 1)", "-50% (round_to 1)"]
+    assert 1 < inference[2]["flops_ratio"] < inference[4]["flops_ratio"]
+    for r in inference[2:]:
+        assert r["prefill_realised"] == pytest.approx(r["prefill_speedup"] / r["flops_ratio"], abs=2e-3)
+        assert r["decode_realised"] == pytest.approx(r["decode_speedup"] / r["weight_bytes_ratio"], abs=2e-3)
     params = [r["params"] for r in inference[::2]]
     assert params[0] > params[1] > params[2]
     assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in inference)
