@@ -316,7 +316,42 @@ def write_tables(results: Dict, args, out: str) -> str:
     text = "\n".join(lines)
     with open(os.path.join(out, "benchmark_llm.md"), "w") as f:
         f.write(text + "\n")
+    plot(results, args, os.path.join(out, "benchmark_llm.png"))
     return text
+
+
+def plot(results: Dict, args, filename: str) -> None:
+    """Test perplexity against parameters, every method (mean over seeds, no finetuning; log scale)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    dense = results["dense"]
+    for ax, key, title in ((axes[0], "test", "no finetuning (mean over seeds)"),
+                           (axes[1], "ft", f"after {args.finetune_steps} finetuning steps")):
+        seeds = args.seeds if key == "test" else args.finetune_seeds
+        for method in results["methods"]:
+            runs = results["runs"].get(method, {})
+            if any("failed" in run for run in runs.values()) or not runs:
+                continue
+            points = []
+            for r in args.removed:
+                vals = [runs[str(s)][str(r)][key] for s in seeds if str(s) in runs and runs[str(s)][str(r)].get(key)]
+                if vals:
+                    points.append((runs[str(seeds[0])][str(r)]["params"] / 1e6, statistics.mean(vals)))
+            if points:
+                ax.plot(*zip(*points), marker="o", lw=2.5 if method == "spp" else 1.2, label=method)
+        ref = dense["test"] if key == "test" else dense.get("ft")
+        if ref:
+            ax.axhline(ref, color="gray", ls="--", lw=1, label="dense")
+        ax.set(xlabel="parameters (M)", ylabel="test perplexity", title=title, yscale="log")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{results['seq_len']}-token windows of held-out text; same structures, same budget walk")
+    fig.tight_layout()
+    fig.savefig(filename, dpi=110)
+    plt.close(fig)
 
 
 def main():

@@ -59,6 +59,24 @@ def weight_elements(model: nn.Module) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
 
 
+def profile_prefill(models, seq_len: int, batch: int, device, rows: int = 8) -> None:
+    """Self time by op of one prefill of each of ``models`` ({name: model}) after one untimed: where it goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU]
+    for name, net in models.items():
+        ids = torch.randint(0, net.config.vocab_size, (batch, seq_len), device=device)
+        with torch.no_grad():
+            net(ids)
+            with profile(activities=activities) as prof:
+                net(ids)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+        total = sum(getattr(e, key) for e in events) or 1
+        top = ", ".join(f"{e.key} {getattr(e, key) / total:.0%}" for e in events[:rows])
+        print(f"profile, prefill of {name} (batch {batch} x {seq_len}): {top}", flush=True)
+
+
 def step_costs(model, ids, device, args, report) -> None:
     """A search step (masks, frozen weights, LBI) against a full finetune step, same batch."""
     def run(step):
@@ -77,7 +95,8 @@ def step_costs(model, ids, device, args, report) -> None:
         loss.backward()
         optimizer.step()
     finetune_s, finetune_peak = run(finetune)
-    del optimizer
+    optimizer.state.clear()           # free the finetune's state before the search step is measured
+    model.zero_grad(set_to_none=True)
     spp.add_masks(model)
     search = spp.search_optimizer(model, 1.0)
 
@@ -108,6 +127,8 @@ def main() -> None:
     parser.add_argument("--step-batch", type=int, nargs=2, metavar=("B", "T"), help="search/finetune step batch")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where a prefill's time goes (dense and the largest removal)")
     parser.add_argument("--out", default="llm_speed.json")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -159,6 +180,8 @@ def main() -> None:
                 row["decode_realised"] = round(row["decode_speedup"] / row["weight_bytes_ratio"], 3)
             rows[(name, batch)] = row
             report(what="inference", **row)
+        if args.profile and key is not None and key == max(cuts):
+            profile_prefill({"dense": model, name: net}, seq_len, max(args.batch_sizes), device)
         del net
     print("\n| member | batch | params | prefill tok/s | × | FLOPs ratio | realised | decode tok/s | × | bytes ratio | realised |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

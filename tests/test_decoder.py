@@ -502,3 +502,36 @@ def test_fsdp2_sharded_search_gives_the_unsharded_path(tmp_path):
         torch.testing.assert_close(a.entries[name]["z"], b.entries[name]["z"], rtol=1e-4, atol=1e-5)
         entered += int(torch.isfinite(a.entries[name]["entry_step"]).sum())
     assert 0 < entered < sum(e["entry_step"].numel() for e in a.entries.values())   # a path, not all or nothing
+
+
+def test_unequal_widths_reach_sdpa_padded_to_one_and_compute_the_same(monkeypatch):
+    """A layer with fewer query-key than value dims gives SDPA equal widths on a prompt (its fused kernel, not the
+    math fallback that writes out the T x T logits), with the same logits as unpadded; one decoded token is not
+    padded (the cache is not copied), and FLOP counting sees the true widths."""
+    from spp.models import decoder
+
+    model = spp.add_masks(tiny("llama-gqa-bias"), "dim")
+    masks = {n: torch.ones_like(p) for n, p in spp.mask_parameters(model)}
+    masks["model.layers.0.self_attn.q_proj.qk_mask"][2:] = 0       # 2 rotary pairs: qk_dim 4, v_dim 16
+    small = spp.compress(model, masks)
+    widths = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        widths.append((q.shape[-2], q.shape[-1], k.shape[-1], v.shape[-1]))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    ids = torch.randint(3, VOCAB, (2, 12))
+    with torch.no_grad():
+        padded = small(ids).logits
+        assert widths[0] == (12, 16, 16, 16)
+        with decoder.nominal_widths():
+            widths.clear()
+            plain = small(ids).logits
+        assert widths[0] == (12, 4, 4, 16)
+        torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-5)
+        widths.clear()
+        small.generate(ids[:1, :4], max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert widths[0] == (4, 16, 16, 16)                             # the prompt: padded
+    assert any(w[1:] == (4, 4, 16) for w in widths[2:])            # the decoded token: not

@@ -29,11 +29,13 @@ cache holds each layer's kept widths.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..structure import Geometry, UnsupportedModel, Widths
@@ -43,6 +45,8 @@ from .common import copy_linear, new_linear
 __all__ = ["DecoderGeometry", "PrunedDecoderAttention", "LLAMA", "OPT", "DEFAULT_TOKENS"]
 
 DEFAULT_TOKENS = 2048   # sequence length FLOPs are priced at (capped by the model's max_position_embeddings)
+PAD_FROM_TOKENS = 2     # query lengths from which unequal query-key / value widths are padded to one (fused SDPA)
+_pad = True             # off inside nominal_widths(): FLOPs are counted at the true widths
 
 
 # ================================================================================================
@@ -196,6 +200,17 @@ def _add_mask(linear: nn.Linear, attr: str, size: int, layout=None) -> None:
         linear.spp_layout = layout
 
 
+@contextlib.contextmanager
+def nominal_widths():
+    """Run compressed attention at its true widths, without padding them to one (for FLOP counts)."""
+    global _pad
+    previous, _pad = _pad, False
+    try:
+        yield
+    finally:
+        _pad = previous
+
+
 # ================================================================================================
 # Compressed attention
 # ================================================================================================
@@ -274,11 +289,16 @@ class PrunedDecoderAttention(nn.Module):
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
         if not self.standard_groups:
             k, v = k[:, self.kv_map], v[:, self.kv_map]
+        width = max(q.shape[-1], v.shape[-1])
+        if q.shape[-1] != v.shape[-1] and T >= PAD_FROM_TOKENS and _pad:
+            # equal query-key and value widths let SDPA use its fused kernel instead of the math fallback, which
+            # writes out the T x T logits; zero query-key dims add nothing to them, zero value dims are cut off
+            q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, weights = attend(self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
                               scaling=1.0 if self.scale_query else self.scaling, sliding_window=self.sliding_window,
                               **kwargs)
-        return out_proj(out.reshape(B, T, -1).contiguous()), weights
+        return out_proj(out[..., :self.v_dim].reshape(B, T, -1).contiguous()), weights
 
 
 # ================================================================================================
@@ -344,6 +364,9 @@ class _DecoderFamily(ModelFamily):
                 v_bias=attn.v_proj.bias is not None, o_bias=getattr(attn, self.out_proj).bias is not None,
                 gated=len(fcs) == 2, mlp_in_bias=fcs[0].bias is not None, mlp_out_bias=out.bias is not None))
         return geoms
+
+    def counting(self):
+        return nominal_widths()
 
     def example_input(self, model: nn.Module, input_size: Optional[Sequence[int]] = None) -> torch.Tensor:
         device = next(model.parameters()).device
