@@ -77,6 +77,22 @@ def profile_prefill(models, seq_len: int, batch: int, device, rows: int = 8) -> 
         print(f"profile, prefill of {name} (batch {batch} x {seq_len}): {top}", flush=True)
 
 
+def paired_speedups(dense, net, seq_len: int, batch: int, new_tokens: int, repeats: int, device) -> dict:
+    """Speed-ups of ``net`` over ``dense`` timed in alternation (dense, member, dense, member, ...), one run of
+    each per repeat after one untimed run of each: the median of the per-repeat ratios, so that a machine whose
+    speed drifts during the run moves both sides of each ratio alike."""
+    def once(model):
+        return lm_throughput(model, seq_len, device, batch=batch, prompt=seq_len, new_tokens=new_tokens,
+                             repeats=1, warmup=0)
+    once(dense), once(net)
+    ratios = {"prefill": [], "decode": []}
+    for _ in range(repeats):
+        a, b = once(dense), once(net)
+        ratios["prefill"].append(b["prefill_tokens_per_s"] / a["prefill_tokens_per_s"])
+        ratios["decode"].append(b["decode_tokens_per_s"] / a["decode_tokens_per_s"])
+    return {f"paired_{k}_speedup": round(sorted(v)[len(v) // 2], 3) for k, v in ratios.items()}
+
+
 def step_costs(model, ids, device, args, report) -> None:
     """A search step (masks, frozen weights, LBI) against a full finetune step, same batch."""
     def run(step):
@@ -127,6 +143,9 @@ def main() -> None:
     parser.add_argument("--step-batch", type=int, nargs=2, metavar=("B", "T"), help="search/finetune step batch")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--paired", action="store_true",
+                        help="also time each member in alternation with the dense model (steadier ratios on a busy "
+                             "or drifting machine)")
     parser.add_argument("--profile", action="store_true",
                         help="also print where a prefill's time goes (dense and the largest removal)")
     parser.add_argument("--out", default="llm_speed.json")
@@ -178,17 +197,25 @@ def main() -> None:
                 row["decode_speedup"] = round(speed["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3)
                 row["prefill_realised"] = round(row["prefill_speedup"] / row["flops_ratio"], 3)
                 row["decode_realised"] = round(row["decode_speedup"] / row["weight_bytes_ratio"], 3)
+                if args.paired:
+                    row.update(paired_speedups(model, net, seq_len, batch, new_tokens, args.repeats, device))
+                    row["paired_prefill_realised"] = round(row["paired_prefill_speedup"] / row["flops_ratio"], 3)
+                    row["paired_decode_realised"] = round(row["paired_decode_speedup"] / row["weight_bytes_ratio"], 3)
             rows[(name, batch)] = row
             report(what="inference", **row)
         if args.profile and key is not None and key == max(cuts):
             profile_prefill({"dense": model, name: net}, seq_len, max(args.batch_sizes), device)
         del net
-    print("\n| member | batch | params | prefill tok/s | × | FLOPs ratio | realised | decode tok/s | × | bytes ratio | realised |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    paired = " prefill realised, paired | decode realised, paired |" if args.paired else ""
+    print("\n| member | batch | params | prefill tok/s | × | FLOPs ratio | realised | decode tok/s | × | bytes ratio | realised |"
+          + paired)
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.paired else ""))
     for (name, batch), r in rows.items():
         print(f"| {name} | {batch} | {r['params']:,} | {r['prefill_tokens_per_s']:,.0f} | {r.get('prefill_speedup', 1):.2f} | "
               f"{r['flops_ratio']:.2f} | {r.get('prefill_realised', 1):.2f} | {r['decode_tokens_per_s']:,.0f} | "
-              f"{r.get('decode_speedup', 1):.2f} | {r['weight_bytes_ratio']:.2f} | {r.get('decode_realised', 1):.2f} |")
+              f"{r.get('decode_speedup', 1):.2f} | {r['weight_bytes_ratio']:.2f} | {r.get('decode_realised', 1):.2f} |"
+              + (f" {r['paired_prefill_realised']:.2f} | {r['paired_decode_realised']:.2f} |" if "paired_prefill_realised" in r
+                 else (" | |" if args.paired else "")))
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
 

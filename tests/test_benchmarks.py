@@ -333,7 +333,7 @@ def test_llm_speed_check_runs_on_a_tiny_model(tmp_path):
     out = tmp_path / "llm_speed.json"
     result = subprocess.run([sys.executable, os.path.join(SCRIPTS, "benchmark_speed.py"), "--llm", "--tiny",
                              "--device", "cpu", "--removed", "0.3", "0.5", "--round-to", "1", "--batch-sizes", "1", "2",
-                             "--repeats", "1", "--warmup", "0", "--out", str(out)], capture_output=True, text=True,
+                             "--repeats", "1", "--warmup", "0", "--paired", "--out", str(out)], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.load(open(out))
@@ -345,6 +345,8 @@ def test_llm_speed_check_runs_on_a_tiny_model(tmp_path):
     for r in inference[2:]:
         assert r["prefill_realised"] == pytest.approx(r["prefill_speedup"] / r["flops_ratio"], abs=2e-3)
         assert r["decode_realised"] == pytest.approx(r["decode_speedup"] / r["weight_bytes_ratio"], abs=2e-3)
+        assert r["paired_prefill_speedup"] > 0 and r["paired_decode_realised"] == pytest.approx(
+            r["paired_decode_speedup"] / r["weight_bytes_ratio"], abs=2e-3)
     params = [r["params"] for r in inference[::2]]
     assert params[0] > params[1] > params[2]
     assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in inference)
