@@ -24,7 +24,7 @@ else:
 def churn():
     x = torch.ones(16 * 2 ** 20)  # 64 MiB: above glibc's largest default mmap threshold
     del x
-for _ in range(5):  # the heap grows to its size (in one to three rounds: posix_memalign's slack)
+for _ in range(8):  # the heap grows to its size (in one to three rounds, rarely more: posix_memalign's slack)
     churn()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(3):
@@ -50,7 +50,8 @@ def test_keep_cpu_memory_stops_refaulting_freed_tensors(mode):
     _, faults_system = minor_faults("system")
     pages = 3 * 64 * 2 ** 20 // 4096
     assert faults_system > 0.9 * pages, faults_system   # the default allocator maps each 64 MiB tensor afresh
-    assert faults_kept < 0.01 * pages, faults_kept      # kept: the same pages come back, no faults
+    # kept: the same pages come back; at most one of the three rounds still grows the heap (seen once in many runs)
+    assert faults_kept < 0.34 * pages, (faults_kept, faults_system)
 
 
 def test_provenance_names_the_checkout_commit_and_versions():
