@@ -14,21 +14,22 @@ Measures, each figure the median of ``--repeats`` after ``--warmup`` runs:
   * realised fraction: prefill speed-up ÷ FLOPs ratio (FLOPs per sequence, as ``torch.utils.flop_counter``
     counts), decode speed-up ÷ ratio of the weight bytes read per token (every linear layer's weight).
 Members are cut from a path of random scores: their speed depends on their widths, not on how they were
-ranked. Weights are random: speed does not depend on them. Prints one JSON line per measurement, a table,
-and writes everything to ``--out``.
+ranked. Weights are random: speed does not depend on them. ``--paired`` also times each member in alternation
+with the dense model (the median of per-pair ratios: steadier where the machine's speed drifts during a run).
+``--profile`` prints where a prefill's time goes. Prints one JSON line per measurement, a table, and writes
+everything to ``--out``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 from torch import nn
 
 import spp
 from spp.criteria import random_scores
-from spp.report import lm_throughput
+from spp.report import lm_throughput, median_seconds
 
 SHAPES = {
     "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -38,20 +39,6 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=256),
 }
-
-
-def median_time(fn, device, repeats: int, warmup: int) -> float:
-    times = []
-    for i in range(warmup + repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def weight_elements(model: nn.Module) -> int:
@@ -98,7 +85,7 @@ def step_costs(model, ids, device, args, report) -> None:
     def run(step):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        seconds = median_time(step, device, args.repeats, args.warmup)
+        seconds = median_seconds(step, device, args.repeats, args.warmup)
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
         return seconds, peak
 

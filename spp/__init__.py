@@ -10,6 +10,7 @@ from .checkpoint import create_model, load_checkpoint
 from .compress import compress, load_pruned, pruned_widths, save_pruned
 from .family import Member, Summary, WeightFamily
 from .flops import count_flops, count_params
+from .models.common import nominal_attention
 from .masks import add_masks, freeze_weights, is_masked, mask_parameters, remove_masks, set_masks
 from .optim import LBI
 from .path import SolutionPath, support_sizes
@@ -25,7 +26,7 @@ __all__ = [
     "count_params", "PAIRS", "Widths", "mask_pairs", "keep_cpu_memory",
 ]
 
-_VIT_NAMES = ("MaskedAttention", "MaskedMlp", "PrunedAttention", "nominal_attention")
+_VIT_NAMES = ("MaskedAttention", "MaskedMlp", "PrunedAttention")
 
 
 def __getattr__(name):   # timm's modules (and the runtime) load on first use of these names, not on `import spp`

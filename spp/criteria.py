@@ -29,14 +29,18 @@ def magnitude_scores(model) -> Dict[str, torch.Tensor]:
     value dim's row of W_v and column of the output projection, a neuron's rows of the MLP's input
     matrices and column of its output matrix (each matrix's mean square, so a structure's size does not
     decide its rank). Rank by weight norm, as in Li et al., "Pruning Filters for Efficient ConvNets"
-    (ICLR 2017), over SPP's pairs; every model family computes it for its own layout."""
-    require_masks(model)
-    granularity = granularity_of(model)
-    family = model_family(model)
+    (ICLR 2017), over SPP's pairs; the family's :meth:`~spp.models.base.ModelFamily.channels` say which
+    rows and columns those are."""
     scores = {}
-    for geom, block in zip(family.geometry(model), family.blocks(model)):
-        names = mask_names(geom)
-        scores.update({names[pair]: s for pair, s in family.magnitude(block, geom, granularity).items()})
+    for mask, chans in _channels(model):
+        size = model.get_parameter(mask).numel()
+        total = torch.zeros(size, dtype=torch.float64)
+        for c in chans:   # the mean square of the element's rows (columns) in this matrix
+            w = c.linear.weight.detach().double().cpu()
+            square = w[:, c.index].pow(2).mean(0) if c.axis == 1 else w[c.index].pow(2).mean(1)
+            count = torch.zeros(size, dtype=torch.float64).index_add_(0, c.element, torch.ones_like(square))
+            total += torch.zeros(size, dtype=torch.float64).index_add_(0, c.element, square) / count.clamp_min(1)
+        scores[mask] = (total / len(chans)).sqrt().float().view(model.get_parameter(mask).shape)
     return scores
 
 

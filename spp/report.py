@@ -181,6 +181,21 @@ def zero_shot(model: nn.Module, cfg: Config) -> Dict[str, Dict[str, float]]:
             for task, metrics in results.items()}
 
 
+def median_seconds(fn, device: torch.device, repeats: int, warmup: int) -> float:
+    """Median wall time of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (CUDA synchronised)."""
+    times = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        begin = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - begin)
+    return sorted(times)[len(times) // 2]
+
+
 @torch.no_grad()
 def lm_throughput(model: nn.Module, seq_len: int, device: torch.device, amp_dtype=None, *, batch: int = 1,
                   prompt: int = 16, new_tokens: int = 32, repeats: int = 5, warmup: int = 1) -> Dict[str, float]:
@@ -195,18 +210,10 @@ def lm_throughput(model: nn.Module, seq_len: int, device: torch.device, amp_dtyp
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
 
     def timed(fn) -> float:
-        times = []
-        for i in range(warmup + repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            begin = time.perf_counter()
+        def run():
             with autocast:
                 fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append(time.perf_counter() - begin)
-        return sorted(times)[len(times) // 2]
+        return median_seconds(run, device, repeats, warmup)
 
     prefill = timed(lambda: model(ids))
     generate = timed(lambda: model.generate(start, max_new_tokens=new_tokens, min_new_tokens=new_tokens,

@@ -505,11 +505,9 @@ def test_fsdp2_sharded_search_gives_the_unsharded_path(tmp_path):
 
 
 def test_unequal_widths_reach_sdpa_padded_to_one_and_compute_the_same(monkeypatch):
-    """A layer with fewer query-key than value dims gives SDPA equal widths on a prompt (its fused kernel, not the
+    """A layer with fewer query-key than value dims gives SDPA equal widths on a CPU prompt (its fused kernel, not the
     math fallback that writes out the T x T logits), with the same logits as unpadded; one decoded token is not
     padded (the cache is not copied), and FLOP counting sees the true widths."""
-    from spp.models import decoder
-
     model = spp.add_masks(tiny("llama-gqa-bias"), "dim")
     masks = {n: torch.ones_like(p) for n, p in spp.mask_parameters(model)}
     masks["model.layers.0.self_attn.q_proj.qk_mask"][2:] = 0       # 2 rotary pairs: qk_dim 4, v_dim 16
@@ -526,7 +524,7 @@ def test_unequal_widths_reach_sdpa_padded_to_one_and_compute_the_same(monkeypatc
     with torch.no_grad():
         padded = small(ids).logits
         assert widths[0] == (12, 16, 16, 16)
-        with decoder.nominal_widths():
+        with spp.nominal_attention():
             widths.clear()
             plain = small(ids).logits
         assert widths[0] == (12, 4, 4, 16)

@@ -361,3 +361,10 @@ def test_llm_benchmark_ranks_the_same_structures_for_every_method(tmp_path, text
     assert runs["random"]["0"]["0.3"]["test"] != runs["random"]["1"]["0.3"]["test"]
     table = (out / "benchmark_llm.md").read_text()
     assert all(f"| {m} |" in table for m in methods) and "32-token windows" in table
+    assert (out / "benchmark_llm.png").stat().st_size > 0
+    again = tmp_path / "again"        # --table-from measures nothing and writes the same table
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "benchmark_llm.py"), "--table-from",
+                             str(out / "benchmark_llm.json"), "--out", str(again)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (again / "benchmark_llm.md").read_text() == table

@@ -1,13 +1,13 @@
 """The interface a model family implements (see :mod:`spp.models` for the registry)."""
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..structure import Geometry, Widths
+from .common import nominal_attention
 
 
 class Channels(NamedTuple):
@@ -48,8 +48,9 @@ class ModelFamily:
         raise NotImplementedError
 
     def counting(self):
-        """Context in which a forward runs at its nominal widths, for ``torch.utils.flop_counter``."""
-        return contextlib.nullcontext()
+        """Context in which a forward runs at its nominal widths, for ``torch.utils.flop_counter`` (by default
+        without the zero-padding of :func:`spp.models.common.equal_widths`)."""
+        return nominal_attention()
 
     # ----- masks -------------------------------------------------------------------------------
     def add_masks(self, model: nn.Module, granularity: str) -> None:
@@ -60,15 +61,10 @@ class ModelFamily:
         """Undo :meth:`add_masks` in place (mask values are dropped)."""
         raise NotImplementedError
 
-    def magnitude(self, block: nn.Module, geom: Geometry, granularity: str) -> Dict[str, torch.Tensor]:
-        """``{pair: scores}`` shaped like the block's masks: the RMS of the weights each element removes
-        (each matrix's mean square, averaged over the matrices), for :func:`spp.criteria.magnitude_scores`."""
-        raise NotImplementedError(f"the {self.name} family has no magnitude criterion")
-
     def channels(self, block: nn.Module, geom: Geometry, granularity: str) -> Dict[str, List[Channels]]:
         """``{pair: [Channels, ...]}``: every weight row and column each element of the block's masks
         removes, for the activation- and gradient-based criteria of :mod:`spp.criteria` (Wanda-sp, FLAP,
-        LLM-Pruner's Taylor)."""
+        LLM-Pruner's Taylor) and magnitude."""
         raise NotImplementedError(f"the {self.name} family does not list its channels")
 
     # ----- compression -------------------------------------------------------------------------

@@ -29,24 +29,20 @@ cache holds each layer's kept widths.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..structure import Geometry, UnsupportedModel, Widths
 from .base import Channels, ModelFamily
-from .common import copy_linear, new_linear
+from .common import copy_linear, equal_widths, new_linear
 
 __all__ = ["DecoderGeometry", "PrunedDecoderAttention", "LLAMA", "OPT", "DEFAULT_TOKENS"]
 
 DEFAULT_TOKENS = 2048   # sequence length FLOPs are priced at (capped by the model's max_position_embeddings)
-PAD_FROM_TOKENS = 2     # query lengths from which unequal query-key / value widths are padded to one (fused SDPA)
-_pad = True             # off inside nominal_widths(): FLOPs are counted at the true widths
 
 
 # ================================================================================================
@@ -200,17 +196,6 @@ def _add_mask(linear: nn.Linear, attr: str, size: int, layout=None) -> None:
         linear.spp_layout = layout
 
 
-@contextlib.contextmanager
-def nominal_widths():
-    """Run compressed attention at its true widths, without padding them to one (for FLOP counts)."""
-    global _pad
-    previous, _pad = _pad, False
-    try:
-        yield
-    finally:
-        _pad = previous
-
-
 # ================================================================================================
 # Compressed attention
 # ================================================================================================
@@ -289,11 +274,8 @@ class PrunedDecoderAttention(nn.Module):
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
         if not self.standard_groups:
             k, v = k[:, self.kv_map], v[:, self.kv_map]
-        width = max(q.shape[-1], v.shape[-1])
-        if q.shape[-1] != v.shape[-1] and T >= PAD_FROM_TOKENS and _pad:
-            # equal query-key and value widths let SDPA use its fused kernel instead of the math fallback, which
-            # writes out the T x T logits; zero query-key dims add nothing to them, zero value dims are cut off
-            q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
+        if T > 1:   # a prompt: one head width for the fused kernel (one decoded token: no copy of the cache)
+            q, k, v = equal_widths(q, k, v)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, weights = attend(self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
                               scaling=1.0 if self.scale_query else self.scaling, sliding_window=self.sliding_window,
@@ -365,9 +347,6 @@ class _DecoderFamily(ModelFamily):
                 gated=len(fcs) == 2, mlp_in_bias=fcs[0].bias is not None, mlp_out_bias=out.bias is not None))
         return geoms
 
-    def counting(self):
-        return nominal_widths()
-
     def example_input(self, model: nn.Module, input_size: Optional[Sequence[int]] = None) -> torch.Tensor:
         device = next(model.parameters()).device
         return torch.zeros(1, self.tokens(model, input_size), dtype=torch.long, device=device)
@@ -394,26 +373,6 @@ class _DecoderFamily(ModelFamily):
             for hooks in (module._forward_hooks, module._forward_pre_hooks):
                 for key in [k for k, fn in hooks.items() if fn in _HOOKS]:
                     del hooks[key]
-
-    @torch.no_grad()
-    def magnitude(self, block: nn.Module, geom: DecoderGeometry, granularity: str) -> Dict[str, torch.Tensor]:
-        attn, H, K, d = block.self_attn, geom.num_heads, geom.num_kv_heads, geom.head_dim
-        q = attn.q_proj.weight.float().view(H, d, -1).pow(2).mean(-1)           # (heads, head_dim)
-        k = attn.k_proj.weight.float().view(K, d, -1).pow(2).mean(-1)           # (kv heads, head_dim)
-        v = attn.v_proj.weight.float().view(K, d, -1).pow(2).mean(-1)
-        o = getattr(attn, self.out_proj).weight.float().view(-1, H, d).pow(2).mean(0)   # (heads, head_dim)
-        if granularity == "head":   # a query head, with its key/value head's rows
-            kv = torch.arange(H) // geom.group
-            scores = {"qk": ((q.mean(1) + k.mean(1)[kv]) / 2).sqrt(), "v": ((o.mean(1) + v.mean(1)[kv]) / 2).sqrt()}
-        else:                       # a dim (rotary pair) of every head
-            qk = (q.mean(0) + k.mean(0)) / 2
-            if self.rotary:
-                qk = (qk[:d // 2] + qk[d // 2:]) / 2
-            scores = {"qk": qk.sqrt(), "v": ((o.mean(0) + v.mean(0)) / 2).sqrt()}
-        rows = [fc.weight.float().pow(2).mean(1) for fc in self._mlp_in(block)]
-        out = block.get_submodule(self.mlp_out).weight.float().pow(2).mean(0)
-        scores["mlp"] = ((sum(rows) + out) / (len(rows) + 1)).sqrt()
-        return scores
 
     def channels(self, block: nn.Module, geom: DecoderGeometry, granularity: str) -> Dict[str, List[Channels]]:
         attn, d = block.self_attn, geom.head_dim

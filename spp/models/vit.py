@@ -18,7 +18,6 @@ removed keeps the ``proj`` (``fc2``) bias as a constant output.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -33,7 +32,7 @@ from timm.models.swin_transformer import WindowAttention
 
 from ..structure import Geometry, UnsupportedModel, Widths
 from .base import Channels, ModelFamily
-from .common import copy_linear, new_linear, restore_class
+from .common import copy_linear, equal_widths, new_linear, nominal_attention, restore_class
 
 __all__ = ["BlockGeometry", "MaskedAttention", "MaskedWindowAttention", "MaskedMlp", "PrunedAttention",
            "PrunedWindowAttention", "nominal_attention", "VIT", "SWIN"]
@@ -254,20 +253,6 @@ class MaskedMlp(Mlp):
 # ================================================================================================
 # Compressed attention
 # ================================================================================================
-_pad_on_cpu = True
-
-
-@contextlib.contextmanager
-def nominal_attention():
-    """Run attention at its true head widths, without the CPU zero-padding (for FLOP counts)."""
-    global _pad_on_cpu
-    previous, _pad_on_cpu = _pad_on_cpu, False
-    try:
-        yield
-    finally:
-        _pad_on_cpu = previous
-
-
 class PrunedAttention(nn.Module):
     """Multi-head attention with separate query-key and value head widths.
 
@@ -309,14 +294,7 @@ class PrunedAttention(nn.Module):
             q = q.view(B, N, hq, self.qk_dim).transpose(1, 2)            # (B, qk_heads, N, qk_dim)
             k = k.view(B, N, hq, self.qk_dim).transpose(1, 2)
             mask = bias[:, :hq].to(q.dtype) if bias is not None else attn_mask
-            vq = v[:, :hq]
-            pad = self.v_dim - self.qk_dim
-            if pad and x.device.type == "cpu" and _pad_on_cpu:
-                # PyTorch's fused CPU kernel needs one head width for q, k and v; with two it falls
-                # back to the unfused math path (attention map materialised; 3-4x slower for DeiT-S).
-                # Zero columns change no dot product and only add output columns cut off below.
-                q, k = (F.pad(q, (0, pad)), F.pad(k, (0, pad))) if pad > 0 else (q, k)
-                vq = F.pad(vq, (0, -pad)) if pad < 0 else vq
+            q, k, vq = equal_widths(q, k, v[:, :hq])                     # the fused CPU kernel's one width
             outputs.append(F.scaled_dot_product_attention(
                 q, k, vq, attn_mask=mask, is_causal=is_causal, scale=self.scale,
                 dropout_p=self.attn_drop.p if self.training else 0.0)[..., :self.v_dim])  # (B, qk_heads, N, v_dim)
@@ -417,9 +395,6 @@ class _TimmFamily(ModelFamily):
         param = next(model.parameters())
         return torch.zeros(1, *tuple(input_size or input_size_of(model)), device=param.device, dtype=param.dtype)
 
-    def counting(self):
-        return nominal_attention()
-
     def add_masks(self, model: nn.Module, granularity: str) -> None:
         for block in self.blocks(model):
             masked = MaskedWindowAttention if isinstance(block.attn, WindowAttention) else MaskedAttention
@@ -434,21 +409,6 @@ class _TimmFamily(ModelFamily):
             elif isinstance(module, MaskedMlp):
                 del module.mask
                 restore_class(module)
-
-    @torch.no_grad()
-    def magnitude(self, block: nn.Module, geom: BlockGeometry, granularity: str) -> Dict[str, torch.Tensor]:
-        H, hd = geom.num_heads, geom.head_dim
-        w = block.attn.qkv.weight.view(3, H, hd, -1)              # (q|k|v, heads, head_dim, C)
-        proj = block.attn.proj.weight.view(-1, H, hd)             # (C, heads, head_dim)
-        qk = torch.cat([w[0], w[1]], -1).pow(2)                   # (heads, head_dim, 2C)
-        v = (w[2].pow(2).mean(-1) + proj.pow(2).mean(0)) / 2     # (heads, head_dim)
-        if granularity == "head":   # one element per head
-            scores = {"qk": qk.mean((1, 2)).sqrt(), "v": v.mean(1).sqrt()}
-        else:                       # one element per dim, shared by the heads
-            scores = {"qk": qk.mean((0, 2)).sqrt(), "v": v.mean(0).sqrt()}
-        mlp = block.mlp
-        scores["mlp"] = ((mlp.fc1.weight.pow(2).mean(1) + mlp.fc2.weight.pow(2).mean(0)) / 2).sqrt()
-        return scores
 
     def channels(self, block: nn.Module, geom: BlockGeometry, granularity: str) -> Dict[str, List[Channels]]:
         width = geom.num_heads * geom.head_dim
