@@ -15,7 +15,7 @@ from .structure import PAIRS, Geometry, Widths, mask_names, model_geometry, widt
 __all__ = ["WeightFamily", "Member", "Summary"]
 
 BUDGET_KINDS = ("params", "flops", "elements")
-SCOPES = ("global", "pair")
+SCOPES = ("global", "pair", "part")
 RANKINGS = ("entry", "z")
 VALUES = ("auto", "binary", "path")
 # the pipeline's family.* / export.* also take "best": every reading tried by WeightFamily.select_best on val
@@ -211,6 +211,21 @@ class WeightFamily:
             kept = i + 1
         return order[:kept]
 
+    def parts(self) -> List[str]:
+        """The model's parts (CLIP's ``"vision"`` and ``"text"`` towers; one unnamed part for other models)."""
+        return list(dict.fromkeys(getattr(g, "part", "") for g in self.geoms))
+
+    def _walk_part(self, order: np.ndarray, keep: float, by: str, forced: int) -> np.ndarray:
+        part_of_block = np.array([getattr(g, "part", "") for g in self.geoms])
+        is_forced = np.arange(order.size) < forced
+        chosen = []
+        for part in self.parts():
+            mine = part_of_block[self.block[order]] == part
+            geoms = [g for g in self.geoms if getattr(g, "part", "") == part]
+            prunable = sum(g.cost(g.full, by, self.granularity) - g.cost(g.empty, by, self.granularity) for g in geoms)
+            chosen.append(self._walk_global(order[mine], keep * prunable, by, int(is_forced[mine].sum())))
+        return np.concatenate(chosen)
+
     def _walk_pair(self, order: np.ndarray, keep: float, by: str, forced: int) -> np.ndarray:
         chosen = []
         unit = [g.unit_costs(by, self.granularity) for g in self.geoms]
@@ -238,7 +253,8 @@ class WeightFamily:
         Args:
             by: ``"params"`` (default), ``"flops"`` (at the family's input size) or ``"elements"``.
             scope: ``"global"`` ranks all pairs together (default); ``"pair"`` meets the
-                fraction within each pair type separately, on each element's own cost.
+                fraction within each pair type separately, on each element's own cost; ``"part"``
+                meets it within each part of the model separately (CLIP's vision and text towers).
             rank: ``"entry"`` (entry step, ties by larger |z|; the paper's) or ``"z"``
                 (final |z| alone).
             floor: keep at least this many entries of every pair of every block.
@@ -290,6 +306,8 @@ class WeightFamily:
         order, forced = self._apply_floor(self.ranking(rank), floor)
         if scope == "global":
             chosen = self._walk_global(order, keep * prunable, by, forced)
+        elif scope == "part":
+            chosen = self._walk_part(order, keep, by, forced)
         else:
             chosen = self._walk_pair(order, keep, by, forced)
         kept = np.zeros(self.block.size, bool)

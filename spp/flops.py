@@ -26,7 +26,8 @@ def count_flops(model: nn.Module, input_size: Optional[Sequence[int]] = None) ->
     """Forward FLOPs for one input (2 per multiply-add), counted by ``FlopCounterMode``.
 
     ``input_size`` is ``(C, H, W)`` for vision models and ``(tokens,)`` for language models; it
-    defaults to the model's own (its image size; for LLMs, see :mod:`spp.models.decoder`).
+    defaults to the model's own (its image size; for LLMs, see :mod:`spp.models.decoder`; CLIP: one image
+    and one caption, see :mod:`spp.models.clip`).
     Compressed attention is counted at its true head widths (for timm models, without the zero
     columns it pads on CPU to reach the fused kernel).
     """
@@ -35,7 +36,7 @@ def count_flops(model: nn.Module, input_size: Optional[Sequence[int]] = None) ->
     was_training = model.training
     model.eval()
     with FlopCounterMode(display=False) as counter, family.counting():
-        model(x)
+        model(**x) if isinstance(x, dict) else model(x)
     model.train(was_training)
     return int(counter.get_total_flops())
 

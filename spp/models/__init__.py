@@ -7,6 +7,7 @@ family                 models                                             module
 ``timm-swin``          timm ``SwinTransformer`` (v1)                      :mod:`spp.models.vit`
 ``hf-llama``           transformers Llama, Mistral, Qwen2 (GQA, RoPE)     :mod:`spp.models.decoder`
 ``hf-opt``             transformers OPT                                   :mod:`spp.models.decoder`
+``hf-clip``            transformers CLIP (both towers, or one)            :mod:`spp.models.clip`
 =====================  =================================================  ============================
 
 A family is found from the model's class (or any base class) by name, so matching a model imports
@@ -44,6 +45,10 @@ _REGISTRY: List[_Entry] = [
                  for s in ("ForCausalLM", "Model")), "spp.models.decoder:LLAMA"),
     _Entry("hf-opt", "transformers OPTForCausalLM (and OPTModel)",
            (_LLAMA.format("opt", "OPTForCausalLM"), _LLAMA.format("opt", "OPTModel")), "spp.models.decoder:OPT"),
+    _Entry("hf-clip", "transformers CLIPModel (both towers), CLIPVisionModel, CLIPTextModel (+ WithProjection)",
+           tuple(f"transformers.models.clip.modeling_clip.{c}" for c in (
+               "CLIPModel", "CLIPVisionModel", "CLIPTextModel", "CLIPVisionModelWithProjection",
+               "CLIPTextModelWithProjection")), "spp.models.clip:CLIP"),
 ]
 
 # Models people try that spp cannot prune exactly, and why (instead of the generic "not supported").

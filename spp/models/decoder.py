@@ -71,6 +71,7 @@ class DecoderGeometry(Geometry):
     gated: bool            # gate_proj and up_proj (Llama) or one fc1 (OPT)
     mlp_in_bias: bool
     mlp_out_bias: bool
+    part: str = ""         # the tower a layer belongs to (CLIP: "vision" / "text"), for per-part budgets
 
     def mask_names(self) -> Dict[str, str]:
         a = f"{self.name}.{self.attn}"
@@ -205,18 +206,19 @@ class PrunedDecoderAttention(nn.Module):
     ``num_heads`` query heads with ``qk_dim`` query-key and ``v_dim`` value dims each read
     ``num_kv_heads`` key/value heads: query head h reads ``kv_map[h]``. With RoPE, ``rope_index``
     picks the kept dims' entries of the model's cos/sin tables (kept pairs' original frequencies).
-    ``scaling`` is the unpruned model's ``head_dim ** -0.5``.
+    ``scaling`` is the unpruned model's ``head_dim ** -0.5``. ``is_causal=False`` (CLIP's vision tower) attends
+    both ways unless the caller passes ``is_causal`` or a mask.
     """
 
     def __init__(self, config, layer_idx: int, dim: int, widths: Widths, *, rotary: bool, scaling: float,
                  biases: Tuple[bool, bool, bool, bool], out_proj: str = "o_proj", scale_query: bool = False,
-                 attention_dropout: float = 0.0, sliding_window: Optional[int] = None):
+                 attention_dropout: float = 0.0, sliding_window: Optional[int] = None, is_causal: bool = True):
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
         self.num_heads, self.num_kv_heads = widths.num_heads, widths.num_kv_heads or 0
         self.qk_dim, self.v_dim = widths.qk_dim, widths.v_dim
         self.scaling, self.scale_query, self.rotary = scaling, scale_query, rotary
-        self.attention_dropout, self.sliding_window, self.is_causal = attention_dropout, sliding_window, True
+        self.attention_dropout, self.sliding_window, self.is_causal = attention_dropout, sliding_window, is_causal
         self.out_proj_name = out_proj
         q_bias, k_bias, v_bias, o_bias = biases
         self.q_proj = new_linear(dim, self.num_heads * self.qk_dim, q_bias)
@@ -329,23 +331,23 @@ class _DecoderFamily(ModelFamily):
     def geometry(self, model: nn.Module, input_size: Optional[Sequence[int]] = None) -> List[DecoderGeometry]:
         names = {id(m): n for n, m in model.named_modules()}
         tokens = self.tokens(model, input_size)
-        geoms = []
-        for i, layer in enumerate(self.blocks(model)):
-            name = names[id(layer)]
-            self._check(model, name, layer)
-            attn, fcs = layer.self_attn, self._mlp_in(layer)
-            out = layer.get_submodule(self.mlp_out)
-            d = attn.head_dim
-            heads = attn.q_proj.out_features // d
-            kv = attn.k_proj.out_features // d
-            geoms.append(DecoderGeometry(
-                name=name, index=i, attn="self_attn", out_proj=self.out_proj, mlp_out=self.mlp_out,
-                dim=attn.q_proj.in_features, num_heads=heads, num_kv_heads=kv, head_dim=d,
-                mlp_hidden=fcs[0].out_features, tokens=tokens, rotary=self.rotary,
-                q_bias=attn.q_proj.bias is not None, k_bias=attn.k_proj.bias is not None,
-                v_bias=attn.v_proj.bias is not None, o_bias=getattr(attn, self.out_proj).bias is not None,
-                gated=len(fcs) == 2, mlp_in_bias=fcs[0].bias is not None, mlp_out_bias=out.bias is not None))
-        return geoms
+        return [self._layer_geometry(model, names[id(layer)], i, layer, tokens)
+                for i, layer in enumerate(self.blocks(model))]
+
+    def _layer_geometry(self, model: nn.Module, name: str, index: int, layer: nn.Module, tokens: int,
+                        part: str = "") -> DecoderGeometry:
+        self._check(model, name, layer)
+        attn, fcs = layer.self_attn, self._mlp_in(layer)
+        out = layer.get_submodule(self.mlp_out)
+        d = attn.head_dim
+        return DecoderGeometry(
+            name=name, index=index, attn="self_attn", out_proj=self.out_proj, mlp_out=self.mlp_out,
+            dim=attn.q_proj.in_features, num_heads=attn.q_proj.out_features // d,
+            num_kv_heads=attn.k_proj.out_features // d, head_dim=d,
+            mlp_hidden=fcs[0].out_features, tokens=tokens, rotary=self.rotary,
+            q_bias=attn.q_proj.bias is not None, k_bias=attn.k_proj.bias is not None,
+            v_bias=attn.v_proj.bias is not None, o_bias=getattr(attn, self.out_proj).bias is not None,
+            gated=len(fcs) == 2, mlp_in_bias=fcs[0].bias is not None, mlp_out_bias=out.bias is not None, part=part)
 
     def example_input(self, model: nn.Module, input_size: Optional[Sequence[int]] = None) -> torch.Tensor:
         device = next(model.parameters()).device
