@@ -1,7 +1,7 @@
 # The two commands of the README. Each installs what it needs first and is safe to rerun.
 PYTHON ?= python3
 
-.PHONY: install test demo demo-llm
+.PHONY: install test demo demo-llm demo-clip
 
 install:
 	$(PYTHON) -m pip install -q -e ".[test]"
@@ -14,3 +14,6 @@ demo: install
 
 demo-llm: install
 	bash scripts/demo_llm.sh $(ARGS)
+
+demo-clip: install
+	bash scripts/demo_clip.sh $(ARGS)

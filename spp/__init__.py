@@ -1,9 +1,10 @@
-"""spp: Solution Path Pruning (Ding et al., ICLR 2025) for vision transformers and LLMs.
+"""spp: Solution Path Pruning (Ding et al., ICLR 2025) for vision transformers, LLMs and CLIP.
 
 One LBI search over pair-wise structured masks gives a whole family of pruned models;
 any member is compressed exactly into a smaller dense model. Model families (timm ViT/DeiT and
-Swin, Hugging Face Llama/Mistral/Qwen2 and OPT) are plug-ins in :mod:`spp.models`; importing
-``spp`` imports neither timm nor transformers.
+Swin, Hugging Face Llama/Mistral/Qwen2, OPT and CLIP) are plug-ins in :mod:`spp.models`; importing
+``spp`` imports neither timm nor transformers. CLIP's loss, retrieval and zero-shot evaluation and
+caption data are in :mod:`spp.clip`.
 """
 from .calibrate import calibrate_nu, next_token_loss, search_optimizer
 from .checkpoint import create_model, load_checkpoint

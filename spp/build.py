@@ -21,9 +21,20 @@ from .models import supported
 __all__ = ["build_model", "is_hf", "task_for", "input_size_for", "source_model", "build_loaders", "build_criterion", "select_member", "read_member", "HeldOutScore"]
 
 
+CAPTIONS = ("captions", "fashion_mnist_captions")   # image-caption datasets (CLIP)
+
+
 def task_for(cfg: Config):
-    """How the loops read this config's batches: next-token prediction on text, else classification."""
-    from .tasks import Classification, NextToken
+    """How the loops read this config's batches: next-token prediction on text, contrastive image-caption
+    pairs (CLIP; with the demo's class prompts for zero-shot accuracy), else classification."""
+    from .tasks import Classification, Contrastive, NextToken
+    if cfg.data.dataset == "fashion_mnist_captions":
+        from .clip import FASHION_CLASSES, FASHION_TEMPLATES, tokenize_prompts
+        from .text import load_tokenizer
+        tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.name)
+        return Contrastive(tokenize_prompts(tokenizer, FASHION_CLASSES, FASHION_TEMPLATES, cfg.data.seq_len))
+    if cfg.data.dataset == "captions":
+        return Contrastive()
     return NextToken() if cfg.data.dataset == "text" else Classification()
 
 
@@ -33,12 +44,18 @@ def input_size_for(cfg: Config) -> Optional[Tuple[int, ...]]:
 
 
 def _build_hf(cfg: Config) -> nn.Module:
-    if cfg.data.dataset != "text":
-        raise ConfigError(f"model.name={cfg.model.name} is a language model: set data.dataset=text "
-                          "(and data.root to a text file or folder)")
+    if cfg.data.dataset not in ("text", *CAPTIONS):
+        raise ConfigError(f"model.name={cfg.model.name} is a Hugging Face model: set data.dataset=text for a language "
+                          f"model (and data.root to a text file or folder), or one of {CAPTIONS} for CLIP")
     dtype = cfg.model.dtype if cfg.model.dtype == "auto" else getattr(torch, cfg.model.dtype)
     model = create_model(cfg.model.name, dtype=dtype, **cfg.model.kwargs)
-    positions = getattr(model.config, "max_position_embeddings", None)
+    clip = getattr(model.config, "model_type", "").startswith("clip")
+    if clip != (cfg.data.dataset in CAPTIONS):
+        raise ConfigError(f"model.name={cfg.model.name} is a {model.config.model_type} model but data.dataset="
+                          f"{cfg.data.dataset}: CLIP takes image-caption pairs ({' or '.join(CAPTIONS)}), "
+                          "a language model text (data.dataset=text)")
+    text_config = getattr(model.config, "text_config", model.config)
+    positions = getattr(text_config, "max_position_embeddings", None)
     if positions and cfg.data.seq_len > positions:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than the model's {positions} positions "
                           f"(max_position_embeddings of {cfg.model.name}); use data.seq_len<={positions}")
@@ -63,8 +80,9 @@ def _build_model(cfg: Config, runtime: Optional[Runtime]) -> nn.Module:
             from .checkpoint import load_checkpoint
             load_checkpoint(model, cfg.model.checkpoint)
         return model
-    if cfg.data.dataset == "text":
-        raise ConfigError(f"data.dataset=text needs a language model: model.name={cfg.model.name!r} is not a "
+    if cfg.data.dataset in ("text", *CAPTIONS):
+        needs = "a language model" if cfg.data.dataset == "text" else "a CLIP model"
+        raise ConfigError(f"data.dataset={cfg.data.dataset} needs {needs} from Hugging Face: model.name={cfg.model.name!r} is not a "
                           "directory or hf:ORG/NAME (a local Hugging Face model directory: config.json + *.safetensors)")
     kwargs = dict(cfg.model.kwargs)
     kwargs.setdefault("num_classes", cfg.data.num_classes)
@@ -136,6 +154,10 @@ def build_criterion(data: DataConfig, teacher: Optional[nn.Module] = None, disti
     targets)`` the loss without distillation (what the search calibrates ν on)."""
     if data.dataset == "text":   # next-token cross-entropy; distillation: the KL to the teacher's next-token distributions
         return None, DistillationLoss(next_token_loss, teacher, distill if teacher is not None else 0.0, temperature)
+    if data.dataset in CAPTIONS:   # InfoNCE; distillation: the KL to the teacher's image-text similarity distributions
+        from .tasks import Contrastive
+        task = Contrastive()
+        return None, DistillationLoss(task.loss, teacher, distill if teacher is not None else 0.0, temperature, task)
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 

@@ -60,7 +60,7 @@ def _named_masks(model) -> List[Tuple[str, torch.nn.Parameter]]:
 
 def mask_gradient_rms(model, data: Iterable, loss_fn: Callable = F.cross_entropy, batches: int = 8, *,
                       reference_batch: Optional[int] = None, mixup_fn: Optional[Callable] = None,
-                      runtime=None) -> Dict[str, Tuple[float, int]]:
+                      runtime=None, task=None) -> Dict[str, Tuple[float, int]]:
     """``{mask name: (RMS of its per-batch gradients, numel)}`` at the current masks.
 
     Takes the first ``batches`` ``(images, targets)`` pairs of ``data`` (a loader or any iterable),
@@ -68,8 +68,11 @@ def mask_gradient_rms(model, data: Iterable, loss_fn: Callable = F.cross_entropy
     it. With ``reference_batch`` the RMS is given as at that many samples per batch: at M = 1 the
     gradient is mostly sampling noise, its per-batch RMS ∝ 1/√(batch size), so the RMS at the
     batches' size B is scaled by √(B / ``reference_batch``). ``runtime`` (device, autocast, the
-    mean over DDP ranks) defaults to one process on the masks' device, in full precision.
+    mean over DDP ranks) defaults to one process on the masks' device, in full precision. A ``task``
+    (:mod:`spp.tasks`) reads batches of another form: ``loss_fn(task.forward(model, inputs), targets)``
+    with ``(inputs, targets) = task.split(batch)`` (CLIP's image-caption batches).
     """
+    from .tasks import to_device
     named = _named_masks(model)
     if runtime is None:
         runtime = _OneProcess(named[0][1].device)
@@ -81,16 +84,17 @@ def mask_gradient_rms(model, data: Iterable, loss_fn: Callable = F.cross_entropy
     for i, batch in enumerate(data):
         if i >= batches:
             break
+        if task is not None:
+            batch = task.split(batch)
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise TypeError(f"data must yield (images, targets) pairs; batch {i} is a {type(batch).__name__}"
                             + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else "")
                             + ": wrap it, e.g. ((b['image'], b['label']) for b in loader)")
-        images, targets = batch
-        images, targets = images.to(runtime.device), targets.to(runtime.device)
+        images, targets = to_device(batch, runtime.device)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
         with runtime.autocast():
-            loss = loss_fn(model(images), targets)
+            loss = loss_fn(task.forward(model, images) if task is not None else model(images), targets)
         if sharded:   # FSDP2: backward reduce-scatters the masks' gradient, averaged over the ranks' batches
             for _, p in named:
                 p.grad = None
@@ -101,7 +105,7 @@ def mask_gradient_rms(model, data: Iterable, loss_fn: Callable = F.cross_entropy
         for (name, _), g in zip(named, grads):
             squares[name] += float(g.float().pow(2).sum())
         seen += 1
-        samples += images.shape[0] * (world if sharded else 1)   # sharded: one gradient of every rank's samples
+        samples += targets.shape[0] * (world if sharded else 1)   # sharded: one gradient of every rank's samples
     if seen == 0:
         raise ValueError("no batch to calibrate nu from: data yielded none (is the data set smaller than one batch?)")
     rms = {n: (math.sqrt(runtime.all_mean(squares[n] / (seen * p.numel()))), p.numel()) for n, p in named}
@@ -133,7 +137,7 @@ def calibrate_nu(model, data: Iterable, loss_fn: Callable = F.cross_entropy, sca
                  batches: int = DEFAULTS["calibration_batches"], per: str = DEFAULTS["nu_calibration"],
                  reference_batch: Optional[int] = DEFAULTS["nu_batch"],
                  preconditioner: str = DEFAULTS["preconditioner"], *, mixup_fn: Optional[Callable] = None,
-                 runtime=None) -> Dict[str, float]:
+                 runtime=None, task=None) -> Dict[str, float]:
     """``{mask name: ν}`` with ν = ``scale`` / RMS of the per-batch mask gradients at M = 1, the RMS
     taken as at ``reference_batch`` samples per batch; with ``preconditioner="adam"``, ν = ``scale``.
     The defaults are ``spp search``'s (``search.nu_scale``, ``calibration_batches``,
@@ -167,7 +171,7 @@ def calibrate_nu(model, data: Iterable, loss_fn: Callable = F.cross_entropy, sca
     if preconditioner == "adam":
         return dict.fromkeys((n for n, _ in _named_masks(model)), float(scale))
     rms = mask_gradient_rms(model, data, loss_fn, batches, reference_batch=reference_batch, mixup_fn=mixup_fn,
-                            runtime=runtime)
+                            runtime=runtime, task=task)
     return nu_from_rms(rms, scale, key)
 
 

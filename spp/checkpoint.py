@@ -57,11 +57,15 @@ def is_hf(name: str) -> bool:
     return name.startswith("hf:") or os.path.isdir(name)
 
 
+_ENCODERS = ("clip", "clip_vision_model", "clip_text_model")   # loaded by AutoModel, not AutoModelForCausalLM
+
+
 def _hf_model(name: str, **kwargs: Any) -> nn.Module:
-    """A causal LM from a local directory or ``hf:ORG/NAME`` (safetensors weights only)."""
+    """A causal LM (or a CLIP model) from a local directory or ``hf:ORG/NAME`` (safetensors weights only)."""
     import json
 
     source = name[3:] if name.startswith("hf:") else name
+    config = None
     if os.path.isdir(source):
         config_path = os.path.join(source, "config.json")
         if not os.path.isfile(config_path):
@@ -73,11 +77,13 @@ def _hf_model(name: str, **kwargs: Any) -> nn.Module:
             from .compress import load_pruned
             return load_pruned(source)
     try:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     except ImportError as e:
         raise ImportError(f"{name} is a Hugging Face model: pip install 'spp[llm]' (transformers)") from e
     try:
-        return AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, **kwargs)
+        model_type = (config or AutoConfig.from_pretrained(source).to_dict()).get("model_type")
+        auto = AutoModel if model_type in _ENCODERS else AutoModelForCausalLM
+        return auto.from_pretrained(source, use_safetensors=True, **kwargs)
     except OSError as e:
         raise FileNotFoundError(f"could not load {source!r} with transformers ({e}). Offline, give a local "
                                 "directory with config.json and *.safetensors (HF_HUB_OFFLINE=1 reads only the "

@@ -1,4 +1,4 @@
-"""Command line: ``spp {search,family,export,retrain,eval,demo} CONFIG [key=value ...]``.
+"""Command line: ``spp {search,family,export,retrain,eval} CONFIG [key=value ...]``, ``spp demo[-llm|-clip]``.
 
 Bad input (a config value, a missing file, another model's checkpoint) prints one ``spp CMD: error:`` line and
 exits 2; ``SPP_TRACEBACK=1`` shows the traceback as well.
@@ -18,12 +18,13 @@ COMMANDS = {
     "family": "evaluate family members at family.targets without retraining; table + plot",
     "export": "select one member (export.keep/remove/budget), compress and save it",
     "retrain": "finetune a member (train.source) or train a dense model: the DeiT recipe, or next-token (LoRA) for LLMs",
-    "eval": "top-1/top-5 (LLMs: perplexity, zero-shot tasks), params, FLOPs and throughput of train.source",
+    "eval": "top-1/top-5 (LLMs: perplexity, zero-shot tasks; CLIP: retrieval recall, zero-shot), params, FLOPs and "
+            "throughput of train.source",
 }
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spp", description="Solution Path Pruning for vision transformers and LLMs")
+    parser = argparse.ArgumentParser(prog="spp", description="Solution Path Pruning for vision transformers, LLMs and CLIP")
     parser.add_argument("--version", action="version", version=f"spp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in COMMANDS.items():
@@ -38,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     demo_llm.add_argument("--output", default="outputs/demo_llm", help="where the demo writes (default outputs/demo_llm)")
     demo_llm.add_argument("--fresh", action="store_true", help="pretrain again even if a cached model exists")
     demo_llm.add_argument("overrides", nargs="*", default=[], help="key=value overrides applied to every stage")
+    demo_clip = sub.add_parser("demo-clip", help="the same on a small CLIP trained on Fashion-MNIST images and captions")
+    demo_clip.add_argument("--output", default="outputs/demo_clip", help="where the demo writes (default outputs/demo_clip)")
+    demo_clip.add_argument("--fresh", action="store_true", help="pretrain again even if a cached model exists")
+    demo_clip.add_argument("overrides", nargs="*", default=[], help="key=value overrides applied to every stage")
     return parser
 
 
@@ -54,6 +59,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "demo-llm":
             from .demo_llm import run_demo_llm
             run_demo_llm(args.output, args.overrides, fresh=args.fresh)
+            return 0
+        if args.command == "demo-clip":
+            from .demo_clip import run_demo_clip
+            run_demo_clip(args.output, args.overrides, fresh=args.fresh)
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "search":

@@ -41,8 +41,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "imagenet"               # imagenet | imagefolder | fashion_mnist | synthetic | text
-    root: Optional[str] = None              # text: a file or folder of .txt / .jsonl / .md / .rst, or hf:NAME[:CONFIG]
+    dataset: str = "imagenet"               # imagenet | imagefolder | fashion_mnist | synthetic | text | captions
+                                            # | fashion_mnist_captions (CLIP's demo)
+    root: Optional[str] = None              # text: a file or folder of .txt / .jsonl / .md / .rst, or hf:NAME[:CONFIG];
+                                            # captions: a Karpathy-split JSON (dataset_coco.json, dataset_flickr30k.json)
+    images: Optional[str] = None            # captions: the image folder the JSON's paths start from
+    zero_shot: Optional[str] = None         # CLIP eval: an ImageFolder (one folder per class, named by it) to classify
+    templates: List[str] = field(default_factory=lambda: ["a photo of a {}."])   # CLIP zero-shot prompts
     seq_len: int = 2048                     # text: tokens per sequence
     tokenizer: Optional[str] = None         # text: tokenizer directory or hf:ORG/NAME (default: the model's directory)
     test_fraction: float = 0.0              # text: hold out this fraction of the files (or sequences) as test
@@ -287,7 +292,8 @@ def _validate(c: Config) -> None:
     _choice("device", c.device, ("auto", "cpu", "cuda"))
     _choice("amp", c.amp, ("auto", "bf16", "fp16", "off"))
     _choice("model.granularity", c.model.granularity, ("dim", "head"))
-    _choice("data.dataset", c.data.dataset, ("imagenet", "imagefolder", "fashion_mnist", "synthetic", "text"))
+    _choice("data.dataset", c.data.dataset, ("imagenet", "imagefolder", "fashion_mnist", "synthetic", "text", "captions",
+                                             "fashion_mnist_captions"))
     _choice("model.dtype", c.model.dtype, ("auto", "float32", "bfloat16", "float16"))
     for key, value in (("search.lr", c.search.lr), ("search.nu", c.search.nu)):
         if isinstance(value, str) and value != "auto":

@@ -1,4 +1,5 @@
-"""Datasets and loaders: ImageNet / any ImageFolder tree, Fashion-MNIST, synthetic.
+"""Datasets and loaders: ImageNet / any ImageFolder tree, Fashion-MNIST, synthetic (text: :mod:`spp.text`;
+image-caption pairs: :mod:`spp.clip`).
 
 Every sample's augmentation is seeded by ``(seed, epoch, index)`` and batches come from a
 sampler that can start mid-epoch, so a resumed run sees exactly the data an uninterrupted
@@ -191,6 +192,16 @@ def build_datasets(cfg: DataConfig, seed: int = 0, splits: Sequence[str] = SPLIT
         if not source:
             raise ValueError("data.dataset=text needs a tokenizer: set data.tokenizer (a directory or hf:ORG/NAME)")
         return text_datasets(cfg.root, source, cfg.seq_len, cfg.val_fraction, cfg.test_fraction, seed, splits)
+    if cfg.dataset in ("captions", "fashion_mnist_captions"):
+        from .clip import caption_datasets
+        from .text import load_tokenizer
+        source = cfg.tokenizer or tokenizer
+        if not source:
+            raise ValueError(f"data.dataset={cfg.dataset} needs a tokenizer: set data.tokenizer (a directory or hf:ORG/NAME)")
+        if cfg.dataset == "captions" and not cfg.root:
+            raise DatasetNotFound("data.dataset=captions needs data.root (a Karpathy-split JSON: dataset_coco.json or "
+                                  "dataset_flickr30k.json) and data.images (the image folder)")
+        return caption_datasets(cfg, load_tokenizer(source), seed, splits)
     if cfg.dataset in ("imagenet", "imagefolder"):
         from timm.data import create_transform
         load = functools.partial(_imagefolder, cfg)

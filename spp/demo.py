@@ -59,9 +59,13 @@ def run_demo(output: str = "outputs/demo", overrides: Sequence[str] = (), fresh:
 
 
 def report(output: str, rows: List[dict], removed: float, result: dict, title: str, plotted: str,
-           metric: str = "top1", columns=("top-1, no retrain", "top-1, retrained"), flops=("FLOPs", 2)) -> str:
+           metric: str = "top1", columns=("top-1, no retrain", "top-1, retrained"), flops=("FLOPs", 2),
+           second: str = "") -> str:
     """The demo's summary table (``output/summary.md``, printed): each member's size, reading and ``metric``
-    before and (the exported one) after retraining."""
+    (and ``second``: "recall / zero-shot") before and (the exported one) after retraining."""
+    def cell(metrics: dict) -> str:
+        return f"{metrics[metric]:.2f}" + (f" / {metrics[second]:.2f}" if second else "")
+
     table = []
     for r in rows:
         exported = abs(r["target"] - (1 - removed)) < 1e-9
@@ -69,8 +73,8 @@ def report(output: str, rows: List[dict], removed: float, result: dict, title: s
                       flops[0]: f"{r['flops'] / 1e6:.{flops[1]}f}M ({r['flops_kept']:.0%})",
                       "ranked by, kept elements hold": f"{'entry step' if r['rank'] == 'entry' else 'final z'}, "
                                                        f"{'1' if r['values'] == 'binary' else 'search M'}",
-                      columns[0]: f"{r[metric]:.2f}",
-                      columns[1]: f"{result['best'][metric]:.2f}" if exported else ""})
+                      columns[0]: cell(r),
+                      columns[1]: cell(result["best"]) if exported else ""})
     markdown = write_table(table, os.path.join(output, "summary"))
     search_dir = os.path.join(output, "search")
     print(f"\n{title}:\n")

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .runtime import NonFiniteLoss, Runtime
-from .tasks import Classification, Task
+from .tasks import Classification, Task, to_device
 
 __all__ = ["train_one_epoch", "evaluate", "DistillationLoss"]
 
@@ -23,19 +23,21 @@ class DistillationLoss(nn.Module):
     """``(1 - w) * base(student, target) + w * T² KL(softmax(teacher/T) || softmax(student/T))``;
     at ``w = 0`` (no teacher needed) the base loss alone."""
 
-    def __init__(self, base: Callable, teacher: Optional[Callable], weight: float, temperature: float):
+    def __init__(self, base: Callable, teacher: Optional[Callable], weight: float, temperature: float,
+                 task: Task = Classification()):
         super().__init__()
-        self.base, self.teacher, self.weight, self.temperature = base, teacher, weight, temperature
+        self.base, self.teacher, self.weight, self.temperature, self.task = base, teacher, weight, temperature, task
 
     def forward(self, inputs: torch.Tensor, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss = self.base(outputs, target)
         if self.weight == 0:
             return loss
         with torch.no_grad():
-            teacher = self.teacher(inputs)
+            teacher = self.task.forward(self.teacher, inputs)
         t = self.temperature
-        # language models: per-token distributions (outputs with .logits, (B, T, V)); the KL is their mean
-        student, teacher = (getattr(x, "logits", x).flatten(0, -2).float() for x in (outputs, teacher))
+        # rows of distributions: classes; a language model's per-token ones (.logits, (B, T, V)); CLIP's
+        # image-to-text and text-to-image similarities. The KL is their mean
+        student, teacher = (self.task.distill_logits(x).float() for x in (outputs, teacher))
         kl = F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1),
                       reduction="batchmean", log_target=True) * (t * t)
         return (1 - self.weight) * loss + self.weight * kl
@@ -70,9 +72,7 @@ def train_one_epoch(
     for batch in bar:
         if max_steps is not None and step >= max_steps:
             break
-        inputs, targets = task.split(batch)
-        inputs = inputs.to(runtime.device, non_blocking=True)
-        targets = targets.to(runtime.device, non_blocking=True)
+        inputs, targets = to_device(task.split(batch), runtime.device)
         if mixup_fn is not None:
             inputs, targets = mixup_fn(inputs, targets)
         with runtime.autocast():
@@ -108,16 +108,28 @@ def evaluate(model: nn.Module, loader: Iterable, runtime: Runtime, max_batches: 
     """The task's metrics over ``loader`` (classification: top-1 / top-5 accuracy (%) and mean
     cross-entropy), summed over all ranks."""
     model.eval()
+    task.begin(model)
     sums = torch.zeros(len(task.metric_names), dtype=torch.float64, device=runtime.device)
+    pooled: Dict[str, list] = {}
     for i, batch in enumerate(tqdm(loader, desc=desc, disable=not runtime.is_main,
                                    dynamic_ncols=True, leave=False, mininterval=1.0)):
         if max_batches and i >= max_batches:
             break
-        inputs, targets = task.split(batch)
-        inputs, targets = inputs.to(runtime.device), targets.to(runtime.device)
+        inputs, targets = to_device(task.split(batch), runtime.device)
         with runtime.autocast():
             outputs = task.forward(model, inputs)
-        sums += task.metric_sums(outputs, targets).to(runtime.device)
+        if task.pooled:
+            for k, v in task.pool(outputs, targets).items():
+                pooled.setdefault(k, []).append(v.detach().cpu())
+        else:
+            sums += task.metric_sums(outputs, targets).to(runtime.device)
+    if task.pooled:   # every rank's outputs, in rank order
+        local = {k: torch.cat(v) for k, v in pooled.items()}
+        if runtime.distributed:
+            ranks = [None] * runtime.world_size
+            torch.distributed.all_gather_object(ranks, local)
+            local = {k: torch.cat([r[k] for r in ranks]) for k in local}
+        return task.summarize_pool(local)
     if runtime.distributed:
         torch.distributed.all_reduce(sums)
     return task.summarize(sums.tolist())

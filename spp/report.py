@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -63,22 +63,29 @@ def plot_path(path: SolutionPath, filename: str) -> None:
 
 
 def plot_family(rows: List[Dict], filename: str, dense: Optional[Dict] = None, label: str = "SPP family",
-                metric: str = "top1") -> None:
-    """Accuracy (or perplexity: ``metric``) against parameters (M) for the members of one family."""
+                metric: Union[str, Sequence[str]] = "top1") -> None:
+    """Accuracy (or perplexity, recall: ``metric``, or several metrics) against parameters (M) for the
+    members of one family."""
+    import math
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metrics = [metric] if isinstance(metric, str) else [m for m in metric if all(math.isfinite(r[m]) for r in rows)]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["params"] / 1e6 for r in rows], [r[metric] for r in rows], "o-", label=label)
+    for m in metrics:
+        ax.plot([r["params"] / 1e6 for r in rows], [r[m] for r in rows], "o-",
+                label=label if len(metrics) == 1 else f"{label}: {m}")
     for r in rows:
-        ax.annotate(f"{r['flops_kept']:.0%} FLOPs", (r["params"] / 1e6, r[metric]), fontsize=7,
+        ax.annotate(f"{r['flops_kept']:.0%} FLOPs", (r["params"] / 1e6, r[metrics[0]]), fontsize=7,
                     textcoords="offset points", xytext=(4, -10))
     if dense:
-        ax.axhline(dense[metric], color="gray", ls=":", label=f"dense ({dense[metric]:.2f})")
+        ax.axhline(dense[metrics[0]], color="gray", ls=":", label=f"dense ({dense[metrics[0]]:.2f})")
     ax.set_xlabel("parameters (M)")
-    ax.set_ylabel("top-1 accuracy (%), no retraining" if metric == "top1" else f"{metric}, no retraining")
-    if metric == "perplexity":
+    names = {"top1": "top-1 accuracy (%)", "recall@1": "recall@1 (%)", "zero-shot": "zero-shot top-1 (%)"}
+    ax.set_ylabel(", ".join(names.get(m, m) for m in metrics) + ", no retraining")
+    if metrics == ["perplexity"]:
         ax.set_yscale("log")
     ax.set_title("One search, every budget")
     ax.grid(alpha=0.3)
@@ -133,7 +140,7 @@ def run_family(cfg: Config) -> List[Dict]:
             for r in rows:
                 r["protocol"] = f"non-overlapping {cfg.data.seq_len}-token windows of the val text, token-level"
         write_table(rows, out)
-        plot_family(rows, out + ".png", metric=task.headline)
+        plot_family(rows, out + ".png", metric=task.headline if task.headline != "recall@1" else ("recall@1", "zero-shot"))
         main_print(runtime, f"wrote {out}.md, {out}.json, {out}.png")
     return rows
 
@@ -246,9 +253,48 @@ def throughput(model: nn.Module, input_size: Sequence[int], batch_size: int, dev
     return batch_size / times[len(times) // 2]
 
 
+@torch.no_grad()
+def pair_throughput(model: nn.Module, loader, runtime: Runtime, repeats: int = 5, warmup: int = 1) -> float:
+    """Image-caption pairs per second of a CLIP model's forward (both towers) on the first batch of ``loader``."""
+    from .tasks import Contrastive, to_device
+
+    model.eval()
+    inputs, _ = to_device(Contrastive().split(next(iter(loader))), runtime.device)
+
+    def run():
+        with runtime.autocast():
+            model(**inputs)
+    return round(inputs["input_ids"].shape[0] / median_seconds(run, runtime.device, repeats, warmup), 1)
+
+
+def imagefolder_zero_shot(model: nn.Module, cfg: Config, runtime: Runtime) -> float:
+    """Zero-shot top-1 (%) of a CLIP model on ``data.zero_shot``: an ImageFolder (its ``val/`` if it has one), the
+    class names its folder names with ``_`` read as spaces, the prompts ``data.templates``."""
+    from timm.data import create_transform
+    from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from torchvision.datasets import ImageFolder
+
+    from .clip import tokenize_prompts, zero_shot_accuracy
+    from .text import load_tokenizer
+
+    root = cfg.data.zero_shot
+    root = os.path.join(root, "val") if os.path.isdir(os.path.join(root, "val")) else root
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data.zero_shot={cfg.data.zero_shot}: not a folder (give an ImageFolder: one folder "
+                                "of images per class, named by the class)")
+    transform = create_transform(cfg.data.img_size, is_training=False, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
+                                 interpolation="bicubic", crop_pct=1.0)
+    data = ImageFolder(root, transform=transform)
+    prompts = tokenize_prompts(load_tokenizer(cfg.data.tokenizer or cfg.model.name),
+                               [c.replace("_", " ") for c in data.classes], cfg.data.templates, cfg.data.seq_len)
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.workers)
+    return zero_shot_accuracy(model, loader, prompts, runtime.device)
+
+
 def run_eval(cfg: Config) -> Dict:
-    """Top-1/top-5, params, FLOPs and throughput of train.source (a pruned model, or a member of a
-    search's family picked by export.*) or of the dense model."""
+    """Top-1/top-5 (LLMs: perplexity, zero-shot tasks; CLIP: retrieval recall@1/5/10, zero-shot), params, FLOPs and
+    throughput of train.source (a pruned model, or a member of a search's family picked by export.*) or of the
+    dense model."""
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
     source = cfg.train.source
     model = source_model(cfg, runtime).to(runtime.device)
@@ -263,6 +309,14 @@ def run_eval(cfg: Config) -> Dict:
                   **lm_throughput(model, seq_len, runtime.device, runtime.amp_dtype)}
         if cfg.eval.tasks:
             result["tasks"] = zero_shot(model, cfg)
+        main_print(runtime, json.dumps(result))
+        return result
+    if task.headline == "recall@1":
+        result = {"model": source or cfg.model.name, **{k: round(v, 2) for k, v in metrics.items() if k != "n"},
+                  "pairs": metrics["n"], "params": count_params(model), "flops_per_pair": count_flops(model),
+                  "pairs_per_s": pair_throughput(model, build_loaders(cfg, runtime, ["test"])["test"], runtime)}
+        if cfg.data.zero_shot:
+            result["zero_shot_imagefolder"] = round(imagefolder_zero_shot(model, cfg, runtime), 2)
         main_print(runtime, json.dumps(result))
         return result
     size = input_size_of(model)

@@ -87,7 +87,9 @@ def _calibration_loader(cfg: Config, loaders, runtime: Runtime):
                          f"training batches (search.nu_data=train)")
     batch -= batch % 2   # mixup pairs the samples of a batch
     loader = build_loader(val, batch, True, cfg.data.workers, cfg.seed + 7919, runtime.world_size, runtime.rank)
-    if cfg.data.dataset == "text":
+    if cfg.data.dataset != "text" and cfg.data.dataset.endswith("captions"):
+        source = f"{len(val):,} held-out image-caption pairs"
+    elif cfg.data.dataset == "text":
         source = f"the validation text ({len(val):,} sequences of {cfg.data.seq_len} tokens)"
     else:
         source = (f"{len(val):,} training images held out (data.val_fraction={cfg.data.val_fraction})"
@@ -114,6 +116,7 @@ def run_search(cfg: Config) -> SolutionPath:
     total_steps = cfg.search.steps or cfg.search.epochs * steps_per_epoch
     teacher = MasksAtOne(model) if cfg.search.distill > 0 else None   # the dense model: the same weights, masks at 1
     mixup_fn, criterion = build_criterion(cfg.data, teacher, cfg.search.distill)
+    task = task_for(cfg)
     net = DistributedDataParallel(model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None) \
         if runtime.distributed and not sharded else model
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.amp_dtype is torch.float16 else None
@@ -145,7 +148,7 @@ def run_search(cfg: Config) -> SolutionPath:
         if s.nu == "auto":
             nu = calibrate_nu(net, _calibration_loader(cfg, loaders, runtime), criterion.base, s.nu_scale,
                               s.calibration_batches, s.nu_calibration, s.nu_batch, s.preconditioner,
-                              mixup_fn=mixup_fn, runtime=runtime)
+                              mixup_fn=mixup_fn, runtime=runtime, task=task)
         else:
             nu = float(s.nu)
         optimizer = search_optimizer(model, nu, rho=s.rho, kappa=s.kappa, lam=s.lam,
@@ -180,7 +183,7 @@ def run_search(cfg: Config) -> SolutionPath:
             loader.sampler.set_epoch(epoch, start=batch * cfg.data.batch_size)
             loader.dataset.set_epoch(epoch)
             stats = train_one_epoch(net, criterion, loader, optimizer, runtime, step=step, max_steps=total_steps,
-                                    mixup_fn=mixup_fn, scaler=scaler, on_step=on_step, task=task_for(cfg),
+                                    mixup_fn=mixup_fn, scaler=scaler, on_step=on_step, task=task,
                                     desc=f"search epoch {epoch}")
             step = stats["step"]
             epoch, batch = (epoch + 1, 0) if step - epoch_start >= steps_per_epoch else (epoch, step - epoch_start)

@@ -4,17 +4,29 @@ The loops (:func:`spp.engine.train_one_epoch`, :func:`spp.engine.evaluate`) and 
 nothing of images or tokens; a task splits a batch into inputs and targets, runs the model, and sums
 the metrics an evaluation reports over batches and ranks. :class:`Classification` is the vision
 models' (top-1 / top-5); :class:`NextToken` is a causal language model's (token-level cross-entropy
-and perplexity).
+and perplexity); :class:`Contrastive` is CLIP's (InfoNCE; retrieval recall and zero-shot accuracy over
+the whole evaluation set, which a task marked ``pooled`` computes from outputs gathered over all batches).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Task", "Classification", "NextToken"]
+__all__ = ["Task", "Classification", "NextToken", "Contrastive", "to_device"]
+
+
+def to_device(x: Any, device) -> Any:
+    """A tensor, or a dict / tuple / list of them, on ``device``."""
+    if torch.is_tensor(x):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(v, device) for v in x)
+    return x
 
 
 class Task:
@@ -26,6 +38,7 @@ class Task:
     headline: str = ""
     higher_is_better: bool = True
     table: Sequence[str] = ()
+    pooled: bool = False   # evaluation gathers pool() of every batch and summarize_pool()s them (not sums)
 
     def score(self, metrics: Dict[str, float]) -> float:
         """The headline as a score where higher is better (for :meth:`spp.WeightFamily.select_best`)."""
@@ -37,7 +50,20 @@ class Task:
         return inputs, targets
 
     def forward(self, model, inputs):
-        return model(inputs)
+        return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+    def distill_logits(self, outputs) -> torch.Tensor:
+        """The logits a distillation loss matches between student and teacher, as rows of distributions."""
+        return getattr(outputs, "logits", outputs).flatten(0, -2)
+
+    def begin(self, model) -> None:
+        """Called with the evaluated model before an evaluation's first batch."""
+
+    def pool(self, outputs, targets) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def summarize_pool(self, pooled: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        raise NotImplementedError
 
     def loss(self, outputs, targets) -> torch.Tensor:
         raise NotImplementedError
@@ -97,3 +123,50 @@ class NextToken(Task):
         loss, tokens = sums
         mean = loss / max(tokens, 1)
         return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": int(tokens)}
+
+
+class Contrastive(Task):
+    """Image-caption pairs for CLIP (:mod:`spp.clip`): a batch is ``(images, info)`` with the captions' ids
+    and ``info["target"] = [image_id, match, label]``. The loss is the symmetric InfoNCE over the batch
+    (:func:`spp.clip.contrastive_loss`); an evaluation reports image-to-text and text-to-image recall@1/5/10
+    over the whole set (``recall@1``: their mean at 1, the headline) and, with ``prompts`` (the classes'
+    tokenized prompts, :func:`spp.clip.tokenize_prompts`), zero-shot top-1 accuracy on the labelled images."""
+
+    headline, table, pooled = "recall@1", ("recall@1", "i2t@1", "t2i@1", "i2t@5", "t2i@5", "zero-shot"), True
+
+    def __init__(self, prompts: Optional[Dict[str, torch.Tensor]] = None):
+        self.prompts, self.classes = prompts, None
+
+    def split(self, batch):
+        images, info = batch
+        return {"pixel_values": images, "input_ids": info["input_ids"], "attention_mask": info["attention_mask"]}, \
+            info["target"]
+
+    def loss(self, outputs, targets):
+        from .clip import contrastive_loss
+        return contrastive_loss(outputs.logits_per_image, targets[:, 1])
+
+    def distill_logits(self, outputs):   # image-to-text rows, then text-to-image rows
+        return torch.cat([outputs.logits_per_image, outputs.logits_per_text])
+
+    def begin(self, model):
+        from .clip import class_embeddings
+        self.classes = class_embeddings(model, self.prompts) if self.prompts is not None else None
+
+    def pool(self, outputs, targets):
+        out = {"image": outputs.image_embeds.float(), "text": outputs.text_embeds.float(), "target": targets}
+        if self.classes is not None:
+            out["zero_shot"] = (out["image"] @ self.classes.t()).argmax(1) == targets[:, 2]
+        return out
+
+    def summarize_pool(self, pooled):
+        from .clip import retrieval_recall
+        target = pooled["target"]
+        metrics = retrieval_recall(pooled["image"], pooled["text"], target[:, 0], target[:, 1])
+        metrics["n"] = int(target.shape[0])
+        labelled = target[:, 2] >= 0
+        if "zero_shot" in pooled and labelled.any():
+            metrics["zero-shot"] = 100.0 * float(pooled["zero_shot"][labelled].float().mean())
+        else:
+            metrics["zero-shot"] = float("nan")
+        return metrics

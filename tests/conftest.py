@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -49,3 +51,24 @@ def tiny_swin(seed=0, **overrides):
         for p in model.parameters():
             p.normal_(0, 0.2)
     return model.eval()
+
+
+def write_idx(path, tensor):
+    """A gzipped IDX file, the format Fashion-MNIST ships in."""
+    import gzip
+    header = bytes([0, 0, 8, tensor.dim()]) + b"".join(int(s).to_bytes(4, "big") for s in tensor.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + tensor.numpy().tobytes())
+
+
+def fake_fashion_mnist(root, train=1000):
+    """spp's synthetic images (class patterns plus noise) in Fashion-MNIST's files (28x28, 10 classes; the test
+    split a quarter of ``train``), so no test needs the Debian package."""
+    from spp.config import DataConfig
+    from spp.data import _synthetic
+
+    cfg = DataConfig(dataset="synthetic", img_size=28, in_chans=1, num_classes=10, synthetic_size=train)
+    for split, name in (("train", "train"), ("test", "t10k")):
+        data = _synthetic(cfg, split, seed=0)
+        write_idx(os.path.join(root, f"{name}-images-idx3-ubyte.gz"), data.images[:, 0])
+        write_idx(os.path.join(root, f"{name}-labels-idx1-ubyte.gz"), data.labels.to(torch.uint8))

@@ -12,7 +12,7 @@ import yaml
 
 import spp
 
-from conftest import TINY, tiny_vit
+from conftest import TINY, fake_fashion_mnist, tiny_vit
 from spp.criteria import magnitude_scores
 
 SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
@@ -147,27 +147,6 @@ def test_quality_runs_merge_into_one_table(tmp_path, capsys):
         bench.merge([str(tmp_path / "a"), str(tmp_path / "c")], str(tmp_path))
 
 
-def _write_idx(path, tensor):
-    """A gzipped IDX file, the format Fashion-MNIST ships in."""
-    import gzip
-    header = bytes([0, 0, 8, tensor.dim()]) + b"".join(int(s).to_bytes(4, "big") for s in tensor.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + tensor.numpy().tobytes())
-
-
-def _fake_fashion_mnist(root, train=1000):
-    """spp's synthetic images (class patterns plus noise) in Fashion-MNIST's files (28x28, 10 classes; the test
-    split a quarter of ``train``), so no test needs the Debian package."""
-    from spp.config import DataConfig
-    from spp.data import _synthetic
-
-    cfg = DataConfig(dataset="synthetic", img_size=28, in_chans=1, num_classes=10, synthetic_size=train)
-    for split, name in (("train", "train"), ("test", "t10k")):
-        data = _synthetic(cfg, split, seed=0)
-        _write_idx(os.path.join(root, f"{name}-images-idx3-ubyte.gz"), data.images[:, 0])
-        _write_idx(os.path.join(root, f"{name}-labels-idx1-ubyte.gz"), data.labels.to(torch.uint8))
-
-
 def _fake_inputs(tmp_path, train=1000):
     """Fake Fashion-MNIST files and an untrained checkpoint of the demo's architecture: what the benchmark
     scripts read. Returns ``(data folder, checkpoint file)``."""
@@ -177,7 +156,7 @@ def _fake_inputs(tmp_path, train=1000):
 
     data = tmp_path / "fashion-mnist"
     data.mkdir()
-    _fake_fashion_mnist(str(data), train)
+    fake_fashion_mnist(str(data), train)
     checkpoint = str(tmp_path / "dense.safetensors")
     save_file(build_model(load_config(os.path.join(SCRIPTS, "..", "configs", "demo_search.yaml"),
                                       ["model.checkpoint=null"])).state_dict(), checkpoint)
