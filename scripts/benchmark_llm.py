@@ -54,6 +54,7 @@ import spp
 from spp.criteria import (activation_stats, add_biases, flap_biases, flap_scores, lasso_path, lasso_values,
                           magnitude_scores, random_scores, wanda_sp_scores, weight_taylor_scores)
 from spp.engine import evaluate
+from spp.report import mean_std
 from spp.runtime import Runtime, provenance, seed_everything
 from spp.tasks import NextToken
 
@@ -279,14 +280,6 @@ def finetune(bench, model, seed: int, checkpoints: List[int]) -> Dict[int, float
 
 
 # ------------------------------------------------------------------------------------------------
-def _fmt(values: List[float]) -> str:
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-
-
 def write_tables(results: Dict, args, out: str) -> str:
     removed, lines = args.removed, []
     head = "| method | " + " | ".join(f"−{r:.0%}" for r in removed) + " | time for all budgets (s) |"
@@ -308,7 +301,7 @@ def write_tables(results: Dict, args, out: str) -> str:
             if failed:
                 lines.append(f"| {method} | {failed} |" + " |" * len(removed))
                 continue
-            cells = [_fmt([runs[str(s)][str(r)][key] for s in seeds
+            cells = [mean_std([runs[str(s)][str(r)][key] for s in seeds
                            if str(s) in runs and runs[str(s)][str(r)].get(key) is not None]) for r in removed]
             times = [runs[str(s)]["time"] for s in args.seeds if str(s) in runs]
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {statistics.mean(times):.0f} |" if times else "")

@@ -26,13 +26,15 @@ CAPTIONS = ("captions", "fashion_mnist_captions")   # image-caption datasets (CL
 
 def task_for(cfg: Config):
     """How the loops read this config's batches: next-token prediction on text, contrastive image-caption
-    pairs (CLIP; with the demo's class prompts for zero-shot accuracy), else classification."""
+    pairs (CLIP; members read by retrieval recall@1, or on the demo's class captions by zero-shot accuracy
+    over its class prompts), else classification."""
     from .tasks import Classification, Contrastive, NextToken
     if cfg.data.dataset == "fashion_mnist_captions":
         from .clip import FASHION_CLASSES, FASHION_TEMPLATES, tokenize_prompts
         from .text import load_tokenizer
         tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.name)
-        return Contrastive(tokenize_prompts(tokenizer, FASHION_CLASSES, FASHION_TEMPLATES, cfg.data.seq_len))
+        return Contrastive(tokenize_prompts(tokenizer, FASHION_CLASSES, FASHION_TEMPLATES, cfg.data.seq_len),
+                           headline="zero-shot")
     if cfg.data.dataset == "captions":
         return Contrastive()
     return NextToken() if cfg.data.dataset == "text" else Classification()

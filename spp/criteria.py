@@ -7,7 +7,9 @@ as SPP's and only the ranking differs::
     scores = spp.criteria.taylor_scores(masked, loader, batches=20)
     family = spp.WeightFamily(dense, spp.SolutionPath.from_scores(masked, scores))
 
-``model`` is a masked model (:func:`spp.add_masks`) with its masks at 1.
+``model`` is a masked model (:func:`spp.add_masks`) with its masks at 1. ``data`` yields ``(inputs,
+targets)`` pairs; with ``task`` (:mod:`spp.tasks`) it yields the task's batches (CLIP's image-caption
+pairs: ``task=spp.tasks.Contrastive()``), split and run as the search runs them.
 """
 from __future__ import annotations
 
@@ -19,9 +21,22 @@ import torch.nn.functional as F
 from .masks import granularity_of, require_masks
 from .path import SolutionPath
 from .structure import mask_names, model_family
+from .tasks import to_device
 
 __all__ = ["magnitude_scores", "taylor_scores", "random_scores", "lasso_values", "lasso_path", "activation_stats",
            "wanda_sp_scores", "flap_scores", "flap_biases", "add_biases", "weight_taylor_scores"]
+
+
+def _batches(data: Iterable, batches: int, device, task=None):
+    """The first ``batches`` of ``data`` as ``(inputs, targets)`` on ``device``."""
+    for i, batch in enumerate(data):
+        if batches is not None and i >= batches:
+            break
+        yield to_device(task.split(batch) if task is not None else batch, device)
+
+
+def _run(model, inputs, task=None):
+    return task.forward(model, inputs) if task is not None else model(inputs)
 
 
 def magnitude_scores(model) -> Dict[str, torch.Tensor]:
@@ -44,7 +59,8 @@ def magnitude_scores(model) -> Dict[str, torch.Tensor]:
     return scores
 
 
-def taylor_scores(model, data: Iterable, batches: int, loss_fn: Callable = F.cross_entropy) -> Dict[str, torch.Tensor]:
+def taylor_scores(model, data: Iterable, batches: int, loss_fn: Callable = F.cross_entropy,
+                  task=None) -> Dict[str, torch.Tensor]:
     """First-order Taylor importance ``Σ_batches |m · ∂L/∂m|`` at M = 1 over the first ``batches``
     ``(inputs, targets)`` of ``data``: the loss change if the element were removed, to first order
     (Molchanov et al., "Importance Estimation for Neural Network Pruning", CVPR 2019)."""
@@ -53,11 +69,8 @@ def taylor_scores(model, data: Iterable, batches: int, loss_fn: Callable = F.cro
     was_training = model.training
     model.eval()
     device = named[0][1].device
-    for i, (x, y) in enumerate(data):
-        if i >= batches:
-            break
-        x, y = x.to(device), y.to(device)
-        grads = torch.autograd.grad(loss_fn(model(x), y), [p for _, p in named])
+    for x, y in _batches(data, batches, device, task):
+        grads = torch.autograd.grad(loss_fn(_run(model, x, task), y), [p for _, p in named])
         for (n, p), g in zip(named, grads):
             total[n] += (p.detach() * g).abs()
     model.train(was_training)
@@ -71,7 +84,7 @@ def random_scores(model, seed: int) -> Dict[str, torch.Tensor]:
 
 
 def lasso_values(model, data: Iterable, lam: float, steps: int, lr: float,
-                 loss_fn: Callable = F.cross_entropy) -> Dict[str, torch.Tensor]:
+                 loss_fn: Callable = F.cross_entropy, task=None) -> Dict[str, torch.Tensor]:
     """The masks after ``steps`` of Adam on ``loss + lam · ‖M‖₁`` from M = 1, cycling over ``data``
     (an L1-penalised mask search, one run per budget in the benchmarks). The model's masks are set back
     to 1 afterwards; the elements rank by the absolute value returned (:func:`lasso_path`)."""
@@ -84,9 +97,8 @@ def lasso_values(model, data: Iterable, lam: float, steps: int, lr: float,
     device = named[0][1].device
     step = 0
     while step < steps:
-        for x, y in data:
-            x, y = x.to(device), y.to(device)
-            loss = loss_fn(model(x), y) + lam * sum(p.abs().sum() for _, p in named)
+        for x, y in _batches(data, None, device, task):
+            loss = loss_fn(_run(model, x, task), y) + lam * sum(p.abs().sum() for _, p in named)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -124,7 +136,7 @@ def _linear_names(model) -> Dict[int, str]:
 
 
 @torch.no_grad()
-def activation_stats(model, data: Iterable, batches: int) -> Dict[str, Dict[str, torch.Tensor]]:
+def activation_stats(model, data: Iterable, batches: int, task=None) -> Dict[str, Dict[str, torch.Tensor]]:
     """Per linear layer that a mask element reads or writes, over the first ``batches`` ``(inputs, targets)``
     of ``data`` at M = 1 (every token a sample): ``{layer name: {"tokens", "in_mean", "in_sq", "out_mean",
     "out_sq"}}``, the mean and mean square of each input and output feature (float64). One calibration
@@ -145,10 +157,8 @@ def activation_stats(model, data: Iterable, batches: int) -> Dict[str, Dict[str,
     model.eval()
     device = next(model.parameters()).device
     try:
-        for i, (x, _) in enumerate(data):
-            if i >= batches:
-                break
-            model(x.to(device))
+        for x, _ in _batches(data, batches, device, task):
+            _run(model, x, task)
     finally:
         for h in handles:
             h.remove()
@@ -247,7 +257,8 @@ def add_biases(model, biases: Dict[str, torch.Tensor]) -> None:
             linear.bias.add_(bias)
 
 
-def weight_taylor_scores(model, data: Iterable, batches: int, loss_fn: Callable = F.cross_entropy) -> Dict[str, torch.Tensor]:
+def weight_taylor_scores(model, data: Iterable, batches: int, loss_fn: Callable = F.cross_entropy,
+                         task=None) -> Dict[str, torch.Tensor]:
     """LLM-Pruner's first-order element-wise Taylor importance of a structure (Ma et al., "LLM-Pruner: On
     the Structural Pruning of Large Language Models", NeurIPS 2023, ``param_first``): ``Σ |W ⊙ ∂L/∂W|``
     over every weight the structure removes (its rows of ``W_q``, ``W_k``, ``W_v``, the MLP's input
@@ -264,11 +275,8 @@ def weight_taylor_scores(model, data: Iterable, batches: int, loss_fn: Callable 
     try:
         for w in weights:
             w.requires_grad_(True)
-        for i, (x, y) in enumerate(data):
-            if i >= batches:
-                break
-            x, y = x.to(device), y.to(device)
-            for w, g in zip(weights, torch.autograd.grad(loss_fn(model(x), y), weights)):
+        for x, y in _batches(data, batches, device, task):
+            for w, g in zip(weights, torch.autograd.grad(loss_fn(_run(model, x, task), y), weights)):
                 grads[id(w)] += g.float()
     finally:
         for w, flag in zip(weights, flags):

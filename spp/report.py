@@ -140,7 +140,8 @@ def run_family(cfg: Config) -> List[Dict]:
             for r in rows:
                 r["protocol"] = f"non-overlapping {cfg.data.seq_len}-token windows of the val text, token-level"
         write_table(rows, out)
-        plot_family(rows, out + ".png", metric=task.headline if task.headline != "recall@1" else ("recall@1", "zero-shot"))
+        clip = task.headline in ("recall@1", "zero-shot")
+        plot_family(rows, out + ".png", metric=("zero-shot", "recall@1") if clip else task.headline)
         main_print(runtime, f"wrote {out}.md, {out}.json, {out}.png")
     return rows
 
@@ -186,6 +187,17 @@ def zero_shot(model: nn.Module, cfg: Config) -> Dict[str, Dict[str, float]]:
                                       num_fewshot=e.num_fewshot)["results"]
     return {task: {k.split(",")[0]: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
             for task, metrics in results.items()}
+
+
+def mean_std(values: Sequence[float], digits: int = 2) -> str:
+    """``"mean ± std"`` (sample std) of a benchmark's seeds; one value as it is, none as a dash."""
+    import statistics
+
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def median_seconds(fn, device: torch.device, repeats: int, warmup: int) -> float:
