@@ -6,6 +6,7 @@ Swin, Hugging Face Llama/Mistral/Qwen2, OPT and CLIP) are plug-ins in :mod:`spp.
 ``spp`` imports neither timm nor transformers. CLIP's loss, retrieval and zero-shot evaluation and
 caption data are in :mod:`spp.clip`.
 """
+from . import clip, criteria, tasks
 from .calibrate import calibrate_nu, next_token_loss, search_optimizer
 from .checkpoint import create_model, load_checkpoint
 from .compress import compress, load_pruned, pruned_widths, save_pruned

@@ -140,8 +140,7 @@ def run_family(cfg: Config) -> List[Dict]:
             for r in rows:
                 r["protocol"] = f"non-overlapping {cfg.data.seq_len}-token windows of the val text, token-level"
         write_table(rows, out)
-        clip = task.headline in ("recall@1", "zero-shot")
-        plot_family(rows, out + ".png", metric=("zero-shot", "recall@1") if clip else task.headline)
+        plot_family(rows, out + ".png", metric=("zero-shot", "recall@1") if task.pooled else task.headline)
         main_print(runtime, f"wrote {out}.md, {out}.json, {out}.png")
     return rows
 
@@ -323,7 +322,7 @@ def run_eval(cfg: Config) -> Dict:
             result["tasks"] = zero_shot(model, cfg)
         main_print(runtime, json.dumps(result))
         return result
-    if task.headline == "recall@1":
+    if task.pooled:   # CLIP's retrieval and zero-shot
         result = {"model": source or cfg.model.name, **{k: round(v, 2) for k, v in metrics.items() if k != "n"},
                   "pairs": metrics["n"], "params": count_params(model), "flops_per_pair": count_flops(model),
                   "pairs_per_s": pair_throughput(model, build_loaders(cfg, runtime, ["test"])["test"], runtime)}

@@ -87,7 +87,7 @@ def _calibration_loader(cfg: Config, loaders, runtime: Runtime):
                          f"training batches (search.nu_data=train)")
     batch -= batch % 2   # mixup pairs the samples of a batch
     loader = build_loader(val, batch, True, cfg.data.workers, cfg.seed + 7919, runtime.world_size, runtime.rank)
-    if cfg.data.dataset != "text" and cfg.data.dataset.endswith("captions"):
+    if cfg.data.dataset.endswith("captions"):
         source = f"{len(val):,} held-out image-caption pairs"
     elif cfg.data.dataset == "text":
         source = f"the validation text ({len(val):,} sequences of {cfg.data.seq_len} tokens)"

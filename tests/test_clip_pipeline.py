@@ -112,13 +112,15 @@ def _spp(command, *args):
 
 
 def test_search_family_export_retrain_eval_on_clip(tiny_clip_dir, tmp_path):
-    """The five commands on both towers of a CLIP model: a path over all four layers' masks, a family table with
-    recall and zero-shot accuracy, an exported member that loads with spp, a finetune and an eval."""
+    """The five commands on both towers of a CLIP model: a path over all four layers' masks (the search distilled
+    from the dense model), a family table with recall and zero-shot accuracy, an exported member that loads with
+    spp, a distilled finetune and an eval."""
     model_dir, data = tiny_clip_dir
     out = tmp_path / "search"
     common = [f"model.name={model_dir}", f"data.root={data}", "data.batch_size=32", "data.eval_batch_size=100",
               "search.calibration_batches=2", "family.max_batches=2", "export.max_batches=2"]
-    _spp("search", f"output={out}", "search.steps=12", "search.log_every=4", "search.checkpoint_every=0", *common)
+    _spp("search", f"output={out}", "search.steps=12", "search.log_every=4", "search.checkpoint_every=0",
+         "search.distill=0.5", *common)   # distilled from the dense model's similarities (the masks at 1)
     path = spp.SolutionPath.load(str(out))
     assert len(path.entries) == 12 and any(name.startswith("text_model") for name in path.entries)
     _spp("family", f"output={out}", "family.targets=[1.0,0.5]", *common)

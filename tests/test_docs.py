@@ -71,3 +71,18 @@ def test_llm_api_example_tour_runs():
     for _, _, params, predicted, diff, same in members:
         assert params == predicted and float(diff) < 1e-4 and same == "True", result.stdout
     assert "saved and reloaded: LlamaForCausalLM True" in result.stdout
+
+
+def test_clip_api_example_tour_runs():
+    """The README's CLIP tour (``python scripts/api_example_clip.py``): exact members of both towers, per-tower
+    budgets, reload."""
+    pytest.importorskip("transformers", reason="the CLIP tour needs transformers: pip install -e '.[llm]'")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "api_example_clip.py")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    members = re.findall(r"keep (\d+)% \((\w+)\): ([\d,]+) params \(predicted ([\d,]+)\), masked vs compressed "
+                         r"embeddings max diff (\S+)", result.stdout)
+    assert [(m[0], m[1]) for m in members] == [("70", "global"), ("50", "global"), ("50", "part")], result.stdout
+    for _, _, params, predicted, diff in members:
+        assert params == predicted and float(diff) < 1e-5, result.stdout
+    assert "saved and reloaded: CLIPModel True" in result.stdout
