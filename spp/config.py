@@ -215,6 +215,8 @@ def _coerce(key: str, value: Any, tp) -> Any:
             pass
     if tp is str and isinstance(value, str):
         return value
+    if tp is str and isinstance(value, bool):   # YAML 1.1 reads on/off (and yes/no, true/false) as booleans
+        return "on" if value else "off"         # amp=off, amp: off; a choice check rejects "on" where it is none
     if tp in (int, bool) and type(value) is tp:
         return value
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")

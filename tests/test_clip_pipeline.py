@@ -196,3 +196,40 @@ def _grey(model):
         rgb.weight.copy_(conv.weight.repeat(1, 3, 1, 1) / 3)
     embeddings.patch_embedding = rgb
     return model
+
+
+def test_clip_benchmark_runs_end_to_end(tiny_clip_dir, tmp_path):
+    """scripts/benchmark_clip.py cut to a few steps: every method meets every budget (within 3% of the prunable
+    parameters), the finetuned rows and the dense reference are there, and the table is written."""
+    model_dir, data = tiny_clip_dir
+    out = tmp_path / "bench"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "benchmark_clip.py"), "--model", model_dir,
+                             "--data-root", data, "--out", str(out), "--seeds", "0", "1", "--batch", "32",
+                             "--search-steps", "6", "--lasso-steps", "3", "--calibration-batches", "1",
+                             "--finetune-steps", "2", "--val-pairs", "40"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "benchmark_clip.json").read_text())
+    assert set(results["runs"]) == {"spp", "magnitude", "random", "taylor", "lasso"}
+    dense, prunable = results["dense"]["params"], results["prunable"]
+    for method, runs in results["runs"].items():
+        assert set(runs) == {"0", "1"}
+        for removed in ("0.3", "0.5", "0.7"):
+            row = runs["0"][removed]
+            assert abs((dense - row["params"]) / prunable - float(removed)) < 0.03, (method, removed, row["params"])
+            assert 0 <= row["test"]["zero-shot"] <= 100 and "ft" in row and "ft" not in runs["1"][removed]
+    assert "ft" in results["dense"]
+    table = (out / "benchmark_clip.md").read_text()
+    assert "**no finetuning** (seeds 0, 1)" in table and table.count("| spp |") == 2
+
+
+def test_clip_launchers_run_the_large_configs_and_name_missing_data(tiny_clip_dir, tmp_path):
+    """scripts/clip_search.sh and clip_retrain.sh run spp on the CLIP-Large configs; without the COCO files the
+    error names the path to fix (the model is the tiny one: CLIP-Large does not download here)."""
+    model_dir, _ = tiny_clip_dir
+    for script in ("clip_search.sh", "clip_retrain.sh"):   # retrain with no train.source: the dense model
+        result = subprocess.run(["bash", os.path.join(ROOT, "scripts", script), f"model.name={model_dir}",
+                                 f"data.root={tmp_path / 'dataset_coco.json'}", f"data.images={tmp_path}",
+                                 f"output={tmp_path / 'out'}", "amp=off", "device=cpu", "data.seq_len=16"],
+                                capture_output=True, text=True, cwd=str(tmp_path))
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert f"{tmp_path / 'dataset_coco.json'} not found" in result.stderr, result.stderr[-2000:]

@@ -43,6 +43,9 @@ def test_config_errors_name_the_problem():
         with pytest.raises(ConfigError, match=message):
             load_config(SMOKE, [override])
     assert load_config(SMOKE, ["search.nu=auto", "export.budget=null"]).search.nu == "auto"
+    assert load_config(SMOKE, ["amp=off"]).amp == "off"          # YAML reads off as False: the word it was
+    with pytest.raises(ConfigError, match="amp='on': choose one of auto, bf16, fp16, off"):
+        load_config(SMOKE, ["amp=yes"])
     with pytest.raises(ConfigError, match="'depth:3' with no value: YAML needs a space after each colon"):
         load_config(SMOKE, ["model.kwargs={depth:3}"])
     with pytest.raises(ConfigError, match="not key=value"):
