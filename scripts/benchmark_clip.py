@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import statistics
@@ -48,7 +47,7 @@ from torch.utils.data import DataLoader, Subset
 import spp
 from spp.criteria import lasso_path, lasso_values, magnitude_scores, random_scores, taylor_scores
 from spp.engine import evaluate
-from spp.report import mean_std
+from spp.report import mean_std, write_json
 from spp.runtime import Runtime, provenance, seed_everything
 from spp.tasks import to_device
 
@@ -246,13 +245,9 @@ def main():
                 print(f"{method:10s} seed {seed} -{r:.0%}: params {row['params']:,}  test {row['test']}"
                       + (f"  finetuned {row['ft']}" if "ft" in row else ""), flush=True)
             results["runs"].setdefault(method, {})[str(seed)] = run
-            with open(path + ".tmp", "w") as f:
-                json.dump(results, f, indent=1)
-            os.replace(path + ".tmp", path)
+            write_json(results, path)
     results["minutes"] = (time.time() - start) / 60
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(results, path)
     print(write_table(results, args, args.out))
     print(f"{results['minutes']:.1f} minutes; {path}")
 

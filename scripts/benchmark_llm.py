@@ -54,7 +54,7 @@ import spp
 from spp.criteria import (activation_stats, add_biases, flap_biases, flap_scores, lasso_path, lasso_values,
                           magnitude_scores, random_scores, wanda_sp_scores, weight_taylor_scores)
 from spp.engine import evaluate
-from spp.report import mean_std
+from spp.report import mean_std, write_json
 from spp.runtime import Runtime, provenance, seed_everything
 from spp.tasks import NextToken
 
@@ -424,13 +424,9 @@ def main():
                       + (f"  ft {row['ft']:.2f}" if row.get("ft") else "")
                       + (f"  long {row['ft_long']:.2f}" if row.get("ft_long") else ""), flush=True)
             results["runs"].setdefault(method, {})[str(seed)] = run
-            with open(path + ".tmp", "w") as f:
-                json.dump(results, f, indent=1)
-            os.replace(path + ".tmp", path)
+            write_json(results, path)
     results["minutes"] = (time.time() - start) / 60
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(results, path)
     print(write_tables(results, args, args.out))
     print(f"{results['minutes']:.1f} minutes; {path}")
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The built-in demo: pretrain (cached) → search → family → export → retrain on Fashion-MNIST.
+# SPP_DEMO=demo-clip runs the CLIP demo on the same images (scripts/demo_clip.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]]; then
@@ -11,4 +12,4 @@ if [[ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]]; then
          "or let torchvision download it (online) into ~/.cache/spp" >&2
   fi
 fi
-exec python3 -m spp demo "$@"
+exec python3 -m spp "${SPP_DEMO:-demo}" "$@"

@@ -25,7 +25,7 @@ __all__ = [
     "mask_parameters", "freeze_weights", "set_masks", "MaskedAttention", "MaskedMlp", "SolutionPath",
     "support_sizes", "WeightFamily", "Member", "Summary", "compress", "pruned_widths", "nominal_attention",
     "PrunedAttention", "save_pruned", "load_pruned", "create_model", "load_checkpoint", "count_flops",
-    "count_params", "PAIRS", "Widths", "mask_pairs", "keep_cpu_memory",
+    "count_params", "PAIRS", "Widths", "mask_pairs", "keep_cpu_memory", "clip", "criteria", "tasks",
 ]
 
 _VIT_NAMES = ("MaskedAttention", "MaskedMlp", "PrunedAttention")

@@ -43,19 +43,25 @@ def run_demo(output: str = "outputs/demo", overrides: Sequence[str] = (), fresh:
         _banner(f"1/5 pretrained model cached at {checkpoint} (--fresh retrains it)")
     shared = [f"model.checkpoint={checkpoint}", *overrides]
     search = _config("demo_search.yaml", [f"output={search_dir}", "resume=null", f"export.out={pruned_dir}", *shared])
-    _banner("2/5 search: LBI over the masks of the frozen model")
-    run_search(search)
-    _banner("3/5 family: members at several sparsities, no retraining")
-    rows = run_family(search)
-    _banner("4/5 export: half of the prunable parameters removed, compressed")
-    run_export(search)
-    _banner("5/5 retrain the exported member briefly (distilled from the dense model)")
     retrain = _config("demo_retrain.yaml", [f"output={output}/retrain", "resume=null", f"train.source={pruned_dir}",
                                             *shared])
-    result = run_retrain(retrain)
+    rows, result = search_to_retrain(search, retrain, "the frozen model", "retrain the exported member briefly "
+                                     "(distilled from the dense model)")
     return report(output, rows, search.export.remove, result,
                   f"SPP demo on Fashion-MNIST (top-1 on 6,000 held-out validation images, {time.time() - start:.0f} s)",
                   "accuracy vs size")
+
+
+def search_to_retrain(search, retrain, searched: str, finetune: str):
+    """A demo's stages 2-5 (search, family, export, finetune of the exported member): ``(family rows, retrain result)``."""
+    _banner(f"2/5 search: LBI over the masks of {searched}")
+    run_search(search)
+    _banner("3/5 family: members at several sizes, no retraining")
+    rows = run_family(search)
+    _banner(f"4/5 export: {search.export.remove:.0%} of the prunable parameters removed, compressed")
+    run_export(search)
+    _banner(f"5/5 {finetune}")
+    return rows, run_retrain(retrain)
 
 
 def report(output: str, rows: List[dict], removed: float, result: dict, title: str, plotted: str,

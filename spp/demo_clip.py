@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from .clip import FASHION_CLASSES, FASHION_TEMPLATES
-from .demo import _banner, _config, report
+from .demo import _banner, _config, report, search_to_retrain
 
 VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, image_size=28,
               patch_size=7, num_channels=1)
@@ -83,10 +83,6 @@ def pretrain(cfg, directory: str) -> None:
 
 
 def run_demo_clip(output: str = "outputs/demo_clip", overrides: Sequence[str] = (), fresh: bool = False) -> str:
-    from .report import run_export, run_family
-    from .retrain import run_retrain
-    from .search import run_search
-
     start = time.time()
     model_dir = os.path.join(output, "pretrain", "model")
     search_dir, pruned_dir = os.path.join(output, "search"), os.path.join(output, "search", "pruned")
@@ -99,16 +95,10 @@ def run_demo_clip(output: str = "outputs/demo_clip", overrides: Sequence[str] = 
         _banner(f"1/5 pretrained model cached in {model_dir} (--fresh trains it again)")
     search = _config("demo_clip_search.yaml", [f"output={search_dir}", "resume=null", f"export.out={pruned_dir}",
                                                *shared])
-    _banner("2/5 search: LBI over the masks of both towers of the frozen model")
-    run_search(search)
-    _banner("3/5 family: members at several sizes, no retraining")
-    rows = run_family(search)
-    _banner(f"4/5 export: {search.export.remove:.0%} of the prunable parameters removed, compressed")
-    run_export(search)
-    _banner("5/5 finetune the exported member briefly (distilled from the dense model's similarities)")
     retrain = _config("demo_clip_search.yaml", [f"output={output}/retrain", "resume=null", f"train.source={pruned_dir}",
                                                 *shared])
-    result = run_retrain(retrain)
+    rows, result = search_to_retrain(search, retrain, "both towers of the frozen model", "finetune the exported "
+                                     "member briefly (distilled from the dense model's similarities)")
     return report(output, rows, search.export.remove, result,
                   f"SPP CLIP demo on Fashion-MNIST (zero-shot top-1 and recall@1, %, on 6,000 held-out validation "
                   f"images, {time.time() - start:.0f} s)", "zero-shot accuracy and recall@1 vs size", metric="zero-shot",

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from .demo import _banner, _config, report
+from .demo import _banner, _config, report, search_to_retrain
 
 PRETRAIN = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
@@ -76,10 +76,6 @@ def pretrain(cfg, directory: str) -> None:
 
 
 def run_demo_llm(output: str = "outputs/demo_llm", overrides: Sequence[str] = (), fresh: bool = False) -> str:
-    from .report import run_export, run_family
-    from .retrain import run_retrain
-    from .search import run_search
-
     start = time.time()
     model_dir = os.path.join(output, "pretrain", "model")
     search_dir, pruned_dir = os.path.join(output, "search"), os.path.join(output, "search", "pruned")
@@ -94,16 +90,10 @@ def run_demo_llm(output: str = "outputs/demo_llm", overrides: Sequence[str] = ()
         pretrain(search, model_dir)
     else:
         _banner(f"1/5 pretrained model cached in {model_dir} (--fresh trains it again)")
-    _banner("2/5 search: LBI over the masks of the frozen model")
-    run_search(search)
-    _banner("3/5 family: members at several sizes, no retraining")
-    rows = run_family(search)
-    _banner(f"4/5 export: {search.export.remove:.0%} of the prunable parameters removed, compressed")
-    run_export(search)
-    _banner("5/5 finetune the exported member briefly (distilled from the dense model)")
     retrain = _config("demo_llm_search.yaml", [f"output={output}/retrain", "resume=null", f"train.source={pruned_dir}",
                                                *shared])
-    result = run_retrain(retrain)
+    rows, result = search_to_retrain(search, retrain, "the frozen model",
+                                     "finetune the exported member briefly (distilled from the dense model)")
     return report(output, rows, search.export.remove, result,
                   f"SPP LLM demo on the Python documentation (validation perplexity, {search.data.seq_len}-token windows, "
                   f"{time.time() - start:.0f} s)", "perplexity vs size", metric="perplexity",

@@ -25,13 +25,18 @@ from .structure import PAIRS
 __all__ = ["run_family", "run_export", "run_eval", "write_table", "plot_path", "plot_family", "throughput", "lm_throughput"]
 
 
+def write_json(obj, path: str) -> None:
+    """``obj`` as indented JSON, written atomically (a benchmark's results after every run)."""
+    atomic_write(path, lambda f: open(f, "w").write(json.dumps(obj, indent=1) + "\n"))
+
+
 def write_table(rows: List[Dict], stem: str) -> str:
     """Write ``rows`` as ``stem.json`` and a Markdown table ``stem.md``; return the Markdown."""
     keys = list(rows[0]) if rows else []
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
     markdown = "\n".join(lines) + "\n"
-    atomic_write(stem + ".json", lambda f: open(f, "w").write(json.dumps(rows, indent=1) + "\n"))
+    write_json(rows, stem + ".json")
     atomic_write(stem + ".md", lambda f: open(f, "w").write(markdown))
     return markdown
 

@@ -72,3 +72,14 @@ def fake_fashion_mnist(root, train=1000):
         data = _synthetic(cfg, split, seed=0)
         write_idx(os.path.join(root, f"{name}-images-idx3-ubyte.gz"), data.images[:, 0])
         write_idx(os.path.join(root, f"{name}-labels-idx1-ubyte.gz"), data.labels.to(torch.uint8))
+
+
+def check_costs(masked, small):
+    """A compressed model's parameters equal its geometry's closed form; FLOPs within 2% of torch.utils.flop_counter."""
+    from spp.structure import model_geometry
+    geoms = model_geometry(masked)
+    dense_params, dense_flops = spp.count_params(masked), spp.count_flops(masked)
+    params = dense_params + sum(g.params(w) - g.params(g.full) for g, w in zip(geoms, small.spp_widths))
+    flops = dense_flops + sum(g.flops(w) - g.flops(g.full) for g, w in zip(geoms, small.spp_widths))
+    assert spp.count_params(small) == params
+    assert abs(spp.count_flops(small) - flops) <= 0.02 * flops

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import spp
+from conftest import check_costs
+from test_decoder import random_masks
 from spp.structure import model_geometry
 
 transformers = pytest.importorskip("transformers", reason="CLIP needs transformers: pip install -e '.[llm]'")
@@ -52,31 +54,12 @@ def embeddings(model, x):
     return {n: getattr(out, n) for n in names if getattr(out, n, None) is not None}
 
 
-def random_masks(model, seed: int, zero: float = 0.35):
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, p in spp.mask_parameters(model):
-        r = torch.rand(p.shape, generator=g)
-        out[name] = torch.where(r < zero, torch.zeros_like(r), 0.5 + r)
-    return out
-
-
 def check_exact(masked, small, x, tol=1e-5):
     with torch.no_grad():
         a, b = embeddings(masked, x), embeddings(small, x)
     assert a.keys() == b.keys() and a
     for name in a:
         assert (a[name] - b[name]).abs().max().item() <= tol, name
-
-
-def check_costs(masked, small):
-    """Parameters equal to the geometry's closed form; FLOPs within 2% of torch.utils.flop_counter."""
-    geoms = model_geometry(masked)
-    dense_params, dense_flops = spp.count_params(masked), spp.count_flops(masked)
-    params = dense_params + sum(g.params(w) - g.params(g.full) for g, w in zip(geoms, small.spp_widths))
-    flops = dense_flops + sum(g.flops(w) - g.flops(g.full) for g, w in zip(geoms, small.spp_widths))
-    assert spp.count_params(small) == params
-    assert abs(spp.count_flops(small) - flops) <= 0.02 * flops
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -233,3 +233,26 @@ def test_clip_launchers_run_the_large_configs_and_name_missing_data(tiny_clip_di
                                 capture_output=True, text=True, cwd=str(tmp_path))
         assert result.returncode == 2, result.stderr[-2000:]
         assert f"{tmp_path / 'dataset_coco.json'} not found" in result.stderr, result.stderr[-2000:]
+
+
+def test_demo_clip_trains_once_and_prints_the_table(tiny_clip_dir, tmp_path, capsys, monkeypatch):
+    """spp demo-clip shrunk: tokenizer + CLIP trained and cached, search, family, export, finetune; the table has
+    zero-shot / recall@1 for every member and the exported one finetuned; a second run takes the cached model."""
+    import spp.demo_clip as demo
+    from spp.cli import main
+
+    _, data = tiny_clip_dir
+    monkeypatch.setattr(demo, "VISION", dict(demo.VISION, hidden_size=32, intermediate_size=64, num_hidden_layers=2))
+    monkeypatch.setattr(demo, "TEXT", dict(demo.TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=1))
+    monkeypatch.setattr(demo, "STEPS", 10)
+    out = str(tmp_path / "demo")
+    small = [f"data.root={data}", "data.batch_size=32", "data.eval_batch_size=100", "search.steps=8",
+             "search.calibration_batches=2", "family.targets=[1.0,0.5]", "train.steps=3"]
+    assert main(["demo-clip", "--output", out, *small]) == 0
+    printed = capsys.readouterr().out
+    assert "1/5 train a small CLIP" in printed and "pretrained: val recall@1" in printed
+    rows = [line.split("|") for line in printed.splitlines() if line.startswith("| ") and "%" in line]
+    assert len(rows) == 2 and " / " in rows[0][5] and " / " in rows[1][6]   # the exported 50% member, finetuned
+    assert os.path.isfile(os.path.join(out, "pretrain", "model", "tokenizer.json"))
+    assert main(["demo-clip", "--output", out, *small]) == 0
+    assert "pretrained model cached in" in capsys.readouterr().out

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import spp
+from conftest import check_costs
 from spp.structure import UnsupportedModel, model_geometry
 
 transformers = pytest.importorskip("transformers", reason="the LLM families need transformers: pip install -e '.[llm]'")
@@ -69,16 +70,6 @@ def check_exact(masked, small, ids):
     assert a.sequences.shape[1] == 6 + 32
     for sa, sb in zip(a.scores, b.scores):
         assert (sa - sb).abs().max().item() < 1e-4
-
-
-def check_costs(masked, small):
-    """Parameters equal to the geometry's closed form; FLOPs within 2% of torch.utils.flop_counter."""
-    geoms = model_geometry(masked)
-    dense_params, dense_flops = spp.count_params(masked), spp.count_flops(masked)
-    params = dense_params + sum(g.params(w) - g.params(g.full) for g, w in zip(geoms, small.spp_widths))
-    flops = dense_flops + sum(g.flops(w) - g.flops(g.full) for g, w in zip(geoms, small.spp_widths))
-    assert spp.count_params(small) == params
-    assert abs(spp.count_flops(small) - flops) <= 0.02 * flops
 
 
 @pytest.mark.parametrize("granularity", ["dim", "head"])
