@@ -1,13 +1,19 @@
-# The two commands of the README. Each installs what it needs first and is safe to rerun.
+# The README's commands. Each installs what it needs first and is safe to rerun.
 PYTHON ?= python3
 
-.PHONY: install test demo demo-llm demo-clip
+.PHONY: install test test-fast docs demo demo-llm demo-clip
 
 install:
 	$(PYTHON) -m pip install -q -e ".[test]"
 
 test: install
 	$(PYTHON) -m pytest -q tests
+
+test-fast: install   # the unit tests, under a minute: no subprocess runs of the CLI, torchrun, demos or benchmarks
+	$(PYTHON) -m pytest -q -m "not slow" tests
+
+docs: install        # the API reference from the docstrings: docs/api/index.html
+	$(PYTHON) scripts/build_docs.py --out docs/api
 
 demo: install
 	bash scripts/demo.sh

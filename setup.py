@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 setup(
     name="spp",
     version="0.1.0",
-    description="Solution Path Pruning: one differential-inclusion search, a whole family of pruned transformers (timm ViT/Swin, Hugging Face LLMs)",
+    description="Solution Path Pruning: one differential-inclusion search, a whole family of pruned transformers (timm ViT/Swin, Hugging Face LLMs and CLIP)",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
@@ -26,8 +26,9 @@ setup(
         "llm": ["transformers>=5.25", "tokenizers", "peft", "datasets", "lm-eval"],
         # Torch-Pruning baselines (benchmark and its tests): timm's Attention must follow pruned head
         # widths (attn_dim, 1.0.23)
+        # nbclient + ipykernel run examples/quickstart.ipynb, pdoc builds the API reference (make docs)
         "test": ["pytest", "torch-pruning", "timm>=1.0.23", "scikit-learn", "transformers>=5.25", "tokenizers",
-                 "peft", "datasets", "lm-eval"],
+                 "peft", "datasets", "lm-eval", "nbclient", "nbformat", "ipykernel", "pdoc"],
         "bench": ["torch-pruning", "timm>=1.0.23", "scikit-learn"],   # scikit-learn: the robustness benchmark's digits
     },
     entry_points={"console_scripts": ["spp=spp.cli:main"]},

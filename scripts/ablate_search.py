@@ -5,7 +5,7 @@
 Same model, data split, seed and data order as ``scripts/benchmark_quality.py`` (the demo's
 Fashion-MNIST ViT, 6,000 training images held out). Each variant runs one search over the
 masks, then reads members off its path at ``--removed`` (global parameter budget, entry and
-final-z rankings, the kept elements at 1 as when the lessons were measured: ``values="binary"``) and reports validation accuracy with no finetuning, the share of each pair
+final-z rankings, the kept elements at 1: ``values="binary"``) and reports validation accuracy with no finetuning, the share of each pair
 type kept, the share of elements that entered, and the search time. Lasso (one run per lam) is the
 reference the benchmark found ahead of SPP at 85% removed until nu_scale 1.5 (and at 70% with lam 0.1).
 ``--swap`` also judges each variant's choice of elements at each Lasso member's count per mask

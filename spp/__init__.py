@@ -34,8 +34,11 @@ _VIT_NAMES = ("MaskedAttention", "MaskedMlp", "PrunedAttention")
 def __getattr__(name):   # timm's modules (and the runtime) load on first use of these names, not on `import spp`
     if name in _VIT_NAMES:
         from .models import vit
-        return getattr(vit, name)
-    if name == "keep_cpu_memory":
-        from .runtime import keep_cpu_memory
-        return keep_cpu_memory
-    raise AttributeError(f"module 'spp' has no attribute {name!r}")
+        value = getattr(vit, name)
+    elif name == "keep_cpu_memory":
+        from .runtime import keep_cpu_memory as value
+    else:
+        raise AttributeError(f"module 'spp' has no attribute {name!r}")
+    globals()[name] = value   # later lookups (and pdoc, which reads the module's namespace) find it directly
+    return value
+

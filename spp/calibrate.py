@@ -145,15 +145,10 @@ def calibrate_nu(model, data: Iterable, loss_fn: Callable = F.cross_entropy, sca
     are used. Call it on the masked model before the search's first step, so that M = 1.
 
     Pass held-out batches, images the model was not trained on (``spp search`` takes its validation
-    split, ``search.nu_data: val``). The mask settles near ``M ≈ -ν g`` and moves ``κα·g = ρν·g`` a
-    step, so ν must match the gradient the search meets once the masks move, and that is the gradient
-    of a loss on data the model has not memorised. On training batches a model trained to ~100%
-    training accuracy has a loss near 0 (0.002 on a ViT that memorised 1,000 digits) and mask
-    gradients ~100x smaller than on held-out data: ν comes out ~500x too large (1.4e5 against 263),
-    the first steps that raise the loss then move the masks by ρν·g ≫ 1, and the family collapses
-    (−30%: 33% test accuracy against 93%; ``scripts/benchmark_robustness.py``). Held-out batches give
-    the same ν as training batches where the training loss is far from 0 (a model trained briefly, or
-    with heavy augmentation, as DeiT), so one default serves both.
+    split, ``search.nu_data: val``). A mask settles near ``M ≈ -ν g`` and moves ``ρν·g`` a step, so ν
+    must match the gradient of a loss on data the model has not memorised: on the training batches of
+    a model at ~100% training accuracy the loss is near 0, the gradients far smaller, ν far too large,
+    and the family collapses (the measurements: docs/settings.md).
 
     ``per`` says which masks share one ν: ``"pooled"`` (all: one ν, the default), ``"pair"``
     (one per pair type: query-key, value, MLP) or ``"mask"`` (one per mask tensor). Pooling keeps the

@@ -205,4 +205,5 @@ def atomic_write(path: str, write: Callable[[str], Any]) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save(obj, path)`` through a temporary file and a rename: a killed write leaves the old file."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))

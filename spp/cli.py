@@ -47,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the ``spp`` command line on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     args = _parser().parse_args(argv)
     from .data import DatasetNotFound
     from .runtime import CheckpointError, NonFiniteLoss

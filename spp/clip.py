@@ -100,10 +100,12 @@ def _pooled(output) -> torch.Tensor:
 
 
 def image_embeds(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """L2-normalised image embeddings (float32) of a CLIP model for ``pixel_values``."""
     return F.normalize(_pooled(model.get_image_features(pixel_values=pixel_values)).float(), dim=-1)
 
 
 def text_embeds(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """L2-normalised text embeddings (float32) of a CLIP model for tokenized captions."""
     return F.normalize(_pooled(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)).float(),
                        dim=-1)
 

@@ -171,6 +171,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> Dict[str, Any]:
+        """The config as nested plain dicts (what ``config.yaml`` and checkpoints store)."""
         return dataclasses.asdict(self)
 
 
@@ -267,6 +268,7 @@ def _deep_update(base: Dict, extra: Dict, schema: Any) -> Dict:
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """The config of YAML file ``path`` (or the defaults) with dotted ``key=value`` ``overrides``, checked."""
     data: Dict[str, Any] = {}
     if path:
         try:
@@ -364,6 +366,7 @@ def _check_ranges(c: Config) -> None:
 
 
 def save_config(config: Config, path: str) -> None:
+    """Write the resolved ``config`` to ``path`` as YAML, atomically."""
     from .checkpoint import atomic_write
 
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -278,6 +278,7 @@ class ResumableSampler(Sampler[int]):
 
 def build_loader(dataset: Dataset, batch_size: int, train: bool, workers: int, seed: int,
                  num_replicas: int = 1, rank: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A loader over ``dataset`` for one rank, resumable mid-epoch (:class:`ResumableSampler`)."""
     sampler = ResumableSampler(len(dataset), num_replicas, rank, shuffle=train, seed=seed, drop_last=train)
     # an explicit generator keeps DataLoader from drawing its worker seed from the global RNG,
     # so a resumed run's RNG stream matches an uninterrupted one

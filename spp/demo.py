@@ -30,6 +30,7 @@ def _banner(text: str) -> None:
 
 
 def run_demo(output: str = "outputs/demo", overrides: Sequence[str] = (), fresh: bool = False) -> str:
+    """``spp demo``: pretrain (cached), search, family, export and retrain a ViT on Fashion-MNIST; the table."""
     start = time.time()
     checkpoint = os.path.join(output, "pretrain", "best.safetensors")
     search_dir = os.path.join(output, "search")

@@ -83,6 +83,7 @@ def pretrain(cfg, directory: str) -> None:
 
 
 def run_demo_clip(output: str = "outputs/demo_clip", overrides: Sequence[str] = (), fresh: bool = False) -> str:
+    """``spp demo-clip``: train (cached), search, family, export and finetune a CLIP; the table."""
     start = time.time()
     model_dir = os.path.join(output, "pretrain", "model")
     search_dir, pruned_dir = os.path.join(output, "search"), os.path.join(output, "search", "pruned")

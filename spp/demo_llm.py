@@ -76,6 +76,7 @@ def pretrain(cfg, directory: str) -> None:
 
 
 def run_demo_llm(output: str = "outputs/demo_llm", overrides: Sequence[str] = (), fresh: bool = False) -> str:
+    """``spp demo-llm``: pretrain (cached), search, family, export and finetune a Llama; the table."""
     start = time.time()
     model_dir = os.path.join(output, "pretrain", "model")
     search_dir, pruned_dir = os.path.join(output, "search"), os.path.join(output, "search", "pruned")

@@ -40,6 +40,7 @@ class Summary:
     scores: Dict[str, float] = field(default_factory=dict)   # select_best: each reading's score ("entry, binary": ...)
 
     def to_dict(self) -> Dict:
+        """The summary as JSON-ready plain values (``summary.json`` of an export)."""
         d = {k: getattr(self, k) for k in ("by", "target", "kept", "params_before", "params_after",
                                             "flops_before", "flops_after", "elements", "values", "rank", "scores")}
         d["widths"] = [w.to_dict() for w in self.widths]
@@ -267,10 +268,8 @@ class WeightFamily:
                 the budget walk keeps had entered the support of Γ by the end of the search
                 (the member lies on the path the search covered), ``"binary"`` otherwise (a
                 larger member, ranked past the path's end, where the search's values of the
-                elements it kept out of the support would starve the elements it adds). On the
-                quality benchmark ``"path"`` lifted the members at 70% and 85% removed by 1.6-2.9
-                points before finetuning, and cost 1.3 (val) at 30%, a member past the support's
-                end (docs/quality.md, lesson 10).
+                elements it kept out of the support would starve the elements it adds).
+                :meth:`select_best` picks the reading on held-out data instead.
 
         Without floor and rounding, the kept elements are a prefix of one ranking, so a member
         at a smaller budget is a subset of every member at a larger one, and the global scope

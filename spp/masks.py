@@ -56,10 +56,12 @@ def remove_masks(model: nn.Module) -> nn.Module:
 
 
 def is_masked(model: nn.Module) -> bool:
+    """Whether ``model`` holds spp masks (:func:`add_masks`)."""
     return getattr(model, "spp_granularity", None) is not None
 
 
 def granularity_of(model: nn.Module) -> str:
+    """The granularity (``dim`` or ``head``) a masked model's masks were added with."""
     if not is_masked(model):
         raise ValueError(_NO_MASKS)
     return model.spp_granularity

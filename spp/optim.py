@@ -37,25 +37,12 @@ class LBI(Optimizer):
     With ``preconditioner="adam"`` the loss gradient ``g`` is replaced by its Adam direction
     ``m̂ / (√v̂ + eps)`` (the authors' code does this); the coupling term is unchanged.
 
-    Defaults (``lr=3, kappa=10, lam=0.4, nu=1500``, plain gradient, two-sided shrink) are the
-    settings that ranked structures best in our quality benchmark (a ViT on Fashion-MNIST, mean
-    cross-entropy, batch 128; ``ν`` and ``λ`` chosen on a validation split). ``ρ = κα/ν = 0.02``
-    spreads entries over a few hundred steps. ``κλ`` sets how much evidence an entry needs: the decay of
-    a mask from its dense start ``M = 1`` alone adds ``(α/ν) Σ (1 - ρ)^k = (α/ν)/ρ = 1/κ`` to every
-    ``z`` (``ρ = κα/ν``), so at ``κλ = 1`` (``λ = 0.1``, the first prototype's setting)
-    that common transient nearly reaches the threshold by itself and entries are ordered by small
-    gradient differences while the network is still near dense; at ``κλ = 4`` three quarters of
-    the evidence must come from sustained gradient support (better members at every budget in the
-    benchmark).
-    ``nu`` must match the loss-gradient scale (a mask outside the support sits near ``-ν g``); see
-    :func:`spp.calibrate_nu` to set it from the gradients at the start of a search (and
-    :func:`spp.search_optimizer` to build this optimizer as ``spp search`` does). The
-    evidence an element gathers per step, ``(α/ν)(M - Γ) ≈ -α g``, does not depend on ``ν``; what
-    ``ν`` sets is how far the network the loss sees sits from the sparse ``Γ``. At a fixed gradient
-    step ``κα``, a smaller ``ν`` (a larger ``ρ``) ranked the sparse end better: the loss is then
-    taken nearer the members the path is read for.
-    Adam preconditioning spread the path but ranked worse (it normalises away the
-    gradient size, which is the signal).
+    Defaults (``lr=3, kappa=10, lam=0.4, nu=1500``, plain gradient, two-sided shrink): ρ = κα/ν = 0.02
+    spreads entries over a few hundred steps; κλ = 4 asks three quarters of an element's evidence to come
+    from sustained gradient support rather than the transient of the masks leaving 1. ``nu`` must match
+    the loss-gradient scale (a mask outside the support sits near ``-ν g``): :func:`spp.calibrate_nu` sets
+    it from the gradients at the start of a search, :func:`spp.search_optimizer` builds this optimizer as
+    ``spp search`` does. Why these values, and what the alternatives measured: docs/settings.md.
 
     Args:
         params: mask parameters or param groups (every key below can be set per group).

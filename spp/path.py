@@ -144,6 +144,7 @@ class SolutionPath:
         return counts
 
     def sizes(self) -> Dict[str, int]:
+        """Mask elements per pair type: ``{"qk": n, "v": n, "mlp": n}``."""
         counts = dict.fromkeys(PAIRS, 0)
         for name, e in self.entries.items():
             counts[self.pairs[name][0]] += e["entry_step"].numel()

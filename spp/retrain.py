@@ -60,6 +60,7 @@ def _save_model(model: nn.Module, directory: str) -> None:
 
 
 def run_retrain(cfg: Config) -> Dict:
+    """``spp retrain``: finetune ``train.source`` (or train the dense model); returns the best and last metrics."""
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3

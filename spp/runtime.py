@@ -49,15 +49,18 @@ class Runtime:
         return self.world_size > 1
 
     def autocast(self):
+        """The run's autocast context (bf16 / fp16 on its device), or a no-op."""
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def barrier(self) -> None:
+        """Wait for every rank (a no-op in one process)."""
         if self.distributed:
             dist.barrier()
 
     def all_mean(self, value: float) -> float:
+        """The mean of ``value`` over the DDP ranks (the value itself in one process)."""
         if not self.distributed:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
@@ -150,6 +153,7 @@ def gather_rng_states(runtime: "Runtime") -> list:
 
 
 def restore_rng_states(states: list, runtime: "Runtime") -> None:
+    """Put back the RNG states :func:`gather_rng_states` saved, this rank's own."""
     if len(states) != runtime.world_size:
         raise CheckpointError(f"the checkpoint was written by {len(states)} processes, this run has "
                               f"{runtime.world_size}; resume with the same number of processes")
@@ -174,6 +178,7 @@ def save_training_checkpoint(state: Dict[str, Any], path: str) -> None:
 
 
 def load_training_checkpoint(path: str, kind: str, model_name: str) -> Dict[str, Any]:
+    """A search or train checkpoint, loaded without unpickling code; errors name another kind or model."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} not found")
     try:
@@ -292,6 +297,7 @@ class RunLogger:
             self.writer.add_text("run", json.dumps(record, indent=1))
 
     def log(self, step: int, **scalars: Any) -> None:
+        """Record the ``scalars`` at ``step`` (TensorBoard and ``log.jsonl``, rank 0 only)."""
         if not self.enabled:
             return
         for key, value in scalars.items():
@@ -301,6 +307,7 @@ class RunLogger:
         self.file.flush()
 
     def close(self) -> None:
+        """Flush and close the TensorBoard writer and the log file."""
         if self.enabled:
             self.writer.close()
             self.file.close()

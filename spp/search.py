@@ -99,6 +99,7 @@ def _calibration_loader(cfg: Config, loaders, runtime: Runtime):
 
 
 def run_search(cfg: Config) -> SolutionPath:
+    """``spp search``: one LBI run over the masks of the frozen model; writes and returns the solution path."""
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
     model = build_model(cfg, runtime)
     add_masks(model, cfg.model.granularity, freeze=True)

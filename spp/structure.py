@@ -44,6 +44,7 @@ class Widths:
     num_kv_heads: Optional[int] = None
 
     def to_dict(self) -> Dict[str, int]:
+        """The widths as a dict, without unset fields (``config.json`` of a pruned model)."""
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
@@ -87,6 +88,7 @@ class Geometry:
 
     # ----- costs ---------------------------------------------------------------------------
     def params(self, w: Widths) -> int:
+        """Parameters of the block's prunable projections at widths ``w``."""
         raise NotImplementedError
 
     def flops(self, w: Widths) -> int:
@@ -102,6 +104,7 @@ class Geometry:
         raise NotImplementedError
 
     def cost(self, w: Widths, by: str, granularity: str) -> int:
+        """What widths ``w`` cost by ``by``: parameters, FLOPs or mask elements."""
         if by == "params":
             return self.params(w)
         if by == "flops":
@@ -132,6 +135,7 @@ def mask_names(geom: Geometry) -> Dict[str, str]:
 
 def widths_from_masks(geom: Geometry, qk: torch.Tensor, v: torch.Tensor, mlp: torch.Tensor,
                       granularity: str) -> Widths:
+    """Widths of the compressed block for masks ``qk``, ``v``, ``mlp`` (non-zero = kept)."""
     return geom.widths_from_masks(qk, v, mlp, granularity)
 
 

@@ -50,6 +50,7 @@ class Task:
         return inputs, targets
 
     def forward(self, model, inputs):
+        """Run ``model`` on ``inputs`` (a dict as keyword arguments)."""
         return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
     def distill_logits(self, outputs) -> torch.Tensor:
@@ -60,12 +61,15 @@ class Task:
         """Called with the evaluated model before an evaluation's first batch."""
 
     def pool(self, outputs, targets) -> Dict[str, torch.Tensor]:
+        """For a ``pooled`` task: tensors of one batch that :meth:`summarize_pool` reads over all batches."""
         raise NotImplementedError
 
     def summarize_pool(self, pooled: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        """The metrics from the concatenated :meth:`pool` outputs of every batch and rank."""
         raise NotImplementedError
 
     def loss(self, outputs, targets) -> torch.Tensor:
+        """The training loss of ``outputs`` against ``targets`` (a scalar tensor)."""
         raise NotImplementedError
 
     def metric_sums(self, outputs, targets) -> torch.Tensor:
@@ -73,6 +77,7 @@ class Task:
         raise NotImplementedError
 
     def summarize(self, sums: Sequence[float]) -> Dict[str, float]:
+        """The metrics (``{name: value}``) from the sums of :meth:`metric_sums` over all batches."""
         raise NotImplementedError
 
 
@@ -93,6 +98,7 @@ class Classification(Task):
                              correct.sum().item(), targets.numel()], dtype=torch.float64)
 
     def summarize(self, sums):
+        """Mean loss, top-1 and top-5 (%) from the summed metrics."""
         loss, top1, top5, n = sums
         n = max(n, 1)
         return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "n": int(n)}
@@ -120,6 +126,7 @@ class NextToken(Task):
         return torch.tensor([loss.item(), targets[:, 1:].numel()], dtype=torch.float64)
 
     def summarize(self, sums):
+        """Mean token loss and perplexity from the summed metrics."""
         loss, tokens = sums
         mean = loss / max(tokens, 1)
         return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": int(tokens)}
@@ -162,12 +169,14 @@ class Contrastive(Task):
         self.classes = class_embeddings(model, self.prompts) if self.prompts is not None else None
 
     def pool(self, outputs, targets):
+        """The batch's image and text embeddings and targets (and zero-shot hits), gathered by the evaluation."""
         out = {"image": outputs.image_embeds.float(), "text": outputs.text_embeds.float(), "target": targets}
         if self.classes is not None:
             out["zero_shot"] = (out["image"] @ self.classes.t()).argmax(1) == targets[:, 2]
         return out
 
     def summarize_pool(self, pooled):
+        """Retrieval recall@1/5/10 and zero-shot top-1 over every gathered pair."""
         from .clip import retrieval_recall
         target = pooled["target"]
         metrics = retrieval_recall(pooled["image"], pooled["text"], target[:, 0], target[:, 1])

@@ -47,6 +47,7 @@ class TokenChunks(Dataset):
         return self.ids[i], self.ids[i]
 
     def set_epoch(self, epoch: int) -> None:   # the loops call it on every dataset; text has no augmentation
+        """Nothing to do: token windows have no augmentation (the loops call it on every dataset)."""
         pass
 
 
@@ -99,6 +100,8 @@ def _hub_documents(root: str) -> Dict[str, List[str]]:
 
 
 def split_files(root: str, val_fraction: float, test_fraction: float, seed: int) -> Dict[str, List[str]]:
+    """The text files under ``root`` split by file into train / val / test (by ``val_fraction``, ``test_fraction``, ``seed``).
+    """
     if not os.path.exists(root):
         raise FileNotFoundError(f"data.root={root} not found (looked for {os.path.abspath(root)}): give a text file "
                                 f"({', '.join(TEXT_SUFFIXES)}) or a folder of them")
@@ -139,6 +142,8 @@ def _tokenize(tokenizer, docs: Sequence[str], seq_len: int, what: str) -> torch.
 
 
 def load_tokenizer(source: str):
+    """The tokenizer of a local directory or ``hf:ORG/NAME`` (``AutoTokenizer``); a directory without one is an error.
+    """
     try:
         from transformers import AutoTokenizer
     except ImportError as e:

@@ -5,6 +5,11 @@ import torch
 
 import spp
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs the CLI, torchrun, a kill-and-resume, a demo, a benchmark script or a "
+                                       "tour in a subprocess (make test runs them; pytest -m 'not slow' skips them)")
+
+
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
 
 

@@ -30,6 +30,7 @@ def _batches(n=3, batch=8, seed=0):
     return [(torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)) for _ in range(n)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("amp", ["off", "bf16"])   # bf16: the autocast path that scripts/gpu_check.sh runs on CUDA
 def test_speed_benchmark_runs_on_a_tiny_model(tmp_path, amp):
     out = tmp_path / "speed.json"
@@ -163,6 +164,7 @@ def _fake_inputs(tmp_path, train=1000):
     return data, checkpoint
 
 
+@pytest.mark.slow
 def test_quality_benchmark_runs_end_to_end(tmp_path):
     """The whole script (tuning on val, the methods, both finetunes, outputs), cut to a few steps.
 
@@ -241,6 +243,7 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
         assert json.loads((search / "path.json").read_text())["granularity"] == granularity
 
 
+@pytest.mark.slow
 def test_ablation_script_runs_and_keeps_earlier_rows(tmp_path):
     """scripts/ablate_search.py (the ablation commands of docs/quality.md) on fake Fashion-MNIST files and an untrained
     checkpoint, its searches cut to a few steps; a second run adds its variant to the first run's table."""
@@ -278,6 +281,7 @@ def test_ablation_script_runs_and_keeps_earlier_rows(tmp_path):
     assert table[-1].startswith("| nu5 | ") and " → " in table[-1] and " → " not in table[4]
 
 
+@pytest.mark.slow
 def test_robustness_benchmark_runs_and_its_spp_row_takes_the_reading_val_prefers(tmp_path):
     pytest.importorskip("sklearn", reason="scikit-learn (its digits) is in the [test] and [bench] extras: pip install -e .[test]")
     out = tmp_path / "robust"
@@ -305,6 +309,7 @@ def test_robustness_benchmark_runs_and_its_spp_row_takes_the_reading_val_prefers
     assert (out / "models" / "digits-memorised.safetensors").is_file()   # cached for the next run
 
 
+@pytest.mark.slow
 def test_llm_speed_check_runs_on_a_tiny_model(tmp_path):
     """scripts/llm_speed.py (gpu_check.sh's LLM part) on CPU, tiny: a search step against a finetune step, then
     tokens/s of the dense model and of compressed members, each smaller than the last, with realised fractions."""

@@ -111,6 +111,7 @@ def _spp(command, *args):
     return result
 
 
+@pytest.mark.slow
 def test_search_family_export_retrain_eval_on_clip(tiny_clip_dir, tmp_path):
     """The five commands on both towers of a CLIP model: a path over all four layers' masks (the search distilled
     from the dense model), a family table with recall and zero-shot accuracy, an exported member that loads with
@@ -198,6 +199,7 @@ def _grey(model):
     return model
 
 
+@pytest.mark.slow
 def test_clip_benchmark_runs_end_to_end(tiny_clip_dir, tmp_path):
     """scripts/benchmark_clip.py cut to a few steps: every method meets every budget (within 3% of the prunable
     parameters), the finetuned rows and the dense reference are there, and the table is written."""
@@ -222,6 +224,7 @@ def test_clip_benchmark_runs_end_to_end(tiny_clip_dir, tmp_path):
     assert "**no finetuning** (seeds 0, 1)" in table and table.count("| spp |") == 2
 
 
+@pytest.mark.slow
 def test_clip_launchers_run_the_large_configs_and_name_missing_data(tiny_clip_dir, tmp_path):
     """scripts/clip_search.sh and clip_retrain.sh run spp on the CLIP-Large configs; without the COCO files the
     error names the path to fix (the model is the tiny one: CLIP-Large does not download here)."""
@@ -235,6 +238,7 @@ def test_clip_launchers_run_the_large_configs_and_name_missing_data(tiny_clip_di
         assert f"{tmp_path / 'dataset_coco.json'} not found" in result.stderr, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_demo_clip_trains_once_and_prints_the_table(tiny_clip_dir, tmp_path, capsys, monkeypatch):
     """spp demo-clip shrunk: tokenizer + CLIP trained and cached, search, family, export, finetune; the table has
     zero-shot / recall@1 for every member and the exported one finetuned; a second run takes the cached model."""

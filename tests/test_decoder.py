@@ -188,6 +188,7 @@ def _tokenizer():
                                                 eos_token="</s>", pad_token="<pad>")
 
 
+@pytest.mark.slow
 def test_whole_heads_member_loads_with_plain_transformers(tmp_path):
     """Every layer keeping the same whole heads and MLP width: config.json is transformers' own, and
     AutoModelForCausalLM loads the directory in a process that cannot import spp."""
@@ -468,6 +469,7 @@ def test_masks_at_one_is_the_dense_model_without_a_copy():
     assert all(torch.equal(p, masks[n]) for n, p in spp.mask_parameters(model))
 
 
+@pytest.mark.slow
 def test_fsdp2_sharded_search_gives_the_unsharded_path(tmp_path):
     """The LBI and the solution path on masks that FSDP2 shards (2 CPU processes over gloo): the same entry
     steps and Γ as one unsharded process given the same batches."""

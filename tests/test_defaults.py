@@ -60,6 +60,7 @@ def _search(model, nu, data, steps=40):
     return torch.cat([p.detach().flatten() for _, p in spp.mask_parameters(masked)])
 
 
+@pytest.mark.slow
 def test_nu_from_held_out_batches_does_not_blow_up_on_a_memorised_model(memorised):
     model, train, held_out = memorised
     masked = spp.add_masks(copy.deepcopy(model), "dim")

@@ -134,6 +134,7 @@ def _search_cmd(out, model, text, *overrides):
             *overrides]
 
 
+@pytest.mark.slow
 def test_killed_llm_search_resumes_to_the_same_path(tmp_path, text):
     import spp
     from test_pipeline import _kill_after_checkpoint, _path_tensors
@@ -151,6 +152,7 @@ def test_killed_llm_search_resumes_to_the_same_path(tmp_path, text):
     assert spp.SolutionPath.load(out).steps == 60
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_give_one_identical_llm_path(tmp_path, text):
     model = write_model(tmp_path / "model", "opt")
     out = str(tmp_path / "ddp")
@@ -163,6 +165,7 @@ def test_torchrun_two_processes_give_one_identical_llm_path(tmp_path, text):
     assert json.load(open(os.path.join(out, "path.json")))["steps"] == 8
 
 
+@pytest.mark.slow
 def test_demo_llm_pretrains_once_and_prints_the_table(tmp_path, text, capsys, monkeypatch):
     """spp demo-llm on a small text folder, shrunk: tokenizer + model pretrained and cached, then search, family,
     export and finetune; a second run takes the cached model."""
@@ -238,6 +241,7 @@ def _torchrun_search(out, model, text, *overrides):
             SMOKE, f"output={out}", f"model.name={model}", f"data.root={text}", *overrides]
 
 
+@pytest.mark.slow
 def test_fsdp2_search_matches_ddp_and_resumes_after_a_kill(tmp_path, text):
     """model.fsdp=true under torchrun (2 CPU processes, gloo): weights and masks sharded by FSDP2, the same
     path as DDP at the same ν, one path on both ranks, and a killed run resumes to the identical path."""
@@ -298,6 +302,7 @@ def test_unsupported_llm_is_an_error_line(tmp_path, text, capsys):
     assert "spp search: error: spp does not support Qwen3ForCausalLM: q_norm/k_norm normalise q and k" in err
 
 
+@pytest.mark.slow
 def test_hub_dataset_offline_says_how_to_use_local_files(tmp_path):
     """data.root=hf:NAME:CONFIG reads a Hugging Face dataset; offline it is an error line pointing at local files."""
     pytest.importorskip("datasets", reason="hub datasets need the datasets package")
@@ -311,6 +316,7 @@ def test_hub_dataset_offline_says_how_to_use_local_files(tmp_path):
     assert "Offline, save its text as .txt or .jsonl files" in result.stderr
 
 
+@pytest.mark.slow
 def test_eval_runs_zero_shot_tasks_through_lm_eval(tmp_path, text, capsys):
     """spp eval with eval.tasks: lm-evaluation-harness scores a compressed member on a multiple-choice task read
     from local files (eval.task_path), offline; an unknown task is an error line naming it."""
@@ -334,6 +340,7 @@ def test_eval_runs_zero_shot_tasks_through_lm_eval(tmp_path, text, capsys):
     assert "lm-evaluation-harness has no task ['no_such_task']" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_llm_benchmark_ranks_the_same_structures_for_every_method(tmp_path, text):
     """scripts/benchmark_llm.py end to end on the tiny Llama: every method's members meet each budget (one
     budget walk over the same structures), SPP's reading is chosen on val, the

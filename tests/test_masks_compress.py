@@ -137,6 +137,7 @@ def test_save_pruned_without_spp_create_model(tmp_path, how):
         assert loaded.spp_base["kwargs"]["drop_path_rate"] == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_import_spp_loads_neither_timm_nor_transformers():
     """The core (optimizer, path, family, calibration, masks, compression) is model-independent; a family's
     library loads the first time a model of it is used."""
@@ -339,6 +340,7 @@ def test_load_checkpoint_formats(tmp_path):
         torch.testing.assert_close(target.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
 
 
+@pytest.mark.slow
 def test_pretrained_weights_offline_say_what_to_do(tmp_path):
     """Without the network or a cached file, both ways to timm's weights name the local-file way out."""
     probe = ("import spp\n"

@@ -58,6 +58,7 @@ def test_config_errors_name_the_problem():
     assert load_config(SMOKE, ["data.batch_size=8"]).data.img_size == 32  # sections merge
 
 
+@pytest.mark.slow
 def test_shell_entry_points_run_from_any_directory(tmp_path):
     """The users' commands (deit_search.sh, scripts/export.sh, deit_retrain.sh) run from outside the
     repository: a config relative to where they run, or one of configs/ by its repository path, and
@@ -126,6 +127,7 @@ def test_resume_refuses_other_settings_and_leaves_the_folder_as_it_was(tmp_path,
     assert "train.lr is 0.001 there and 0.0005 here" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_caches_its_pretrained_model_and_fresh_trains_it_again(tmp_path, capsys):
     from spp.demo import run_demo
 
@@ -320,6 +322,7 @@ def test_adam_search_calibrates_nu_to_the_adam_direction(tmp_path):
     assert spp.SolutionPath.load(plain).meta["hyperparameters"]["nu"] != pytest.approx(2.0)
 
 
+@pytest.mark.slow
 def test_killed_search_resumes_to_the_same_path(tmp_path):
     long = ["search.steps=120", "search.checkpoint_every=10", "data.synthetic_size=256"]
     reference = str(tmp_path / "reference")
@@ -337,6 +340,7 @@ def test_killed_search_resumes_to_the_same_path(tmp_path):
     assert ref_path.support == got_path.support
 
 
+@pytest.mark.slow
 def test_killed_retrain_resumes_to_the_same_model(tmp_path):
     """Model, AdamW, EMA, schedule, mixup and data order all continue: the resumed run ends bit-identical."""
     search = str(tmp_path / "search")
@@ -438,6 +442,7 @@ def test_eval_reads_only_the_split_it_needs(tmp_path):
         build_datasets(cfg, splits=["dev"])
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_give_one_identical_path(tmp_path):
     out = str(tmp_path / "ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -455,6 +460,7 @@ def test_torchrun_two_processes_give_one_identical_path(tmp_path):
     assert [r["processes"] for r in runs] == [2]   # one record of the start, from rank 0
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_retrain(tmp_path):
     """deit_retrain.sh's DDP path: the lr scales with the processes, rank 0 alone writes, and the
     evaluation counts every val image once across the two ranks."""

@@ -39,6 +39,7 @@ def minor_faults(mode):
     return kept, int(faults)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt and minor-fault counts are glibc/Linux")
 @pytest.mark.parametrize("mode", ["keep", "runtime"])
 def test_keep_cpu_memory_stops_refaulting_freed_tensors(mode):

@@ -26,6 +26,7 @@ from .decoder import DecoderGeometry, PrunedDecoderAttention, _DecoderFamily
 __all__ = ["CLIP", "CLIPFamily"]
 
 class CLIPFamily(_DecoderFamily):
+    """``hf-clip``: transformers CLIP, both towers or one (see the module docstring)."""
     name = "hf-clip"
     description = "transformers CLIPModel (both towers), CLIPVisionModel, CLIPTextModel (+ WithProjection)"
     rotary = False

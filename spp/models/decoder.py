@@ -116,6 +116,7 @@ class DecoderGeometry(Geometry):
         return q_rows, kv * w.qk_dim, kv * w.v_dim, w.num_heads * w.v_dim, run_qk
 
     def params(self, w: Widths) -> int:
+        """Parameters of the layer's prunable projections at widths ``w``."""
         c = self.dim
         q, k, v, o, _ = self._attention_dims(w)
         attn = q * (c + self.q_bias) + k * (c + self.k_bias) + v * (c + self.v_bias) + o * c + c * self.o_bias
@@ -232,6 +233,7 @@ class PrunedDecoderAttention(nn.Module):
         self._refresh()
 
     def set_layout(self, kv_map: Sequence[int], rope_index: Optional[Sequence[int]] = None) -> None:
+        """Which kept key/value head each query head reads and (RoPE) the kept dims' cos/sin entries."""
         self.kv_map.copy_(torch.as_tensor(kv_map, dtype=torch.long))
         if rope_index is not None:
             self.rope_index.copy_(torch.as_tensor(rope_index, dtype=torch.long))
@@ -520,6 +522,7 @@ def _set(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 class LlamaFamily(_DecoderFamily):
+    """``hf-llama``: transformers Llama, Mistral, Qwen2 (RoPE, grouped-query attention)."""
     name = "hf-llama"
     description = "transformers LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (and their *Model)"
 
@@ -528,6 +531,7 @@ class LlamaFamily(_DecoderFamily):
 
 
 class OPTFamily(_DecoderFamily):
+    """``hf-opt``: transformers OPT (learned positions, biases, query scaled before the product)."""
     name = "hf-opt"
     description = "transformers OPTForCausalLM (and OPTModel)"
     rotary = False

@@ -69,6 +69,7 @@ class BlockGeometry(Geometry):
         return self.mask_shape(granularity)
 
     def mask_shape(self, granularity: str) -> int:
+        """Entries of the block's attention masks: head dims (``dim``) or heads (``head``)."""
         return self.head_dim if granularity == "dim" else self.num_heads
 
     @property
@@ -94,6 +95,7 @@ class BlockGeometry(Geometry):
         return self.widths_from_counts(granularity, int(qk.sum()), int(v.sum()), mlp, both)
 
     def params(self, w: Widths) -> int:
+        """Parameters of the block's prunable projections at widths ``w``."""
         c = self.dim
         qk_rows = 2 * w.num_qk_heads * w.qk_dim
         v_rows = w.num_heads * w.v_dim
@@ -478,6 +480,7 @@ class _TimmFamily(ModelFamily):
 
 
 class ViTFamily(_TimmFamily):
+    """``timm-vit``: timm VisionTransformer (ViT, DeiT, DeiT distilled)."""
     name = "timm-vit"
     description = "timm VisionTransformer (ViT, DeiT, DeiT distilled)"
     classes = ("timm.models.vision_transformer.VisionTransformer",)
@@ -504,6 +507,7 @@ class ViTFamily(_TimmFamily):
 
 
 class SwinFamily(_TimmFamily):
+    """``timm-swin``: timm SwinTransformer v1 (windowed attention with relative-position bias)."""
     name = "timm-swin"
     description = "timm SwinTransformer (Swin v1)"
     classes = ("timm.models.swin_transformer.SwinTransformer",)
