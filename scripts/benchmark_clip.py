@@ -197,7 +197,40 @@ def write_table(results: Dict, args, out: str) -> str:
     text = "\n".join(lines)
     with open(os.path.join(out, "benchmark_clip.md"), "w") as f:
         f.write(text + "\n")
+    plot(results, args, os.path.join(out, "benchmark_clip.png"))
     return text
+
+
+def plot(results: Dict, args, filename: str) -> None:
+    """Test zero-shot accuracy against parameters for every method, before and after finetuning."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    dense = results["dense"]
+    for ax, key, seeds, title in ((axes[0], "test", args.seeds, "no finetuning (mean over seeds)"),
+                                  (axes[1], "ft", args.finetune_seeds, f"after {args.finetune_steps} finetuning steps")):
+        for method in results["methods"]:
+            runs = results["runs"].get(method, {})
+            points = []
+            for r in args.removed:
+                rows = [runs[str(s)][str(r)] for s in seeds if str(s) in runs and key in runs[str(s)][str(r)]]
+                if rows:
+                    points.append((rows[0]["params"] / 1e6, statistics.mean(x[key]["zero-shot"] for x in rows)))
+            if points:
+                ax.plot(*zip(*points), marker="o", lw=2.5 if method == "spp" else 1.2, label=method)
+        reference = dense["test"] if key == "test" else dense.get("ft")
+        if reference:
+            ax.axhline(reference["zero-shot"], color="gray", ls="--", lw=1, label="dense")
+        ax.set(xlabel="parameters (M)", title=title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test zero-shot top-1 (%)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("CLIP, both towers: same structures, same budget walk")
+    fig.tight_layout()
+    fig.savefig(filename, dpi=110)
+    plt.close(fig)
 
 
 def main():
@@ -218,8 +251,14 @@ def main():
     parser.add_argument("--finetune-seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--finetune-steps", type=int, default=100)
     parser.add_argument("--finetune-lr", type=float, default=1e-4)
+    parser.add_argument("--table-from", metavar="JSON", help="measure nothing: the table and plot of an earlier run")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.table_from:
+        with open(args.table_from) as f:
+            results = __import__("json").load(f)
+        print(write_table(results, argparse.Namespace(**{**results["args"], "out": args.out}), args.out))
+        return
     start = time.time()
     bench = Bench(args)
     results = {"args": vars(args), "provenance": provenance(RUNTIME.device), "prunable": bench.prunable,

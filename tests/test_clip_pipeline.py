@@ -222,6 +222,7 @@ def test_clip_benchmark_runs_end_to_end(tiny_clip_dir, tmp_path):
     assert "ft" in results["dense"]
     table = (out / "benchmark_clip.md").read_text()
     assert "**no finetuning** (seeds 0, 1)" in table and table.count("| spp |") == 2
+    assert (out / "benchmark_clip.png").is_file()
 
 
 @pytest.mark.slow
