@@ -16,7 +16,7 @@ member N steps as the benchmark does and reports val after (``val_ft``; "before 
 
 Every variant is ``spp search`` (``run_search``) on configs/demo_search.yaml with ``BASE`` and then
 the overrides in ``VARIANTS`` (all plain gradient, kappa 10, lam 0.1, nu_scale 3, rho 0.01 unless named:
-the table in docs/quality.md was measured when those were the defaults; the defaults now are the lam0.4_nu1.5 row):
+the table in docs/log/quality.md was measured when those were the defaults; the defaults now are the lam0.4_nu1.5 row):
   base      nu = 3 / RMS(mask gradient at M = 1), rho = 0.01, 600 steps, lam 0.1 (the defaults until lam 0.4)
   long      rho = 0.005, 1200 steps: the same path, resolved with twice the data per unit of path
   longer    rho = 0.0025, 2400 steps

@@ -516,7 +516,7 @@ def main():
                              "(nu stays batch 128's: search.nu_batch; the finetunes and the other methods keep 128). "
                              "192: one 600-step search sees 0.75 of the samples of four 300-step Lasso runs at 128; "
                              "the seed spread at -85%% is gradient noise that more samples per step reduce "
-                             "(docs/quality.md)")
+                             "(docs/log/quality.md)")
     parser.add_argument("--nu-scales", type=float, nargs="+", default=[0.3, 1.0, 1.5, 3.0],
                         help="SPP nu values tried, as nu_scale (nu = nu_scale / RMS mask gradient at M = 1)")
     parser.add_argument("--search-step", type=float, default=0.03,

@@ -450,7 +450,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--cpu-allocator", default="keep", choices=["keep", "system"],
                         help="keep: spp.keep_cpu_memory(), freed CPU memory is reused (no page faults per forward); "
-                             "system: glibc's defaults, as runs 1-8 (docs/speed.md) were measured")
+                             "system: glibc's defaults, as the earliest runs of docs/log/speed.md were measured")
     parser.add_argument("--out", default="benchmark_speed.json")
     parser.add_argument("--plot-from", nargs="+", metavar="JSON",
                         help="measure nothing: draw the JSON files of earlier runs into --out's .png")

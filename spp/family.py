@@ -330,9 +330,8 @@ class WeightFamily:
 
         One search ranks its elements two ways (entry step, final |z|) and its members can keep 1 or the
         search's mask values, and each reading loses somewhere: the path's values help a member the search
-        covered and hurt one it did not (the elements it kept out of the support sit near 0); final z
-        beat entry order by 21 points at 85% removed on a ViT that memorised its data and lost by 15 on a
-        deeper one (docs/robustness.md). Scoring the readings on held-out data makes the choice with data
+        covered and hurt one it did not (the elements it kept out of the support sit near 0), and neither
+        order wins on every model (docs/robustness.md). Scoring the readings on held-out data makes the choice with data
         instead of a rule, and with the default ``ranks`` and ``values`` the member is never worse there
         than its plain reading (entry order, binary values). Readings that give the same masks are scored once. ``summary.scores``
         holds every reading's score (``"entry, binary"``: ...), ``summary.rank`` and ``.values`` the chosen one's.

@@ -164,8 +164,7 @@ def run_search(cfg: Config) -> SolutionPath:
                         f"kappa={group['kappa']} nu={group['nu']:.4g}{per_group} lam={group['lam']}")
     if cfg.model.granularity == "head" and s.nu_calibration == "pooled" and s.nu == "auto":
         main_print(runtime, "note: whole-head masks under one pooled nu, which their large gradients set; "
-                            "search.nu_calibration=pair ranked better on the quality benchmark (docs/quality.md, "
-                            "'Whole heads')")
+                            "search.nu_calibration=pair ranked better on the quality benchmark (docs/settings.md)")
     logger = RunLogger(cfg.output, runtime)
 
     def on_step(global_step: int, loss: float) -> None:

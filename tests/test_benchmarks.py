@@ -245,7 +245,7 @@ def test_quality_benchmark_runs_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_ablation_script_runs_and_keeps_earlier_rows(tmp_path):
-    """scripts/ablate_search.py (the ablation commands of docs/quality.md) on fake Fashion-MNIST files and an untrained
+    """scripts/ablate_search.py (the ablation commands of docs/log/quality.md) on fake Fashion-MNIST files and an untrained
     checkpoint, its searches cut to a few steps; a second run adds its variant to the first run's table."""
     data, checkpoint = _fake_inputs(tmp_path, train=600)
     out = tmp_path / "ablation"
