@@ -77,7 +77,7 @@ class Bench:
         if not os.path.isfile(os.path.join(args.model, "model.safetensors")):
             from spp.demo_llm import pretrain
             print(f"no pretrained model in {args.model}: pretraining it as make demo-llm does")
-            pretrain(cfg, args.model)
+            pretrain(cfg, args.model, dict(args.shape or {}))
         self.seq_len = cfg.data.seq_len
         self.data = text_datasets(cfg.data.root, args.model, cfg.data.seq_len, cfg.data.val_fraction,
                                   cfg.data.test_fraction, cfg.seed, ["train", "val", "test"])
@@ -347,11 +347,19 @@ def plot(results: Dict, args, filename: str) -> None:
     plt.close(fig)
 
 
+def _size(text: str):
+    key, _, value = text.partition("=")
+    return key, int(value)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="outputs/demo_llm/pretrain/model",
                         help="the demo's pretrained Llama (pretrained here if missing)")
     parser.add_argument("--data-root", help="a folder of text files (default: the demo's, python3.11-doc)")
+    parser.add_argument("--shape", nargs="*", type=_size, metavar="KEY=INT",
+                        help="Llama config sizes of the model pretrained here when --model holds none (default: the "
+                             "demo's), e.g. hidden_size=192 num_hidden_layers=6 num_attention_heads=6")
     parser.add_argument("--seq-len", type=int, help="tokens per window (default: the demo's, 128)")
     parser.add_argument("--out", default="outputs/benchmark_llm")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)

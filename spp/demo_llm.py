@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -35,9 +35,10 @@ def _tokenizer(files: Sequence[str]):
                                    pad_token="<|endoftext|>")
 
 
-def pretrain(cfg, directory: str) -> None:
+def pretrain(cfg, directory: str, shape: Optional[Dict] = None) -> None:
     """Tokenizer and model from scratch on the training split of ``cfg.data`` (the search's), saved to
-    ``directory`` as a Hugging Face model directory (safetensors) with its tokenizer."""
+    ``directory`` as a Hugging Face model directory (safetensors) with its tokenizer. ``shape`` overrides
+    the Llama config's sizes (``PRETRAIN``: the demo's)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from .engine import evaluate, train_one_epoch
@@ -55,7 +56,8 @@ def pretrain(cfg, directory: str) -> None:
                          cfg.seed, ["train", "val"])
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
-                                         eos_token_id=tokenizer.eos_token_id, **PRETRAIN)).to(runtime.device)
+                                         eos_token_id=tokenizer.eos_token_id, **{**PRETRAIN, **(shape or {})}))
+    model = model.to(runtime.device)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {STEPS} steps of "
           f"{BATCH} x {cfg.data.seq_len} tokens ({data['train'].ids.numel():,} training tokens)")
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, betas=(0.9, 0.95))
