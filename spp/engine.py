@@ -106,7 +106,8 @@ def train_one_epoch(
 def evaluate(model: nn.Module, loader: Iterable, runtime: Runtime, max_batches: int = 0,
              desc: str = "eval", task: Task = Classification()) -> Dict[str, float]:
     """The task's metrics over ``loader`` (classification: top-1 / top-5 accuracy (%) and mean
-    cross-entropy), summed over all ranks."""
+    cross-entropy), summed over all ranks; a ``pooled`` task (CLIP's retrieval) gathers every rank's
+    outputs and computes its metrics over the whole set."""
     model.eval()
     task.begin(model)
     sums = torch.zeros(len(task.metric_names), dtype=torch.float64, device=runtime.device)
