@@ -294,6 +294,8 @@ def write_tables(results: Dict, args, out: str) -> str:
     for title, key in (("no finetuning", "test"), (f"after {args.finetune_steps} finetuning steps", "ft"),
                        (f"after {args.long_steps} finetuning steps", "ft_long")):
         seeds = args.seeds if key == "test" else args.finetune_seeds
+        if not seeds:   # run without finetuning (--finetune-seeds with none)
+            continue
         lines += [f"**{title}** (seeds {', '.join(map(str, seeds))})", "", head, rule]
         for method in results["methods"]:
             runs = results["runs"].get(method, {})
@@ -319,10 +321,13 @@ def plot(results: Dict, args, filename: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = [("test", "no finetuning (mean over seeds)")]
+    if args.finetune_seeds:
+        panels.append(("ft", f"after {args.finetune_steps} finetuning steps"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(11 if len(panels) == 2 else 6.5, 4.2), squeeze=False)
+    axes = axes[0]
     dense = results["dense"]
-    for ax, key, title in ((axes[0], "test", "no finetuning (mean over seeds)"),
-                           (axes[1], "ft", f"after {args.finetune_steps} finetuning steps")):
+    for ax, (key, title) in zip(axes, panels):
         seeds = args.seeds if key == "test" else args.finetune_seeds
         for method in results["methods"]:
             runs = results["runs"].get(method, {})
@@ -341,7 +346,8 @@ def plot(results: Dict, args, filename: str) -> None:
         ax.set(xlabel="parameters (M)", ylabel="test perplexity", title=title, yscale="log")
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{results['seq_len']}-token windows of held-out text; same structures, same budget walk")
+    fig.suptitle(f"{results['seq_len']}-token windows of held-out text; same structures, same budget walk",
+                 fontsize=12 if len(panels) == 2 else 10)
     fig.tight_layout()
     fig.savefig(filename, dpi=110)
     plt.close(fig)
