@@ -51,6 +51,7 @@ class DataConfig:
     seq_len: int = 2048                     # text: tokens per sequence
     tokenizer: Optional[str] = None         # text: tokenizer directory or hf:ORG/NAME (default: the model's directory)
     test_fraction: float = 0.0              # text: hold out this fraction of the files (or sequences) as test
+    max_documents: int = 0                  # hf: datasets: stream the first this many documents of each split (0: all)
     img_size: int = 224
     in_chans: int = 3
     num_classes: int = 1000
@@ -342,7 +343,7 @@ def _check_ranges(c: Config) -> None:
             "train.eval_every": t.eval_every, "train.log_every": t.log_every, "train.lora_alpha": t.lora_alpha,
             "eval.batch_size": c.eval.batch_size, **numbers}),
         (count, {
-            "data.workers": d.workers, "data.mixup": d.mixup, "data.cutmix": d.cutmix,
+            "data.workers": d.workers, "data.max_documents": d.max_documents, "data.mixup": d.mixup, "data.cutmix": d.cutmix,
             "data.color_jitter": d.color_jitter, "search.steps": s.steps, "search.lam": s.lam, "search.distill": s.distill,
             "search.checkpoint_every": s.checkpoint_every, "family.floor": c.family.floor,
             "family.max_batches": c.family.max_batches, "export.floor": c.export.floor,

@@ -191,7 +191,8 @@ def build_datasets(cfg: DataConfig, seed: int = 0, splits: Sequence[str] = SPLIT
         source = cfg.tokenizer or tokenizer
         if not source:
             raise ValueError("data.dataset=text needs a tokenizer: set data.tokenizer (a directory or hf:ORG/NAME)")
-        return text_datasets(cfg.root, source, cfg.seq_len, cfg.val_fraction, cfg.test_fraction, seed, splits)
+        return text_datasets(cfg.root, source, cfg.seq_len, cfg.val_fraction, cfg.test_fraction, seed, splits,
+                             cfg.max_documents)
     if cfg.dataset in ("captions", "fashion_mnist_captions"):
         from .clip import caption_datasets
         from .text import load_tokenizer

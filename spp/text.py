@@ -11,7 +11,9 @@
   before them for val);
 * ``hf:NAME[:CONFIG]`` (online, or in the Hugging Face cache): that dataset's train / validation / test
   splits through ``datasets.load_dataset``, e.g. ``hf:wikitext:wikitext-2-raw-v1``; offline, an error says
-  how to use local files instead.
+  how to use local files instead. With ``data.max_documents`` > 0 the splits are **streamed** and only
+  their first that many documents read (``hf:allenai/c4:en`` without downloading C4); a dataset with a
+  validation split and no test split (C4) gives its validation documents' second half as test.
 
 ``.jsonl`` files give the ``text`` field of each line. Documents are tokenized with the model's tokenizer
 (``data.tokenizer``, default the model's directory), joined with its end-of-sequence token, and cut into
@@ -75,15 +77,18 @@ def read_documents(files: Sequence[str]) -> List[str]:
     return [d for d in docs if d.strip()]
 
 
-def _hub_documents(root: str) -> Dict[str, List[str]]:
-    """The documents of each split of a Hugging Face dataset ``hf:NAME[:CONFIG]`` (its ``text`` field)."""
+def _hub_documents(root: str, max_documents: int = 0) -> Dict[str, List[str]]:
+    """The documents of each split of a Hugging Face dataset ``hf:NAME[:CONFIG]`` (its ``text`` field); with
+    ``max_documents`` the first that many of each split, streamed (nothing else is downloaded)."""
+    import itertools
+
     name, _, config = root[3:].partition(":")
     try:
         from datasets import load_dataset
     except ImportError as e:
         raise ImportError(f"data.root={root} is a Hugging Face dataset: pip install datasets") from e
     try:
-        data = load_dataset(name, config or None)
+        data = load_dataset(name, config or None, streaming=max_documents > 0)
     except Exception as e:   # offline, unknown name or config: many exception types
         raise FileNotFoundError(
             f"could not load the Hugging Face dataset {name!r}{f' ({config})' if config else ''} for data.root={root} "
@@ -93,9 +98,13 @@ def _hub_documents(root: str) -> Dict[str, List[str]]:
     out = {}
     for split, hub in splits.items():
         if hub in data:
-            texts = data[hub]["text"]
+            rows = itertools.islice(data[hub], max_documents) if max_documents > 0 else data[hub]
+            texts = [row["text"] for row in rows] if max_documents > 0 else rows["text"]
             # line-per-row corpora (wikitext) are one running text per split; others give a document per row
             out[split] = ["".join(texts)] if name.startswith("wikitext") else [t for t in texts if t.strip()]
+    if "test" not in out and len(out.get("val", [])) >= 2:   # C4: validation only, its second half as test
+        half = len(out["val"]) // 2
+        out["val"], out["test"] = out["val"][:half], out["val"][half:]
     return out
 
 
@@ -156,11 +165,11 @@ def load_tokenizer(source: str):
 
 
 def text_datasets(root: str, tokenizer_source: str, seq_len: int, val_fraction: float, test_fraction: float,
-                  seed: int, splits: Sequence[str]) -> Dict[str, TokenChunks]:
+                  seed: int, splits: Sequence[str], max_documents: int = 0) -> Dict[str, TokenChunks]:
     """The :class:`TokenChunks` of ``splits`` (of train, val, test), as the module docstring describes."""
     tokenizer = load_tokenizer(tokenizer_source)
     if root.startswith("hf:"):   # a hub dataset's own train / validation / test splits
-        docs = _hub_documents(root)
+        docs = _hub_documents(root, max_documents)
         missing = [split for split in splits if split not in docs]
         if missing:
             raise ValueError(f"data.root={root} has no {missing} split (it has {sorted(docs)})")

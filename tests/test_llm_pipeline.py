@@ -375,3 +375,27 @@ def test_llm_benchmark_ranks_the_same_structures_for_every_method(tmp_path, text
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (again / "benchmark_llm.md").read_text() == table
+
+
+@pytest.mark.slow
+def test_hub_dataset_streams_its_first_documents_and_halves_validation_for_test(tmp_path, monkeypatch):
+    """data.root=hf:NAME with data.max_documents streams the first documents of each split (a local dataset
+    folder stands in for the hub offline); with a validation split and no test split (C4's layout) the
+    validation documents' second half is the test split."""
+    pytest.importorskip("datasets", reason="hub datasets need the datasets package")
+    from spp.text import text_datasets
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    model = write_model(tmp_path / "model", "llama")
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    for split, n in (("train", 12), ("validation", 6)):
+        docs = [" ".join(WORDS[(7 * i + j) % len(WORDS)] for j in range(40)) for i in range(n)]
+        (hub / f"{split}.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    streamed = text_datasets(f"hf:{hub}", model, 8, 0.0, 0.0, 0, ["train", "val", "test"], max_documents=4)
+    full = text_datasets(f"hf:{hub}", model, 8, 0.0, 0.0, 0, ["train", "val", "test"])
+    tokens = {split: len(d) * 8 for split, d in streamed.items()}
+    assert tokens == {"train": 4 * 41 // 8 * 8, "val": 2 * 41 // 8 * 8, "test": 2 * 41 // 8 * 8}, tokens   # 40 words + eos
+    assert len(full["train"]) == 12 * 41 // 8 and len(full["val"]) == len(full["test"]) == 3 * 41 // 8
+    assert torch.equal(streamed["train"].ids[0], full["train"].ids[0])
