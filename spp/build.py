@@ -10,7 +10,7 @@ from torch import nn
 from .calibrate import next_token_loss
 from .checkpoint import create_model, is_hf
 from .compress import compress, load_pruned
-from .config import Config, ConfigError, DataConfig, ExportConfig
+from .config import CAPTION_DATASETS as CAPTIONS, Config, ConfigError, DataConfig, ExportConfig
 from .data import build_datasets, build_loader
 from .engine import DistillationLoss
 from .family import RANKINGS, WeightFamily
@@ -19,9 +19,6 @@ from .runtime import Runtime, main_print
 from .models import supported
 
 __all__ = ["build_model", "is_hf", "task_for", "input_size_for", "source_model", "build_loaders", "build_criterion", "select_member", "read_member", "HeldOutScore"]
-
-
-CAPTIONS = ("captions", "fashion_mnist_captions")   # image-caption datasets (CLIP)
 
 
 def task_for(cfg: Config):
@@ -185,6 +182,7 @@ class HeldOutScore:
     def __init__(self, cfg: Config, runtime: Runtime, model: nn.Module, granularity: str, max_batches: int):
         self.cfg, self.model, self.granularity, self.max_batches, self.runtime = cfg, model, granularity, max_batches, runtime
         self.loader = None   # read at the first score: a member read without one (rank and values fixed) needs no data
+        self.task = task_for(cfg)   # once: CLIP's demo task tokenizes its class prompts
         self.metrics: Dict[str, Dict[str, float]] = {}
 
     @staticmethod
@@ -198,10 +196,9 @@ class HeldOutScore:
             self.loader = build_loaders(self.cfg, self.runtime, ["val"])["val"]
         pruned = compress(self.model, member.masks, granularity=self.granularity)
         label = self.reading(member)
-        task = task_for(self.cfg)
         self.metrics[label] = evaluate(pruned, self.loader, self.runtime, self.max_batches,
-                                       desc=f"{member.summary.kept:.0%} kept, {label}", task=task)
-        return task.score(self.metrics[label])
+                                       desc=f"{member.summary.kept:.0%} kept, {label}", task=self.task)
+        return self.task.score(self.metrics[label])
 
 
 def choices(setting: str, options) -> tuple:

@@ -11,6 +11,7 @@ zero-shot classification is scored against.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Dict, List, Optional, Sequence
@@ -72,11 +73,9 @@ def retrieval_recall(images: torch.Tensor, texts: torch.Tensor, image_id: torch.
     when its ``match`` key equals the query's. ``i2t@k``: images with a right caption among their k nearest
     captions; ``t2i@k``: captions with a right image among their k nearest images. ``recall@1`` is the
     mean of ``i2t@1`` and ``t2i@1``."""
-    first = torch.ones_like(image_id, dtype=torch.bool)
-    _, inverse = torch.unique(image_id, return_inverse=True)
-    seen = torch.zeros(int(inverse.max()) + 1 if inverse.numel() else 0, dtype=torch.bool)
-    for i, u in enumerate(inverse.tolist()):   # the first row of each image
-        first[i], seen[u] = not seen[u], True
+    import numpy as np
+
+    first = torch.as_tensor(np.unique(image_id.cpu().numpy(), return_index=True)[1])   # each image's first row
     gallery, gallery_match = images[first], match[first]
     out: Dict[str, float] = {}
     for name, queries, q_match, keys, k_match in (("i2t", gallery, gallery_match, texts, match),
@@ -229,7 +228,8 @@ def caption_datasets(cfg, tokenizer, seed: int, splits: Sequence[str]) -> Dict[s
     from .data import AugmentedDataset, TensorTransform, FASHION_MEAN, FASHION_STD
 
     if cfg.dataset == "fashion_mnist_captions":
-        load = lambda split: _fashion_captions(cfg, tokenizer, "train" if split == "train" else "test")   # noqa: E731
+        read = functools.lru_cache(maxsize=None)(lambda file: _fashion_captions(cfg, tokenizer, file))
+        load = lambda split: read("train" if split == "train" else "test")   # noqa: E731  (val and test: one read)
         train_tf = TensorTransform(cfg.img_size, True, FASHION_MEAN, FASHION_STD)
         eval_tf = TensorTransform(cfg.img_size, False, FASHION_MEAN, FASHION_STD)
         own_val = False

@@ -68,7 +68,8 @@ class DataConfig:
     smoothing: float = 0.1
 
 
-NU_DATA = ("val", "train")                     # which split auto ν is calibrated on
+NU_DATA = ("val", "train")
+CAPTION_DATASETS = ("captions", "fashion_mnist_captions")   # image-caption pairs (CLIP): spp.clip reads them                     # which split auto ν is calibrated on
 
 
 @dataclass
@@ -297,8 +298,8 @@ def _validate(c: Config) -> None:
     _choice("device", c.device, ("auto", "cpu", "cuda"))
     _choice("amp", c.amp, ("auto", "bf16", "fp16", "off"))
     _choice("model.granularity", c.model.granularity, ("dim", "head"))
-    _choice("data.dataset", c.data.dataset, ("imagenet", "imagefolder", "fashion_mnist", "synthetic", "text", "captions",
-                                             "fashion_mnist_captions"))
+    _choice("data.dataset", c.data.dataset, ("imagenet", "imagefolder", "fashion_mnist", "synthetic", "text",
+                                             *CAPTION_DATASETS))
     _choice("model.dtype", c.model.dtype, ("auto", "float32", "bfloat16", "float16"))
     for key, value in (("search.lr", c.search.lr), ("search.nu", c.search.nu)):
         if isinstance(value, str) and value != "auto":

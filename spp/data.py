@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .config import DataConfig
+from .config import CAPTION_DATASETS, DataConfig
 
 __all__ = ["build_datasets", "build_loader", "ResumableSampler", "FASHION_MNIST_DIRS", "DatasetNotFound"]
 
@@ -183,22 +183,19 @@ def build_datasets(cfg: DataConfig, seed: int = 0, splits: Sequence[str] = SPLIT
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown:
         raise ValueError(f"unknown splits {unknown}; choose from {SPLITS}")
+    source = cfg.tokenizer or tokenizer
+    if cfg.dataset in ("text", *CAPTION_DATASETS) and not source:
+        raise ValueError(f"data.dataset={cfg.dataset} needs a tokenizer: set data.tokenizer (a directory or hf:ORG/NAME)")
     if cfg.dataset == "text":
         from .text import text_datasets
         if not cfg.root:
             raise DatasetNotFound("data.dataset=text needs data.root: a text file or a folder of .txt / .jsonl / "
                                   ".md / .rst files")
-        source = cfg.tokenizer or tokenizer
-        if not source:
-            raise ValueError("data.dataset=text needs a tokenizer: set data.tokenizer (a directory or hf:ORG/NAME)")
         return text_datasets(cfg.root, source, cfg.seq_len, cfg.val_fraction, cfg.test_fraction, seed, splits,
                              cfg.max_documents)
-    if cfg.dataset in ("captions", "fashion_mnist_captions"):
+    if cfg.dataset in CAPTION_DATASETS:
         from .clip import caption_datasets
         from .text import load_tokenizer
-        source = cfg.tokenizer or tokenizer
-        if not source:
-            raise ValueError(f"data.dataset={cfg.dataset} needs a tokenizer: set data.tokenizer (a directory or hf:ORG/NAME)")
         if cfg.dataset == "captions" and not cfg.root:
             raise DatasetNotFound("data.dataset=captions needs data.root (a Karpathy-split JSON: dataset_coco.json or "
                                   "dataset_flickr30k.json) and data.images (the image folder)")

@@ -214,15 +214,15 @@ class WeightFamily:
 
     def parts(self) -> List[str]:
         """The model's parts (CLIP's ``"vision"`` and ``"text"`` towers; one unnamed part for other models)."""
-        return list(dict.fromkeys(getattr(g, "part", "") for g in self.geoms))
+        return list(dict.fromkeys(g.part for g in self.geoms))
 
     def _walk_part(self, order: np.ndarray, keep: float, by: str, forced: int) -> np.ndarray:
-        part_of_block = np.array([getattr(g, "part", "") for g in self.geoms])
+        part_of_block = np.array([g.part for g in self.geoms])
         is_forced = np.arange(order.size) < forced
         chosen = []
         for part in self.parts():
             mine = part_of_block[self.block[order]] == part
-            geoms = [g for g in self.geoms if getattr(g, "part", "") == part]
+            geoms = [g for g in self.geoms if g.part == part]
             prunable = sum(g.cost(g.full, by, self.granularity) - g.cost(g.empty, by, self.granularity) for g in geoms)
             chosen.append(self._walk_global(order[mine], keep * prunable, by, int(is_forced[mine].sum())))
         return np.concatenate(chosen)

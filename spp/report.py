@@ -121,8 +121,8 @@ def run_family(cfg: Config) -> List[Dict]:
     directory = _search_dir(cfg, cfg.family.path)
     model, family = _family(cfg, directory, runtime)
     f = cfg.family
-    task = task_for(cfg)
     score = HeldOutScore(cfg, runtime, model, family.granularity, f.max_batches)
+    task = score.task
     rows = []
     for keep in f.targets:
         budget = dict(keep=keep, by=f.by, scope=f.scope, floor=f.floor, round_to=f.round_to)
@@ -253,20 +253,11 @@ def throughput(model: nn.Module, input_size: Sequence[int], batch_size: int, dev
     from contextlib import nullcontext
     model.eval()
     x = torch.randn(batch_size, *input_size, device=device)
-    ctx = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    times = []
-    for i in range(warmup + repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with ctx:
+
+    def run():
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
             model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    times.sort()
-    return batch_size / times[len(times) // 2]
+    return batch_size / median_seconds(run, device, repeats, warmup)
 
 
 @torch.no_grad()
@@ -315,7 +306,8 @@ def run_eval(cfg: Config) -> Dict:
     source = cfg.train.source
     model = source_model(cfg, runtime).to(runtime.device)
     task = task_for(cfg)
-    metrics = evaluate(model, build_loaders(cfg, runtime, ["test"])["test"], runtime, task=task)
+    test = build_loaders(cfg, runtime, ["test"])["test"]
+    metrics = evaluate(model, test, runtime, task=task)
     if task.headline == "perplexity":
         seq_len = cfg.data.seq_len
         result = {"model": source or cfg.model.name, "perplexity": round(metrics["perplexity"], 3),
@@ -330,7 +322,7 @@ def run_eval(cfg: Config) -> Dict:
     if task.pooled:   # CLIP's retrieval and zero-shot
         result = {"model": source or cfg.model.name, **{k: round(v, 2) for k, v in metrics.items() if k != "n"},
                   "pairs": metrics["n"], "params": count_params(model), "flops_per_pair": count_flops(model),
-                  "pairs_per_s": pair_throughput(model, build_loaders(cfg, runtime, ["test"])["test"], runtime)}
+                  "pairs_per_s": pair_throughput(model, test, runtime)}
         if cfg.data.zero_shot:
             result["zero_shot_imagefolder"] = round(imagefolder_zero_shot(model, cfg, runtime), 2)
         main_print(runtime, json.dumps(result))

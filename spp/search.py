@@ -9,7 +9,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .build import build_criterion, build_loaders, build_model, input_size_for, task_for
 from .calibrate import calibrate_nu, lbi_groups, search_optimizer
-from .config import Config, save_config
+from .config import CAPTION_DATASETS, Config, save_config
 from .data import build_loader
 from .engine import train_one_epoch
 from .family import WeightFamily
@@ -87,7 +87,7 @@ def _calibration_loader(cfg: Config, loaders, runtime: Runtime):
                          f"training batches (search.nu_data=train)")
     batch -= batch % 2   # mixup pairs the samples of a batch
     loader = build_loader(val, batch, True, cfg.data.workers, cfg.seed + 7919, runtime.world_size, runtime.rank)
-    if cfg.data.dataset.endswith("captions"):
+    if cfg.data.dataset in CAPTION_DATASETS:
         source = f"{len(val):,} held-out image-caption pairs"
     elif cfg.data.dataset == "text":
         source = f"the validation text ({len(val):,} sequences of {cfg.data.seq_len} tokens)"

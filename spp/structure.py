@@ -57,6 +57,7 @@ class Geometry:
 
     name: str
     index: int
+    part: str = ""   # the part of the model the block belongs to (CLIP's "vision" / "text" tower), for per-part budgets
 
     # ----- masks ---------------------------------------------------------------------------
     def mask_names(self) -> Dict[str, str]:
