@@ -42,12 +42,12 @@ def input_size_for(cfg: Config) -> Optional[Tuple[int, ...]]:
     return (cfg.data.seq_len,) if cfg.data.dataset == "text" else None
 
 
-def _build_hf(cfg: Config) -> nn.Module:
+def _build_hf(cfg: Config, meta: bool = False) -> nn.Module:
     if cfg.data.dataset not in ("text", *CAPTIONS):
         raise ConfigError(f"model.name={cfg.model.name} is a Hugging Face model: set data.dataset=text for a language "
                           f"model (and data.root to a text file or folder), or one of {CAPTIONS} for CLIP")
     dtype = cfg.model.dtype if cfg.model.dtype == "auto" else getattr(torch, cfg.model.dtype)
-    model = create_model(cfg.model.name, dtype=dtype, **cfg.model.kwargs)
+    model = create_model(cfg.model.name, dtype=dtype, meta=meta, **cfg.model.kwargs)
     clip = getattr(model.config, "model_type", "").startswith("clip")
     if clip != (cfg.data.dataset in CAPTIONS):
         raise ConfigError(f"model.name={cfg.model.name} is a {model.config.model_type} model but data.dataset="
@@ -61,9 +61,10 @@ def _build_hf(cfg: Config) -> nn.Module:
     return model
 
 
-def build_model(cfg: Config, runtime: Optional[Runtime] = None) -> nn.Module:
-    """The dense model of ``cfg.model``, with pretrained weights if configured."""
-    model = _build_model(cfg, runtime)
+def build_model(cfg: Config, runtime: Optional[Runtime] = None, meta: bool = False) -> nn.Module:
+    """The dense model of ``cfg.model``, with pretrained weights if configured; ``meta=True``: a Hugging
+    Face model's skeleton on the meta device, no weights read (:mod:`spp.sharding`)."""
+    model = _build_model(cfg, runtime, meta)
     if cfg.model.activation_checkpointing:   # the libraries' own switches
         if hasattr(model, "gradient_checkpointing_enable"):
             (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
@@ -72,10 +73,10 @@ def build_model(cfg: Config, runtime: Optional[Runtime] = None) -> nn.Module:
     return model
 
 
-def _build_model(cfg: Config, runtime: Optional[Runtime]) -> nn.Module:
+def _build_model(cfg: Config, runtime: Optional[Runtime], meta: bool) -> nn.Module:
     if is_hf(cfg.model.name):
-        model = _build_hf(cfg)
-        if cfg.model.checkpoint:
+        model = _build_hf(cfg, meta)
+        if cfg.model.checkpoint and not meta:
             from .checkpoint import load_checkpoint
             load_checkpoint(model, cfg.model.checkpoint)
         return model
@@ -114,15 +115,20 @@ def _build_model(cfg: Config, runtime: Optional[Runtime]) -> nn.Module:
     return model
 
 
-def source_model(cfg: Config, runtime: Optional[Runtime] = None) -> nn.Module:
+def source_model(cfg: Config, runtime: Optional[Runtime] = None, meta: bool = False) -> nn.Module:
     """The model ``train.source`` names (``spp retrain``, ``spp eval``): a ``save_pruned`` dir, a member
-    of a search dir's family picked by ``cfg.export``, or (no source) the dense model."""
+    of a search dir's family picked by ``cfg.export``, or (no source) the dense model. ``meta=True``: its
+    skeleton on the meta device (not for a search dir: picking a member reads the weights)."""
     source = cfg.train.source
     if not source:
-        return build_model(cfg, runtime)
+        return build_model(cfg, runtime, meta)
     if os.path.isfile(os.path.join(source, "config.json")):
-        return load_pruned(source)
+        return load_pruned(source, meta=meta)
     if os.path.isfile(os.path.join(source, "path.json")):
+        if meta:
+            raise ConfigError(f"model.fsdp=true: train.source={source} is a search output, and picking its member "
+                              "reads the whole model on every rank; export the member first (spp export, "
+                              "scripts/export.sh) and set train.source to that directory")
         model = build_model(cfg, runtime)
         family = WeightFamily(model, SolutionPath.load(source), input_size_for(cfg))
         if runtime is None:

@@ -11,7 +11,7 @@ from torch import nn
 __all__ = ["create_model", "load_checkpoint", "atomic_write", "atomic_torch_save", "LoadResult"]
 
 
-def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None,
+def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None, meta: bool = False,
                  **kwargs: Any) -> nn.Module:
     """A model to prune, by name:
 
@@ -23,10 +23,12 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] 
     * ``hf:ORG/NAME``: a Hugging Face hub id, the same way (needs the internet or the hub cache).
 
     ``checkpoint`` then loads weights from a local file or directory through :func:`load_checkpoint`.
+    ``meta=True`` builds a Hugging Face model's skeleton on the meta device and reads no weights (the ranks
+    of a sharded run that rank 0 broadcasts into: :mod:`spp.sharding`).
     """
     if is_hf(name):
-        model = _hf_model(name, **kwargs)
-        if checkpoint:
+        model = _hf_model(name, meta=meta, **kwargs)
+        if checkpoint and not meta:
             load_checkpoint(model, checkpoint)
         return model
     model = _timm_model(name, pretrained, **kwargs)
@@ -60,8 +62,9 @@ def is_hf(name: str) -> bool:
 _ENCODERS = ("clip", "clip_vision_model", "clip_text_model")   # loaded by AutoModel, not AutoModelForCausalLM
 
 
-def _hf_model(name: str, **kwargs: Any) -> nn.Module:
-    """A causal LM (or a CLIP model) from a local directory or ``hf:ORG/NAME`` (safetensors weights only)."""
+def _hf_model(name: str, meta: bool = False, **kwargs: Any) -> nn.Module:
+    """A causal LM (or a CLIP model) from a local directory or ``hf:ORG/NAME`` (safetensors weights only);
+    ``meta``: its skeleton on the meta device, in the dtype ``from_pretrained`` would give it."""
     import json
 
     source = name[3:] if name.startswith("hf:") else name
@@ -75,7 +78,7 @@ def _hf_model(name: str, **kwargs: Any) -> nn.Module:
             config = json.load(f)
         if config.get("format") == "spp-pruned" or "spp" in config:
             from .compress import load_pruned
-            return load_pruned(source)
+            return load_pruned(source, meta=meta)
     try:
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     except ImportError as e:
@@ -83,11 +86,22 @@ def _hf_model(name: str, **kwargs: Any) -> nn.Module:
     try:
         model_type = (config or AutoConfig.from_pretrained(source).to_dict()).get("model_type")
         auto = AutoModel if model_type in _ENCODERS else AutoModelForCausalLM
+        if meta:
+            return _meta_model(auto, AutoConfig.from_pretrained(source), **kwargs)
         return auto.from_pretrained(source, use_safetensors=True, **kwargs)
     except OSError as e:
         raise FileNotFoundError(f"could not load {source!r} with transformers ({e}). Offline, give a local "
                                 "directory with config.json and *.safetensors (HF_HUB_OFFLINE=1 reads only the "
                                 "Hugging Face cache)") from e
+
+
+def _meta_model(auto, config, dtype: Any = "auto", **kwargs: Any) -> nn.Module:
+    if dtype in ("auto", None):   # the checkpoint's dtype, as from_pretrained reads it
+        dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with torch.device("meta"):
+        return auto.from_config(config, dtype=dtype, **kwargs)
 
 
 def base_of(model: nn.Module) -> Dict[str, Any]:

@@ -8,6 +8,7 @@ pickle) and rebuilt from them by :func:`load_pruned`.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -123,6 +124,7 @@ def aliased_keys(model: nn.Module) -> set:
     """State-dict keys whose tensor is an earlier key's (tied weights; safetensors refuses shared storage)."""
     seen, aliases = set(), set()
     for name, tensor in model.state_dict().items():
+        tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor   # FSDP2's DTensor: this rank's shard
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
         if tensor.numel() and key in seen:
             aliases.add(name)
@@ -146,24 +148,28 @@ def _read_config(directory: str) -> Dict:
     return config
 
 
-def load_pruned(directory: str, map_location: str = "cpu") -> nn.Module:
-    """Rebuild a model written by :func:`save_pruned`; loads no pickle."""
+def load_pruned(directory: str, map_location: str = "cpu", meta: bool = False) -> nn.Module:
+    """Rebuild a model written by :func:`save_pruned`; loads no pickle. ``meta=True``: its skeleton on the
+    meta device, no weights read (the ranks of a sharded run that rank 0 broadcasts into)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     config = _read_config(directory)
     family = family_named(config.get("family", "timm-vit"))
     widths = [Widths(**b) for b in config["blocks"]]
-    model = family.build(config["base"])
-    geoms = family.geometry(model)
-    if len(widths) != len(geoms):
-        raise ValueError(f"config.json lists {len(widths)} blocks but the base model has {len(geoms)}")
-    for block, geom, w in zip(family.blocks(model), geoms, widths):
-        family.resize_block(block, geom, w)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = family.build(config["base"])
+        geoms = family.geometry(model)
+        if len(widths) != len(geoms):
+            raise ValueError(f"config.json lists {len(widths)} blocks but the base model has {len(geoms)}")
+        for block, geom, w in zip(family.blocks(model), geoms, widths):
+            family.resize_block(block, geom, w)
     model.spp_widths = widths
     model.spp_base = dict(config["base"])
     if "layout" in config:
         family.set_layout(model, config["layout"])
+    if meta:
+        return model
     weights = os.path.join(directory, "model.safetensors")
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"{weights} not found (written by spp.save_pruned beside config.json)")

@@ -36,7 +36,7 @@ class ModelConfig:
     drop_path: float = 0.0
     dtype: str = "auto"                     # Hugging Face models: auto (the checkpoint's) | float32 | bfloat16 | float16
     activation_checkpointing: bool = False  # recompute activations in the backward pass (memory for time)
-    fsdp: bool = False                      # spp search under torchrun: shard weights and masks with FSDP2, not DDP
+    fsdp: bool = False                      # under torchrun: shard the model with FSDP2, not DDP (search, retrain)
 
 
 @dataclass

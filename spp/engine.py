@@ -14,6 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .runtime import NonFiniteLoss, Runtime
+from .sharding import is_sharded
 from .tasks import Classification, Task, to_device
 
 __all__ = ["train_one_epoch", "evaluate", "DistillationLoss"]
@@ -112,9 +113,12 @@ def evaluate(model: nn.Module, loader: Iterable, runtime: Runtime, max_batches: 
     task.begin(model)
     sums = torch.zeros(len(task.metric_names), dtype=torch.float64, device=runtime.device)
     pooled: Dict[str, list] = {}
+    batches = min(len(loader), max_batches) if max_batches else len(loader)
+    spare = _spare_forwards(model, runtime, batches)
+    inputs = None
     for i, batch in enumerate(tqdm(loader, desc=desc, disable=not runtime.is_main,
                                    dynamic_ncols=True, leave=False, mininterval=1.0)):
-        if max_batches and i >= max_batches:
+        if i >= batches:
             break
         inputs, targets = to_device(task.split(batch), runtime.device)
         with runtime.autocast():
@@ -124,6 +128,9 @@ def evaluate(model: nn.Module, loader: Iterable, runtime: Runtime, max_batches: 
                 pooled.setdefault(k, []).append(v.detach().cpu())
         else:
             sums += task.metric_sums(outputs, targets).to(runtime.device)
+    for _ in range(spare):   # a sharded model's forward is a collective: match the ranks with more batches
+        with runtime.autocast():
+            task.forward(model, inputs)
     if task.pooled:   # every rank's outputs, in rank order
         local = {k: torch.cat(v) for k, v in pooled.items()}
         if runtime.distributed:
@@ -134,3 +141,16 @@ def evaluate(model: nn.Module, loader: Iterable, runtime: Runtime, max_batches: 
     if runtime.distributed:
         torch.distributed.all_reduce(sums)
     return task.summarize(sums.tolist())
+
+
+def _spare_forwards(model: nn.Module, runtime: Runtime, batches: int) -> int:
+    """How many forwards, beyond its own ``batches``, this rank must run so that every rank runs as many as
+    the busiest (0 unless the model is sharded by FSDP2: an evaluation split leaves some ranks a batch short)."""
+    if not runtime.distributed or not is_sharded(model):
+        return 0
+    most = torch.tensor([batches], device=runtime.device)
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    if batches == 0 and int(most):
+        raise ValueError("a rank has no evaluation batch to run; give the evaluation split at least "
+                         "one batch per process (data.eval_batch_size, data.val_fraction)")
+    return int(most) - batches

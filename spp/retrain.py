@@ -12,11 +12,12 @@ from torch.nn.parallel import DistributedDataParallel
 from .build import build_criterion, build_loaders, build_model, source_model, task_for
 from .checkpoint import atomic_write
 from .compress import save_pruned
-from .config import Config, save_config
+from .config import Config, ConfigError, save_config
 from .engine import evaluate, train_one_epoch
 from .runtime import (NonFiniteLoss, RunLogger, check_shapes,
                       check_same_run, gather_rng_states, load_training_checkpoint, main_print, resume_file,
                       restore_rng_states, save_training_checkpoint, setup_runtime)
+from .sharding import full_optimizer_state, full_state_dict, is_sharded, load_full_state, shard
 
 __all__ = ["run_retrain"]
 
@@ -36,27 +37,55 @@ def _with_lora(model: nn.Module, rank: int, alpha: float) -> nn.Module:
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=names))
 
 
-def _save_model(model: nn.Module, directory: str) -> None:
-    """Pruned models as ``save_pruned`` dirs; dense ones as ``<dir>.safetensors``. A model with LoRA adapters is
-    saved with them merged into its weights (merged in place for the save, then taken out again)."""
-    if hasattr(model, "merge_adapter"):
-        model.merge_adapter()
-        try:
-            base = model.get_base_model()
-            state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if ".lora_" not in k}
-            save_pruned(base, directory, state_dict=state)
-        finally:
-            model.unmerge_adapter()
-        return
+def merged_lora(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The weights of a peft ``model``'s base model with every LoRA adapter merged, ``W + scaling · B A``
+    (peft's ``merge_and_unload``, done on ``state``, the peft model's state dict: whole tensors, gathered
+    from a sharded model too), under the base model's own names."""
+    prefix = "base_model.model."
+    merged = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    for name, module in model.get_base_model().named_modules():
+        if not (hasattr(module, "lora_A") and hasattr(module, "base_layer")):
+            continue
+        key = f"{name}.base_layer.weight"
+        weight = merged[key].float()
+        for adapter in module.lora_A:
+            down, up = merged[f"{name}.lora_A.{adapter}.weight"], merged[f"{name}.lora_B.{adapter}.weight"]
+            weight = weight + module.scaling[adapter] * (up.float() @ down.float())
+        merged[key] = weight.to(merged[key].dtype)
+    return {k.replace(".base_layer.", "."): v for k, v in merged.items() if ".lora_" not in k}
+
+
+def _weights(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``model``'s whole weights: gathered to rank 0 from a sharded model (a collective; ``{}`` elsewhere)."""
+    return full_state_dict(model) if is_sharded(model) else model.state_dict()
+
+
+def _save_model(model: nn.Module, directory: str, state: Dict[str, torch.Tensor]) -> None:
+    """``state`` (``_weights(model)``) as a ``save_pruned`` dir for a pruned model, ``<dir>.safetensors``
+    for a dense one; a model with LoRA adapters is saved with them merged into its weights."""
+    if hasattr(model, "get_base_model"):
+        state, model = merged_lora(model, state), model.get_base_model()
     if getattr(model, "spp_widths", None) is not None:
-        save_pruned(model, directory)
+        save_pruned(model, directory, state_dict=state)
     else:
         from safetensors.torch import save_file
 
         from .compress import aliased_keys
         aliases = aliased_keys(model)   # tied weights once
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in aliases}
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items() if k not in aliases}
         atomic_write(directory + ".safetensors", lambda f: save_file(state, f))
+
+
+def _check_shardable(cfg: Config, runtime) -> bool:
+    """Whether this retrain shards the model with FSDP2 (``model.fsdp`` under torchrun), and that its
+    settings allow it."""
+    if not (runtime.distributed and cfg.model.fsdp):
+        return False
+    if cfg.train.ema:
+        raise ConfigError("model.fsdp=true: train.ema keeps a whole copy of the model on every GPU; set train.ema=false")
+    if runtime.amp_dtype is torch.float16:
+        raise ConfigError("model.fsdp=true: amp=fp16 needs a gradient scaler across the shards; use amp=bf16")
+    return True
 
 
 def run_retrain(cfg: Config) -> Dict:
@@ -67,20 +96,24 @@ def run_retrain(cfg: Config) -> Dict:
 
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
     t = cfg.train
-    model = source_model(cfg, runtime).to(runtime.device)
+    sharded = _check_shardable(cfg, runtime)
+    meta = sharded and not runtime.is_main   # FSDP2: rank 0 reads the weights, the others build on meta
+    model = source_model(cfg, runtime, meta=meta)
     for p in model.parameters():
         p.requires_grad_(True)
     if t.lora_rank:
         if cfg.data.dataset != "text":
             raise ValueError("train.lora_rank is for language models (data.dataset=text); set train.lora_rank=0")
         model = _with_lora(model, t.lora_rank, t.lora_alpha)
+    model = shard(model, runtime) if sharded else model.to(runtime.device)
     loaders = build_loaders(cfg, runtime)
     loader = loaders["train"]
     steps_per_epoch = len(loader)
     total_steps = min(t.steps or t.epochs * steps_per_epoch, t.epochs * steps_per_epoch)
     teacher = None
     if t.distill > 0:
-        teacher = build_model(cfg, runtime).to(runtime.device).eval().requires_grad_(False)
+        teacher = build_model(cfg, runtime, meta=meta)
+        teacher = (shard(teacher, runtime) if sharded else teacher.to(runtime.device)).eval().requires_grad_(False)
     mixup_fn, criterion = build_criterion(cfg.data, teacher, t.distill, t.distill_temperature)
     lr = t.lr * cfg.data.batch_size * runtime.world_size / 512
     optimizer = create_optimizer_v2(model, t.opt, lr=lr, weight_decay=t.weight_decay)
@@ -90,7 +123,7 @@ def run_retrain(cfg: Config) -> Dict:
     ema = ModelEmaV3(model, decay=t.ema_decay) if t.ema else None
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.amp_dtype is torch.float16 else None
     net = DistributedDataParallel(model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None) \
-        if runtime.distributed else model
+        if runtime.distributed and not sharded else model
 
     task = task_for(cfg)   # classification, or next-token prediction for language models
     step, epoch, batch, best = 0, 0, 0, {"score": float("-inf")}
@@ -99,8 +132,11 @@ def run_retrain(cfg: Config) -> Dict:
         state = load_training_checkpoint(resume, "train", cfg.model.name)
         check_shapes(state["model"], model.state_dict(), resume)   # another model: which shapes differ
         check_same_run(state, cfg.to_dict(), resume)                # same model: which settings differ
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:
+            load_full_state(model, optimizer, state["model"], state["optimizer"])
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
         if ema is not None and "ema" in state:
             ema.module.load_state_dict(state["ema"])
         if scaler is not None and "scaler" in state:
@@ -119,10 +155,12 @@ def run_retrain(cfg: Config) -> Dict:
 
     def save(global_step: int, at_epoch: int, at_batch: int) -> None:
         rng = gather_rng_states(runtime)  # collective: every rank takes part
+        weights = _weights(model)          # so is gathering a sharded model's tensors
+        optim = full_optimizer_state(model, optimizer) if sharded else optimizer.state_dict()
         if not runtime.is_main:
             return
-        state = {"kind": "train", "model_name": cfg.model.name, "config": cfg.to_dict(), "model": model.state_dict(),
-                 "optimizer": optimizer.state_dict(), "step": global_step, "epoch": at_epoch,
+        state = {"kind": "train", "model_name": cfg.model.name, "config": cfg.to_dict(), "model": weights,
+                 "optimizer": optim, "step": global_step, "epoch": at_epoch,
                  "batch": at_batch, "best": best, "rng": rng}
         if ema is not None:
             state["ema"] = ema.module.state_dict()
@@ -159,12 +197,13 @@ def run_retrain(cfg: Config) -> Dict:
                     f"top-1 {metrics['top1']:.2f}%" if task.headline == "top1" else
                     f"{task.headline} {metrics[task.headline]:.3f}"))
                 score = task.score(metrics)
+                weights = _weights(evaluated)   # a collective on a sharded model
                 if runtime.is_main:
-                    _save_model(evaluated, os.path.join(cfg.output, "last"))
+                    _save_model(evaluated, os.path.join(cfg.output, "last"), weights)
                 if score > best.get("score", best.get("top1", float("-inf"))):
                     best = {**metrics, "score": score, "epoch": epoch, "step": step}
                     if runtime.is_main:
-                        _save_model(evaluated, os.path.join(cfg.output, "best"))
+                        _save_model(evaluated, os.path.join(cfg.output, "best"), weights)
             epoch, batch = (epoch + 1, 0) if finished_epoch else (epoch, step - epoch_start)
             save(step, epoch, batch)
     except NonFiniteLoss as e:

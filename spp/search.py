@@ -19,22 +19,12 @@ from .path import SolutionPath, support_sizes, whole
 from .runtime import (CheckpointError, NonFiniteLoss, Runtime, RunLogger, check_same_run, check_shapes,
                       gather_rng_states, load_training_checkpoint, main_print, resume_file,
                       restore_rng_states, save_training_checkpoint, setup_runtime)
+from .sharding import shard
 from .structure import mask_pairs
 
 __all__ = ["run_search"]
 
 CHECKPOINT = "checkpoint.pth"
-
-
-def _shard(model, runtime: Runtime) -> None:
-    """FSDP2: each block, then the rest of the model, split over the ranks (frozen weights and masks alike)."""
-    from torch.distributed.fsdp import fully_shard
-
-    from .structure import model_family
-    for block in model_family(model).blocks(model):
-        fully_shard(block)
-    fully_shard(model)
-    main_print(runtime, f"FSDP2: weights and masks sharded over {runtime.world_size} processes")
 
 
 def _path_checksum(optimizer: LBI, masks) -> torch.Tensor:
@@ -101,12 +91,13 @@ def _calibration_loader(cfg: Config, loaders, runtime: Runtime):
 def run_search(cfg: Config) -> SolutionPath:
     """``spp search``: one LBI run over the masks of the frozen model; writes and returns the solution path."""
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
-    model = build_model(cfg, runtime)
-    add_masks(model, cfg.model.granularity, freeze=True)
-    model.to(runtime.device)
     sharded = runtime.distributed and cfg.model.fsdp
+    model = build_model(cfg, runtime, meta=sharded and not runtime.is_main)   # FSDP2: rank 0 reads the weights
+    add_masks(model, cfg.model.granularity, freeze=True)
     if sharded:
-        _shard(model, runtime)
+        shard(model, runtime)
+    else:
+        model.to(runtime.device)
     named_masks = mask_parameters(model)   # after sharding: FSDP2 replaces the parameters with DTensors
     masks = [p for _, p in named_masks]
     loaders = build_loaders(cfg, runtime)

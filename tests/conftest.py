@@ -1,4 +1,7 @@
 import os
+import signal
+import subprocess
+import time
 
 import pytest
 import torch
@@ -88,3 +91,41 @@ def check_costs(masked, small):
     flops = dense_flops + sum(g.flops(w) - g.flops(g.full) for g, w in zip(geoms, small.spp_widths))
     assert spp.count_params(small) == params
     assert abs(spp.count_flops(small) - flops) <= 0.02 * flops
+
+
+
+def _descendants(pid: int) -> list:
+    """Every process below ``pid`` (torchrun starts its workers in sessions of their own: killing the
+    launcher's process group leaves them running)."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_after_checkpoint(cmd, checkpoint, total, env=None):
+    """Start ``cmd``, SIGKILL it and every process it started once ``checkpoint`` exists; return the step the
+    checkpoint holds (asserted part-way: a run that finished first would make a resume test vacuous)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not os.path.isfile(checkpoint) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    killed_at = torch.load(checkpoint, weights_only=True)["step"]
+    assert 0 < killed_at < total, "the run must be killed part-way for this test to mean anything"
+    return killed_at

@@ -526,3 +526,52 @@ def test_unequal_widths_reach_sdpa_padded_to_one_and_compute_the_same(monkeypatc
         small.generate(ids[:1, :4], max_new_tokens=2, do_sample=False, pad_token_id=0)
     assert widths[0] == (4, 16, 16, 16)                             # the prompt: padded
     assert any(w[1:] == (4, 4, 16) for w in widths[2:])            # the decoded token: not
+
+
+def test_meta_skeletons_read_no_weights_and_match_the_loaded_models(tmp_path):
+    """model.fsdp's other ranks: create_model / load_pruned with meta=True build the same architecture, dtype
+    (the checkpoint's, for dtype auto), tied weights and key/value layout on the meta device, without the
+    weight file."""
+    kind, overrides = MODELS["llama-gqa-bias"]
+    torch.manual_seed(0)
+    dense = transformers.LlamaForCausalLM._from_config(_config(kind, tie_word_embeddings=True, **overrides),
+                                                        dtype=torch.bfloat16)
+    dense.save_pretrained(str(tmp_path / "dense"))
+    spp.add_masks(dense)
+    small = spp.compress(dense, random_masks(dense, seed=3))
+    spp.save_pruned(small, str(tmp_path / "pruned"))
+    for directory, loaded in ((tmp_path / "dense", spp.create_model(str(tmp_path / "dense"))),
+                              (tmp_path / "pruned", spp.load_pruned(str(tmp_path / "pruned")))):
+        for f in os.listdir(directory):
+            if f.endswith(".safetensors"):
+                os.rename(directory / f, directory / (f + ".moved"))   # a meta build must not need it
+        skeleton = spp.create_model(str(directory), meta=True)
+        real = dict(loaded.named_parameters())
+        assert {n: (p.shape, p.dtype) for n, p in skeleton.named_parameters()} == \
+               {n: (p.shape, p.dtype) for n, p in real.items()}
+        assert all(p.is_meta for p in skeleton.parameters())
+        assert skeleton.lm_head.weight is skeleton.model.embed_tokens.weight
+        layers = [(a.self_attn, b.self_attn) for a, b in zip(skeleton.model.layers, loaded.model.layers)]
+        assert all(getattr(a, "standard_groups", None) == getattr(b, "standard_groups", None) for a, b in layers)
+    assert {p.dtype for p in skeleton.parameters()} == {torch.bfloat16}
+
+
+def test_merged_lora_state_equals_peft_merge():
+    """retrain.merged_lora (on a state dict, as gathered from a sharded model) gives peft's merge_and_unload."""
+    peft = pytest.importorskip("peft", reason="LoRA needs peft")
+    from spp.retrain import merged_lora
+
+    model = tiny("llama-gqa-bias", seed=5)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_()   # peft starts B at zero: no delta to merge
+    merged = merged_lora(wrapped, wrapped.state_dict())
+    reference = wrapped.merge_and_unload().state_dict()
+    assert merged.keys() == reference.keys()
+    for k in reference:
+        torch.testing.assert_close(merged[k], reference[k], rtol=1e-5, atol=1e-5)
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
+                           tiny("llama-gqa-bias", seed=5).state_dict()["model.layers.0.self_attn.q_proj.weight"])

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from conftest import kill_after_checkpoint
 from spp.cli import main
 from spp.config import load_config
 from spp.report import run_eval
@@ -137,14 +138,14 @@ def _search_cmd(out, model, text, *overrides):
 @pytest.mark.slow
 def test_killed_llm_search_resumes_to_the_same_path(tmp_path, text):
     import spp
-    from test_pipeline import _kill_after_checkpoint, _path_tensors
+    from test_pipeline import _path_tensors
 
     model = write_model(tmp_path / "model", "llama")
     long = ["search.steps=60", "search.checkpoint_every=5"]
     reference = str(tmp_path / "reference")
     subprocess.run(_search_cmd(reference, model, text, *long), check=True, capture_output=True)
     out = str(tmp_path / "killed")
-    _kill_after_checkpoint(_search_cmd(out, model, text, *long), os.path.join(out, "checkpoint.pth"), total=60)
+    kill_after_checkpoint(_search_cmd(out, model, text, *long), os.path.join(out, "checkpoint.pth"), total=60)
     subprocess.run(_search_cmd(out, model, text, *long, "resume=auto"), check=True, capture_output=True)
     (ref_path, ref), (got_path, got) = _path_tensors(reference), _path_tensors(out)
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
@@ -236,18 +237,19 @@ def test_search_distills_from_the_dense_model(tmp_path, text):
     assert any(not torch.equal(paths[0].entries[n]["z"], paths[1].entries[n]["z"]) for n in paths[0].entries)
 
 
+def _torchrun(command, out, *overrides):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "spp", command,
+            SMOKE, f"output={out}", *overrides]
+
+
 def _torchrun_search(out, model, text, *overrides):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "spp", "search",
-            SMOKE, f"output={out}", f"model.name={model}", f"data.root={text}", *overrides]
+    return _torchrun("search", out, f"model.name={model}", f"data.root={text}", *overrides)
 
 
 @pytest.mark.slow
 def test_fsdp2_search_matches_ddp_and_resumes_after_a_kill(tmp_path, text):
     """model.fsdp=true under torchrun (2 CPU processes, gloo): weights and masks sharded by FSDP2, the same
     path as DDP at the same ν, one path on both ranks, and a killed run resumes to the identical path."""
-    import signal
-    import time
-
     import spp
 
     model = write_model(tmp_path / "model", "llama")
@@ -261,7 +263,7 @@ def test_fsdp2_search_matches_ddp_and_resumes_after_a_kill(tmp_path, text):
         assert result.returncode == 0, result.stderr[-3000:]
         assert "solution path identical on all 2 ranks" in result.stdout
         runs[name] = spp.SolutionPath.load(out)
-    assert "FSDP2: weights and masks sharded over 2 processes" in result.stdout
+    assert "FSDP2: the model sharded over 2 processes, its weights read by rank 0 only" in result.stdout
     entered = 0
     for n, e in runs["ddp"].entries.items():
         assert torch.equal(e["entry_step"], runs["fsdp"].entries[n]["entry_step"]), n
@@ -270,23 +272,79 @@ def test_fsdp2_search_matches_ddp_and_resumes_after_a_kill(tmp_path, text):
     assert entered > 0
 
     out = str(tmp_path / "killed")
-    proc = subprocess.Popen(_torchrun_search(out, model, text, *fixed, "model.fsdp=true"), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    checkpoint = os.path.join(out, "checkpoint.pth")
-    deadline = time.time() + 120
-    while not os.path.isfile(checkpoint) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)   # the launcher and both workers
-    proc.wait()
-    killed_at = torch.load(checkpoint, weights_only=True)["step"]
-    assert 0 < killed_at < 24
+    killed_at = kill_after_checkpoint(_torchrun_search(out, model, text, *fixed, "model.fsdp=true"),
+                                      os.path.join(out, "checkpoint.pth"), total=24, env=env)
     result = subprocess.run(_torchrun_search(out, model, text, *fixed, "model.fsdp=true", "resume=auto"),
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert f"at step {killed_at}" in result.stdout
     resumed = spp.SolutionPath.load(out)
     for n, e in runs["fsdp"].entries.items():
         for field in ("entry_step", "z", "gamma", "mask"):
             assert torch.equal(e[field], resumed.entries[n][field]), (n, field)
+
+
+@pytest.mark.slow
+def test_fsdp2_retrain_matches_ddp_and_resumes_after_a_kill(tmp_path, text):
+    """spp retrain with model.fsdp=true (2 CPU processes, gloo; rank 0 alone reads the weights): the same
+    weights as DDP for a full finetune with distillation from the sharded dense model and for LoRA, on an
+    evaluation split that leaves one rank a batch short; a killed run resumes to the identical model."""
+    import spp
+
+    model = write_model(tmp_path / "model", "llama")
+    common = [f"model.name={model}", f"data.root={text}"]
+    assert main(["search", SMOKE, f"output={tmp_path / 'search'}", *common]) == 0
+    assert main(["export", SMOKE, f"output={tmp_path / 'search'}", *common]) == 0
+    pruned = str(tmp_path / "search" / "pruned")
+    fixed = [*common, f"train.source={pruned}", "train.epochs=2", "train.steps=6", "train.warmup_epochs=0",
+             "train.lr=0.2", "train.weight_decay=0", "train.checkpoint_every=2", "data.eval_batch_size=1"]
+    recipes = {"full": ["train.distill=0.5"], "lora": ["train.lora_rank=4"]}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    weights = {}
+    for recipe, extra in recipes.items():
+        for mode in ("ddp", "fsdp"):
+            out = tmp_path / f"{recipe}-{mode}"
+            sharding = ["model.fsdp=true"] if mode == "fsdp" else []
+            result = subprocess.run(_torchrun("retrain", out, *fixed, *extra, *sharding), capture_output=True,
+                                    text=True, env=env, timeout=300)
+            assert result.returncode == 0, result.stderr[-3000:]
+            assert ("its weights read by rank 0 only" in result.stdout) == (mode == "fsdp")
+            weights[recipe, mode] = spp.load_pruned(str(out / "last")).state_dict()
+        ddp, fsdp = weights[recipe, "ddp"], weights[recipe, "fsdp"]
+        assert ddp.keys() == fsdp.keys()
+        for k in ddp:
+            torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-5, atol=1e-6)
+    before = spp.load_pruned(pruned).state_dict()
+    assert any((weights["full", "fsdp"][k] - before[k]).abs().max() > 1e-3 for k in before)   # it did train
+
+    out = tmp_path / "killed"
+    args = _torchrun("retrain", out, *fixed, *recipes["full"], "model.fsdp=true")
+    killed_at = kill_after_checkpoint(args, str(out / "train_checkpoint.pth"), total=6, env=env)
+    result = subprocess.run([*args, "resume=auto"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"at step {killed_at}" in result.stdout
+    resumed = spp.load_pruned(str(out / "last")).state_dict()
+    for k, v in weights["full", "fsdp"].items():
+        assert torch.equal(resumed[k], v), k
+
+
+def test_fsdp_settings_it_cannot_shard_are_errors(tmp_path, text):
+    """model.fsdp=true refuses, with the fix, what would not work sharded: EMA, fp16, a search dir as source."""
+    from spp.build import source_model
+    from spp.config import ConfigError
+    from spp.retrain import _check_shardable
+    from spp.runtime import Runtime
+
+    cfg = load_config(SMOKE, [f"model.name={tmp_path}", f"data.root={text}", "model.fsdp=true"])
+    two = Runtime(device=torch.device("cpu"), amp_dtype=None, rank=1, world_size=2)
+    assert _check_shardable(cfg, two) and not _check_shardable(cfg, Runtime(torch.device("cpu"), None))
+    with pytest.raises(ConfigError, match="train.ema=false"):
+        _check_shardable(load_config(SMOKE, [f"model.name={tmp_path}", "model.fsdp=true", "train.ema=true"]), two)
+    with pytest.raises(ConfigError, match="amp=bf16"):
+        _check_shardable(cfg, Runtime(torch.device("cpu"), torch.float16, rank=1, world_size=2))
+    (tmp_path / "path.json").write_text("{}")
+    with pytest.raises(ConfigError, match="spp export"):
+        source_model(load_config(SMOKE, [f"model.name={tmp_path}", f"train.source={tmp_path}"]), two, meta=True)
 
 
 def test_unsupported_llm_is_an_error_line(tmp_path, text, capsys):

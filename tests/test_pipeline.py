@@ -2,16 +2,15 @@
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import yaml
 
 import spp
+from conftest import kill_after_checkpoint
 from spp.cli import main
 from spp.config import ConfigError, load_config
 
@@ -236,19 +235,6 @@ def _path_tensors(out):
     return path, {f"{n}/{k}": v for n, e in path.entries.items() for k, v in e.items()}
 
 
-def _kill_after_checkpoint(cmd, checkpoint, total):
-    """Start ``cmd``, SIGKILL it once ``checkpoint`` exists; return the step the checkpoint holds."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not os.path.isfile(checkpoint) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = torch.load(checkpoint, weights_only=True)["step"]
-    assert 0 < killed_at < total, "the run must be killed part-way for this test to mean anything"
-    return killed_at
-
-
 def test_search_with_one_nu_per_pair_type(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert run("search", out, "search.nu_calibration=pair", "search.steps=8") == 0
@@ -329,7 +315,7 @@ def test_killed_search_resumes_to_the_same_path(tmp_path):
     subprocess.run(_search_cmd(reference, *long), check=True, capture_output=True)
 
     out = str(tmp_path / "killed")
-    _kill_after_checkpoint(_search_cmd(out, *long), os.path.join(out, "checkpoint.pth"), total=120)
+    kill_after_checkpoint(_search_cmd(out, *long), os.path.join(out, "checkpoint.pth"), total=120)
     assert not os.path.isfile(os.path.join(out, "path.json"))
 
     subprocess.run(_search_cmd(out, *long, "resume=auto"), check=True, capture_output=True)
@@ -352,7 +338,7 @@ def test_killed_retrain_resumes_to_the_same_model(tmp_path):
 
     reference, out = str(tmp_path / "reference"), str(tmp_path / "killed")
     subprocess.run(cmd(reference), check=True, capture_output=True)
-    killed_at = _kill_after_checkpoint(cmd(out), os.path.join(out, "train_checkpoint.pth"), total=64)
+    killed_at = kill_after_checkpoint(cmd(out), os.path.join(out, "train_checkpoint.pth"), total=64)
     resumed = subprocess.run(cmd(out, "resume=auto"), check=True, capture_output=True, text=True)
     assert f"resumed {out}/train_checkpoint.pth at step {killed_at}" in resumed.stdout
     assert json.load(open(os.path.join(out, "result.json"))) == json.load(open(os.path.join(reference, "result.json")))

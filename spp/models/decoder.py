@@ -230,24 +230,25 @@ class PrunedDecoderAttention(nn.Module):
         # in spp's config.json ("layout"), not with the weights, so the weights are the model's own names only
         self.register_buffer("kv_map", torch.zeros(self.num_heads, dtype=torch.long), persistent=False)
         self.register_buffer("rope_index", torch.arange(self.qk_dim, dtype=torch.long), persistent=False)
-        self._refresh()
+        self._refresh(torch.zeros(self.num_heads, dtype=torch.long, device="cpu"))
 
     def set_layout(self, kv_map: Sequence[int], rope_index: Optional[Sequence[int]] = None) -> None:
         """Which kept key/value head each query head reads and (RoPE) the kept dims' cos/sin entries."""
-        self.kv_map.copy_(torch.as_tensor(kv_map, dtype=torch.long))
+        kv_map = torch.as_tensor(kv_map, dtype=torch.long)
+        self.kv_map.copy_(kv_map)   # on the meta device (a skeleton, spp.sharding) a no-op: the buffers come from rank 0
         if rope_index is not None:
             self.rope_index.copy_(torch.as_tensor(rope_index, dtype=torch.long))
-        self._refresh()
+        self._refresh(kv_map)
 
     @property
     def layout(self) -> Dict[str, List[int]]:
         return {"kv_map": self.kv_map.tolist(), "rope_index": self.rope_index.tolist()}
 
-    def _refresh(self) -> None:
+    def _refresh(self, kv_map: torch.Tensor) -> None:
         """Use the model's repeat of key/value heads when every kept group has the same size, in order."""
         h, kv = self.num_heads, self.num_kv_heads
         group = h // kv if kv and h % kv == 0 else 0
-        self.standard_groups = bool(group) and torch.equal(self.kv_map.cpu(), torch.arange(h) // group)
+        self.standard_groups = bool(group) and torch.equal(kv_map.cpu(), torch.arange(h, device="cpu") // group)
         self.num_key_value_groups = group if self.standard_groups else 1
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,

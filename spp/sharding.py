@@ -1,0 +1,75 @@
+"""FSDP2 for models that do not fit one GPU (``model.fsdp: true`` under torchrun), for the search and the retrain.
+
+Only rank 0 reads the weights: the other ranks build the model's skeleton on the meta device (no memory,
+no file read), every rank shards it with ``torch.distributed.fsdp.fully_shard`` (each block, then the rest),
+and rank 0's tensors are broadcast into the shards (``set_model_state_dict(..., broadcast_from_rank0=True)``).
+Host memory is then one copy of the model on rank 0's node, not one per process. Checkpoints hold whole
+tensors, gathered to rank 0 (``get_model_state_dict`` / ``get_optimizer_state_dict`` with
+``full_state_dict=True``), so a sharded run resumes on any number of processes and its weights load anywhere.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from torch import nn
+
+from .runtime import Runtime, main_print
+
+__all__ = ["is_sharded", "shard", "full_state_dict", "full_optimizer_state", "load_full_state"]
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """``model``'s parameters are FSDP2's DTensors (forward and backward are collectives over the ranks)."""
+    return any(hasattr(p, "device_mesh") for p in model.parameters())
+
+
+def shard(model: nn.Module, runtime: Runtime) -> nn.Module:
+    """Shard ``model`` over the ranks in place and fill the shards from rank 0's tensors; returns it.
+
+    Every rank passes the same architecture: rank 0 with its weights (on the CPU or the device), the
+    others on the meta device or with weights of their own, which are overwritten. Tied weights stay tied.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    from .structure import model_family
+    full = model.state_dict() if runtime.is_main else {}   # whole tensors: kept until broadcast
+    on_meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model   # under peft's LoRA wrapper
+    for block in model_family(base).blocks(base):
+        fully_shard(block)
+    fully_shard(model)   # moves rank 0's shards and every buffer to the device
+    if on_meta:
+        model.to_empty(device=runtime.device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():   # non-persistent buffers (RoPE's inverse frequencies) are in no state dict
+        torch.distributed.broadcast(buffer, src=0)
+    main_print(runtime, f"FSDP2: the model sharded over {runtime.world_size} processes, its weights read by rank 0 only")
+    return model
+
+
+def _options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The whole tensors of a sharded ``model`` on rank 0's CPU (``{}`` on the other ranks); a collective."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    return get_model_state_dict(model, options=_options())
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict:
+    """The optimizer state of a sharded ``model``, whole and keyed by parameter name, on rank 0; a collective."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer, options=_options())
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: Dict, optimizer_state: Dict) -> None:
+    """Load whole tensors (as :func:`full_state_dict` and :func:`full_optimizer_state` wrote them, read by
+    every rank) into a sharded ``model`` and its ``optimizer``; each rank keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
