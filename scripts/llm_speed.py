@@ -16,13 +16,14 @@ Measures, each figure the median of ``--repeats`` after ``--warmup`` runs:
 Members are cut from a path of random scores: their speed depends on their widths, not on how they were
 ranked. Weights are random: speed does not depend on them. ``--paired`` also times each member in alternation
 with the dense model (the median of per-pair ratios: steadier where the machine's speed drifts during a run).
-``--profile`` prints where a prefill's time goes. Prints one JSON line per measurement, a table, and writes
+``--profile`` prints where the time of a prefill, and on the CPU of a decoded token, goes (each model). Prints one JSON line per measurement, a table, and writes
 everything to ``--out``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import torch
 from torch import nn
@@ -62,6 +63,55 @@ def profile_prefill(models, seq_len: int, batch: int, device, rows: int = 8) -> 
         total = sum(getattr(e, key) for e in events) or 1
         top = ", ".join(f"{e.key} {getattr(e, key) / total:.0%}" for e in events[:rows])
         print(f"profile, prefill of {name} (batch {batch} x {seq_len}): {top}", flush=True)
+
+
+MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")   # where the weights are read
+
+
+def profile_decode(models, prompt: int, batch: int, new_tokens: int, device) -> dict:
+    """Where a decoded token's time goes, for each of ``models`` ({name: model}): greedy tokens with the KV cache
+    after a ``prompt``-token prefill, the model's own forward (``generate``'s bookkeeping left out), split into
+    the matrix products (what reads the weights, and shrinks with the widths), every other op, and the time
+    outside any op (Python: the modules' own code), in milliseconds per token of a profiled run (the profiler
+    adds its own time to each op; ``ms_per_token`` is the same decoding unprofiled)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for name, net in models.items():
+        ids = torch.randint(0, net.config.vocab_size, (batch, prompt), device=device)
+
+        def decode():
+            step = net(ids, use_cache=True)
+            cache, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
+            for _ in range(new_tokens):
+                step = net(token, past_key_values=cache, use_cache=True)
+                cache, token = step.past_key_values, step.logits[:, -1:].argmax(-1)
+
+        def profiled(fn):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                begin = time.perf_counter()
+                fn()
+                seconds = time.perf_counter() - begin
+            return seconds, {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+
+        with torch.no_grad():
+            decode()
+            prefill_s = median_seconds(lambda: net(ids, use_cache=True), device, 3, 0)
+            unprofiled = (median_seconds(decode, device, 3, 0) - prefill_s) / new_tokens
+            decode_s, ops = profiled(decode)
+            prefill_s, prefill_ops = profiled(lambda: net(ids, use_cache=True))
+        for k, v in prefill_ops.items():   # the prefill's share, taken out
+            ops[k] = ops.get(k, 0) - v
+        wall = (decode_s - prefill_s) / new_tokens
+        matmul = sum(v for k, v in ops.items() if k in MATMUL) / new_tokens / 1e3
+        other = sum(v for k, v in ops.items() if k not in MATMUL) / new_tokens / 1e3
+        top = sorted(((v, k) for k, v in ops.items() if k not in MATMUL), reverse=True)[:5]
+        out[name] = {"ms_per_token": round(unprofiled * 1e3, 3), "profiled_ms_per_token": round(wall * 1e3, 3),
+                     "matmul_ms": round(matmul, 3), "other_ops_ms": round(other, 3),
+                     "outside_ops_ms": round(wall * 1e3 - matmul - other, 3),
+                     "top_other_ops": {k: round(v / new_tokens / 1e3, 3) for v, k in top}}
+        print(f"profile, decode of {name} (batch {batch}): {json.dumps(out[name])}", flush=True)
+    return out
 
 
 def paired_speedups(dense, net, seq_len: int, batch: int, new_tokens: int, repeats: int, device) -> dict:
@@ -134,7 +184,7 @@ def main() -> None:
                         help="also time each member in alternation with the dense model (steadier ratios on a busy "
                              "or drifting machine)")
     parser.add_argument("--profile", action="store_true",
-                        help="also print where a prefill's time goes (dense and the largest removal)")
+                        help="also print where a prefill's time (and on the CPU a decoded token's) goes, each model")
     parser.add_argument("--out", default="llm_speed.json")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -190,8 +240,12 @@ def main() -> None:
                     row["paired_decode_realised"] = round(row["paired_decode_speedup"] / row["weight_bytes_ratio"], 3)
             rows[(name, batch)] = row
             report(what="inference", **row)
-        if args.profile and key is not None and key == max(cuts):
-            profile_prefill({"dense": model, name: net}, seq_len, max(args.batch_sizes), device)
+        if args.profile:
+            profile_prefill({name: net}, seq_len, max(args.batch_sizes), device)
+            if device.type == "cpu":
+                report(what="decode profile", batch=min(args.batch_sizes),
+                       **profile_decode({name: net}, seq_len, min(args.batch_sizes), new_tokens, device)[name],
+                       member=name)
         del net
     paired = " prefill realised, paired | decode realised, paired |" if args.paired else ""
     print("\n| member | batch | params | prefill tok/s | × | FLOPs ratio | realised | decode tok/s | × | bytes ratio | realised |"
