@@ -25,7 +25,8 @@ prunable parameters, except Torch-Pruning, which cuts by its own rules:
                  ``--lasso-lams``; per budget the lam and the member values (1 or the Lasso masks') on val
   torch-pruning  Torch-Pruning's MetaPruner as its LLM example runs it (GroupMagnitudeImportance p=2, whole heads
                  within key/value groups, MLP channels, round_to 4), the hidden size kept; its pruning
-                 ratio bisected to the budget's parameter count
+                 ratio bisected to the budget's parameter count (its graph traced with RoPE as the identity:
+                 its dependency search does not finish through rotate_half; RoPE changes no group of whole heads)
 
 Calibration (wanda-sp, flap, taylor) reads ``--calibration-batches`` training batches drawn by the seed. A seed
 also sets the search's and Lasso's data order and the random ranking. Figures: test perplexity (non-
@@ -43,9 +44,11 @@ import json
 import os
 import signal
 import statistics
+import sys
 import time
 from importlib.metadata import version as _version
 from typing import Callable, Dict, List, Optional, Tuple
+from unittest import mock
 
 import torch
 from torch.utils.data import DataLoader, Subset
@@ -191,10 +194,16 @@ def _torch_pruning(model, ratio: float, example: torch.Tensor):
         num_heads[attn.q_proj] = config.num_attention_heads
         num_heads[attn.k_proj] = num_heads[attn.v_proj] = config.num_key_value_heads
         ignored += [attn.o_proj, layer.mlp.down_proj]
-    pruner = tp.pruner.MetaPruner(model, example_inputs=example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                  global_pruning=False, pruning_ratio=ratio, ignored_layers=ignored,
-                                  num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
-                                  head_pruning_ratio=ratio, round_to=4, output_transform=lambda out: out.logits)
+    # Torch-Pruning 1.6.1's dependency search does not finish through RoPE's rotate_half (slices and a cat of
+    # each head's dims) on transformers 5's Llama; with whole heads pruned and head dims kept, RoPE, which acts
+    # within each head, changes no group, so the graph is traced with it as the identity (restored at once)
+    rope = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    with mock.patch.object(rope, "apply_rotary_pos_emb", lambda q, k, *args, **kwargs: (q, k)):
+        pruner = tp.pruner.MetaPruner(model, example_inputs=example,
+                                      importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                      global_pruning=False, pruning_ratio=ratio, ignored_layers=ignored,
+                                      num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
+                                      head_pruning_ratio=ratio, round_to=4, output_transform=lambda out: out.logits)
     for group in pruner.step(interactive=True):
         group.prune()
     for layer in model.model.layers:
