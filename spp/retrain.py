@@ -156,9 +156,10 @@ def run_retrain(cfg: Config) -> Dict:
     def save(global_step: int, at_epoch: int, at_batch: int) -> None:
         rng = gather_rng_states(runtime)  # collective: every rank takes part
         weights = _weights(model)          # so is gathering a sharded model's tensors
-        optim = full_optimizer_state(model, optimizer) if sharded else optimizer.state_dict()
+        optim = full_optimizer_state(model, optimizer) if sharded else None
         if not runtime.is_main:
             return
+        optim = optim if sharded else optimizer.state_dict()
         state = {"kind": "train", "model_name": cfg.model.name, "config": cfg.to_dict(), "model": weights,
                  "optimizer": optim, "step": global_step, "epoch": at_epoch,
                  "batch": at_batch, "best": best, "rng": rng}
