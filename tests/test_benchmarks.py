@@ -81,6 +81,41 @@ def test_torch_pruning_member_meets_the_budget_and_keeps_the_residual_width():
         assert member(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_torch_pruning_prunes_a_rope_llama(kv_heads):
+    """benchmark_llm's Torch-Pruning run on a tiny Llama finishes (its dependency search alone does not through
+    RoPE) and gives a working model, the hidden size kept: whole heads and MLP channels go with 4 key/value heads;
+    with 2 shared by the 4 query heads, Torch-Pruning 1.6.1 keeps attention whole and prunes the MLP only."""
+    pytest.importorskip("torch_pruning", reason="Torch-Pruning is in the [test] and [bench] extras: pip install -e .[test]")
+    transformers = pytest.importorskip("transformers", reason="the LLM benchmark needs transformers")
+    import signal
+
+    bench = _script("benchmark_llm")
+    torch.manual_seed(0)
+    dense = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=kv_heads, max_position_embeddings=64)).eval()
+    ids = torch.randint(0, 64, (1, 16))
+    signal.signal(signal.SIGALRM, bench._alarm)
+    signal.alarm(60)   # a TimeoutError, not a hung suite, if the dependency search stops finishing
+    try:
+        small = bench._torch_pruning(dense, 0.5, ids)
+    finally:
+        signal.alarm(0)
+    for layer in small.model.layers:
+        attn = layer.self_attn
+        assert attn.o_proj.out_features == layer.mlp.down_proj.out_features == 64
+        heads, kv = attn.q_proj.out_features // attn.head_dim, attn.k_proj.out_features // attn.head_dim
+        assert (heads, kv) == ((2, 2) if kv_heads == 4 else (4, 2))
+        assert attn.num_key_value_groups == heads // kv
+        assert layer.mlp.up_proj.out_features == 48
+    with torch.no_grad():
+        assert torch.isfinite(small(ids).logits).all()
+    out = small.generate(ids[:, :4], max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    assert out.shape == (1, 10)
+    assert dense.model.layers[0].self_attn.q_proj.out_features == 64   # pruned a copy
+
+
 def test_global_torch_pruning_reaches_budgets_its_one_shot_mode_cannot():
     pytest.importorskip("torch_pruning", reason="Torch-Pruning is in the [test] and [bench] extras: pip install -e .[test]")
     bench = _script("benchmark_quality")
