@@ -62,8 +62,8 @@ def _build_hf(cfg: Config, meta: bool = False) -> nn.Module:
 
 
 def build_model(cfg: Config, runtime: Optional[Runtime] = None, meta: bool = False) -> nn.Module:
-    """The dense model of ``cfg.model``, with pretrained weights if configured; ``meta=True``: a Hugging
-    Face model's skeleton on the meta device, no weights read (:mod:`spp.sharding`)."""
+    """The dense model of ``cfg.model``, with pretrained weights if configured; ``meta=True``: its skeleton
+    on the meta device, no weights read (:mod:`spp.sharding`)."""
     model = _build_model(cfg, runtime, meta)
     if cfg.model.activation_checkpointing:   # the libraries' own switches
         if hasattr(model, "gradient_checkpointing_enable"):
@@ -96,7 +96,7 @@ def _build_model(cfg: Config, runtime: Optional[Runtime], meta: bool) -> nn.Modu
                                 f".safetensors file, model.checkpoint=timm:{cfg.model.name} (online), or "
                                 "try spp without ImageNet weights: make demo")
     try:
-        model = create_model(cfg.model.name, pretrained=cfg.model.pretrained, **kwargs)
+        model = create_model(cfg.model.name, pretrained=cfg.model.pretrained, meta=meta, **kwargs)
     except RuntimeError as e:
         if "Unknown model" not in str(e):
             raise
@@ -106,7 +106,7 @@ def _build_model(cfg: Config, runtime: Optional[Runtime], meta: bool) -> nn.Modu
         raise ConfigError(f"model.name={cfg.model.name!r} does not take the arguments spp passes ({e}); "
                           f"spp prunes {supported()}. Check model.kwargs and data.img_size, "
                           "data.in_chans and data.num_classes") from e
-    if checkpoint:
+    if checkpoint and not meta:
         from .checkpoint import load_checkpoint
         result = load_checkpoint(model, checkpoint)
         if runtime is not None and (result.missing_keys or result.unexpected_keys):

@@ -1,6 +1,7 @@
 """Building models, loading pretrained weights safely, and writing files atomically."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional
@@ -23,17 +24,16 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] 
     * ``hf:ORG/NAME``: a Hugging Face hub id, the same way (needs the internet or the hub cache).
 
     ``checkpoint`` then loads weights from a local file or directory through :func:`load_checkpoint`.
-    ``meta=True`` builds a Hugging Face model's skeleton on the meta device and reads no weights (the ranks
-    of a sharded run that rank 0 broadcasts into: :mod:`spp.sharding`).
+    ``meta=True`` builds the model's skeleton on the meta device and reads no weights (the ranks of a
+    sharded run that rank 0 broadcasts into: :mod:`spp.sharding`).
     """
     if is_hf(name):
         model = _hf_model(name, meta=meta, **kwargs)
-        if checkpoint and not meta:
-            load_checkpoint(model, checkpoint)
-        return model
-    model = _timm_model(name, pretrained, **kwargs)
-    model.spp_base = {"name": name, "kwargs": dict(kwargs)}
-    if checkpoint:
+    else:
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model = _timm_model(name, pretrained and not meta, **kwargs)
+        model.spp_base = {"name": name, "kwargs": dict(kwargs)}
+    if checkpoint and not meta:
         load_checkpoint(model, checkpoint)
     return model
 

@@ -8,7 +8,7 @@ import torch
 
 import spp
 
-from conftest import random_masks, tiny_vit
+from conftest import TINY, random_masks, tiny_vit
 
 VARIANTS = {
     "cls": dict(name="vit_tiny_patch16_224"),
@@ -383,3 +383,13 @@ def test_load_checkpoint_errors(tmp_path):
     torch.save({"model": Evil()}, tmp_path / "evil.pth")
     with pytest.raises(ValueError, match="weights_only"):
         spp.load_checkpoint(tiny_vit(), str(tmp_path / "evil.pth"))
+
+
+def test_meta_skeleton_of_a_timm_model_matches_it_and_reads_no_checkpoint(tmp_path):
+    """model.fsdp's other ranks build timm models on the meta device too: the same parameters and shapes,
+    no weights allocated, model.checkpoint not read (a missing file is no error there)."""
+    real = spp.create_model("vit_tiny_patch16_224", **TINY)
+    skeleton = spp.create_model("vit_tiny_patch16_224", checkpoint=str(tmp_path / "absent.pth"), meta=True, **TINY)
+    assert {n: p.shape for n, p in skeleton.named_parameters()} == {n: p.shape for n, p in real.named_parameters()}
+    assert all(p.is_meta for p in skeleton.parameters())
+    assert skeleton.spp_base == real.spp_base
