@@ -177,6 +177,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--removed", type=float, nargs="+", default=[0.2, 0.3, 0.5, 0.7])
     parser.add_argument("--round-to", type=int, nargs="+", default=[1, 8], help="width multiples measured (1: exact widths)")
+    parser.add_argument("--granularity", choices=["dim", "head"], default="dim",
+                        help="members cut by dims (every layer keeps its heads) or by whole heads (query heads then "
+                             "share their key/value heads unequally)")
     parser.add_argument("--step-batch", type=int, nargs=2, metavar=("B", "T"), help="search/finetune step batch")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -207,6 +210,8 @@ def main() -> None:
     ids = torch.randint(0, shape["vocab_size"], tuple(step_batch), device=device)
     step_costs(model, ids, device, args, report)
 
+    spp.remove_masks(model)   # the search step's
+    spp.add_masks(model, granularity=args.granularity)
     family = spp.WeightFamily(model, spp.SolutionPath.from_scores(model, random_scores(model, 0)),
                               input_size=(seq_len,))
     cuts = {(r, k): family.select(remove=r, round_to=k, values="binary") for r in args.removed for k in args.round_to}
@@ -220,7 +225,7 @@ def main() -> None:
             net, name, flops = model, "dense", dense["flops"]
         else:
             member = cuts[key]
-            net = spp.compress(model, member.masks, granularity="dim").to(device, dtype).eval()
+            net = spp.compress(model, member.masks, granularity=args.granularity).to(device, dtype).eval()
             name, flops = f"-{key[0]:.0%} (round_to {key[1]})", member.summary.flops_after
         for batch in args.batch_sizes:
             speed = lm_throughput(net, seq_len, device, batch=batch, prompt=seq_len, new_tokens=new_tokens,

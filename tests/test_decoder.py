@@ -575,3 +575,19 @@ def test_merged_lora_state_equals_peft_merge():
         torch.testing.assert_close(merged[k], reference[k], rtol=1e-5, atol=1e-5)
     assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
                            tiny("llama-gqa-bias", seed=5).state_dict()["model.layers.0.self_attn.q_proj.weight"])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_unequal_groups_decode_exactly(attn):
+    """A member whose query heads share their key/value heads unequally (3 over 2) decodes with its query
+    heads padded into equal groups, reading the cache as it is: the masked model's tokens and scores."""
+    model = tiny("llama-gqa-bias")
+    spp.add_masks(model, granularity="head")
+    spp.set_masks(model, random_masks(model, seed=1))
+    small = spp.compress(model)
+    attention = small.model.layers[0].self_attn
+    assert not attention.standard_groups and (attention.num_heads, attention.num_kv_heads) == (3, 2)
+    assert attention.group_max == 2 and attention.slots.tolist() == [0, 2, 3]
+    for m in (model, small):
+        m.config._attn_implementation = attn
+    check_exact(model, small, torch.randint(3, VOCAB, (2, 20)))

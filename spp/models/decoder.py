@@ -230,6 +230,7 @@ class PrunedDecoderAttention(nn.Module):
         # in spp's config.json ("layout"), not with the weights, so the weights are the model's own names only
         self.register_buffer("kv_map", torch.zeros(self.num_heads, dtype=torch.long), persistent=False)
         self.register_buffer("rope_index", torch.arange(self.qk_dim, dtype=torch.long), persistent=False)
+        self.register_buffer("slots", torch.arange(self.num_heads, dtype=torch.long), persistent=False)
         self._refresh(torch.zeros(self.num_heads, dtype=torch.long, device="cpu"))
 
     def set_layout(self, kv_map: Sequence[int], rope_index: Optional[Sequence[int]] = None) -> None:
@@ -245,11 +246,18 @@ class PrunedDecoderAttention(nn.Module):
         return {"kv_map": self.kv_map.tolist(), "rope_index": self.rope_index.tolist()}
 
     def _refresh(self, kv_map: torch.Tensor) -> None:
-        """Use the model's repeat of key/value heads when every kept group has the same size, in order."""
+        """Use the model's repeat of key/value heads when every kept group has the same size, in order. Else
+        a decoded token's query heads are placed in ``slots`` of equal groups (``group_max`` per key/value
+        head, the empty ones zero), so that the attention reads the cache as it is instead of a copy per query
+        head (what the dense model's grouped attention does too)."""
         h, kv = self.num_heads, self.num_kv_heads
+        kv_map = kv_map.cpu()
         group = h // kv if kv and h % kv == 0 else 0
-        self.standard_groups = bool(group) and torch.equal(kv_map.cpu(), torch.arange(h, device="cpu") // group)
+        self.standard_groups = bool(group) and torch.equal(kv_map, torch.arange(h, device="cpu") // group)
         self.num_key_value_groups = group if self.standard_groups else 1
+        self.group_max = int(torch.bincount(kv_map, minlength=kv).max()) if h else 0
+        rank = [int((kv_map[:i] == kv_map[i]).sum()) for i in range(h)]   # a head's place within its group
+        self.slots.copy_(kv_map * self.group_max + torch.tensor(rank, dtype=torch.long, device="cpu"))   # meta: no-op
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                 cache=None, past_key_values=None, **kwargs):
@@ -277,14 +285,22 @@ class PrunedDecoderAttention(nn.Module):
             q, k = q.new_zeros(B, self.num_heads, T, 1), k.new_zeros(B, self.num_kv_heads, T, 1)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
-        if not self.standard_groups:
+        padded = not self.standard_groups and T == 1   # a decoded token: its query heads in equal groups
+        if padded:
+            q = q.new_zeros(B, self.num_kv_heads * self.group_max, 1, q.shape[-1]).index_copy_(1, self.slots, q)
+            self.num_key_value_groups = self.group_max
+        elif not self.standard_groups:   # a prompt: each query head's keys and values
             k, v = k[:, self.kv_map], v[:, self.kv_map]
+            self.num_key_value_groups = 1
         if T > 1:   # a prompt: one head width for the fused kernel (one decoded token: no copy of the cache)
             q, k, v = equal_widths(q, k, v)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, weights = attend(self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
                               scaling=1.0 if self.scale_query else self.scaling, sliding_window=self.sliding_window,
                               **kwargs)
+        if padded:
+            out = out[:, :, self.slots]
+            weights = None if weights is None else weights[:, self.slots]
         return out_proj(out[..., :self.v_dim].reshape(B, T, -1).contiguous()), weights
 
 
