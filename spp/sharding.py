@@ -31,22 +31,42 @@ def shard(model: nn.Module, runtime: Runtime) -> nn.Module:
     others on the meta device or with weights of their own, which are overwritten. Tied weights stay tied.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     from .structure import model_family
     full = model.state_dict() if runtime.is_main else {}   # whole tensors: kept until broadcast
     on_meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
     base = model.get_base_model() if hasattr(model, "get_base_model") else model   # under peft's LoRA wrapper
-    for block in model_family(base).blocks(base):
-        fully_shard(block)
-    fully_shard(model)   # moves rank 0's shards and every buffer to the device
+    family = model_family(base)
+    kept = _unsharded(model)   # replicated instead: scalars (CLIP's logit scale) and empty projections
+    for block in family.blocks(base):
+        fully_shard(block, ignored_params=set(kept) or None)
+    fully_shard(model, ignored_params=set(kept) or None)   # moves rank 0's shards and every buffer to the device
+    for method in family.forward_methods:
+        if hasattr(base, method):
+            register_fsdp_forward_method(base, method)
     if on_meta:
         model.to_empty(device=runtime.device)
+        kept = _unsharded(model)   # to_empty made them anew
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for buffer in model.buffers():   # non-persistent buffers (RoPE's inverse frequencies) are in no state dict
-        torch.distributed.broadcast(buffer, src=0)
+    for tensor in (*model.buffers(), *kept):   # non-persistent buffers (RoPE's inverse frequencies) are in no
+        torch.distributed.broadcast(tensor.data, src=0)   # state dict; the replicated parameters are each rank's own
+    for p in kept:
+        if p.requires_grad:   # replicated, so their gradient is averaged here as DDP would
+            p.register_post_accumulate_grad_hook(_average_gradient)
     main_print(runtime, f"FSDP2: the model sharded over {runtime.world_size} processes, its weights read by rank 0 only")
     return model
+
+
+def _unsharded(model: nn.Module) -> list:
+    """Parameters FSDP2 cannot shard, kept whole on every rank: scalars, and the empty projections of a member
+    that has lost every dim of one kind in a layer."""
+    return [p for p in model.parameters() if p.dim() == 0 or p.numel() == 0]
+
+
+def _average_gradient(p: torch.Tensor) -> None:
+    torch.distributed.all_reduce(p.grad)
+    p.grad /= torch.distributed.get_world_size()
 
 
 def _options():

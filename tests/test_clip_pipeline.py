@@ -261,3 +261,47 @@ def test_demo_clip_trains_once_and_prints_the_table(tiny_clip_dir, tmp_path, cap
     assert os.path.isfile(os.path.join(out, "pretrain", "model", "tokenizer.json"))
     assert main(["demo-clip", "--output", out, *small]) == 0
     assert "pretrained model cached in" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_fsdp2_search_and_retrain_on_clip_match_ddp(tiny_clip_dir, tmp_path):
+    """model.fsdp=true on both towers of a CLIP (2 CPU processes, gloo): the logit scale, a scalar FSDP2 cannot
+    shard, stays whole on every rank; zero-shot evaluation runs get_text_features on the sharded model. The
+    search gives DDP's path; the retrain of a member that lost every query-key dim of one layer (empty
+    projections, which FSDP2 cannot shard either) gives DDP's weights, the logit scale trained alike."""
+    from spp.structure import mask_names, model_geometry
+
+    model_dir, data = tiny_clip_dir
+    common = [f"model.name={model_dir}", f"data.root={data}", "data.batch_size=32", "data.eval_batch_size=100",
+              "search.calibration_batches=2", "search.steps=8", "search.nu=3000", "search.checkpoint_every=0",
+              "train.steps=6", "train.epochs=1", "train.ema=false"]
+    model = spp.create_model(model_dir)
+    spp.add_masks(model)
+    g = torch.Generator().manual_seed(0)
+    masks = {n: (torch.rand(p.shape, generator=g) > 0.3).float() for n, p in spp.mask_parameters(model)}
+    emptied = mask_names(model_geometry(model)[-1])["qk"]
+    masks[emptied] = torch.zeros_like(masks[emptied])
+    spp.set_masks(model, masks)
+    member = str(tmp_path / "member")
+    spp.save_pruned(spp.compress(model), member)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = {}
+    for mode in ("ddp", "fsdp"):
+        for command in ("search", "retrain"):
+            out[mode, command] = tmp_path / f"{mode}-{command}"
+            result = subprocess.run(
+                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "spp",
+                 command, DEMO, f"output={out[mode, command]}", f"train.source={member}", *common,
+                 *(["model.fsdp=true"] if mode == "fsdp" else [])],
+                capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+            assert result.returncode == 0, result.stderr[-3000:]
+            assert ("its weights read by rank 0 only" in result.stdout) == (mode == "fsdp")
+    paths = [spp.SolutionPath.load(str(out[mode, "search"])) for mode in ("ddp", "fsdp")]
+    for n, e in paths[0].entries.items():
+        assert torch.equal(e["entry_step"], paths[1].entries[n]["entry_step"]), n
+    ddp, fsdp = (spp.load_pruned(str(out[mode, "retrain"] / "last")).state_dict() for mode in ("ddp", "fsdp"))
+    before = spp.load_pruned(member).state_dict()
+    assert ddp.keys() == fsdp.keys()
+    for k in ddp:
+        torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-5, atol=1e-6)
+    assert not torch.equal(ddp["logit_scale"], before["logit_scale"])

@@ -591,3 +591,27 @@ def test_unequal_groups_decode_exactly(attn):
     for m in (model, small):
         m.config._attn_implementation = attn
     check_exact(model, small, torch.randint(3, VOCAB, (2, 20)))
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-bias", "opt"])
+def test_every_parameter_of_a_member_gets_a_gradient(name):
+    """A member that lost every query-key dim of one layer and every value dim of another keeps its empty
+    projections in the graph, so DDP (which expects a gradient for every parameter) can finetune it."""
+    from spp.structure import mask_names
+    model = tiny(name)
+    spp.add_masks(model)
+    masks = random_masks(model, seed=2, zero=0.2)
+    first, second = (mask_names(g) for g in model_geometry(model))
+    masks[first["qk"]] = torch.zeros_like(masks[first["qk"]])
+    masks[second["v"]] = torch.zeros_like(masks[second["v"]])
+    spp.set_masks(model, masks)
+    small = spp.compress(model)
+    layers = small.model.decoder.layers if name == "opt" else small.model.layers
+    assert layers[0].self_attn.qk_dim == 0 and layers[1].self_attn.num_heads == 0
+    ids = torch.randint(3, VOCAB, (2, 12))
+    small.train()
+    small(ids).logits.float().pow(2).mean().backward()
+    assert [n for n, p in small.named_parameters() if p.grad is None] == []
+    with torch.no_grad():
+        model.eval(), small.eval()
+        torch.testing.assert_close(small(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)

@@ -32,6 +32,8 @@ class ModelFamily:
     name: str = ""
     description: str = ""
     classes: Sequence[str] = ()
+    forward_methods: Sequence[str] = ()   # methods other than forward that run the model (CLIP's get_*_features):
+                                          # FSDP2 gathers the weights around them too (spp.sharding)
 
     # ----- structure ---------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> List[nn.Module]:

@@ -34,6 +34,7 @@ class CLIPFamily(_DecoderFamily):
     mlp_in = ("mlp.fc1",)
     mlp_out = "mlp.fc2"
     scale_query = False
+    forward_methods = ("get_text_features", "get_image_features")   # zero-shot and retrieval embeddings
 
     @staticmethod
     def towers(model: nn.Module) -> List[Tuple[str, nn.Module]]:

@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..structure import Geometry, UnsupportedModel, Widths
@@ -271,7 +272,9 @@ class PrunedDecoderAttention(nn.Module):
             if cache is not None:
                 empty = hidden_states.new_zeros(B, 1, T, 1)
                 cache.update(empty, empty, self.layer_idx, kwargs=kwargs)
-            return out_proj(hidden_states.new_zeros(B, T, 0)), None
+            # the empty projections' (B, T, 0) outputs, so that every parameter is in the graph (DDP expects it)
+            nothing = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], -1)
+            return out_proj(nothing), None
         q = self.q_proj(hidden_states)
         if self.scale_query:
             q = q * self.scaling
@@ -281,8 +284,8 @@ class PrunedDecoderAttention(nn.Module):
         if self.rotary and self.qk_dim:
             cos, sin = position_embeddings
             q, k = apply_rotary_pos_emb(q, k, cos[..., self.rope_index], sin[..., self.rope_index])
-        if not self.qk_dim:   # no query-key dims: equal logits, i.e. uniform attention over the prefix
-            q, k = q.new_zeros(B, self.num_heads, T, 1), k.new_zeros(B, self.num_kv_heads, T, 1)
+        if not self.qk_dim:   # no query-key dims: equal logits, i.e. uniform attention over the prefix (one zero
+            q, k = F.pad(q, (0, 1)), F.pad(k, (0, 1))   # dim, padded on: the projections stay in the graph for DDP)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
         padded = not self.standard_groups and T == 1   # a decoded token: its query heads in equal groups
