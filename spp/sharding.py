@@ -3,9 +3,10 @@
 Only rank 0 reads the weights: the other ranks build the model's skeleton on the meta device (no memory,
 no file read), every rank shards it with ``torch.distributed.fsdp.fully_shard`` (each block, then the rest),
 and rank 0's tensors are broadcast into the shards (``set_model_state_dict(..., broadcast_from_rank0=True)``).
-Host memory is then one copy of the model on rank 0's node, not one per process. Checkpoints hold whole
-tensors, gathered to rank 0 (``get_model_state_dict`` / ``get_optimizer_state_dict`` with
-``full_state_dict=True``), so a sharded run resumes on any number of processes and its weights load anywhere.
+Host memory is then one copy of the model on rank 0's node, not one per process. Parameters FSDP2 cannot
+shard (scalars, empty tensors) stay whole on every rank, their gradients averaged as DDP averages them.
+Checkpoints hold whole tensors, gathered to rank 0 (``get_model_state_dict`` / ``get_optimizer_state_dict``
+with ``full_state_dict=True``), so the weights a sharded run saves load anywhere, sharded or not.
 """
 from __future__ import annotations
 
