@@ -14,9 +14,9 @@ from .checkpoint import atomic_write
 from .compress import save_pruned
 from .config import Config, ConfigError, save_config
 from .engine import evaluate, train_one_epoch
-from .runtime import (NonFiniteLoss, RunLogger, check_shapes,
-                      check_same_run, gather_rng_states, load_training_checkpoint, main_print, resume_file,
-                      restore_rng_states, save_training_checkpoint, setup_runtime)
+from .runtime import (NonFiniteLoss, RunLogger, check_same_run, check_shapes, gather_rng_states,
+                      load_training_checkpoint, main_print, reseed_ranks, resume_file, restore_rng_states,
+                      save_training_checkpoint, setup_runtime)
 from .sharding import full_optimizer_state, full_state_dict, is_sharded, load_full_state, shard
 
 __all__ = ["run_retrain"]
@@ -114,6 +114,7 @@ def run_retrain(cfg: Config) -> Dict:
     if t.distill > 0:
         teacher = build_model(cfg, runtime, meta=meta)
         teacher = (shard(teacher, runtime) if sharded else teacher.to(runtime.device)).eval().requires_grad_(False)
+    reseed_ranks(runtime, cfg.seed)
     mixup_fn, criterion = build_criterion(cfg.data, teacher, t.distill, t.distill_temperature)
     lr = t.lr * cfg.data.batch_size * runtime.world_size / 512
     optimizer = create_optimizer_v2(model, t.opt, lr=lr, weight_decay=t.weight_decay)

@@ -126,6 +126,14 @@ def keep_cpu_memory() -> bool:
     return all([mallopt(_M_MMAP_THRESHOLD, largest) == 1, mallopt(_M_TRIM_THRESHOLD, largest) == 1])
 
 
+def reseed_ranks(runtime: Runtime, seed: int) -> None:
+    """Seed every rank again (``seed + rank``) once its model is built. In a distributed run the random streams
+    then do not depend on how a rank built its model (whole, or as a meta-device skeleton under FSDP2), so a
+    sharded run draws what a DDP run draws; in one process nothing changes."""
+    if runtime.distributed:
+        seed_everything(seed + runtime.rank)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)

@@ -17,8 +17,8 @@ from .masks import MasksAtOne, add_masks, mask_parameters
 from .optim import LBI
 from .path import SolutionPath, support_sizes, whole
 from .runtime import (CheckpointError, NonFiniteLoss, Runtime, RunLogger, check_same_run, check_shapes,
-                      gather_rng_states, load_training_checkpoint, main_print, resume_file,
-                      restore_rng_states, save_training_checkpoint, setup_runtime)
+                      gather_rng_states, load_training_checkpoint, main_print, reseed_ranks,
+                      resume_file, restore_rng_states, save_training_checkpoint, setup_runtime)
 from .sharding import shard
 from .structure import mask_pairs
 
@@ -98,6 +98,7 @@ def run_search(cfg: Config) -> SolutionPath:
         shard(model, runtime)
     else:
         model.to(runtime.device)
+    reseed_ranks(runtime, cfg.seed)
     named_masks = mask_parameters(model)   # after sharding: FSDP2 replaces the parameters with DTensors
     masks = [p for _, p in named_masks]
     loaders = build_loaders(cfg, runtime)

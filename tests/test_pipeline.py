@@ -429,6 +429,32 @@ def test_eval_reads_only_the_split_it_needs(tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp2_vit_retrain_with_mixup_and_drop_path_gives_ddps_weights(tmp_path):
+    """model.fsdp=true on a ViT (2 CPU processes): rank 1 builds a meta-device skeleton, yet every rank's random
+    stream (mixup, drop path) is DDP's, since the ranks are seeded again once their models are built; the search
+    gives DDP's path, the retrain DDP's weights."""
+    assert run("search", str(tmp_path / "search"), "search.steps=8", "model.drop_path=0.1") == 0
+    assert run("export", str(tmp_path / "search"), "model.drop_path=0.1") == 0   # the member keeps its drop path
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["model.drop_path=0.1", "search.steps=8", "search.nu=2000", f"train.source={tmp_path / 'search' / 'pruned'}",
+              "train.epochs=2", "train.ema=false", "train.distill=0"]
+    out = {}
+    for mode in ("ddp", "fsdp"):
+        for command in ("search", "retrain"):
+            out[mode, command] = tmp_path / f"{mode}-{command}"
+            result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                                     "-m", "spp", command, SMOKE, f"output={out[mode, command]}", *common,
+                                     *(["model.fsdp=true"] if mode == "fsdp" else [])],
+                                    capture_output=True, text=True, env=env, timeout=300)
+            assert result.returncode == 0, result.stderr[-3000:]
+    paths = [spp.SolutionPath.load(str(out[mode, "search"])) for mode in ("ddp", "fsdp")]
+    assert all(torch.equal(e["entry_step"], paths[1].entries[n]["entry_step"]) for n, e in paths[0].entries.items())
+    ddp, fsdp = (spp.load_pruned(str(out[mode, "retrain"] / "last")).state_dict() for mode in ("ddp", "fsdp"))
+    for k in ddp:
+        torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_torchrun_two_processes_give_one_identical_path(tmp_path):
     out = str(tmp_path / "ddp")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
