@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .masks import require_masks
 from .optim import LBI
+from .sharding import is_sharded
 from .structure import mask_pairs
 
 NU_CALIBRATIONS = ("pooled", "pair", "mask")   # which masks share one calibrated ν
@@ -77,7 +78,7 @@ def mask_gradient_rms(model, data: Iterable, loss_fn: Callable = F.cross_entropy
     if runtime is None:
         runtime = _OneProcess(named[0][1].device)
     squares = dict.fromkeys((n for n, _ in named), 0.0)
-    sharded = any(hasattr(p, "device_mesh") for _, p in named)   # FSDP2's DTensors: not leaves of the graph
+    sharded = is_sharded(model)   # FSDP2's DTensors: not leaves of the graph
     world = torch.distributed.get_world_size() if sharded else 1
     seen = samples = 0
     model.train()

@@ -10,12 +10,13 @@ with ``full_state_dict=True``), so the weights a sharded run saves load anywhere
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import TYPE_CHECKING, Dict
 
 import torch
 from torch import nn
 
-from .runtime import Runtime, main_print
+if TYPE_CHECKING:   # spp.calibrate imports this module, and spp.runtime (through spp.config) imports calibrate
+    from .runtime import Runtime
 
 __all__ = ["is_sharded", "shard", "full_state_dict", "full_optimizer_state", "load_full_state"]
 
@@ -34,6 +35,7 @@ def shard(model: nn.Module, runtime: Runtime) -> nn.Module:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+    from .runtime import main_print
     from .structure import model_family
     full = model.state_dict() if runtime.is_main else {}   # whole tensors: kept until broadcast
     on_meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))

@@ -43,37 +43,41 @@ def test_relative_links_resolve(page):
     assert not broken, f"{page}: broken links: {broken}"
 
 
+def _tour(script: str) -> str:
+    """Run ``scripts/<script>`` as the README says; its output, after checking it exited cleanly."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
 @pytest.mark.slow
 def test_api_example_tour_runs():
     """The README sends notebook users to ``python scripts/api_example.py``: search, select, compress, save."""
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "api_example.py")],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    stdout = _tour("api_example.py")
     members = re.findall(r"keep (\d+)%: ([\d,]+) params \(predicted ([\d,]+)\), masked vs compressed max diff (\S+)",
-                         result.stdout)
-    assert [m[0] for m in members] == ["70", "50", "30"], result.stdout
+                         stdout)
+    assert [m[0] for m in members] == ["70", "50", "30"], stdout
     for _, params, predicted, diff in members:
-        assert params == predicted and float(diff) < 1e-5, result.stdout
+        assert params == predicted and float(diff) < 1e-5, stdout
     sizes = [int(m[1].replace(",", "")) for m in members]
     assert sizes[0] > sizes[1] > sizes[2]
-    assert "saved and reloaded: True" in result.stdout
-    best = re.search(r"select_best at 50%: ranked by (entry|z), values (binary|path), scores (\{.*\})", result.stdout)
-    assert best and len(ast.literal_eval(best.group(3))) == 4, result.stdout   # every reading scored
+    assert "saved and reloaded: True" in stdout
+    best = re.search(r"select_best at 50%: ranked by (entry|z), values (binary|path), scores (\{.*\})", stdout)
+    assert best and len(ast.literal_eval(best.group(3))) == 4, stdout   # every reading scored
 
 
 @pytest.mark.slow
 def test_llm_api_example_tour_runs():
     """The README's LLM tour (``python scripts/api_example_llm.py``): exact members, identical generation, reload."""
     pytest.importorskip("transformers", reason="the LLM tour needs transformers: pip install -e '.[llm]'")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "api_example_llm.py")],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    stdout = _tour("api_example_llm.py")
     members = re.findall(r"keep (\d+)% of (\w+): ([\d,]+) params \(predicted ([\d,]+)\), masked vs compressed logits "
-                         r"max diff (\S+), 16 greedy tokens identical: (\w+)", result.stdout)
-    assert [(m[0], m[1]) for m in members] == [("70", "params"), ("50", "params"), ("50", "flops")], result.stdout
+                         r"max diff (\S+), 16 greedy tokens identical: (\w+)", stdout)
+    assert [(m[0], m[1]) for m in members] == [("70", "params"), ("50", "params"), ("50", "flops")], stdout
     for _, _, params, predicted, diff, same in members:
-        assert params == predicted and float(diff) < 1e-4 and same == "True", result.stdout
-    assert "saved and reloaded: LlamaForCausalLM True" in result.stdout
+        assert params == predicted and float(diff) < 1e-4 and same == "True", stdout
+    assert "saved and reloaded: LlamaForCausalLM True" in stdout
 
 
 @pytest.mark.slow
@@ -81,15 +85,13 @@ def test_clip_api_example_tour_runs():
     """The README's CLIP tour (``python scripts/api_example_clip.py``): exact members of both towers, per-tower
     budgets, reload."""
     pytest.importorskip("transformers", reason="the CLIP tour needs transformers: pip install -e '.[llm]'")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "api_example_clip.py")],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    stdout = _tour("api_example_clip.py")
     members = re.findall(r"keep (\d+)% \((\w+)\): ([\d,]+) params \(predicted ([\d,]+)\), masked vs compressed "
-                         r"embeddings max diff (\S+)", result.stdout)
-    assert [(m[0], m[1]) for m in members] == [("70", "global"), ("50", "global"), ("50", "part")], result.stdout
+                         r"embeddings max diff (\S+)", stdout)
+    assert [(m[0], m[1]) for m in members] == [("70", "global"), ("50", "global"), ("50", "part")], stdout
     for _, _, params, predicted, diff in members:
-        assert params == predicted and float(diff) < 1e-5, result.stdout
-    assert "saved and reloaded: CLIPModel True" in result.stdout
+        assert params == predicted and float(diff) < 1e-5, stdout
+    assert "saved and reloaded: CLIPModel True" in stdout
 
 
 @pytest.mark.slow
