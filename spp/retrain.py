@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -154,9 +154,9 @@ def run_retrain(cfg: Config) -> Dict:
                         f"{total_steps} steps ({steps_per_epoch}/epoch), lr {lr:.3g}")
     logger = RunLogger(cfg.output, runtime)
 
-    def save(global_step: int, at_epoch: int, at_batch: int) -> None:
+    def save(global_step: int, at_epoch: int, at_batch: int, weights: Optional[Dict] = None) -> None:
         rng = gather_rng_states(runtime)  # collective: every rank takes part
-        weights = _weights(model)          # so is gathering a sharded model's tensors
+        weights = _weights(model) if weights is None else weights   # so is gathering a sharded model's tensors
         optim = full_optimizer_state(model, optimizer) if sharded else None
         if not runtime.is_main:
             return
@@ -191,6 +191,7 @@ def run_retrain(cfg: Config) -> Dict:
                                     desc=f"train epoch {epoch}", task=task)
             step = stats["step"]
             finished_epoch = step - epoch_start >= steps_per_epoch
+            weights = None   # the model's, once gathered for last/best: the checkpoint takes them too
             if (epoch + 1) % t.eval_every == 0 or step >= total_steps:
                 evaluated = ema.module if ema is not None else model
                 metrics = evaluate(evaluated, loaders["val"], runtime, desc="val", task=task)
@@ -199,15 +200,16 @@ def run_retrain(cfg: Config) -> Dict:
                     f"top-1 {metrics['top1']:.2f}%" if task.headline == "top1" else
                     f"{task.headline} {metrics[task.headline]:.3f}"))
                 score = task.score(metrics)
-                weights = _weights(evaluated)   # a collective on a sharded model
+                saved = _weights(evaluated)   # a collective on a sharded model
                 if runtime.is_main:
-                    _save_model(evaluated, os.path.join(cfg.output, "last"), weights)
+                    _save_model(evaluated, os.path.join(cfg.output, "last"), saved)
                 if score > best.get("score", best.get("top1", float("-inf"))):
                     best = {**metrics, "score": score, "epoch": epoch, "step": step}
                     if runtime.is_main:
-                        _save_model(evaluated, os.path.join(cfg.output, "best"), weights)
+                        _save_model(evaluated, os.path.join(cfg.output, "best"), saved)
+                weights = saved if evaluated is model else None
             epoch, batch = (epoch + 1, 0) if finished_epoch else (epoch, step - epoch_start)
-            save(step, epoch, batch)
+            save(step, epoch, batch, weights)
     except NonFiniteLoss as e:
         logger.close()
         raise NonFiniteLoss(f"{e}; training stopped. The last good checkpoint is "
