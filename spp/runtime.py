@@ -179,10 +179,8 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def save_training_checkpoint(state: Dict[str, Any], path: str) -> None:
-    """Atomically write ``path``, keeping the previous one as ``<path>.prev``."""
-    if os.path.exists(path):
-        os.replace(path, path + ".prev")
-    atomic_torch_save(state, path)
+    """Atomically write ``path``, keeping the previous one as ``<path>.prev``; ``path`` is never missing."""
+    atomic_torch_save(state, path, keep_previous=path + ".prev")
 
 
 def load_training_checkpoint(path: str, kind: str, model_name: str) -> Dict[str, Any]:

@@ -1,5 +1,6 @@
 """spp.runtime: keep_cpu_memory (also called by the pipeline on the CPU): freed CPU tensors are reused, not
-page-faulted in again; provenance: what a run or benchmark ran on."""
+page-faulted in again; provenance: what a run or benchmark ran on; training checkpoints that a kill at any
+instant leaves whole."""
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import timm
 import torch
 
 import spp
-from spp.runtime import provenance
+from spp.runtime import provenance, save_training_checkpoint
 
 PROBE = """
 import resource, sys
@@ -81,3 +82,26 @@ def test_run_logger_records_the_start_before_any_step(tmp_path):
     logger.close()
     RunLogger(str(tmp_path / "quiet"), Runtime(torch.device("cpu"), None, rank=1, world_size=2)).close()   # rank 1: no files
     assert not (tmp_path / "quiet").exists()
+
+
+def test_training_checkpoint_exists_at_every_instant_of_its_rewrite(tmp_path, monkeypatch):
+    """The previous checkpoint moves to ``.prev`` only once the new one is written: a run killed while it saves
+    (any instant) still has ``path`` to resume from."""
+    path = str(tmp_path / "checkpoint.pth")
+    save_training_checkpoint({"step": 4}, path)
+    seen = []
+    real_save = torch.save
+
+    def watching_save(obj, f, *args, **kwargs):
+        seen.append(os.path.isfile(path) and torch.load(path, weights_only=True)["step"])
+        real_save(obj, f, *args, **kwargs)
+        seen.append(os.path.isfile(path) and torch.load(path, weights_only=True)["step"])
+
+    monkeypatch.setattr(torch, "save", watching_save)
+    save_training_checkpoint({"step": 8}, path)
+    assert seen == [4, 4]
+    assert torch.load(path, weights_only=True)["step"] == 8
+    assert torch.load(path + ".prev", weights_only=True)["step"] == 4
+    save_training_checkpoint({"step": 12}, path)
+    assert torch.load(path + ".prev", weights_only=True)["step"] == 8
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "checkpoint.pth.prev"]   # no temporary file left
