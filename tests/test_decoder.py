@@ -580,7 +580,8 @@ def test_merged_lora_state_equals_peft_merge():
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_unequal_groups_decode_exactly(attn):
     """A member whose query heads share their key/value heads unequally (3 over 2) decodes with its query
-    heads padded into equal groups, reading the cache as it is: the masked model's tokens and scores."""
+    heads padded into equal groups, reading the cache as it is: the masked model's tokens and scores. The
+    group size of a decoded token reaches the attention function for that call only: the module stays as built."""
     model = tiny("llama-gqa-bias")
     spp.add_masks(model, granularity="head")
     spp.set_masks(model, random_masks(model, seed=1))
@@ -590,7 +591,11 @@ def test_unequal_groups_decode_exactly(attn):
     assert attention.group_max == 2 and attention.slots.tolist() == [0, 2, 3]
     for m in (model, small):
         m.config._attn_implementation = attn
+    seen = []
+    hook = attention.register_forward_hook(lambda module, args, out: seen.append(module.num_key_value_groups))
     check_exact(model, small, torch.randint(3, VOCAB, (2, 20)))
+    hook.remove()
+    assert len(seen) > 2 and set(seen) == {1}   # prompt and decoded tokens alike
 
 
 @pytest.mark.parametrize("name", ["llama-gqa-bias", "opt"])

@@ -202,6 +202,19 @@ def _add_mask(linear: nn.Linear, attr: str, size: int, layout=None) -> None:
 # ================================================================================================
 # Compressed attention
 # ================================================================================================
+class _Grouped:
+    """An attention module as transformers' attention functions read it (``module.num_key_value_groups``,
+    ``module.training``, ...), with another key/value group size for one call: the module itself is not changed."""
+
+    __slots__ = ("module", "num_key_value_groups")
+
+    def __init__(self, module: nn.Module, groups: int):
+        self.module, self.num_key_value_groups = module, groups
+
+    def __getattr__(self, name: str):
+        return getattr(self.module, name)
+
+
 class PrunedDecoderAttention(nn.Module):
     """A decoder attention with pruned widths, a drop-in for the model's own (same call and return).
 
@@ -255,7 +268,7 @@ class PrunedDecoderAttention(nn.Module):
         kv_map = kv_map.cpu()
         group = h // kv if kv and h % kv == 0 else 0
         self.standard_groups = bool(group) and torch.equal(kv_map, torch.arange(h, device="cpu") // group)
-        self.num_key_value_groups = group if self.standard_groups else 1
+        self.num_key_value_groups = group if self.standard_groups else 1   # unequal groups: keys and values per query head
         self.group_max = int(torch.bincount(kv_map, minlength=kv).max()) if h else 0
         rank = [int((kv_map[:i] == kv_map[i]).sum()) for i in range(h)]   # a head's place within its group
         self.slots.copy_(kv_map * self.group_max + torch.tensor(rank, dtype=torch.long, device="cpu"))   # meta: no-op
@@ -289,16 +302,16 @@ class PrunedDecoderAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
         padded = not self.standard_groups and T == 1   # a decoded token: its query heads in equal groups
+        caller = self   # what the attention function reads num_key_value_groups (and the rest) from
         if padded:
             q = q.new_zeros(B, self.num_kv_heads * self.group_max, 1, q.shape[-1]).index_copy_(1, self.slots, q)
-            self.num_key_value_groups = self.group_max
+            caller = _Grouped(self, self.group_max)
         elif not self.standard_groups:   # a prompt: each query head's keys and values
             k, v = k[:, self.kv_map], v[:, self.kv_map]
-            self.num_key_value_groups = 1
         if T > 1:   # a prompt: one head width for the fused kernel (one decoded token: no copy of the cache)
             q, k, v = equal_widths(q, k, v)
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        out, weights = attend(self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
+        out, weights = attend(caller, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
                               scaling=1.0 if self.scale_query else self.scaling, sliding_window=self.sliding_window,
                               **kwargs)
         if padded:
