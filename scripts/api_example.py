@@ -32,6 +32,7 @@ def main():
 
     path = spp.SolutionPath.from_optimizer(optimizer, model)
     family = spp.WeightFamily(model, path)
+    print(f"the path covers {family.reach():.1%} of the prunable params (members up to that are ranked along it)")
     for keep in (0.7, 0.5, 0.3):
         member = family.select(keep=keep, by="params")
         pruned = spp.compress(model, member.masks)

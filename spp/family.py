@@ -190,6 +190,15 @@ class WeightFamily:
         """Cost of everything the masks can remove."""
         return self._total([g.full for g in self.geoms], by) - self._total(self._empty(), by)
 
+    def reach(self, by: str = "params") -> float:
+        """Fraction of the prunable ``by`` that the path covers: the cost of the elements that entered the
+        support of Γ by the end of the search. A member that keeps at most this much is ranked along the path
+        (by entry step); a larger one also keeps elements that never entered, ranked by their final |z|, which
+        a longer search would order by entry instead (the path up to a step does not depend on what follows)."""
+        if by not in BUDGET_KINDS:
+            raise ValueError(f"by={by!r}: choose one of {BUDGET_KINDS}")
+        return self.summarize(self._masks(np.isfinite(self.entry)), by=by).kept
+
     def _constant(self, by: str) -> int:
         dense = {"params": self.params_before, "flops": self.flops_before, "elements": 0}[by]
         return dense - self._total([g.full for g in self.geoms], by)

@@ -202,6 +202,7 @@ def run_search(cfg: Config) -> SolutionPath:
         from .report import plot_path
         plot_path(path, os.path.join(cfg.output, "path.png"))
         main_print(runtime, f"wrote {cfg.output}/path.json, path.safetensors, family.md, path.png")
+        main_print(runtime, reach_note(family, path.steps))
     logger.close()
     runtime.barrier()
     return path
@@ -215,17 +216,29 @@ def _like(tensor: torch.Tensor, param) -> torch.Tensor:
     return tensor
 
 
+def reach_note(family: WeightFamily, steps: int) -> str:
+    """How far the path got: members up to that size are ranked along it; what to do about larger ones."""
+    reach = family.reach("params")
+    note = f"path: the support covers {reach:.1%} of the prunable params after {steps} steps"
+    if reach < 0.999:
+        note += (f"; members keeping more are ranked past its end by final |z| (a longer search, search.steps or "
+                 f"search.epochs, extends the path without changing it up to step {steps})")
+    return note
+
+
 def write_family_table(model, path: SolutionPath, targets, output: str, input_size=None,
                        family: WeightFamily = None) -> List[Dict]:
     from .report import write_table
 
     family = family or WeightFamily(model, path, input_size)
+    reach = family.reach("params")
     rows = []
     for keep in targets:
         s = family.select(keep=keep).summary
         flops = f"{s.flops_after / 1e9:.4f}" + (f" per {input_size[0]} tokens" if input_size else "")
         rows.append({"kept (prunable params)": f"{s.kept:.1%}", "params": f"{s.params_after / 1e6:.3f}M",
                      "params kept": f"{s.params_after / s.params_before:.1%}", "GFLOPs": flops,
-                     "FLOPs kept": f"{s.flops_after / s.flops_before:.1%}"})
+                     "FLOPs kept": f"{s.flops_after / s.flops_before:.1%}",
+                     "ranked": "along the path" if s.kept <= reach * (1 + 1e-9) else "past its end, by |z|"})
     write_table(rows, os.path.join(output, "family"))
     return rows

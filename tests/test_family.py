@@ -281,3 +281,24 @@ def test_path_keeps_its_mask_values_when_the_model_masks_change():
     spp.set_masks(model, {n: torch.zeros_like(p) for n, p in spp.mask_parameters(model)})
     assert all(torch.equal(path.entries[n]["mask"], m) for n, m in before.items())
     assert any((m != 1).any() for m in before.values())
+
+
+@pytest.mark.parametrize("granularity", ["dim", "head"])
+def test_reach_is_the_cost_of_what_entered_and_splits_members_on_and_past_the_path(granularity):
+    """``reach``: the kept fraction of the member made of exactly the entered elements. Entry-ranked members up
+    to it keep only entered elements; larger ones keep some that never entered. The family table says which."""
+    model = spp.add_masks(tiny_vit(), granularity)
+    path = fake_path(model, never=0.4)
+    family = spp.WeightFamily(model, path)
+    entered = {n: torch.isfinite(e["entry_step"]).float() for n, e in path.entries.items()}
+    reach = family.reach("params")
+    assert 0.3 < reach < 0.9 and reach == family.summarize(entered).kept
+    assert family.reach("elements") == pytest.approx(
+        sum(float(m.sum()) for m in entered.values()) / sum(m.numel() for m in entered.values()), abs=0.05)
+    inside, past = family.select(keep=reach * 0.95), family.select(keep=min(1.0, reach * 1.05))
+    assert all(bool(entered[n][m != 0].all()) for n, m in inside.masks.items())
+    assert not all(bool(entered[n][m != 0].all()) for n, m in past.masks.items())
+    every = spp.SolutionPath.from_scores(model, {n: torch.rand(e.shape) for n, e in entered.items()})
+    assert spp.WeightFamily(model, every).reach() == 1.0   # a scored path has every element entered
+    with pytest.raises(ValueError, match="by='bytes'"):
+        family.reach("bytes")

@@ -11,6 +11,7 @@ import yaml
 
 import spp
 from conftest import kill_after_checkpoint
+from spp.build import build_model
 from spp.cli import main
 from spp.config import ConfigError, load_config
 
@@ -174,7 +175,12 @@ def test_end_to_end_search_family_export_retrain(tmp_path, capsys):
     assert resolved["output"] == out and resolved["search"]["steps"] == 24
     path = spp.SolutionPath.load(out)
     assert path.steps == 24 and path.support and path.meta["hyperparameters"]["nu"] > 0
-    assert len(json.load(open(os.path.join(out, "family.json")))) == 3
+    table = json.load(open(os.path.join(out, "family.json")))
+    assert len(table) == 3
+    reach = spp.WeightFamily(build_model(load_config(SMOKE)), path).reach()
+    assert f"path: the support covers {reach:.1%} of the prunable params after 24 steps" in capsys.readouterr().out
+    assert [r["ranked"] for r in table] == ["along the path" if float(r["kept (prunable params)"][:-1]) <= 100 * reach
+                                            else "past its end, by |z|" for r in table]
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert log[-1]["step"] == 24 and "support/mlp" in log[-1]
     assert log[0]["run"]["torch"] == torch.__version__ and log[0]["run"]["processes"] == 1   # what it ran on
