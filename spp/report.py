@@ -20,6 +20,7 @@ from .flops import count_flops, count_params
 from .models.vit import input_size_of
 from .path import SolutionPath
 from .runtime import Runtime, main_print, setup_runtime
+from .search import reach_note
 from .structure import PAIRS
 
 __all__ = ["run_family", "run_export", "run_eval", "write_table", "plot_path", "plot_family", "throughput", "lm_throughput"]
@@ -123,6 +124,7 @@ def run_family(cfg: Config) -> List[Dict]:
     f = cfg.family
     score = HeldOutScore(cfg, runtime, model, family.granularity, f.max_batches)
     task = score.task
+    main_print(runtime, reach_note(family, family.path.steps))
     rows = []
     for keep in f.targets:
         budget = dict(keep=keep, by=f.by, scope=f.scope, floor=f.floor, round_to=f.round_to)

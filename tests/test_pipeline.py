@@ -186,6 +186,7 @@ def test_end_to_end_search_family_export_retrain(tmp_path, capsys):
     assert log[0]["run"]["torch"] == torch.__version__ and log[0]["run"]["processes"] == 1   # what it ran on
 
     assert run("family", out) == 0
+    assert f"path: the support covers {reach:.1%}" in capsys.readouterr().out
     rows = json.load(open(os.path.join(out, "family_eval.json")))
     assert [r["target"] for r in rows] == [1.0, 0.5, 0.2]
     assert rows[0]["params"] > rows[1]["params"] > rows[2]["params"]
