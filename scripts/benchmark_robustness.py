@@ -226,6 +226,8 @@ def run_setting(setting: Setting, args) -> Dict:
     magnitude = spp.SolutionPath.from_scores(masked, magnitude_scores(masked))
     for seed in args.seeds:
         for method, calibration in (("spp", "val"), ("spp-train-nu", "train")):
+            if calibration not in args.nu_data:
+                continue
             start = time.time()
             path, nu = spp_search(dense, data, seed, args.search_steps, calibration)
             seconds = time.time() - start
@@ -298,6 +300,8 @@ def main():
     parser.add_argument("--removed", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.85])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--search-steps", type=int, default=600)
+    parser.add_argument("--nu-data", nargs="+", default=["val", "train"], choices=["val", "train"],
+                        help="the batches ν is calibrated on, one search each: val (spp) and train (spp-train-nu)")
     parser.add_argument("--taylor-batches", type=int, default=20)
     parser.add_argument("--pretrain-epochs", type=int, default=0,
                         help="pretrain every setting this many epochs instead of its own (a quick check of the script)")

@@ -194,7 +194,8 @@ class WeightFamily:
         """Fraction of the prunable ``by`` that the path covers: the cost of the elements that entered the
         support of Γ by the end of the search. A member that keeps at most this much is ranked along the path
         (by entry step); a larger one also keeps elements that never entered, ranked by their final |z|, which
-        a longer search would order by entry instead (the path up to a step does not depend on what follows)."""
+        a longer search would order by entry instead (the entry steps up to a step do not depend on the steps
+        after it; the final mask values and |z| do)."""
         if by not in BUDGET_KINDS:
             raise ValueError(f"by={by!r}: choose one of {BUDGET_KINDS}")
         return self.summarize(self._masks(np.isfinite(self.entry)), by=by).kept

@@ -222,7 +222,7 @@ def reach_note(family: WeightFamily, steps: int) -> str:
     note = f"path: the support covers {reach:.1%} of the prunable params after {steps} steps"
     if reach < 0.999:
         note += (f"; members keeping more are ranked past its end by final |z| (a longer search, search.steps or "
-                 f"search.epochs, extends the path without changing it up to step {steps})")
+                 f"search.epochs, extends the path; the entry steps up to step {steps} stay as they are)")
     return note
 
 
