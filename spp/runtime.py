@@ -237,11 +237,13 @@ def check_same_run(state: Dict[str, Any], config: Dict[str, Any], path: str) -> 
 
 
 def resume_file(resume: Optional[str], default: str) -> Optional[str]:
-    """The checkpoint to resume from: ``resume="auto"`` takes ``default`` if it exists."""
+    """The checkpoint to resume from: ``resume="auto"`` takes ``default`` if it exists, else the one before it
+    (``default.prev``: a folder whose checkpoint was deleted, or written by a version of spp that renamed it
+    away before writing the next)."""
     if resume in (None, "", "none"):
         return None
     if resume == "auto":
-        return default if os.path.isfile(default) else None
+        return next((f for f in (default, default + ".prev") if os.path.isfile(f)), None)
     if not os.path.isfile(resume):
         raise CheckpointError(f"resume={resume} not found (use resume=auto, a checkpoint file, or null)")
     return resume

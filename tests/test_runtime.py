@@ -11,7 +11,7 @@ import timm
 import torch
 
 import spp
-from spp.runtime import provenance, save_training_checkpoint
+from spp.runtime import provenance, resume_file, save_training_checkpoint
 
 PROBE = """
 import resource, sys
@@ -105,3 +105,15 @@ def test_training_checkpoint_exists_at_every_instant_of_its_rewrite(tmp_path, mo
     save_training_checkpoint({"step": 12}, path)
     assert torch.load(path + ".prev", weights_only=True)["step"] == 8
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "checkpoint.pth.prev"]   # no temporary file left
+
+
+def test_resume_auto_falls_back_to_the_previous_checkpoint(tmp_path):
+    path = str(tmp_path / "checkpoint.pth")
+    assert resume_file("auto", path) is None and resume_file(None, path) is None
+    save_training_checkpoint({"step": 4}, path)
+    save_training_checkpoint({"step": 8}, path)
+    assert resume_file("auto", path) == path
+    os.remove(path)
+    assert resume_file("auto", path) == path + ".prev"
+    with pytest.raises(spp.runtime.CheckpointError, match="not found"):
+        resume_file(str(tmp_path / "other.pth"), path)
