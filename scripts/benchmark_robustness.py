@@ -202,13 +202,11 @@ SNAPSHOT_EVERY = 10
 def settled_masks(family, path, removed: float, snapshots) -> Dict[str, torch.Tensor]:
     """The entry-ranked member at ``removed``, its kept elements holding M as it was 3/ρ steps (three time
     constants of M's pull toward Γ) after the member's last element entered, or at the end of the search if that
-    is later; 1 for a member past the path's end. An experiment: ``values="path"`` takes M at the end, which a
-    longer search tunes to a support larger than the member's."""
+    is later (a member past the path's end: at the end, as ``values="path"``). An experiment: ``values="path"``
+    takes M at the end, which a longer search tunes to a support larger than the member's."""
     (steps, settle), member = snapshots, family.select(remove=removed, rank="entry", values="binary")
     last = max((float(path.entries[n]["entry_step"][m != 0].max()) for n, m in member.masks.items() if (m != 0).any()),
                default=0.0)
-    if last == float("inf"):
-        return member.masks
     at = next((m for step, m in steps if step >= last + settle), None)
     values = at if at is not None else {n: path.entries[n]["mask"] for n in member.masks}
     return {n: m * values[n] for n, m in member.masks.items()}
