@@ -210,8 +210,9 @@ def main() -> None:
     ids = torch.randint(0, shape["vocab_size"], tuple(step_batch), device=device)
     step_costs(model, ids, device, args, report)
 
-    spp.remove_masks(model)   # the search step's
-    spp.add_masks(model, granularity=args.granularity)
+    if args.granularity != "dim":   # the search step's masks are by dim
+        spp.remove_masks(model)
+        spp.add_masks(model, granularity=args.granularity)
     family = spp.WeightFamily(model, spp.SolutionPath.from_scores(model, random_scores(model, 0)),
                               input_size=(seq_len,))
     cuts = {(r, k): family.select(remove=r, round_to=k, values="binary") for r in args.removed for k in args.round_to}

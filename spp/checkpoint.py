@@ -237,5 +237,6 @@ def atomic_write(path: str, write: Callable[[str], Any], keep_previous: Optional
 
 
 def atomic_torch_save(obj: Any, path: str, keep_previous: Optional[str] = None) -> None:
-    """``torch.save(obj, path)`` through a temporary file and a rename: a killed write leaves the old file."""
+    """``torch.save(obj, path)`` through a temporary file and a rename: a killed write leaves the old file
+    (``keep_previous``: see :func:`atomic_write`)."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp), keep_previous)

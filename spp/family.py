@@ -38,11 +38,13 @@ class Summary:
     values: str = "binary"        # what kept elements hold: all 1 ("binary") or other values, the path's ("path")
     rank: str = "entry"           # the ranking the budget walk followed
     scores: Dict[str, float] = field(default_factory=dict)   # select_best: each reading's score ("entry, binary": ...)
+    on_path: bool = False         # every kept element entered the support by the end of the search
 
     def to_dict(self) -> Dict:
         """The summary as JSON-ready plain values (``summary.json`` of an export)."""
         d = {k: getattr(self, k) for k in ("by", "target", "kept", "params_before", "params_after",
-                                            "flops_before", "flops_after", "elements", "values", "rank", "scores")}
+                                            "flops_before", "flops_after", "elements", "values", "rank", "scores",
+                                            "on_path")}
         d["widths"] = [w.to_dict() for w in self.widths]
         return d
 
@@ -390,9 +392,10 @@ class WeightFamily:
         return masks
 
     def summarize(self, masks: Dict[str, torch.Tensor], by: str = "params", target: float = float("nan")) -> Summary:
-        """Costs and widths of the member given by ``masks``, and what its kept elements hold: ``"binary"``
-        when every non-zero entry is 1, ``"path"`` otherwise."""
+        """Costs and widths of the member given by ``masks``, what its kept elements hold (``"binary"`` when
+        every non-zero entry is 1, ``"path"`` otherwise) and whether they all entered the path's support."""
         values = "binary" if all(bool(((m == 0) | (m == 1)).all()) for m in masks.values()) else "path"
+        on_path = all(bool(torch.isfinite(self.path.entries[n]["entry_step"][m != 0]).all()) for n, m in masks.items())
         widths = [widths_from_masks(g, *(masks[mask_names(g)[p]] for p in PAIRS), self.granularity)
                   for g in self.geoms]
         empty = self._total(self._empty(), by)
@@ -407,5 +410,5 @@ class WeightFamily:
                        params_after=self._constant("params") + self._total(widths, "params"),
                        flops_before=self.flops_before,
                        flops_after=self._constant("flops") + self._total(widths, "flops"),
-                       widths=widths, elements=elements, values=values)
+                       widths=widths, elements=elements, values=values, on_path=on_path)
 

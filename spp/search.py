@@ -231,7 +231,6 @@ def write_family_table(model, path: SolutionPath, targets, output: str, input_si
     from .report import write_table
 
     family = family or WeightFamily(model, path, input_size)
-    reach = family.reach("params")
     rows = []
     for keep in targets:
         s = family.select(keep=keep).summary
@@ -239,6 +238,6 @@ def write_family_table(model, path: SolutionPath, targets, output: str, input_si
         rows.append({"kept (prunable params)": f"{s.kept:.1%}", "params": f"{s.params_after / 1e6:.3f}M",
                      "params kept": f"{s.params_after / s.params_before:.1%}", "GFLOPs": flops,
                      "FLOPs kept": f"{s.flops_after / s.flops_before:.1%}",
-                     "ranked": "along the path" if s.kept <= reach * (1 + 1e-9) else "past its end, by |z|"})
+                     "ranked": "along the path" if s.on_path else "past its end, by |z|"})
     write_table(rows, os.path.join(output, "family"))
     return rows

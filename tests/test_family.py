@@ -298,6 +298,7 @@ def test_reach_is_the_cost_of_what_entered_and_splits_members_on_and_past_the_pa
     inside, past = family.select(keep=reach * 0.95), family.select(keep=min(1.0, reach * 1.05))
     assert all(bool(entered[n][m != 0].all()) for n, m in inside.masks.items())
     assert not all(bool(entered[n][m != 0].all()) for n, m in past.masks.items())
+    assert inside.summary.on_path and not past.summary.on_path and inside.summary.to_dict()["on_path"]
     every = spp.SolutionPath.from_scores(model, {n: torch.rand(e.shape) for n, e in entered.items()})
     assert spp.WeightFamily(model, every).reach() == 1.0   # a scored path has every element entered
     with pytest.raises(ValueError, match="by='bytes'"):
