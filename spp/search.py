@@ -238,6 +238,6 @@ def write_family_table(model, path: SolutionPath, targets, output: str, input_si
         rows.append({"kept (prunable params)": f"{s.kept:.1%}", "params": f"{s.params_after / 1e6:.3f}M",
                      "params kept": f"{s.params_after / s.params_before:.1%}", "GFLOPs": flops,
                      "FLOPs kept": f"{s.flops_after / s.flops_before:.1%}",
-                     "ranked": "along the path" if s.on_path else "past its end, by |z|"})
+                     "ranked": "along the path" if s.on_path else "past its end, by final z"})
     write_table(rows, os.path.join(output, "family"))
     return rows

@@ -180,7 +180,7 @@ def test_end_to_end_search_family_export_retrain(tmp_path, capsys):
     reach = spp.WeightFamily(build_model(load_config(SMOKE)), path).reach()
     assert f"path: the support covers {reach:.1%} of the prunable params after 24 steps" in capsys.readouterr().out
     assert [r["ranked"] for r in table] == ["along the path" if float(r["kept (prunable params)"][:-1]) <= 100 * reach
-                                            else "past its end, by |z|" for r in table]
+                                            else "past its end, by final z" for r in table]
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert log[-1]["step"] == 24 and "support/mlp" in log[-1]
     assert log[0]["run"]["torch"] == torch.__version__ and log[0]["run"]["processes"] == 1   # what it ran on
