@@ -275,7 +275,10 @@ METHODS = ("spp", "spp-entry", "spp-z", "spp-head", "random", "magnitude", "tayl
 
 
 RULES = ("entry", "z")
-VALUES = ("binary", "path")   # what a member's kept elements hold: 1, or the search's (Lasso's) mask values
+# what a member's kept elements hold: 1, the search's mask values soon after the member's last element entered, or
+# at the search's end (spp.WeightFamily.select's values); a Lasso path has no snapshots, so it takes binary or path
+VALUES = ("binary", "settled", "path")
+LASSO_VALUES = ("binary", "path")
 
 
 def val_by_reading(bench, path, readings, removed):
@@ -526,12 +529,12 @@ def main():
     parser.add_argument("--lams", type=float, nargs="+", default=[0.1, 0.4],
                         help="SPP lam values tuned with the nu scales (0.1 is the config default; "
                              "scripts/ablate_search.py found 0.4 better on val)")
-    parser.add_argument("--spp-values", default="auto", choices=("auto", "binary", "path"),
+    parser.add_argument("--spp-values", default="auto", choices=("auto", *VALUES),
                         help="what the kept elements of the spp-entry and spp-z members hold (spp.WeightFamily.select)")
     parser.add_argument("--head-nu-calibrations", nargs="+", default=["pooled", "pair"], choices=("pooled", "pair", "mask"),
                         help="spp-head: nu calibrations tried on val (search.nu_calibration). Pooled, one nu for every "
                              "mask, is set by the head masks' gradients, which sum a whole head's and dwarf a neuron's")
-    parser.add_argument("--lasso-values", nargs="+", default=list(VALUES), choices=VALUES,
+    parser.add_argument("--lasso-values", nargs="+", default=list(LASSO_VALUES), choices=LASSO_VALUES,
                         help="member values the Lasso rows choose from on val: 1 (binary) or the Lasso masks' own (path)")
     parser.add_argument("--lasso-lams", type=float, nargs="+", default=[3e-4, 1e-3])
     parser.add_argument("--lasso-steps", type=int, default=300)

@@ -22,10 +22,9 @@ parameter-budget walk (``spp.WeightFamily``), members untouched (no finetuning):
                    batch 128 on the training images; each member by ``WeightFamily.select_best(remove=r)`` with
                    val accuracy as the score (``spp family`` / ``spp export``'s ``rank`` and ``values: best``)
   spp-auto         the same searches' members by ``select(remove=r)`` with no data (entry order; the search's
-                   mask values for a member inside the support it reached, 1 for a larger one)
-  spp-RANK-VALUES  the same searches' members ranked by entry step or final |z|, holding 1 or the mask values
-  spp-entry-settled  entry order, kept elements holding M as it was 3/ρ steps after the member's last element
-                   entered (an experiment, not a shipped reading: ``path`` values are M at the search's end)
+                   settled mask values for a member inside the support it reached, 1 for a larger one)
+  spp-RANK-VALUES  the same searches' members ranked by entry step or final |z|, holding 1 (binary), M as it was
+                   3/ρ steps after the member's last element entered (settled) or M at the search's end (path)
   spp-train-nu     as spp, ν calibrated on training batches (the default before it moved to held-out data)
   taylor           |m · dL/dm| at M = 1 over 20 training batches
   magnitude        RMS of each structure's weights (one ranking: its seeds agree)
@@ -181,35 +180,13 @@ def spp_search(dense, data, seed: int, steps: int, calibration: str):
     model = spp.add_masks(copy.deepcopy(dense), "dim")
     nu = spp.calibrate_nu(model, loader(data[calibration], 128, 10_000 + seed))
     opt = spp.search_optimizer(model, nu)
-    masks = list(spp.mask_parameters(model))
-    snapshots = []   # (step, {mask name: M}) every SNAPSHOT_EVERY steps, for the settled reading
     model.train()
-    for step, (x, y) in enumerate(batches(data["train"], 128, seed, steps), 1):
+    for x, y in batches(data["train"], 128, seed, steps):
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % SNAPSHOT_EVERY == 0:
-            snapshots.append((step, {n: p.detach().clone() for n, p in masks}))
-    group = opt.param_groups[0]
-    settle = 3 * group["nu"] / (group["kappa"] * group["lr"])   # 3 / ρ steps
-    return spp.SolutionPath.from_optimizer(opt, model), next(iter(nu.values())), (snapshots, settle)
-
-
-SNAPSHOT_EVERY = 10
-
-
-def settled_masks(family, path, removed: float, snapshots) -> Dict[str, torch.Tensor]:
-    """The entry-ranked member at ``removed``, its kept elements holding M as it was 3/ρ steps (three time
-    constants of M's pull toward Γ) after the member's last element entered, or at the end of the search if that
-    is later (a member past the path's end: at the end, as ``values="path"``). An experiment: ``values="path"``
-    takes M at the end, which a longer search tunes to a support larger than the member's."""
-    (steps, settle), member = snapshots, family.select(remove=removed, rank="entry", values="binary")
-    last = max((float(path.entries[n]["entry_step"][m != 0].max()) for n, m in member.masks.items() if (m != 0).any()),
-               default=0.0)
-    at = next((m for step, m in steps if step >= last + settle), None)
-    values = at if at is not None else {n: path.entries[n]["mask"] for n in member.masks}
-    return {n: m * values[n] for n, m in member.masks.items()}
+    return spp.SolutionPath.from_optimizer(opt, model), next(iter(nu.values()))
 
 
 def member_test(dense, path, removed: float, data, values: str = "binary") -> Dict:
@@ -217,21 +194,19 @@ def member_test(dense, path, removed: float, data, values: str = "binary") -> Di
     return {"test": accuracy(spp.compress(dense, member.masks), data["test"]), "values": member.summary.values}
 
 
-READINGS = ("entry, binary", "entry, path", "z, binary", "z, path")   # select_best's order: the first wins a tie
+READINGS = tuple(f"{r}, {v}" for r in ("entry", "z") for v in ("binary", "settled", "path"))   # select_best's order
 
 
-def spp_readings(dense, path, removed: float, data, snapshots) -> Dict[str, Dict]:
-    """The member at ``removed`` read each way (ranked by entry step or final |z|, kept elements holding 1 or
-    the search's mask values; val and test accuracy of each), ``auto`` (``WeightFamily.select``'s defaults)
-    and ``best`` (the reading with the highest val accuracy: ``select_best``, the pipeline's ``rank`` and
-    ``values: best``); ``entry, settled`` (:func:`settled_masks`) is measured beside them, not chosen from."""
+def spp_readings(dense, path, removed: float, data) -> Dict[str, Dict]:
+    """The member at ``removed`` read each way (ranked by entry step or final |z|; kept elements holding 1, the
+    search's mask values soon after the member's last element entered, or at the search's end; val and test
+    accuracy of each), ``auto`` (``WeightFamily.select``'s defaults) and ``best`` (the reading with the highest
+    val accuracy: ``select_best``, the pipeline's ``rank`` and ``values: best``)."""
     family = spp.WeightFamily(dense, path)
     out = {}
-    for reading in (*READINGS, "entry, settled"):
+    for reading in READINGS:
         rank, values = reading.split(", ")
-        masks = settled_masks(family, path, removed, snapshots) if values == "settled" else \
-            family.select(remove=removed, rank=rank, values=values).masks
-        small = spp.compress(dense, masks)
+        small = spp.compress(dense, family.select(remove=removed, rank=rank, values=values).masks)
         out[reading] = {"val": accuracy(small, data["val"]), "test": accuracy(small, data["test"]), "reading": reading}
     out["auto"] = out[f"entry, {family.select(remove=removed).summary.values}"]
     out["best"] = out[max(READINGS, key=lambda r: out[r]["val"])]   # max keeps the first of equals
@@ -255,11 +230,10 @@ def run_setting(setting: Setting, args) -> Dict:
             if calibration not in args.nu_data:
                 continue
             start = time.time()
-            path, nu, snapshots = spp_search(dense, data, seed, args.search_steps, calibration)
+            path, nu = spp_search(dense, data, seed, args.search_steps, calibration)
             seconds = time.time() - start
-            readings = {str(r): spp_readings(dense, path, r, data, snapshots) for r in args.removed}
-            names = {"best": method, "auto": f"{method}-auto",
-                     **{r: f"{method}-{r.replace(', ', '-')}" for r in (*READINGS, "entry, settled")}}
+            readings = {str(r): spp_readings(dense, path, r, data) for r in args.removed}
+            names = {"best": method, "auto": f"{method}-auto", **{r: f"{method}-{r.replace(', ', '-')}" for r in READINGS}}
             for reading, name in names.items():
                 if method == "spp-train-nu" and reading != "best":
                     continue

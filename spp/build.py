@@ -219,7 +219,7 @@ def read_member(family, budget: Dict, rank: str, values: str, score: Optional[Ca
     if "best" in (rank, values):
         if score is None:
             raise ValueError("rank or values best reads the member on held-out data: pass score= (HeldOutScore)")
-        return family.select_best(score, choices(rank, RANKINGS), choices(values, ("binary", "path")), **budget)
+        return family.select_best(score, choices(rank, RANKINGS), choices(values, ("binary", "settled", "path")), **budget)
     return family.select(rank=rank, values=values, **budget)
 
 

@@ -89,6 +89,7 @@ class SearchConfig:
     distill: float = 0.0                    # weight of the KL to the dense model's outputs (the same weights, masks at 1)
     preconditioner: str = _SEARCH["preconditioner"]
     shrink: str = _SEARCH["shrink"]
+    snapshots: int = _SEARCH["snapshots"]   # mask snapshots kept for members' settled values (0: none, M at the end)
     log_every: int = 20
     checkpoint_every: int = 500
     targets: List[float] = field(default_factory=lambda: [0.9, 0.7, 0.5, 0.3, 0.15])  # kept fractions in the family table
@@ -103,7 +104,8 @@ class FamilyConfig:
     rank: str = "best"                      # entry (entry step), z (final |z|), or best: whichever scores higher on val
     floor: int = 0
     round_to: int = 1
-    values: str = "best"                    # kept elements hold 1 (binary), the search's mask values (path),
+    values: str = "best"                    # kept elements hold 1 (binary), the search's mask values at its end
+                                            # (path) or soon after the member's last element entered (settled),
                                             # auto (WeightFamily.select's rule), or best: whichever scores higher on val
     max_batches: int = 0                    # 0 = the whole validation set
 
@@ -346,7 +348,7 @@ def _check_ranges(c: Config) -> None:
         (count, {
             "data.workers": d.workers, "data.max_documents": d.max_documents, "data.mixup": d.mixup, "data.cutmix": d.cutmix,
             "data.color_jitter": d.color_jitter, "search.steps": s.steps, "search.lam": s.lam, "search.distill": s.distill,
-            "search.checkpoint_every": s.checkpoint_every, "family.floor": c.family.floor,
+            "search.checkpoint_every": s.checkpoint_every, "search.snapshots": s.snapshots, "family.floor": c.family.floor,
             "family.max_batches": c.family.max_batches, "export.floor": c.export.floor,
             "export.max_batches": c.export.max_batches, "train.steps": t.steps,
             "train.min_lr": t.min_lr, "train.warmup_epochs": t.warmup_epochs, "train.warmup_lr": t.warmup_lr,

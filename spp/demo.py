@@ -18,6 +18,9 @@ from .search import run_search
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
+VALUE_LABELS = {"binary": "1", "path": "search M at its end", "settled": "search M, settled"}
+
+
 def _config(name: str, overrides: Sequence[str]):
     path = CONFIGS / name
     if not path.is_file():
@@ -79,7 +82,7 @@ def report(output: str, rows: List[dict], removed: float, result: dict, title: s
         table.append({"prunable params kept": f"{r['target']:.0%}", "params": f"{r['params'] / 1e6:.3f}M",
                       flops[0]: f"{r['flops'] / 1e6:.{flops[1]}f}M ({r['flops_kept']:.0%})",
                       "ranked by, kept elements hold": f"{'entry step' if r['rank'] == 'entry' else 'final z'}, "
-                                                       f"{'1' if r['values'] == 'binary' else 'search M'}",
+                                                       f"{VALUE_LABELS[r['values']]}",
                       columns[0]: cell(r),
                       columns[1]: cell(result["best"]) if exported else ""})
     markdown = write_table(table, os.path.join(output, "summary"))

@@ -17,7 +17,7 @@ __all__ = ["WeightFamily", "Member", "Summary"]
 BUDGET_KINDS = ("params", "flops", "elements")
 SCOPES = ("global", "pair", "part")
 RANKINGS = ("entry", "z")
-VALUES = ("auto", "binary", "path")
+VALUES = ("auto", "binary", "path", "settled")
 # the pipeline's family.* / export.* also take "best": every reading tried by WeightFamily.select_best on val
 CHOSEN_VALUES, CHOSEN_RANKINGS = (*VALUES, "best"), (*RANKINGS, "best")
 
@@ -35,7 +35,8 @@ class Summary:
     flops_after: int
     widths: List[Widths]
     elements: Dict[str, List[int]] = field(default_factory=dict)  # pair -> [kept, total]
-    values: str = "binary"        # what kept elements hold: all 1 ("binary") or other values, the path's ("path")
+    values: str = "binary"        # what kept elements hold: 1 ("binary"), M at the search's end ("path") or soon
+                                  # after the member's last element entered ("settled")
     rank: str = "entry"           # the ranking the budget walk followed
     scores: Dict[str, float] = field(default_factory=dict)   # select_best: each reading's score ("entry, binary": ...)
     on_path: bool = False         # every kept element entered the support by the end of the search
@@ -55,7 +56,8 @@ class Summary:
                  f"({self.params_after / self.params_before:.1%}), FLOPs {self.flops_before / 1e6:.2f}M -> "
                  f"{self.flops_after / 1e6:.2f}M ({self.flops_after / self.flops_before:.1%}), "
                  f"ranked by {'entry step' if self.rank == 'entry' else 'final z'}, kept elements hold "
-                 + ("1" if self.values == "binary" else "the path's final mask values")
+                 + {"binary": "1", "path": "the path's final mask values",
+                    "settled": "the mask values soon after their last element entered"}[self.values]
                  + (" (scores of each reading: " + ", ".join(f"{k} {v:.4g}" for k, v in self.scores.items()) + ")"
                     if self.scores else ""),
                  "block  heads  qk_heads  qk_dim  v_dim  mlp" + ("  kv_heads" if kv else "")]
@@ -276,12 +278,17 @@ class WeightFamily:
             values: what the kept elements hold. ``"binary"``: 1, the pretrained weights as
                 they are. ``"path"``: the mask values ``M`` at the end of the search (folded
                 into the weights by :func:`spp.compress`), the network the loss saw with the
-                rest of the elements near 0. ``"auto"`` (default): ``"path"`` when every element
-                the budget walk keeps had entered the support of Γ by the end of the search
-                (the member lies on the path the search covered), ``"binary"`` otherwise (a
-                larger member, ranked past the path's end, where the search's values of the
-                elements it kept out of the support would starve the elements it adds).
-                :meth:`select_best` picks the reading on held-out data instead.
+                rest of the elements near 0. ``"settled"``: ``M`` as it was ``path.settle`` steps
+                (3/ρ: three time constants of M's pull toward Γ) after the member's last element
+                entered, the network the loss saw when the support was this member; unlike
+                ``"path"`` it does not change when the search runs longer (the end's values are
+                tuned to a support larger than a small member). A member past the path's end, or a
+                path without snapshots, reads them at the end, as ``"path"``. ``"auto"`` (default):
+                ``"settled"`` when every element the budget walk keeps had entered the support of Γ
+                by the end of the search (the member lies on the path the search covered),
+                ``"binary"`` otherwise (a larger member, ranked past the path's end, where the
+                search's values of the elements it kept out of the support would starve the
+                elements it adds). :meth:`select_best` picks the reading on held-out data instead.
 
         Without floor and rounding, the kept elements are a prefix of one ranking, so a member
         at a smaller budget is a subset of every member at a larger one, and the global scope
@@ -327,18 +334,28 @@ class WeightFamily:
             kept = self._round(kept, self.ranking(rank), round_to)
         masks = self._masks(kept)
         if values == "auto":
-            values = "path" if np.isfinite(self.entry[chosen]).all() else "binary"
-        if values == "path":
-            masks = {n: m * self.path.entries[n]["mask"] for n, m in masks.items()}
+            values = "settled" if np.isfinite(self.entry[chosen]).all() else "binary"
+        if values != "binary":
+            source = self.path.values_at(self._last_entry(masks) + self.path.settle) if values == "settled" else \
+                {n: e["mask"] for n, e in self.path.entries.items()}
+            masks = {n: m * source[n] for n, m in masks.items()}
         member = Member(masks, self.summarize(masks, by=by, target=keep))
         member.summary.rank = rank
+        if member.summary.values != "binary":   # summarize tells 1 from other values, not which others
+            member.summary.values = values
         return member
 
+    def _last_entry(self, masks: Dict[str, torch.Tensor]) -> float:
+        """The step at which the last element kept by ``masks`` entered the support (``inf``: one never did)."""
+        return max((float(self.path.entries[n]["entry_step"][m != 0].max()) for n, m in masks.items()
+                    if bool((m != 0).any())), default=0.0)
+
     def select_best(self, score: Callable[[Member], float], ranks: Sequence[str] = RANKINGS,
-                    values: Sequence[str] = ("binary", "path"), **budget) -> Member:
+                    values: Sequence[str] = ("binary", "settled", "path"), **budget) -> Member:
         """Of the members :meth:`select` gives for ``budget`` (its ``keep``/``remove``/``budget``, ``by``,
         ``scope``, ...) under each of ``ranks`` and ``values``, the one ``score`` (higher is better: accuracy
-        on held-out data, say) rates highest; on a tie the earlier reading (entry before z, binary before path).
+        on held-out data, say) rates highest; on a tie the earlier reading (entry before z, binary before settled
+        before path).
 
         One search ranks its elements two ways (entry step, final |z|) and its members can keep 1 or the
         search's mask values, and each reading loses somewhere: the path's values help a member the search

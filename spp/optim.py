@@ -7,10 +7,16 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["LBI", "lbi"]
+__all__ = ["LBI", "lbi", "SNAPSHOT", "snapshot_steps"]
 
 _PRECONDITIONERS = ("none", "adam")
 _SHRINKS = ("two_sided", "one_sided")
+SNAPSHOT = "mask@"   # state key prefix of a snapshot of the mask: "mask@120" is M after step 120
+
+
+def snapshot_steps(state: dict) -> List[int]:
+    """The steps at which a mask's optimizer ``state`` holds a snapshot of it, ascending."""
+    return sorted(int(k[len(SNAPSHOT):]) for k in state if k.startswith(SNAPSHOT))
 
 
 class LBI(Optimizer):
@@ -34,6 +40,15 @@ class LBI(Optimizer):
     early are the important ones. ``entry_step`` records, per element, the first step at
     which ``Γ`` became non-zero (``inf`` if never).
 
+    The optimizer also keeps snapshots of ``M`` along the run (state keys ``"mask@STEP"``), from which a member
+    of the family can hold the mask values as they were soon after its last element entered instead of at the
+    end (``values="settled"`` of :meth:`spp.WeightFamily.select`). ``M`` relaxes toward the coupling's
+    equilibrium with time constant 1/ρ steps (ρ = κα/ν), so a snapshot every ``snapshot_every`` = 0.2/ρ steps (10
+    at the defaults) places one within a fifteenth of the 3/ρ a member waits. At most ``snapshots`` are kept per
+    mask: past that the interval doubles and every other snapshot is dropped, so a longer run keeps the same
+    number, further apart. They cost ``snapshots`` copies of the masks (64 at the defaults; the masks are a few
+    hundred thousand numbers for a 7B LLM, so about 160 MB).
+
     With ``preconditioner="adam"`` the loss gradient ``g`` is replaced by its Adam direction
     ``m̂ / (√v̂ + eps)`` (the authors' code does this); the coupling term is unchanged.
 
@@ -55,6 +70,8 @@ class LBI(Optimizer):
         eps: Adam denominator term.
         shrink: ``"two_sided"`` or ``"one_sided"``.
         foreach: use the ``torch._foreach_*`` implementation (default: on when supported).
+        snapshots: the most snapshots of each mask kept (0: none).
+        snapshot_every: steps between snapshots at the start of a run (default: 0.2/ρ, at least 1).
     """
 
     def __init__(
@@ -69,11 +86,14 @@ class LBI(Optimizer):
         eps: float = 1e-8,
         shrink: str = "two_sided",
         foreach: Optional[bool] = None,
+        snapshots: int = 64,
+        snapshot_every: Optional[int] = None,
     ):
         _check_hyperparameters(lr=lr, kappa=kappa, nu=nu, lam=lam, preconditioner=preconditioner,
-                               betas=betas, eps=eps, shrink=shrink)
+                               betas=betas, eps=eps, shrink=shrink, snapshots=snapshots, snapshot_every=snapshot_every)
         defaults = dict(lr=lr, kappa=kappa, nu=nu, lam=lam, preconditioner=preconditioner,
-                        betas=betas, eps=eps, shrink=shrink, foreach=foreach)
+                        betas=betas, eps=eps, shrink=shrink, foreach=foreach, snapshots=snapshots,
+                        snapshot_every=snapshot_every)
         super().__init__(params, defaults)
         for group in self.param_groups:
             _check_hyperparameters(**{k: group[k] for k in defaults if k != "foreach"})
@@ -86,6 +106,8 @@ class LBI(Optimizer):
             group.setdefault("eps", 1e-8)
             group.setdefault("shrink", "two_sided")
             group.setdefault("foreach", None)
+            group.setdefault("snapshots", 0)   # an optimizer pickled before snapshots existed had none
+            group.setdefault("snapshot_every", None)
 
     def _init_group(self, group, params, grads, masks_state):
         for p in group["params"]:
@@ -134,10 +156,37 @@ class LBI(Optimizer):
                 betas=group["betas"], eps=group["eps"], shrink=group["shrink"],
                 foreach=group["foreach"],
             )
+            self._snapshot(group, params, states)
         return loss
 
+    @staticmethod
+    def settle_steps(group: dict) -> float:
+        """3/ρ = 3ν/(κα): the steps ``M`` takes to close 95% of its way to a new equilibrium with Γ (three of
+        its time constants), which a member waits after its last element entered (``values="settled"``)."""
+        return 3 * group["nu"] / (group["kappa"] * group["lr"])
 
-def _check_hyperparameters(*, lr, kappa, nu, lam, preconditioner, betas, eps, shrink):
+    @torch.no_grad()
+    def _snapshot(self, group: dict, params: List[Tensor], states: List[dict]) -> None:
+        limit = group["snapshots"]
+        if not limit:
+            return
+        every = group["snapshot_every"] or max(1, round(0.2 * self.settle_steps(group) / 3))
+        for mask, state in zip(params, states):
+            step = int(state["step"])
+            if step % every:   # snapshots are taken, and thinned, only at multiples of the first interval
+                continue
+            interval = every
+            while step // interval > limit:   # the multiples of the interval up to this step: at most `limit`
+                interval *= 2
+            for old in snapshot_steps(state):
+                if old % interval:
+                    del state[f"{SNAPSHOT}{old}"]
+            if step % interval == 0:
+                state[f"{SNAPSHOT}{step}"] = mask.detach().clone()
+
+
+def _check_hyperparameters(*, lr, kappa, nu, lam, preconditioner, betas, eps, shrink, snapshots=0,
+                           snapshot_every=None):
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"Invalid learning rate lr={lr!r}: must be a number > 0")
     if not (isinstance(kappa, (int, float)) and kappa > 0):
@@ -154,6 +203,11 @@ def _check_hyperparameters(*, lr, kappa, nu, lam, preconditioner, betas, eps, sh
         raise ValueError(f"Invalid betas={betas!r}: need two values in [0, 1)")
     if not eps >= 0:
         raise ValueError(f"Invalid eps={eps!r}: must be >= 0")
+    if not (isinstance(snapshots, int) and snapshots >= 0):
+        raise ValueError(f"Invalid snapshots={snapshots!r}: the most snapshots of each mask kept, an integer >= 0")
+    if not (snapshot_every is None or (isinstance(snapshot_every, int) and snapshot_every >= 1)):
+        raise ValueError(f"Invalid snapshot_every={snapshot_every!r}: steps between snapshots, an integer >= 1 "
+                         "(None: 0.2/rho)")
 
 
 def lbi(

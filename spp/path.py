@@ -10,12 +10,13 @@ from torch import nn
 
 from .checkpoint import atomic_write
 from .masks import granularity_of, mask_parameters
+from .optim import LBI, SNAPSHOT, snapshot_steps
 from .structure import PAIRS, mask_pairs
 
 __all__ = ["SolutionPath", "support_sizes", "whole"]
 
 FIELDS = ("entry_step", "z", "gamma", "mask")
-PATH_VERSION = 1
+PATH_VERSION = 2   # 2: snapshots of the masks along the run (version 1, without them, reads as a path that has none)
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -41,15 +42,22 @@ class SolutionPath:
     ``entries[name]`` maps each field of ``FIELDS`` to a CPU tensor shaped like the mask
     ``name``: ``entry_step`` (first step with Γ ≠ 0, ``inf`` if never), and at the last step
     ``z``, ``gamma`` and the mask value ``mask``. ``support`` is an optional history of
-    ``(step, {pair: support size})`` recorded during the run.
+    ``(step, {pair: support size})`` recorded during the run. ``snapshots[name]`` maps steps to the mask's
+    values after them (:class:`spp.LBI` keeps them), and ``settle`` is the steps a member waits after its last
+    element entered before its mask values are read (:meth:`values_at`; ``values="settled"`` of
+    :meth:`spp.WeightFamily.select`); a path without snapshots reads the values at the end.
     """
 
     def __init__(self, entries: Mapping[str, Mapping[str, torch.Tensor]], pairs: Mapping[str, Tuple[str, int]],
                  granularity: str, steps: int, support: Optional[List] = None,
-                 meta: Optional[Mapping] = None):
+                 meta: Optional[Mapping] = None, snapshots: Optional[Mapping[str, Mapping[int, torch.Tensor]]] = None,
+                 settle: float = 0.0):
         # copies: the path must not follow the model's masks when set_masks later changes them; masks sharded by
         # FSDP2 (DTensors) are gathered whole, a collective every rank takes part in
         self.entries = {n: {f: whole(e[f]).detach().float().cpu().clone() for f in FIELDS} for n, e in entries.items()}
+        self.snapshots = {n: {int(step): whole(m).detach().float().cpu().clone() for step, m in sorted(s.items())}
+                          for n, s in (snapshots or {}).items()}
+        self.settle = float(settle)
         self.pairs = {n: (p, int(b)) for n, (p, b) in pairs.items()}
         self.granularity = granularity
         self.steps = int(steps)
@@ -59,18 +67,21 @@ class SolutionPath:
     @classmethod
     def from_optimizer(cls, optimizer: torch.optim.Optimizer, model: nn.Module,
                        support: Optional[List] = None, meta: Optional[Mapping] = None) -> "SolutionPath":
-        """Read the path off an :class:`spp.LBI` optimizer over ``model``'s masks."""
-        entries, steps = {}, 0
+        """Read the path off an :class:`spp.LBI` optimizer over ``model``'s masks (its snapshots included)."""
+        entries, snapshots, steps = {}, {}, 0
         for name, p in mask_parameters(model):
             state = optimizer.state.get(p, {})
             if "entry_step" in state:
                 steps = max(steps, int(state["step"]))
                 entries[name] = {"entry_step": state["entry_step"], "z": state["z"],
                                  "gamma": state["gamma"], "mask": p.detach()}
+                snapshots[name] = {s: state[f"{SNAPSHOT}{s}"] for s in snapshot_steps(state)}
             else:
                 entries[name] = {"entry_step": torch.full_like(p, float("inf")), "z": torch.zeros_like(p),
                                  "gamma": torch.zeros_like(p), "mask": p.detach()}
-        return cls(entries, mask_pairs(model), granularity_of(model), steps, support, meta)
+        groups = [g for g in optimizer.param_groups if "nu" in g and "kappa" in g]
+        settle = max((LBI.settle_steps(g) for g in groups), default=0.0)
+        return cls(entries, mask_pairs(model), granularity_of(model), steps, support, meta, snapshots, settle)
 
     @classmethod
     def from_entries(cls, model: nn.Module, entry_step: Mapping[str, torch.Tensor],
@@ -136,6 +147,15 @@ class SolutionPath:
         return (f"SolutionPath({self.steps} steps, {len(self.entries)} masks ({self.granularity}), "
                 f"entered {counts}{settings})")
 
+    def values_at(self, step: float) -> Dict[str, torch.Tensor]:
+        """The mask values at the first snapshot at or after ``step``, per mask; the values at the end of the run
+        for a mask with no snapshot that late (or none at all: a path from scores, or saved before version 2)."""
+        out = {}
+        for name, e in self.entries.items():
+            later = [s for s in self.snapshots.get(name, {}) if s >= step]
+            out[name] = self.snapshots[name][later[0]] if later else e["mask"]
+        return out
+
     def entered_by(self, step: float) -> Dict[str, int]:
         """Elements per pair type that had entered the support by ``step``."""
         counts = dict.fromkeys(PAIRS, 0)
@@ -162,7 +182,8 @@ class SolutionPath:
         from safetensors.torch import save_file
 
         tensors = {f"{n}/{f}": e[f].contiguous() for n, e in self.entries.items() for f in FIELDS}
-        info = {"version": PATH_VERSION, "granularity": self.granularity, "steps": self.steps,
+        tensors.update({f"{n}/{SNAPSHOT}{step}": m.contiguous() for n, s in self.snapshots.items() for step, m in s.items()})
+        info = {"version": PATH_VERSION, "granularity": self.granularity, "steps": self.steps, "settle": self.settle,
                 "pairs": {n: list(v) for n, v in self.pairs.items()},
                 "support": [[s, c] for s, c in self.support], "meta": self.meta}
         atomic_write(os.path.join(directory, "path.safetensors"), lambda f: save_file(tensors, f))
@@ -185,15 +206,22 @@ class SolutionPath:
             tensors = load_file(tensor_path)
         except Exception as e:  # noqa: BLE001 - report which file is broken
             raise ValueError(f"cannot read the solution path in {directory}: {e}") from e
+        if info.get("version", 1) > PATH_VERSION:
+            raise ValueError(f"{json_path} is a version {info['version']} path; this spp reads up to version "
+                             f"{PATH_VERSION}: upgrade spp (git pull, then pip install -e .)")
         entries: Dict[str, Dict[str, torch.Tensor]] = {}
+        snapshots: Dict[str, Dict[int, torch.Tensor]] = {}
         for key, value in tensors.items():
             name, field = key.rsplit("/", 1)
-            entries.setdefault(name, {})[field] = value
+            if field.startswith(SNAPSHOT):
+                snapshots.setdefault(name, {})[int(field[len(SNAPSHOT):])] = value
+            else:
+                entries.setdefault(name, {})[field] = value
         incomplete = [n for n in info["pairs"] if set(entries.get(n, {})) != set(FIELDS)]
         if incomplete:
             raise ValueError(f"{tensor_path} lacks tensors for masks {incomplete[:5]}")
         return cls(entries, {n: tuple(v) for n, v in info["pairs"].items()}, info["granularity"],
-                   info["steps"], info.get("support"), info.get("meta"))
+                   info["steps"], info.get("support"), info.get("meta"), snapshots, info.get("settle", 0.0))
 
 
 def _masks_of(model: nn.Module) -> Dict[str, torch.Tensor]:

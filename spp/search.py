@@ -146,7 +146,7 @@ def run_search(cfg: Config) -> SolutionPath:
             nu = float(s.nu)
         optimizer = search_optimizer(model, nu, rho=s.rho, kappa=s.kappa, lam=s.lam,
                                      lr=None if s.lr == "auto" else s.lr, per=s.nu_calibration,
-                                     preconditioner=s.preconditioner, shrink=s.shrink)
+                                     preconditioner=s.preconditioner, shrink=s.shrink, snapshots=s.snapshots)
     if runtime.is_main:  # after the resume checks: a refused resume leaves the folder as it was
         os.makedirs(cfg.output, exist_ok=True)
         save_config(cfg, os.path.join(cfg.output, "config.yaml"))

@@ -122,10 +122,13 @@ def test_select_best_takes_the_reading_that_scores_highest_and_the_first_on_a_ti
     family = _scored_family()
     mean_value = lambda m: float(torch.cat([v[v != 0] for v in m.masks.values()]).mean())  # noqa: E731
     path = family.select_best(mean_value, remove=0.5)               # path values all above 1: above binary
-    assert path.summary.values == "path" and path.summary.scores["entry, path"] > path.summary.scores["entry, binary"] == 1.0
-    assert set(path.summary.scores) == {"entry, binary", "entry, path", "z, binary", "z, path"}
+    # a path without snapshots reads its settled values at the end: the same masks as path, scored once, and on
+    # the tie the earlier reading (settled) is taken
+    assert path.summary.values == "settled" and path.summary.scores["entry, path"] > path.summary.scores["entry, binary"] == 1.0
+    assert path.summary.scores["entry, settled"] == path.summary.scores["entry, path"]
+    assert set(path.summary.scores) == {f"{r}, {v}" for r in ("entry", "z") for v in ("binary", "settled", "path")}
     binary = family.select_best(lambda m: -mean_value(m), remove=0.5, ranks=("entry",))
-    assert (binary.summary.rank, binary.summary.values) == ("entry", "binary") and len(binary.summary.scores) == 2
+    assert (binary.summary.rank, binary.summary.values) == ("entry", "binary") and len(binary.summary.scores) == 3
     tie = family.select_best(lambda m: 1.0, remove=0.5)
     assert (tie.summary.rank, tie.summary.values) == ("entry", "binary")
     same = family.select(remove=0.5, values="binary").masks
@@ -136,7 +139,7 @@ def test_select_best_takes_the_reading_that_scores_highest_and_the_first_on_a_ti
     assert family.select_best(prefers_z, remove=0.5, values=("binary",)).summary.rank == "z"
     calls = []
     family.select_best(lambda m: calls.append(1) or 0.0, keep=1.0)   # every reading of the whole model: one member
-    assert len(calls) == 2                                            # binary and path masks differ; ranks do not
+    assert len(calls) == 2                                  # binary and path (= settled) masks differ; ranks do not
     assert json.dumps(tie.summary.to_dict())                          # scores are plain numbers
     assert family.select_best(lambda m: -mean_value(m), remove=0.5, values="path").summary.values == "path"
     with pytest.raises(ValueError, match="tries the rankings itself"):
@@ -150,10 +153,10 @@ def test_family_and_export_choose_values_on_the_validation_split(tmp_path):
     rows = json.load(open(os.path.join(out, "family_eval.json")))
     for row in rows:   # the row's top-1 is its chosen reading's, never below the plain reading's (entry, binary)
         assert row["top1"] == row[f"top1 {row['rank']}, {row['values']}"] >= row["top1 entry, binary"]
-        assert row["top1"] == max(row[f"top1 {r}"] for r in ("entry, binary", "entry, path", "z, binary", "z, path"))
+        assert row["top1"] == max(row[f"top1 {r}, {v}"] for r in ("entry", "z") for v in ("binary", "settled", "path"))
     assert main(["export", SMOKE, f"output={out}", "export.remove=0.6"]) == 0
     summary = json.load(open(os.path.join(out, "pruned", "summary.json")))
-    assert len(summary["scores"]) == 4
+    assert len(summary["scores"]) == 6
     assert summary["scores"][f"{summary['rank']}, {summary['values']}"] == max(summary["scores"].values())
     assert main(["export", SMOKE, f"output={out}", "export.remove=0.6", "export.rank=entry", "export.values=path",
                  f"export.out={out}/plain"]) == 0

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -233,7 +235,8 @@ def test_reprs_say_what_a_notebook_user_needs(family):
 @pytest.mark.parametrize("granularity", ["dim", "head"])
 def test_member_values_binary_path_and_auto(granularity):
     """``values="path"`` keeps the path's mask values on the kept elements (and compresses exactly), "binary"
-    keeps 1, and "auto" takes the path's values only while every element the walk keeps had entered."""
+    keeps 1, and "auto" takes the path's values only while every element the walk keeps had entered (its settled
+    values: on a path without snapshots, the values at the end)."""
     model = spp.add_masks(tiny_vit(), granularity)
     base = fake_path(model, never=0.3)
     g = torch.Generator().manual_seed(1)
@@ -244,7 +247,7 @@ def test_member_values_binary_path_and_auto(granularity):
     entered = {n: torch.isfinite(e["entry_step"]) for n, e in path.entries.items()}
     for keep in (0.2, 0.5):  # inside the entered part (70% of the elements entered)
         binary, on_path, auto = (family.select(keep=keep, values=v) for v in ("binary", "path", "auto"))
-        assert binary.summary.values == "binary" and on_path.summary.values == auto.summary.values == "path"
+        assert binary.summary.values == "binary" and on_path.summary.values == "path" and auto.summary.values == "settled"
         assert _kept_set(binary.masks) == _kept_set(on_path.masks) and len(_kept_set(binary.masks)) > 0
         for n, m in on_path.masks.items():
             assert set(binary.masks[n].unique().tolist()) <= {0.0, 1.0}
@@ -259,10 +262,10 @@ def test_member_values_binary_path_and_auto(granularity):
             assert torch.allclose(spp.compress(model, on_path.masks)(x), model(x), atol=1e-5)
     late = family.select(keep=0.95)   # past the entered part: binary, as the walk keeps elements that never entered
     assert late.summary.values == "binary" and all(set(m.unique().tolist()) <= {0.0, 1.0} for m in late.masks.values())
-    assert family.select(keep=0.2, round_to=4).summary.values == "path"  # decided before rounding adds elements
+    assert family.select(keep=0.2, round_to=4).summary.values == "settled"  # decided before rounding adds elements
     scored = spp.SolutionPath.from_scores(model, {n: v.clone() for n, v in values.items()}, values=values)
     member = spp.WeightFamily(model, scored).select(keep=0.95)   # a scored path has every element entered
-    assert member.summary.values == "path" and all(torch.equal(m, (m != 0) * values[n]) for n, m in member.masks.items())
+    assert member.summary.values == "settled" and all(torch.equal(m, (m != 0) * values[n]) for n, m in member.masks.items())
 
 
 def test_path_keeps_its_mask_values_when_the_model_masks_change():
@@ -303,3 +306,82 @@ def test_reach_is_the_cost_of_what_entered_and_splits_members_on_and_past_the_pa
     assert spp.WeightFamily(model, every).reach() == 1.0   # a scored path has every element entered
     with pytest.raises(ValueError, match="by='bytes'"):
         family.reach("bytes")
+
+
+def _settled_path(model):
+    """Four MLP neurons of block 0 entered (steps 5, 10, 20, 40); snapshots at steps 10..50 hold their step
+    number, the end (step 100) holds 0.5; a member waits 10 steps."""
+    entry = {n: torch.full(p.shape, float("inf")) for n, p in spp.mask_parameters(model)}
+    entry["blocks.0.mlp.mask"][:4] = torch.tensor([5.0, 10.0, 20.0, 40.0])
+    base = spp.SolutionPath.from_entries(model, entry, steps=100,
+                                         values={n: torch.full(p.shape, 0.5) for n, p in spp.mask_parameters(model)})
+    snapshots = {n: {s: torch.full(p.shape, float(s)) for s in (10, 20, 30, 40, 50)} for n, p in spp.mask_parameters(model)}
+    return spp.SolutionPath(base.entries, base.pairs, base.granularity, base.steps, snapshots=snapshots, settle=10.0)
+
+
+def test_settled_values_are_m_a_settle_time_after_the_members_last_entry(tmp_path):
+    """values="settled": the kept elements hold M at the first snapshot at or after (the member's last entry +
+    settle); the end's M when no snapshot is that late, for a member past the path's end, or on a path without
+    snapshots (a version-1 file reads as one). "auto" takes it on the path; the path file keeps the snapshots."""
+    model = spp.add_masks(tiny_vit(), "dim")
+    name = "blocks.0.mlp.mask"
+    path = _settled_path(model)
+    family = spp.WeightFamily(model, path)
+    small = family.reach() / 2   # the entry-ranked member that keeps the two earliest neurons
+    binary = family.select(keep=small, values="binary")
+    assert float(path.entries[name]["entry_step"][binary.masks[name] != 0].max()) == 10.0
+    settled = family.select(keep=small, values="settled")
+    assert torch.equal(settled.masks[name], binary.masks[name] * 20.0)   # the first snapshot at or after 10 + 10
+    assert settled.summary.values == "settled" and "soon after their last element entered" in str(settled.summary)
+    auto = family.select(keep=small)
+    assert auto.summary.values == "settled" and torch.equal(auto.masks[name], settled.masks[name])
+    whole = family.select(keep=family.reach(), values="settled")          # last entry 40: the snapshot at 50
+    assert torch.equal(whole.masks[name], (whole.masks[name] != 0) * 50.0)
+    late = spp.SolutionPath(path.entries, path.pairs, path.granularity, path.steps, snapshots=path.snapshots, settle=30.0)
+    late_member = spp.WeightFamily(model, late).select(keep=family.reach(), values="settled")   # 40 + 30 > 50
+    assert torch.equal(late_member.masks[name], (late_member.masks[name] != 0) * 0.5)
+    past = family.select(keep=0.5, values="settled")                     # keeps elements that never entered
+    assert all(torch.equal(m, family.select(keep=0.5, values="path").masks[n]) for n, m in past.masks.items())
+    # the path file keeps snapshots and settle; a version-1 file (no snapshots) reads its settled values at the end
+    path.save(str(tmp_path))
+    loaded = spp.SolutionPath.load(str(tmp_path))
+    assert loaded.settle == 10.0 and sorted(loaded.snapshots[name]) == [10, 20, 30, 40, 50]
+    assert torch.equal(spp.WeightFamily(model, loaded).select(keep=small, values="settled").masks[name],
+                       settled.masks[name])
+    from safetensors.torch import load_file, save_file
+    info = json.loads((tmp_path / "path.json").read_text())
+    assert info["version"] == 2
+    tensors = {k: v for k, v in load_file(str(tmp_path / "path.safetensors")).items() if "/mask@" not in k}
+    save_file(tensors, str(tmp_path / "path.safetensors"))
+    (tmp_path / "path.json").write_text(json.dumps({k: v for k, v in {**info, "version": 1}.items() if k != "settle"}))
+    old = spp.SolutionPath.load(str(tmp_path))
+    assert old.snapshots == {} and old.settle == 0.0
+    assert torch.equal(spp.WeightFamily(model, old).select(keep=small, values="settled").masks[name],
+                       binary.masks[name] * 0.5)
+    (tmp_path / "path.json").write_text(json.dumps({**info, "version": 3}))
+    with pytest.raises(ValueError, match="version 3 path; this spp reads up to version 2"):
+        spp.SolutionPath.load(str(tmp_path))
+
+
+def test_a_search_path_carries_the_optimizers_snapshots():
+    """SolutionPath.from_optimizer reads the snapshots and the settle time 3/ρ off spp.LBI; a settled member of
+    a real search holds the mask values of a snapshot, not the end's."""
+    torch.manual_seed(0)
+    model = spp.add_masks(tiny_vit(), "dim")
+    optimizer = spp.search_optimizer(model, 2.0, rho=0.1, lam=0.05)   # 3/ρ = 30 steps, a snapshot every 2
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    for _ in range(60):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    path = spp.SolutionPath.from_optimizer(optimizer, model)
+    assert path.settle == pytest.approx(30.0)
+    assert all(sorted(s) == list(range(2, 61, 2)) for s in path.snapshots.values())
+    family = spp.WeightFamily(model, path)
+    member = family.select(keep=family.reach() / 2, values="settled")
+    last = max(float(path.entries[n]["entry_step"][m != 0].max()) for n, m in member.masks.items() if (m != 0).any())
+    at = path.values_at(last + path.settle)
+    assert last + path.settle < 60, "the tiny search should leave a settled member before its end"
+    assert all(torch.equal(m, (m != 0) * at[n]) for n, m in member.masks.items())
+    assert not all(torch.equal(m, family.select(keep=family.reach() / 2, values="path").masks[n])
+                   for n, m in member.masks.items())

@@ -282,6 +282,10 @@ def test_fsdp2_search_matches_ddp_and_resumes_after_a_kill(tmp_path, text):
     for n, e in runs["fsdp"].entries.items():
         for field in ("entry_step", "z", "gamma", "mask"):
             assert torch.equal(e[field], resumed.entries[n][field]), (n, field)
+        snapshots = runs["fsdp"].snapshots[n]   # sharded like the masks, gathered whole into the path
+        assert sorted(snapshots) == sorted(resumed.snapshots[n]) == sorted(runs["ddp"].snapshots[n]) == list(range(1, 25))
+        assert all(torch.equal(m, resumed.snapshots[n][s]) for s, m in snapshots.items()), n
+        assert all(m.shape == e["mask"].shape for m in snapshots.values())
 
 
 @pytest.mark.slow

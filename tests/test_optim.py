@@ -98,10 +98,69 @@ def test_state_dict_round_trip_continues_identically():
         torch.testing.assert_close(opt.state[p][key], opt2.state[q][key])
 
 
+def _snapshots(opt, p):
+    return {s: opt.state[p][f"mask@{s}"] for s in spp.optim.snapshot_steps(opt.state[p])}
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_snapshots_hold_the_mask_at_their_steps_and_thin_to_their_limit(foreach):
+    """A snapshot every ``snapshot_every`` steps, each the mask after its step; past ``snapshots`` of them the
+    interval doubles and the snapshots off the new grid go, so a run of any length keeps at most that many."""
+    torch.manual_seed(3)
+    p = torch.nn.Parameter(torch.ones(6))
+    opt = LBI([p], lr=1.0, kappa=2.0, nu=5.0, lam=0.2, snapshots=4, snapshot_every=3, foreach=foreach)
+    after = {}
+    for step in range(1, 31):
+        p.grad = torch.randn(6)
+        opt.step()
+        after[step] = p.detach().clone()
+        if step == 12:
+            assert sorted(_snapshots(opt, p)) == [3, 6, 9, 12]
+        if step == 15:   # 5 multiples of 3: the interval doubles to 6
+            assert sorted(_snapshots(opt, p)) == [6, 12]
+    snaps = _snapshots(opt, p)
+    assert sorted(snaps) == [12, 24]   # 30 steps: 10 multiples of 3, 5 of 6, 2 of 12
+    for step, mask in snaps.items():
+        assert torch.equal(mask, after[step]) and not torch.equal(mask, after[30])
+    none = LBI([torch.nn.Parameter(torch.ones(2))], snapshots=0)
+    none.param_groups[0]["params"][0].grad = torch.ones(2)
+    none.step()
+    assert spp.optim.snapshot_steps(next(iter(none.state.values()))) == []
+
+
+def test_snapshot_interval_defaults_to_a_fifth_of_the_masks_time_constant():
+    """Default interval 0.2/ρ steps with ρ = κα/ν: 10 at spp search's ρ = 0.02; settle_steps is 3/ρ."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = LBI([p], lr=0.6, kappa=10.0, nu=300.0)    # ρ = 0.02
+    assert LBI.settle_steps(opt.param_groups[0]) == pytest.approx(150.0)
+    for _ in range(25):
+        p.grad = torch.ones(3)
+        opt.step()
+    assert sorted(_snapshots(opt, p)) == [10, 20]
+
+
+def test_snapshots_survive_a_state_dict_round_trip():
+    """A run stopped at step 14 and resumed from its state dict keeps the snapshots the whole run keeps."""
+    torch.manual_seed(4)
+    grads = [torch.randn(8) for _ in range(30)]
+    whole_run, opt = run_lbi(torch.ones(8), grads, True, lr=1.0, kappa=2.0, nu=5.0, snapshots=4, snapshot_every=3)
+    p, first = run_lbi(torch.ones(8), grads[:14], True, lr=1.0, kappa=2.0, nu=5.0, snapshots=4, snapshot_every=3)
+    q = torch.nn.Parameter(p.detach().clone())
+    second = LBI([q])
+    second.load_state_dict(copy.deepcopy(first.state_dict()))
+    for g in grads[14:]:
+        q.grad = g.clone()
+        second.step()
+    expected, resumed = _snapshots(opt, whole_run), _snapshots(second, q)
+    assert sorted(resumed) == sorted(expected) == [12, 24]
+    assert all(torch.equal(resumed[s], expected[s]) for s in expected)
+
+
 @pytest.mark.parametrize("kwargs,word", [
     (dict(lr=0.0), "lr"), (dict(lr=-1.0), "lr"), (dict(kappa=0.0), "kappa"), (dict(nu=-2.0), "nu"),
     (dict(lam=-0.1), "lam"), (dict(preconditioner="sgd"), "preconditioner"), (dict(shrink="soft"), "shrink"),
-    (dict(betas=(0.9, 1.0)), "betas"), (dict(eps=-1.0), "eps"),
+    (dict(betas=(0.9, 1.0)), "betas"), (dict(eps=-1.0), "eps"), (dict(snapshots=-1), "snapshots"),
+    (dict(snapshot_every=0), "snapshot_every"),
 ])
 def test_bad_hyperparameters_raise(kwargs, word):
     with pytest.raises(ValueError, match=word):

@@ -32,7 +32,7 @@ def test_config_errors_name_the_problem():
         load_config(SMOKE, ["data.dataset=cifar"])
     with pytest.raises(ConfigError, match=r"search.nu_calibration='type': choose one of pooled, pair, mask"):
         load_config(SMOKE, ["search.nu_calibration=type"])
-    with pytest.raises(ConfigError, match=r"export.values='scaled': choose one of auto, binary, path, best"):
+    with pytest.raises(ConfigError, match=r"export.values='scaled': choose one of auto, binary, path, settled, best"):
         load_config(SMOKE, ["export.values=scaled"])
     for override, message in [("search.steps=-5", "search.steps=-5: must be >= 0"),
                               ("data.batch_size=0", "data.batch_size=0: must be > 0"),
@@ -313,6 +313,22 @@ def test_adam_search_calibrates_nu_to_the_adam_direction(tmp_path):
     plain = str(tmp_path / "plain")
     assert run("search", plain, "search.nu_scale=2", "search.steps=8") == 0
     assert spp.SolutionPath.load(plain).meta["hyperparameters"]["nu"] != pytest.approx(2.0)
+
+
+def test_search_keeps_mask_snapshots_for_settled_members(tmp_path):
+    """`spp search` writes the LBI's mask snapshots into the path (every 0.2/ρ steps, here every 10 of 24), with
+    the settle time 3/ρ; search.snapshots=0 keeps none, and its members' settled values are the end's."""
+    out = str(tmp_path / "run")
+    assert run("search", out, "search.steps=24") == 0
+    path = spp.SolutionPath.load(out)
+    rho = load_config(SMOKE).search.rho
+    assert path.settle == pytest.approx(3 / rho)
+    every = max(1, round(0.2 / rho))
+    assert all(sorted(s) == list(range(every, 25, every)) for s in path.snapshots.values()) and path.snapshots
+    none = str(tmp_path / "none")
+    assert run("search", none, "search.steps=24", "search.snapshots=0") == 0
+    bare = spp.SolutionPath.load(none)
+    assert bare.snapshots == {} and all(torch.equal(bare.values_at(0)[n], e["mask"]) for n, e in bare.entries.items())
 
 
 @pytest.mark.slow
