@@ -47,8 +47,9 @@ def main():
         print("saved and reloaded:", torch.equal(loaded(x), pruned(x)))
     print(member.summary)
 
-    # Read a member the way that scores best on held-out data (entry or final-z order, kept elements at 1
-    # or at the search's mask values), as spp family and spp export do on their validation split.
+    # Read a member the way that scores best on held-out data (entry or final-z order, kept elements at 1 or at
+    # the search's mask values: settled after the member's last entry, or at the end), as spp family and spp
+    # export do on their validation split.
     def held_out_accuracy(candidate):
         with torch.no_grad():
             small = spp.compress(model, candidate.masks).eval()

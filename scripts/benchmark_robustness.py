@@ -18,8 +18,8 @@ Each setting holds out a validation split from its training images (never traine
 ranking the same structures (query-key dims, value dims, MLP neurons) cut by the same global
 parameter-budget walk (``spp.WeightFamily``), members untouched (no finetuning):
 
-  spp              ``calibrate_nu`` on held-out batches, ``search_optimizer`` with its defaults, 600 steps of
-                   batch 128 on the training images; each member by ``WeightFamily.select_best(remove=r)`` with
+  spp              ``calibrate_nu`` on held-out batches, ``search_optimizer`` with its defaults, --search-steps
+                   (1,800) of batch 128 on the training images; each member by ``WeightFamily.select_best(remove=r)`` with
                    val accuracy as the score (``spp family`` / ``spp export``'s ``rank`` and ``values: best``)
   spp-auto         the same searches' members by ``select(remove=r)`` with no data (entry order; the search's
                    settled mask values for a member inside the support it reached, 1 for a larger one)
@@ -299,7 +299,7 @@ def main():
     parser.add_argument("--data-root", help="folder with the Fashion-MNIST files (default: " + FASHION_MNIST_DIRS[0] + ")")
     parser.add_argument("--removed", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.85])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--search-steps", type=int, default=600)
+    parser.add_argument("--search-steps", type=int, default=1800)
     parser.add_argument("--nu-data", nargs="+", default=["val", "train"], choices=["val", "train"],
                         help="the batches ν is calibrated on, one search each: val (spp) and train (spp-train-nu)")
     parser.add_argument("--taylor-batches", type=int, default=20)

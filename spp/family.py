@@ -283,7 +283,8 @@ class WeightFamily:
                 entered, the network the loss saw when the support was this member; unlike
                 ``"path"`` it does not change when the search runs longer (the end's values are
                 tuned to a support larger than a small member). A member past the path's end, or a
-                path without snapshots, reads them at the end, as ``"path"``. ``"auto"`` (default):
+                path without snapshots, reads them at the end, as ``"path"`` (and its summary says
+                ``"path"``). ``"auto"`` (default):
                 ``"settled"`` when every element the budget walk keeps had entered the support of Γ
                 by the end of the search (the member lies on the path the search covered),
                 ``"binary"`` otherwise (a larger member, ranked past the path's end, where the
@@ -336,13 +337,15 @@ class WeightFamily:
         if values == "auto":
             values = "settled" if np.isfinite(self.entry[chosen]).all() else "binary"
         if values != "binary":
-            source = self.path.values_at(self._last_entry(masks) + self.path.settle) if values == "settled" else \
-                {n: e["mask"] for n, e in self.path.entries.items()}
+            end = {n: e["mask"] for n, e in self.path.entries.items()}
+            source = self.path.values_at(self._last_entry(masks) + self.path.settle) if values == "settled" else end
+            if all(source[n] is end[n] for n in masks):   # no snapshot that late (or none): the end's values
+                values = "path"
             masks = {n: m * source[n] for n, m in masks.items()}
         member = Member(masks, self.summarize(masks, by=by, target=keep))
         member.summary.rank = rank
         if member.summary.values != "binary":   # summarize tells 1 from other values, not which others
-            member.summary.values = values
+            member.summary.values = values      # "settled" only where a snapshot gave them
         return member
 
     def _last_entry(self, masks: Dict[str, torch.Tensor]) -> float:

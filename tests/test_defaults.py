@@ -122,9 +122,9 @@ def test_select_best_takes_the_reading_that_scores_highest_and_the_first_on_a_ti
     family = _scored_family()
     mean_value = lambda m: float(torch.cat([v[v != 0] for v in m.masks.values()]).mean())  # noqa: E731
     path = family.select_best(mean_value, remove=0.5)               # path values all above 1: above binary
-    # a path without snapshots reads its settled values at the end: the same masks as path, scored once, and on
-    # the tie the earlier reading (settled) is taken
-    assert path.summary.values == "settled" and path.summary.scores["entry, path"] > path.summary.scores["entry, binary"] == 1.0
+    # a path without snapshots reads its settled values at the end: the same masks as path, scored once, and the
+    # member says what it holds (the end's values)
+    assert path.summary.values == "path" and path.summary.scores["entry, path"] > path.summary.scores["entry, binary"] == 1.0
     assert path.summary.scores["entry, settled"] == path.summary.scores["entry, path"]
     assert set(path.summary.scores) == {f"{r}, {v}" for r in ("entry", "z") for v in ("binary", "settled", "path")}
     binary = family.select_best(lambda m: -mean_value(m), remove=0.5, ranks=("entry",))

@@ -236,7 +236,7 @@ def test_reprs_say_what_a_notebook_user_needs(family):
 def test_member_values_binary_path_and_auto(granularity):
     """``values="path"`` keeps the path's mask values on the kept elements (and compresses exactly), "binary"
     keeps 1, and "auto" takes the path's values only while every element the walk keeps had entered (its settled
-    values: on a path without snapshots, the values at the end)."""
+    values: on a path without snapshots, the values at the end, which the summary calls "path")."""
     model = spp.add_masks(tiny_vit(), granularity)
     base = fake_path(model, never=0.3)
     g = torch.Generator().manual_seed(1)
@@ -247,7 +247,7 @@ def test_member_values_binary_path_and_auto(granularity):
     entered = {n: torch.isfinite(e["entry_step"]) for n, e in path.entries.items()}
     for keep in (0.2, 0.5):  # inside the entered part (70% of the elements entered)
         binary, on_path, auto = (family.select(keep=keep, values=v) for v in ("binary", "path", "auto"))
-        assert binary.summary.values == "binary" and on_path.summary.values == "path" and auto.summary.values == "settled"
+        assert binary.summary.values == "binary" and on_path.summary.values == auto.summary.values == "path"
         assert _kept_set(binary.masks) == _kept_set(on_path.masks) and len(_kept_set(binary.masks)) > 0
         for n, m in on_path.masks.items():
             assert set(binary.masks[n].unique().tolist()) <= {0.0, 1.0}
@@ -262,24 +262,28 @@ def test_member_values_binary_path_and_auto(granularity):
             assert torch.allclose(spp.compress(model, on_path.masks)(x), model(x), atol=1e-5)
     late = family.select(keep=0.95)   # past the entered part: binary, as the walk keeps elements that never entered
     assert late.summary.values == "binary" and all(set(m.unique().tolist()) <= {0.0, 1.0} for m in late.masks.values())
-    assert family.select(keep=0.2, round_to=4).summary.values == "settled"  # decided before rounding adds elements
+    assert family.select(keep=0.2, round_to=4).summary.values == "path"  # decided before rounding adds elements
     scored = spp.SolutionPath.from_scores(model, {n: v.clone() for n, v in values.items()}, values=values)
     member = spp.WeightFamily(model, scored).select(keep=0.95)   # a scored path has every element entered
-    assert member.summary.values == "settled" and all(torch.equal(m, (m != 0) * values[n]) for n, m in member.masks.items())
+    assert member.summary.values == "path" and all(torch.equal(m, (m != 0) * values[n]) for n, m in member.masks.items())
+
+
+def _searched(model, steps, batch, nu, **settings):
+    """The path of ``steps`` LBI steps (spp.search_optimizer with ``settings``) on one random batch."""
+    optimizer = spp.search_optimizer(model, nu, **settings)
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return spp.SolutionPath.from_optimizer(optimizer, model)
 
 
 def test_path_keeps_its_mask_values_when_the_model_masks_change():
     """SolutionPath.from_optimizer copies the final masks: setting a member's masks into the model afterwards
     (as the library tour does) must not change what values="path" members read."""
-    model = tiny_vit()
-    spp.add_masks(model)
-    optimizer = spp.search_optimizer(model, 1.0, rho=0.5, lam=0.0)
-    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    for _ in range(3):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    path = spp.SolutionPath.from_optimizer(optimizer, model)
+    model = spp.add_masks(tiny_vit())
+    path = _searched(model, 3, batch=8, nu=1.0, rho=0.5, lam=0.0)
     before = {n: e["mask"].clone() for n, e in path.entries.items()}
     spp.set_masks(model, {n: torch.zeros_like(p) for n, p in spp.mask_parameters(model)})
     assert all(torch.equal(path.entries[n]["mask"], m) for n, m in before.items())
@@ -340,8 +344,10 @@ def test_settled_values_are_m_a_settle_time_after_the_members_last_entry(tmp_pat
     late = spp.SolutionPath(path.entries, path.pairs, path.granularity, path.steps, snapshots=path.snapshots, settle=30.0)
     late_member = spp.WeightFamily(model, late).select(keep=family.reach(), values="settled")   # 40 + 30 > 50
     assert torch.equal(late_member.masks[name], (late_member.masks[name] != 0) * 0.5)
+    assert late_member.summary.values == "path"                          # what it holds: the end's values
     past = family.select(keep=0.5, values="settled")                     # keeps elements that never entered
     assert all(torch.equal(m, family.select(keep=0.5, values="path").masks[n]) for n, m in past.masks.items())
+    assert past.summary.values == "path"
     # the path file keeps snapshots and settle; a version-1 file (no snapshots) reads its settled values at the end
     path.save(str(tmp_path))
     loaded = spp.SolutionPath.load(str(tmp_path))
@@ -368,13 +374,7 @@ def test_a_search_path_carries_the_optimizers_snapshots():
     a real search holds the mask values of a snapshot, not the end's."""
     torch.manual_seed(0)
     model = spp.add_masks(tiny_vit(), "dim")
-    optimizer = spp.search_optimizer(model, 2.0, rho=0.1, lam=0.05)   # 3/ρ = 30 steps, a snapshot every 2
-    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
-    for _ in range(60):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    path = spp.SolutionPath.from_optimizer(optimizer, model)
+    path = _searched(model, 60, batch=16, nu=2.0, rho=0.1, lam=0.05)   # 3/ρ = 30 steps, a snapshot every 2
     assert path.settle == pytest.approx(30.0)
     assert all(sorted(s) == list(range(2, 61, 2)) for s in path.snapshots.values())
     family = spp.WeightFamily(model, path)
