@@ -337,7 +337,7 @@ def test_robustness_benchmark_runs_and_its_spp_row_takes_the_reading_val_prefers
             read = [methods[f"spp-{name}"][seed]["removed"][r] for name in readings]
             chosen = methods["spp"][seed]["removed"][r]
             assert chosen == max(read, key=lambda x: x["val"])        # the first reading of the best val
-            assert methods["spp-auto"][seed]["removed"][r] in read[:2]  # entry order, binary or settled
+            assert methods["spp-auto"][seed]["removed"][r] in read[:3]  # entry order, any values
         assert methods["spp"][seed]["nu"] > 0 and methods["spp-train-nu"][seed]["nu"] > 0
     summary = result["summary"]["digits-memorised"]
     assert set(summary["taylor"]) == {"0.5", "0.85"} and len(summary["spp"]["0.5"]) == 2   # mean, std

@@ -64,8 +64,8 @@ def test_api_example_tour_runs():
     assert sizes[0] > sizes[1] > sizes[2]
     assert "saved and reloaded: True" in stdout
     assert re.search(r"the path covers \d+\.\d% of the prunable params", stdout), stdout
-    best = re.search(r"select_best at 50%: ranked by (entry|z), values (binary|path), scores (\{.*\})", stdout)
-    assert best and len(ast.literal_eval(best.group(3))) == 4, stdout   # every reading scored
+    best = re.search(r"select_best at 50%: ranked by (entry|z), values (binary|settled|path), scores (\{.*\})", stdout)
+    assert best and len(ast.literal_eval(best.group(3))) == 6, stdout   # every reading scored: 2 orders x 3 values
 
 
 @pytest.mark.slow

@@ -137,7 +137,8 @@ def test_demo_caches_its_pretrained_model_and_fresh_trains_it_again(tmp_path, ca
     table = run_demo(out, tiny)
     assert "| 50% |" in table and os.path.isfile(os.path.join(out, "search", "pruned", "model.safetensors"))
     assert "| ranked by, kept elements hold |" in table and "| 100% | 0.803M | 27.53M (100%) | " in table
-    readings = {f"{rank}, {values}" for rank in ("entry step", "final z") for values in ("1", "search M")}
+    from spp.demo import VALUE_LABELS
+    readings = {f"{rank}, {values}" for rank in ("entry step", "final z") for values in VALUE_LABELS.values()}
     assert {line.split(" | ")[3] for line in table.splitlines()[2:]} <= readings   # each member's val-picked reading
     assert "1/5 pretrain a ViT" in capsys.readouterr().out
     run_demo(out, tiny)
