@@ -174,12 +174,13 @@ def pretrain(setting: Setting, data, path: str, epochs: int = 0):
     return model.eval()
 
 
-def spp_search(dense, data, seed: int, steps: int, calibration: str):
-    """The README's library example: masks, ν from ``calibration`` batches, the default LBI, ``steps`` of batch 128."""
+def spp_search(dense, data, seed: int, steps: int, calibration: str, snapshots: int = 64):
+    """The README's library example: masks, ν from ``calibration`` batches, the default LBI (keeping ``snapshots``
+    of the masks for the settled values), ``steps`` of batch 128."""
     seed_everything(seed)
     model = spp.add_masks(copy.deepcopy(dense), "dim")
     nu = spp.calibrate_nu(model, loader(data[calibration], 128, 10_000 + seed))
-    opt = spp.search_optimizer(model, nu)
+    opt = spp.search_optimizer(model, nu, snapshots=snapshots)
     model.train()
     for x, y in batches(data["train"], 128, seed, steps):
         loss = F.cross_entropy(model(x), y)
@@ -230,7 +231,7 @@ def run_setting(setting: Setting, args) -> Dict:
             if calibration not in args.nu_data:
                 continue
             start = time.time()
-            path, nu = spp_search(dense, data, seed, args.search_steps, calibration)
+            path, nu = spp_search(dense, data, seed, args.search_steps, calibration, args.snapshots)
             seconds = time.time() - start
             readings = {str(r): spp_readings(dense, path, r, data) for r in args.removed}
             names = {"best": method, "auto": f"{method}-auto", **{r: f"{method}-{r.replace(', ', '-')}" for r in READINGS}}
@@ -302,6 +303,8 @@ def main():
     parser.add_argument("--search-steps", type=int, default=1800)
     parser.add_argument("--nu-data", nargs="+", default=["val", "train"], choices=["val", "train"],
                         help="the batches ν is calibrated on, one search each: val (spp) and train (spp-train-nu)")
+    parser.add_argument("--snapshots", type=int, default=64,
+                        help="mask snapshots each search keeps for the settled values (search_optimizer's snapshots)")
     parser.add_argument("--taylor-batches", type=int, default=20)
     parser.add_argument("--pretrain-epochs", type=int, default=0,
                         help="pretrain every setting this many epochs instead of its own (a quick check of the script)")
