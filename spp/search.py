@@ -52,7 +52,8 @@ def _save(cfg: Config, model_masks, optimizer, support, step, epoch, batch, runt
     rng = gather_rng_states(runtime)  # collective: every rank takes part
     masks = {n: whole(p.detach()).cpu() for n, p in model_masks}   # FSDP2: gathered, also a collective
     optim = optimizer.state_dict()
-    optim["state"] = {i: {k: whole(v) for k, v in st.items()} for i, st in optim["state"].items()}
+    # whole tensors, one at a time onto the CPU: the state holds up to search.snapshots copies of the masks
+    optim["state"] = {i: {k: whole(v).cpu() for k, v in st.items()} for i, st in optim["state"].items()}
     if not runtime.is_main:
         return
     state = {"kind": "search", "model_name": cfg.model.name, "config": cfg.to_dict(),
