@@ -144,8 +144,10 @@ class SolutionPath:
         counts = ", ".join(f"{pair} {entered[pair]}/{sizes[pair]}" for pair in PAIRS)
         hyper = self.meta.get("hyperparameters", {})
         settings = "".join(f", {k}={v}" for k, v in hyper.items() if k in ("kappa", "lam") and not isinstance(v, dict))
+        snapshots = max((len(s) for s in self.snapshots.values()), default=0)
+        kept = f", {snapshots} snapshots of the masks (settle {self.settle:g} steps)" if snapshots else ""
         return (f"SolutionPath({self.steps} steps, {len(self.entries)} masks ({self.granularity}), "
-                f"entered {counts}{settings})")
+                f"entered {counts}{settings}{kept})")
 
     def values_at(self, step: float) -> Dict[str, torch.Tensor]:
         """The mask values at the first snapshot at or after ``step``, per mask; the values at the end of the run

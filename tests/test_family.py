@@ -376,6 +376,7 @@ def test_a_search_path_carries_the_optimizers_snapshots():
     model = spp.add_masks(tiny_vit(), "dim")
     path = _searched(model, 60, batch=16, nu=2.0, rho=0.1, lam=0.05)   # 3/ρ = 30 steps, a snapshot every 2
     assert path.settle == pytest.approx(30.0)
+    assert "30 snapshots of the masks (settle 30 steps)" in repr(path)
     assert all(sorted(s) == list(range(2, 61, 2)) for s in path.snapshots.values())
     family = spp.WeightFamily(model, path)
     member = family.select(keep=family.reach() / 2, values="settled")
