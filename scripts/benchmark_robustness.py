@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 import spp
+from spp.calibrate import DEFAULTS as SEARCH_DEFAULTS
 from spp.criteria import magnitude_scores, random_scores, taylor_scores
 from spp.data import FASHION_MNIST_DIRS, _fashion_mnist
 from spp.engine import evaluate
@@ -174,7 +175,7 @@ def pretrain(setting: Setting, data, path: str, epochs: int = 0):
     return model.eval()
 
 
-def spp_search(dense, data, seed: int, steps: int, calibration: str, snapshots: int = 64):
+def spp_search(dense, data, seed: int, steps: int, calibration: str, snapshots: int = SEARCH_DEFAULTS["snapshots"]):
     """The README's library example: masks, ν from ``calibration`` batches, the default LBI (keeping ``snapshots``
     of the masks for the settled values), ``steps`` of batch 128."""
     seed_everything(seed)
@@ -303,7 +304,7 @@ def main():
     parser.add_argument("--search-steps", type=int, default=1800)
     parser.add_argument("--nu-data", nargs="+", default=["val", "train"], choices=["val", "train"],
                         help="the batches ν is calibrated on, one search each: val (spp) and train (spp-train-nu)")
-    parser.add_argument("--snapshots", type=int, default=64,
+    parser.add_argument("--snapshots", type=int, default=SEARCH_DEFAULTS["snapshots"],
                         help="mask snapshots each search keeps for the settled values (search_optimizer's snapshots)")
     parser.add_argument("--taylor-batches", type=int, default=20)
     parser.add_argument("--pretrain-epochs", type=int, default=0,

@@ -163,14 +163,14 @@ class LBI(Optimizer):
     def settle_steps(group: dict) -> float:
         """3/ρ = 3ν/(κα): the steps ``M`` takes to close 95% of its way to a new equilibrium with Γ (three of
         its time constants), which a member waits after its last element entered (``values="settled"``)."""
-        return 3 * group["nu"] / (group["kappa"] * group["lr"])
+        return 3 / _pull(group)
 
     @torch.no_grad()
     def _snapshot(self, group: dict, params: List[Tensor], states: List[dict]) -> None:
         limit = group["snapshots"]
         if not limit:
             return
-        every = group["snapshot_every"] or max(1, round(0.2 * self.settle_steps(group) / 3))
+        every = group["snapshot_every"] or max(1, round(0.2 / _pull(group)))
         for mask, state in zip(params, states):
             step = int(state["step"])
             if step % every:   # snapshots are taken, and thinned, only at multiples of the first interval
@@ -183,6 +183,11 @@ class LBI(Optimizer):
                     del state[f"{SNAPSHOT}{old}"]
             if step % interval == 0:
                 state[f"{SNAPSHOT}{step}"] = mask.detach().clone()
+
+
+def _pull(group: dict) -> float:
+    """ρ = κα/ν: the per-step pull of a group's masks toward Γ."""
+    return group["kappa"] * group["lr"] / group["nu"]
 
 
 def _check_hyperparameters(*, lr, kappa, nu, lam, preconditioner, betas, eps, shrink, snapshots=0,
