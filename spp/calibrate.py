@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
@@ -61,7 +62,7 @@ def _named_masks(model) -> List[Tuple[str, torch.nn.Parameter]]:
 
 def mask_gradient_rms(model, data: Iterable, loss_fn: Callable = F.cross_entropy, batches: int = 8, *,
                       reference_batch: Optional[int] = None, mixup_fn: Optional[Callable] = None,
-                      runtime=None, task=None) -> Dict[str, Tuple[float, int]]:
+                      runtime=None, task=None, losses: Optional[List[float]] = None) -> Dict[str, Tuple[float, int]]:
     """``{mask name: (RMS of its per-batch gradients, numel)}`` at the current masks.
 
     Takes the first ``batches`` ``(images, targets)`` pairs of ``data`` (a loader or any iterable),
@@ -71,7 +72,8 @@ def mask_gradient_rms(model, data: Iterable, loss_fn: Callable = F.cross_entropy
     batches' size B is scaled by √(B / ``reference_batch``). ``runtime`` (device, autocast, the
     mean over DDP ranks) defaults to one process on the masks' device, in full precision. A ``task``
     (:mod:`spp.tasks`) reads batches of another form: ``loss_fn(task.forward(model, inputs), targets)``
-    with ``(inputs, targets) = task.split(batch)`` (CLIP's image-caption batches).
+    with ``(inputs, targets) = task.split(batch)`` (CLIP's image-caption batches). ``losses``: a list that
+    receives each batch's loss.
     """
     from .tasks import to_device
     named = _named_masks(model)
@@ -105,6 +107,8 @@ def mask_gradient_rms(model, data: Iterable, loss_fn: Callable = F.cross_entropy
             grads = torch.autograd.grad(loss, [p for _, p in named])
         for (name, _), g in zip(named, grads):
             squares[name] += float(g.float().pow(2).sum())
+        if losses is not None:
+            losses.append(float(loss.detach()))
         seen += 1
         samples += targets.shape[0] * (world if sharded else 1)   # sharded: one gradient of every rank's samples
     if seen == 0:
@@ -166,9 +170,24 @@ def calibrate_nu(model, data: Iterable, loss_fn: Callable = F.cross_entropy, sca
     key = _nu_key(per, mask_pairs(_bare(model)))
     if preconditioner == "adam":
         return dict.fromkeys((n for n, _ in _named_masks(model)), float(scale))
+    losses: List[float] = []
     rms = mask_gradient_rms(model, data, loss_fn, batches, reference_batch=reference_batch, mixup_fn=mixup_fn,
-                            runtime=runtime, task=task)
+                            runtime=runtime, task=task, losses=losses)
+    _warn_if_memorised(losses)
     return nu_from_rms(rms, scale, key)
+
+
+MEMORISED_LOSS = 0.02   # a mean calibration loss below this: the model fits those batches almost exactly
+
+
+def _warn_if_memorised(losses: List[float]) -> None:
+    """Warn when the calibration batches' mean loss is near zero: data the model memorised gives gradients far
+    smaller than held-out data, ν far too large, and a family that collapses without another sign."""
+    mean = sum(losses) / max(len(losses), 1)
+    if mean < MEMORISED_LOSS:
+        warnings.warn(f"calibrate_nu: the mean loss on the calibration batches is {mean:.2g}: the model fits them "
+                      "almost exactly (data it was trained on?), so nu comes out far too large and the family "
+                      "collapses. Calibrate on held-out batches (spp search: search.nu_data=val)", stacklevel=3)
 
 
 def lbi_groups(named_masks, calibration: str, pairs, nu: Dict[str, float] = None, **settings) -> List[Dict]:

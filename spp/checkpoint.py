@@ -10,6 +10,8 @@ from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional
 import torch
 from torch import nn
 
+from .gguf import gguf_source, load_gguf_model
+
 __all__ = ["create_model", "load_checkpoint", "atomic_write", "atomic_torch_save", "LoadResult"]
 
 
@@ -22,7 +24,9 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] 
     * a local directory: a Hugging Face model directory (``config.json`` + ``*.safetensors``) through
       ``AutoModelForCausalLM.from_pretrained(name, use_safetensors=True, **kwargs)``, or a directory
       written by :func:`spp.save_pruned` through :func:`spp.load_pruned`;
-    * ``hf:ORG/NAME``: a Hugging Face hub id, the same way (needs the internet or the hub cache).
+    * ``hf:ORG/NAME``: a Hugging Face hub id, the same way (needs the internet or the hub cache);
+    * a ``.gguf`` file, or a directory holding one and no ``config.json``: dequantized to ``dtype`` (float32 by
+      default) in a plain transformers model (:mod:`spp.gguf`).
 
     ``checkpoint`` then loads weights from a local file or directory through :func:`load_checkpoint`.
     ``meta=True`` builds the model's skeleton on the meta device and reads no weights (the ranks of a
@@ -57,7 +61,7 @@ def _timm_model(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
 
 def is_hf(name: str) -> bool:
     """``name`` is a Hugging Face model (a local directory or ``hf:ORG/NAME``), not a timm model name."""
-    return name.startswith("hf:") or os.path.isdir(name)
+    return name.startswith("hf:") or os.path.isdir(name) or name.endswith(".gguf")
 
 
 _ENCODERS = ("clip", "clip_vision_model", "clip_text_model")   # loaded by AutoModel, not AutoModelForCausalLM
@@ -70,11 +74,14 @@ def _hf_model(name: str, meta: bool = False, **kwargs: Any) -> nn.Module:
 
     source = name[3:] if name.startswith("hf:") else name
     config = None
+    gguf = None if name.startswith("hf:") else gguf_source(source)
+    if gguf:
+        return load_gguf_model(*gguf, meta=meta, **kwargs)
     if os.path.isdir(source):
         config_path = os.path.join(source, "config.json")
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{config_path} not found: a model directory holds config.json and *.safetensors "
-                                    "(transformers' save_pretrained, or spp.save_pruned)")
+                                    "(transformers' save_pretrained, or spp.save_pruned), or one .gguf file")
         with open(config_path) as f:
             config = json.load(f)
         if config.get("format") == "spp-pruned" or "spp" in config:

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .build import (HeldOutScore, build_loaders, build_model, input_size_for, read_member, select_member, source_model,
+from .build import (HeldOutScore, build_loaders, build_model, check_inputs, input_size_for, read_member, select_member, source_model,
                     task_for)
 from .checkpoint import atomic_write
 from .compress import compress, save_pruned
@@ -118,6 +118,7 @@ def _family(cfg: Config, directory: str, runtime: Runtime):
 def run_family(cfg: Config) -> List[Dict]:
     """Evaluate members at ``family.targets`` without retraining; table + plot of accuracy (language models:
     perplexity on non-overlapping windows of ``data.seq_len`` tokens of the validation text) vs size."""
+    check_inputs(cfg)
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
     directory = _search_dir(cfg, cfg.family.path)
     model, family = _family(cfg, directory, runtime)
@@ -154,6 +155,7 @@ def run_family(cfg: Config) -> List[Dict]:
 
 def run_export(cfg: Config) -> str:
     """Select one member, compress it and ``save_pruned`` it."""
+    check_inputs(cfg)
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)   # where rank / values best score their readings
     directory = _search_dir(cfg, cfg.export.path)
     model, family = _family(cfg, directory, runtime)
@@ -304,6 +306,7 @@ def run_eval(cfg: Config) -> Dict:
     """Top-1/top-5 (LLMs: perplexity, zero-shot tasks; CLIP: retrieval recall@1/5/10, zero-shot), params, FLOPs and
     throughput of train.source (a pruned model, or a member of a search's family picked by export.*) or of the
     dense model."""
+    check_inputs(cfg)
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
     source = cfg.train.source
     model = source_model(cfg, runtime).to(runtime.device)

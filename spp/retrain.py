@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .build import build_criterion, build_loaders, build_model, source_model, task_for
+from .build import build_criterion, build_loaders, build_model, check_inputs, source_model, task_for
 from .checkpoint import atomic_write
 from .compress import save_pruned
 from .config import Config, ConfigError, save_config
@@ -90,6 +90,7 @@ def _check_shardable(cfg: Config, runtime) -> bool:
 
 def run_retrain(cfg: Config) -> Dict:
     """``spp retrain``: finetune ``train.source`` (or train the dense model); returns the best and last metrics."""
+    check_inputs(cfg)
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3

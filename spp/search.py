@@ -7,7 +7,7 @@ from typing import Dict, List
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .build import build_criterion, build_loaders, build_model, input_size_for, task_for
+from .build import build_criterion, build_loaders, build_model, check_inputs, input_size_for, task_for
 from .calibrate import calibrate_nu, lbi_groups, search_optimizer
 from .config import CAPTION_DATASETS, Config, save_config
 from .data import build_loader
@@ -91,6 +91,7 @@ def _calibration_loader(cfg: Config, loaders, runtime: Runtime):
 
 def run_search(cfg: Config) -> SolutionPath:
     """``spp search``: one LBI run over the masks of the frozen model; writes and returns the solution path."""
+    check_inputs(cfg)
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
     sharded = runtime.distributed and cfg.model.fsdp
     model = build_model(cfg, runtime, meta=sharded and not runtime.is_main)   # FSDP2: rank 0 reads the weights

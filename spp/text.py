@@ -151,12 +151,17 @@ def _tokenize(tokenizer, docs: Sequence[str], seq_len: int, what: str) -> torch.
 
 
 def load_tokenizer(source: str):
-    """The tokenizer of a local directory or ``hf:ORG/NAME`` (``AutoTokenizer``); a directory without one is an error.
+    """The tokenizer of a local directory, a GGUF model (a ``.gguf`` file or a folder holding one) or
+    ``hf:ORG/NAME`` (``AutoTokenizer``); a directory without one is an error.
     """
     try:
         from transformers import AutoTokenizer
     except ImportError as e:
         raise ImportError("text data needs transformers: pip install -e '.[llm]'") from e
+    from .gguf import gguf_source, load_gguf_tokenizer
+    gguf = None if source.startswith("hf:") else gguf_source(source)
+    if gguf:
+        return load_gguf_tokenizer(*gguf)
     if os.path.isdir(source) and not any(os.path.isfile(os.path.join(source, f)) for f in
                                          ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise FileNotFoundError(f"no tokenizer in {source} (tokenizer.json / tokenizer_config.json); set "

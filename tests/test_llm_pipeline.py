@@ -102,6 +102,24 @@ def test_text_inputs_errors_name_the_problem(tmp_path, text, capsys):
         assert re.search(message, err), (message, err)
 
 
+def test_wrong_paths_are_reported_before_the_model_loads(tmp_path, text, capsys, monkeypatch):
+    """A large model takes minutes to load: a wrong data.root, tokenizer or model path is reported first."""
+    import spp.build
+
+    model = write_model(tmp_path / "model", "llama")
+    loads = []
+    monkeypatch.setattr(spp.build, "create_model", lambda *a, **k: loads.append(a) or pytest.fail("model loaded"))
+    os.makedirs(tmp_path / "empty")
+    for command in ("search", "family", "export", "retrain", "eval"):
+        for overrides, message in [
+                ([f"model.name={model}", f"data.root={tmp_path / 'nope'}"], "data.root=.*nope not found"),
+                ([f"model.name={model}", f"data.root={text}", f"data.tokenizer={tmp_path / 'empty'}"], "no tokenizer in"),
+                ([f"model.name={tmp_path / 'missing.gguf'}", f"data.root={text}"], "model.name=.*missing.gguf not found")]:
+            assert main([command, SMOKE, f"output={tmp_path / 'run'}", *overrides]) == 2, (command, overrides)
+            assert re.search(message, capsys.readouterr().err)
+    assert loads == []
+
+
 def test_retrain_finetunes_a_member_and_lowers_validation_perplexity(tmp_path, text):
     """spp retrain on text: the exported member is finetuned on next-token prediction (all weights), the
     best checkpoint by validation perplexity is saved as a pruned directory, with distillation from the

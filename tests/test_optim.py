@@ -1,5 +1,6 @@
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -313,3 +314,14 @@ def test_dense_start_adds_one_over_kappa_to_z():
     z, entry = opt.state[p]["z"], opt.state[p]["entry_step"]
     assert torch.allclose(z[:2], torch.full((2,), 1.0 / kappa), atol=1e-4) and torch.isinf(entry[:2]).all()
     assert entry[2] < 200   # gradient support on top of the transient crosses κλ = 1 early
+
+
+def test_calibrating_on_batches_the_model_fits_exactly_warns_with_the_fix():
+    model = tiny_masked_vit()
+    batches = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")    # held-out-like batches (loss ~2.3): no warning
+        spp.calibrate_nu(model, batches)
+    fitted = lambda out, y: 1e-3 * torch.nn.functional.cross_entropy(out, y)   # the loss of memorised data
+    with pytest.warns(UserWarning, match=r"mean loss on the calibration batches is 0\.00\d+.*search\.nu_data=val"):
+        spp.calibrate_nu(model, batches, fitted)
