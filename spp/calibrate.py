@@ -24,7 +24,7 @@ from .structure import mask_pairs
 NU_CALIBRATIONS = ("pooled", "pair", "mask")   # which masks share one calibrated ν
 # spp search's defaults (its config's search.* fields take these): see calibrate_nu and spp.LBI
 DEFAULTS = dict(nu_scale=1.5, calibration_batches=8, nu_calibration="pooled", nu_batch=128, rho=0.02, kappa=10.0,
-                lam=0.4, preconditioner="none", shrink="two_sided", snapshots=64)
+                lam=0.4, preconditioner="none", shrink="two_sided", snapshots=64, clip=None)
 
 
 class _OneProcess:
@@ -210,14 +210,16 @@ def lbi_groups(named_masks, calibration: str, pairs, nu: Dict[str, float] = None
 def search_optimizer(model, nu: Union[float, Mapping[str, float]], *, rho: float = DEFAULTS["rho"],
                      kappa: float = DEFAULTS["kappa"], lam: float = DEFAULTS["lam"], lr: Optional[float] = None,
                      per: str = DEFAULTS["nu_calibration"], preconditioner: str = DEFAULTS["preconditioner"],
-                     shrink: str = DEFAULTS["shrink"], snapshots: int = DEFAULTS["snapshots"]) -> LBI:
+                     shrink: str = DEFAULTS["shrink"], snapshots: int = DEFAULTS["snapshots"],
+                     clip: Optional[float] = DEFAULTS["clip"]) -> LBI:
     """The LBI optimizer over ``model``'s masks, set as ``spp search`` sets it.
 
     ``nu`` is one number or :func:`calibrate_nu`'s ``{mask name: ν}``; masks sharing a ν (under
     ``per``, which must be the ``per`` that calibrated it) form one parameter group. Each group's
     step is ``lr``, or by default α = ``rho`` · ν / ``kappa``: the per-step pull ρ = κα/ν of the
     masks toward Γ, which spreads entries over a few hundred steps. ``snapshots``: the most snapshots of
-    each mask kept for members' settled values (0: none). The defaults are ``spp search``'s (the quality
+    each mask kept for members' settled values (0: none). ``clip``: the largest loss gradient a step takes, in
+    units of 1/ν (see :class:`spp.LBI`; None: no bound). The defaults are ``spp search``'s (the quality
     benchmark's picks; see :class:`spp.LBI`).
     """
     named = _named_masks(model)
@@ -234,4 +236,5 @@ def search_optimizer(model, nu: Union[float, Mapping[str, float]], *, rho: float
     groups = lbi_groups(named, per, mask_pairs(_bare(model)), nu)
     for group in groups:
         group["lr"] = lr if lr is not None else rho * group["nu"] / kappa
-    return LBI(groups, kappa=kappa, lam=lam, preconditioner=preconditioner, shrink=shrink, snapshots=snapshots)
+    return LBI(groups, kappa=kappa, lam=lam, preconditioner=preconditioner, shrink=shrink, snapshots=snapshots,
+               clip=clip)

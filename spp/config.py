@@ -90,6 +90,7 @@ class SearchConfig:
     preconditioner: str = _SEARCH["preconditioner"]
     shrink: str = _SEARCH["shrink"]
     snapshots: int = _SEARCH["snapshots"]   # mask snapshots kept for members' settled values (0: none, M at the end)
+    clip: Optional[float] = _SEARCH["clip"]  # |loss gradient| a step takes, in units of 1/ν (null: unbounded)
     log_every: int = 20
     checkpoint_every: int = 500
     targets: List[float] = field(default_factory=lambda: [0.9, 0.7, 0.5, 0.3, 0.15])  # kept fractions in the family table
@@ -334,6 +335,8 @@ def _check_ranges(c: Config) -> None:
     fraction = (lambda v: 0 <= v <= 1, "must lie in [0, 1]")
     below_one = (lambda v: 0 <= v < 1, "must lie in [0, 1)")
     numbers = {key: v for key, v in (("search.lr", s.lr), ("search.nu", s.nu)) if not isinstance(v, str)}  # or auto
+    if s.clip is not None:
+        numbers["search.clip"] = s.clip
     table = [
         (positive, {
             "data.img_size": d.img_size, "data.in_chans": d.in_chans, "data.num_classes": d.num_classes,

@@ -88,12 +88,14 @@ class LBI(Optimizer):
         foreach: Optional[bool] = None,
         snapshots: int = 64,
         snapshot_every: Optional[int] = None,
+        clip: Optional[float] = None,
     ):
         _check_hyperparameters(lr=lr, kappa=kappa, nu=nu, lam=lam, preconditioner=preconditioner,
-                               betas=betas, eps=eps, shrink=shrink, snapshots=snapshots, snapshot_every=snapshot_every)
+                               betas=betas, eps=eps, shrink=shrink, snapshots=snapshots, snapshot_every=snapshot_every,
+                               clip=clip)
         defaults = dict(lr=lr, kappa=kappa, nu=nu, lam=lam, preconditioner=preconditioner,
                         betas=betas, eps=eps, shrink=shrink, foreach=foreach, snapshots=snapshots,
-                        snapshot_every=snapshot_every)
+                        snapshot_every=snapshot_every, clip=clip)
         super().__init__(params, defaults)
         for group in self.param_groups:
             _check_hyperparameters(**{k: group[k] for k in defaults if k != "foreach"})
@@ -108,6 +110,7 @@ class LBI(Optimizer):
             group.setdefault("foreach", None)
             group.setdefault("snapshots", 0)   # an optimizer pickled before snapshots existed had none
             group.setdefault("snapshot_every", None)
+            group.setdefault("clip", None)
 
     def _init_group(self, group, params, grads, masks_state):
         for p in group["params"]:
@@ -154,7 +157,7 @@ class LBI(Optimizer):
                 [s["exp_avg_sq"] for s in states] if adam else None,
                 lr=group["lr"], kappa=group["kappa"], nu=group["nu"], lam=group["lam"],
                 betas=group["betas"], eps=group["eps"], shrink=group["shrink"],
-                foreach=group["foreach"],
+                foreach=group["foreach"], clip=group["clip"],
             )
             self._snapshot(group, params, states)
         return loss
@@ -191,7 +194,7 @@ def _pull(group: dict) -> float:
 
 
 def _check_hyperparameters(*, lr, kappa, nu, lam, preconditioner, betas, eps, shrink, snapshots=0,
-                           snapshot_every=None):
+                           snapshot_every=None, clip=None):
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"Invalid learning rate lr={lr!r}: must be a number > 0")
     if not (isinstance(kappa, (int, float)) and kappa > 0):
@@ -213,6 +216,8 @@ def _check_hyperparameters(*, lr, kappa, nu, lam, preconditioner, betas, eps, sh
     if not (snapshot_every is None or (isinstance(snapshot_every, int) and snapshot_every >= 1)):
         raise ValueError(f"Invalid snapshot_every={snapshot_every!r}: steps between snapshots, an integer >= 1 "
                          "(None: 0.2/rho)")
+    if not (clip is None or (isinstance(clip, (int, float)) and clip > 0)):
+        raise ValueError(f"Invalid clip={clip!r}: a number > 0 (the largest |g| in units of 1/nu), or None for none")
 
 
 def lbi(
@@ -233,12 +238,15 @@ def lbi(
     eps: float,
     shrink: str,
     foreach: Optional[bool] = None,
+    clip: Optional[float] = None,
 ):
     """Functional LBI step (see :class:`LBI`); updates every tensor in place."""
     if foreach is None:   # sharded masks (FSDP2's DTensors) take the per-tensor path: DTensor has no _foreach_copy_
         foreach = all(p.device.type in ("cuda", "cpu") and type(p.data) is torch.Tensor for p in params) \
             and not torch.jit.is_scripting()
     fn = _multi_tensor_lbi if foreach else _single_tensor_lbi
+    if clip is not None:   # |g| ≤ clip/ν: the loss holds a mask at most `clip` from Γ, and moves it ≤ ρ·clip a step
+        grads = [g.clamp(-clip / nu, clip / nu) for g in grads]
     fn(params, grads, zs, gammas, entry_steps, steps, exp_avgs, exp_avg_sqs,
        lr=lr, kappa=kappa, nu=nu, lam=lam, betas=betas, eps=eps, shrink=shrink)
 

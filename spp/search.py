@@ -148,7 +148,8 @@ def run_search(cfg: Config) -> SolutionPath:
             nu = float(s.nu)
         optimizer = search_optimizer(model, nu, rho=s.rho, kappa=s.kappa, lam=s.lam,
                                      lr=None if s.lr == "auto" else s.lr, per=s.nu_calibration,
-                                     preconditioner=s.preconditioner, shrink=s.shrink, snapshots=s.snapshots)
+                                     preconditioner=s.preconditioner, shrink=s.shrink, snapshots=s.snapshots,
+                                     clip=s.clip)
     if runtime.is_main:  # after the resume checks: a refused resume leaves the folder as it was
         os.makedirs(cfg.output, exist_ok=True)
         save_config(cfg, os.path.join(cfg.output, "config.yaml"))
@@ -189,7 +190,7 @@ def run_search(cfg: Config) -> SolutionPath:
         raise NonFiniteLoss(f"{e}; the search stopped. The last good checkpoint is "
                             f"{os.path.join(cfg.output, CHECKPOINT)}; lower search.lr or raise search.nu") from None
     _check_ranks_agree(runtime, optimizer, masks)
-    hyper = {k: group[k] for k in ("lr", "kappa", "nu", "lam", "preconditioner", "shrink")}
+    hyper = {k: group[k] for k in ("lr", "kappa", "nu", "lam", "preconditioner", "shrink", "clip")}
     if len(optimizer.param_groups) > 1:  # lr and ν per mask
         group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         for k in ("lr", "nu"):

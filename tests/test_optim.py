@@ -325,3 +325,18 @@ def test_calibrating_on_batches_the_model_fits_exactly_warns_with_the_fix():
     fitted = lambda out, y: 1e-3 * torch.nn.functional.cross_entropy(out, y)   # the loss of memorised data
     with pytest.warns(UserWarning, match=r"mean loss on the calibration batches is 0\.00\d+.*search\.nu_data=val"):
         spp.calibrate_nu(model, batches, fitted)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_clip_bounds_the_loss_gradients_step_and_leaves_small_gradients_alone(foreach):
+    nu, lr, kappa = 100.0, 0.2, 10.0        # ρ = κα/ν = 0.02
+    mask = torch.nn.Parameter(torch.ones(4))
+    opt = spp.LBI([mask], lr=lr, kappa=kappa, nu=nu, lam=0.4, clip=3.0, foreach=foreach, snapshots=0)
+    mask.grad = torch.tensor([1e3, -1e3, 1e-3, 0.0])        # two far beyond clip/ν = 0.03, two within it
+    opt.step()
+    rho = kappa * lr / nu
+    coupling = rho * 1.0                                     # M - Γ = 1 at the first step
+    expected = torch.tensor([1 - rho * 3.0, 1 + rho * 3.0, 1 - kappa * lr * 1e-3, 1.0]) - coupling
+    torch.testing.assert_close(mask.detach(), expected)
+    with pytest.raises(ValueError, match="Invalid clip=0"):
+        spp.LBI([mask], clip=0)

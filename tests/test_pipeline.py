@@ -38,6 +38,7 @@ def test_config_errors_name_the_problem():
                               ("data.batch_size=0", "data.batch_size=0: must be > 0"),
                               ("search.kappa=0", "search.kappa=0.0: must be > 0"),
                               ("search.nu=-3", "search.nu=-3.0: must be > 0"),
+                              ("search.clip=0", "search.clip=0.0: must be > 0"),
                               ("family.targets=[1.0,1.5]", r"family.targets\[1\]=1.5: must lie in \[0, 1\]"),
                               ("train.ema_decay=1", r"train.ema_decay=1.0: must lie in \[0, 1\)")]:
         with pytest.raises(ConfigError, match=message):
