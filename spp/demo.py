@@ -56,15 +56,16 @@ def run_demo(output: str = "outputs/demo", overrides: Sequence[str] = (), fresh:
                   "accuracy vs size")
 
 
-def search_to_retrain(search, retrain, searched: str, finetune: str):
-    """A demo's stages 2-5 (search, family, export, finetune of the exported member): ``(family rows, retrain result)``."""
-    _banner(f"2/5 search: LBI over the masks of {searched}")
+def search_to_retrain(search, retrain, searched: str, finetune: str, total: int = 5):
+    """A demo's stages 2-5 (search, family, export, finetune of the exported member): ``(family rows, retrain result)``;
+    ``total``: the demo's number of stages."""
+    _banner(f"2/{total} search: LBI over the masks of {searched}")
     run_search(search)
-    _banner("3/5 family: members at several sizes, no retraining")
+    _banner(f"3/{total} family: members at several sizes, no retraining")
     rows = run_family(search)
-    _banner(f"4/5 export: {search.export.remove:.0%} of the prunable parameters removed, compressed")
+    _banner(f"4/{total} export: {search.export.remove:.0%} of the prunable parameters removed, compressed")
     run_export(search)
-    _banner(f"5/5 {finetune}")
+    _banner(f"5/{total} {finetune}")
     return rows, run_retrain(retrain)
 
 

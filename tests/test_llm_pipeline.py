@@ -185,26 +185,30 @@ def test_torchrun_two_processes_give_one_identical_llm_path(tmp_path, text):
 
 
 @pytest.mark.slow
-def test_demo_llm_pretrains_once_and_prints_the_table(tmp_path, text, capsys, monkeypatch):
-    """spp demo-llm on a small text folder, shrunk: tokenizer + model pretrained and cached, then search, family,
-    export and finetune; a second run takes the cached model."""
-    import spp.demo_llm as demo
+def test_demo_llm_dequantizes_once_prunes_finetunes_and_generates(tmp_path, text, capsys):
+    """spp demo-llm on a tiny GGUF Llama (model.name=, as SmolLM2's file would be) and a small text folder: the model
+    dequantized and cached, then search, family, export, LoRA finetune and the side-by-side generations; a second run
+    takes the cached model."""
+    pytest.importorskip("gguf", reason="the demo's model is a GGUF file: pip install -e '.[llm]'")
+    pytest.importorskip("peft", reason="the demo finetunes with LoRA (peft)")
+    from helpers import tiny_gguf_llama
 
-    monkeypatch.setattr(demo, "PRETRAIN", dict(demo.PRETRAIN, hidden_size=64, intermediate_size=96,
-                                               num_hidden_layers=2))
-    monkeypatch.setattr(demo, "STEPS", 20)
-    monkeypatch.setattr(demo, "VOCAB", 80)
+    gguf_file = str(tmp_path / "tiny.gguf")
+    tiny_gguf_llama(gguf_file, open(os.path.join(text, "doc0.txt")).read())
     out = str(tmp_path / "demo")
-    small = [f"data.root={text}", "data.seq_len=32", "data.val_fraction=0.2", "data.test_fraction=0.2",
-             "search.steps=12", "family.targets=[1.0,0.7,0.5]", "train.steps=6"]
+    small = [f"model.name={gguf_file}", f"data.root={text}", "data.seq_len=32", "data.val_fraction=0.2",
+             "data.test_fraction=0.2", "search.steps=12", "family.targets=[1.0,0.9,0.7]", "train.steps=6"]
     assert main(["demo-llm", "--output", out, *small]) == 0
     printed = capsys.readouterr().out
-    assert "1/5 pretrain a small Llama" in printed and "pretrained: val perplexity" in printed
-    rows = [line for line in printed.splitlines() if line.startswith("| ") and "%" in line]
-    assert len(rows) == 3 and rows[1].split("|")[-2].strip()       # the exported 70% member was finetuned
-    assert os.path.isfile(os.path.join(out, "pretrain", "model", "tokenizer.json"))
+    assert "1/6 dequantize tiny.gguf" in printed and "6/6 the same prompts" in printed
+    rows = [line for line in printed.splitlines() if line.startswith("| ") and "M (" in line]
+    assert len(rows) == 3 and rows[2].split("|")[-2].strip()       # the exported 70% member was finetuned
+    generated = open(os.path.join(out, "generations.md")).read().splitlines()
+    assert generated[0] == "| prompt | dense | 10% removed, no finetune | 30% removed, finetuned |"
+    assert len(generated) == 2 + 3 and all(line.count("|") >= 5 for line in generated)
+    assert os.path.isfile(os.path.join(out, "model", "model.safetensors"))
     assert main(["demo-llm", "--output", out, *small]) == 0
-    assert "pretrained model cached in" in capsys.readouterr().out
+    assert "1/6 model cached in" in capsys.readouterr().out
 
 
 def test_retrain_with_lora_trains_adapters_and_saves_them_merged(tmp_path, text, capsys):

@@ -1,0 +1,83 @@
+"""Helpers the tests share (imported by name, not through conftest)."""
+import json
+
+import numpy as np
+import torch
+
+TEXT = "the quick brown fox jumps over the lazy dog while the cat sleeps"
+_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+          "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def _rotary_layout(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's convert script stores q and k rows interleaved per rotary pair; transformers undoes it."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def bpe_tokenizer(text: str = TEXT):
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator([text] * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
+
+
+def write_gguf(path: str, model, tokenizer, architecture: str = "llama") -> str:
+    """``model`` (a Llama) and ``tokenizer`` as a float32 GGUF file, laid out as llama.cpp's converter writes it."""
+    import gguf
+
+    c = model.config
+    w = gguf.GGUFWriter(path, architecture)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([1] * len(vocab))
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    w.add_bos_token_id(tokenizer.bos_token_id)
+    w.add_eos_token_id(tokenizer.eos_token_id)
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    tensors = {"token_embd.weight": state["model.embed_tokens.weight"], "output_norm.weight": state["model.norm.weight"]}
+    for i in range(c.num_hidden_layers):
+        for hf, name in _NAMES.items():
+            t = state[f"model.layers.{i}.{hf}.weight"]
+            if name in ("attn_q", "attn_k"):
+                t = _rotary_layout(t, c.num_attention_heads if name == "attn_q" else c.num_key_value_heads)
+            tensors[f"blk.{i}.{name}.weight"] = t
+    for name, t in tensors.items():
+        w.add_tensor(name, np.ascontiguousarray(t))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+
+
+def tiny_gguf_llama(path: str, text: str = TEXT):
+    """A tiny random Llama (2 layers, width 64, 4 query heads over 2 key/value heads, tied embeddings) and a
+    byte-level BPE tokenizer trained on ``text``, written to ``path`` as a GGUF file: ``(model, tokenizer)``."""
+    import transformers
+
+    tokenizer = bpe_tokenizer(text)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=96, max_position_embeddings=128, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)).eval()
+    write_gguf(path, model, tokenizer)
+    return model, tokenizer
