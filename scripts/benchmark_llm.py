@@ -385,6 +385,48 @@ def plot(results: Dict, args, filename: str) -> None:
     plt.close(fig)
 
 
+def search_curve(runs: List[Dict], out: str) -> str:
+    """SPP's test perplexity (mean over seeds, no finetuning) against the tokens its search read, one benchmark
+    run per search length: ``search_curve.md`` and ``search_curve.png`` in ``out``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = []   # (tokens, steps, minutes, {removed: mean test perplexity})
+    for results in runs:
+        a, spp_runs = results["args"], results["runs"].get("spp")
+        if not spp_runs:
+            raise SystemExit(f"--search-curve: a run without SPP (methods {results['methods']}); run it with "
+                             "--methods spp")
+        seeds = [s for s in map(str, a["seeds"]) if s in spp_runs]
+        tests = {r: statistics.mean(spp_runs[s][str(r)]["test"] for s in seeds) for r in a["removed"]}
+        minutes = statistics.mean(spp_runs[s]["time"] for s in seeds) / 60
+        points.append((a["search_steps"] * a["batch"] * results["seq_len"], a["search_steps"], minutes, tests))
+    points.sort(key=lambda p: p[0])
+    removed = sorted({r for p in points for r in p[3]})
+    lines = ["| search steps | tokens | minutes (search and choosing) | "
+             + " | ".join(f"−{r:.0%}" for r in removed) + " |", "|---|---|---|" + "---|" * len(removed)]
+    for tokens, steps, minutes, tests in points:
+        lines.append(f"| {steps} | {tokens:,} | {minutes:.1f} | "
+                     + " | ".join(f"{tests[r]:.2f}" if r in tests else "" for r in removed) + " |")
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for r in removed:
+        xs = [(p[0], p[3][r]) for p in points if r in p[3]]
+        ax.plot(*zip(*xs), marker="o", label=f"−{r:.0%}")
+    ax.axhline(runs[0]["dense"]["test"], color="gray", ls="--", lw=1, label="dense")
+    ax.set(xlabel="search tokens", ylabel="test perplexity", xscale="log", yscale="log",
+           title="SPP: test perplexity against search length (no finetuning)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "search_curve.png"), dpi=110)
+    plt.close(fig)
+    text = "\n".join(lines)
+    with open(os.path.join(out, "search_curve.md"), "w") as f:
+        f.write(text + "\n")
+    return text
+
+
 def _size(text: str):
     key, _, value = text.partition("=")
     return key, int(value)
@@ -428,16 +470,25 @@ def main():
     parser.add_argument("--table-from", nargs="+", metavar="JSON",
                         help="measure nothing: write the table of earlier runs (their runs merged, later files "
                              "adding methods and the dense finetune) to --out")
+    parser.add_argument("--search-curve", nargs="+", metavar="JSON",
+                        help="measure nothing: SPP's test perplexity against its search tokens, one earlier run per "
+                             "search length (--search-steps), as a table and a plot in --out")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.table_from:
         results = json.load(open(args.table_from[0]))
         for extra in args.table_from[1:]:
             more = json.load(open(extra))
-            results["runs"].update(more["runs"])
+            for method, runs in more["runs"].items():   # a later file adds methods, and seeds of a method
+                results["runs"].setdefault(method, {}).update(runs)
             results["methods"] += [m for m in more["methods"] if m not in results["methods"]]
             results["dense"].update({k: v for k, v in more["dense"].items() if k.startswith("ft")})
+            for key in ("seeds", "finetune_seeds"):    # the tables' seeds: every file's
+                results["args"][key] = sorted(set(results["args"][key]) | set(more["args"][key]))
         print(write_tables(results, argparse.Namespace(**{**results["args"], "out": args.out}), args.out))
+        return
+    if args.search_curve:
+        print(search_curve([json.load(open(f)) for f in args.search_curve], args.out))
         return
     start = time.time()
     bench = Bench(args)

@@ -1,5 +1,6 @@
 """The commands on a language model: a tiny random Llama and OPT from directories the tests write, with a
 word-level tokenizer trained here and a folder of text files (seconds each)."""
+import copy
 import json
 import os
 import random
@@ -459,6 +460,24 @@ def test_llm_benchmark_ranks_the_same_structures_for_every_method(tmp_path, text
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (again / "benchmark_llm.md").read_text() == table
+    more = copy.deepcopy(results)   # a later run's seeds (7) join the tables, the finetuned rows included
+    more["runs"] = {m: {"7": runs[m]["0"]} for m in ("spp", "taylor")}
+    more["methods"], more["args"]["seeds"], more["args"]["finetune_seeds"] = ["spp", "taylor"], [7], [7]
+    (tmp_path / "more.json").write_text(json.dumps(more))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "benchmark_llm.py"), "--table-from",
+                             str(out / "benchmark_llm.json"), str(tmp_path / "more.json"), "--out", str(again)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    merged = (again / "benchmark_llm.md").read_text()
+    assert "**no finetuning** (seeds 0, 1, 7)" in merged and "finetuning steps** (seeds 0, 7)" in merged
+    curve = tmp_path / "curve"        # --search-curve: SPP's perplexity against its search tokens
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "benchmark_llm.py"), "--search-curve",
+                             str(out / "benchmark_llm.json"), "--out", str(curve)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    tokens = 6 * 4 * 32
+    assert f"| 6 | {tokens:,} |" in (curve / "search_curve.md").read_text()
+    assert (curve / "search_curve.png").stat().st_size > 0
 
 
 @pytest.mark.slow
