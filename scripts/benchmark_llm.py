@@ -27,7 +27,8 @@ prunable parameters, except Torch-Pruning, which cuts by its own rules:
   torch-pruning  Torch-Pruning's MetaPruner as its LLM example runs it (GroupMagnitudeImportance p=2, whole heads
                  within key/value groups, MLP channels, round_to 4), the hidden size kept; its pruning
                  ratio bisected to the budget's parameter count (its graph traced with RoPE as the identity:
-                 its dependency search does not finish through rotate_half; RoPE changes no group of whole heads)
+                 its dependency search does not finish through rotate_half; RoPE changes no group of whole heads);
+                 where its head grouping fails (SmolLM2's 9 query heads over 3 key/value heads), the MLP only
 
 Calibration (wanda-sp, flap, taylor) reads ``--calibration-batches`` training batches drawn by the seed. A seed
 also sets the search's and Lasso's data order and the random ranking. Figures: test perplexity (non-
@@ -200,9 +201,10 @@ def run_lasso(bench, seed, removed):
     return out, {}
 
 
-def _torch_pruning(model, ratio: float, example: torch.Tensor):
-    """Torch-Pruning's LLM example on a copy: heads (within key/value groups) and MLP channels at ``ratio``,
-    the hidden size kept (its embedding, o_proj and down_proj outputs ignored), attributes updated."""
+def _torch_pruning(model, ratio: float, example: torch.Tensor, heads: bool = True):
+    """Torch-Pruning's LLM example on a copy: heads (within key/value groups; ``heads=False``: none) and MLP
+    channels at ``ratio``, the hidden size kept (its embedding, o_proj and down_proj outputs ignored), attributes
+    updated."""
     import torch_pruning as tp
 
     model = copy.deepcopy(model)
@@ -212,6 +214,8 @@ def _torch_pruning(model, ratio: float, example: torch.Tensor):
         num_heads[attn.q_proj] = config.num_attention_heads
         num_heads[attn.k_proj] = num_heads[attn.v_proj] = config.num_key_value_heads
         ignored += [attn.o_proj, layer.mlp.down_proj]
+        if not heads:
+            ignored += [attn.q_proj, attn.k_proj, attn.v_proj]
     # Torch-Pruning 1.6.1's dependency search does not finish through RoPE's rotate_half (slices and a cat of
     # each head's dims) on transformers 5's Llama; with whole heads pruned and head dims kept, RoPE, which acts
     # within each head, changes no group, so the graph is traced with it as the identity (restored at once)
@@ -248,11 +252,16 @@ def run_torch_pruning(bench, seed, removed):
     """Bisects Torch-Pruning's ratio to each budget; gives up (``{"failed": why}``) when one pruner takes longer
     than ``--tp-timeout`` seconds to build its dependency groups."""
     example = bench.data["train"][0][0][None, :16]
-    full, out = _prunable_params(bench.dense), {}
+    full, out, extra, heads = _prunable_params(bench.dense), {}, {}, True
     signal.signal(signal.SIGALRM, _alarm)
     try:
         signal.alarm(bench.args.tp_timeout)
-        _torch_pruning(bench.dense, 0.5, example)
+        try:
+            _torch_pruning(bench.dense, 0.5, example)
+        except RuntimeError as error:   # its head grouping of this attention fails: prune the MLP channels only
+            heads, extra = False, {"note": f"MLP channels only: pruning heads failed ({str(error).splitlines()[0]})"}
+            print(f"torch-pruning: {extra['note']}", flush=True)
+            _torch_pruning(bench.dense, 0.5, example, heads=False)
     except TimeoutError:
         return {}, {"failed": f"MetaPruner on this model did not finish in {bench.args.tp_timeout} s (torch-pruning "
                               f"{_version('torch-pruning')}, transformers {_version('transformers')})"}
@@ -262,14 +271,14 @@ def run_torch_pruning(bench, seed, removed):
         lo, hi, best = 0.0, 0.95, None
         for _ in range(bench.args.tp_bisections):
             ratio = (lo + hi) / 2
-            model = _torch_pruning(bench.dense, ratio, example)
+            model = _torch_pruning(bench.dense, ratio, example, heads)
             got = 1 - _prunable_params(model) / full
             if best is None or abs(got - r) < abs(best[1] - r):
                 best = (model, got, ratio)
             lo, hi = (ratio, hi) if got < r else (lo, ratio)
         model, got, ratio = best
         out[r] = (model, {"params": spp.count_params(model), "removed": round(got, 4), "ratio": round(ratio, 4)})
-    return out, {}
+    return out, extra
 
 
 RUNNERS = {"spp": run_spp, "lasso": run_lasso, "torch-pruning": run_torch_pruning,
@@ -335,10 +344,12 @@ def write_tables(results: Dict, args, out: str) -> str:
             if failed:
                 lines.append(f"| {method} | {failed} |" + " |" * len(removed))
                 continue
+            note = next((run["note"] for run in runs.values() if "note" in run), None)
+            label = f"{method} ({note.split(':')[0]})" if note else method
             cells = [mean_std([runs[str(s)][str(r)][key] for s in seeds
                            if str(s) in runs and runs[str(s)][str(r)].get(key) is not None]) for r in removed]
             times = [runs[str(s)]["time"] for s in args.seeds if str(s) in runs]
-            lines.append(f"| {method} | " + " | ".join(cells) + f" | {statistics.mean(times):.0f} |" if times else "")
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {statistics.mean(times):.0f} |" if times else "")
         lines.append("")
     text = "\n".join(lines)
     with open(os.path.join(out, "benchmark_llm.md"), "w") as f:

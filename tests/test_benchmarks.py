@@ -370,3 +370,31 @@ def test_llm_speed_check_runs_on_a_tiny_model(tmp_path):
     params = [r["params"] for r in inference[::2]]
     assert params[0] > params[1] > params[2]
     assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in inference)
+
+
+def test_torch_pruning_falls_back_to_the_mlp_where_its_head_grouping_fails():
+    """On SmolLM2's attention (9 query heads over 3 key/value heads) Torch-Pruning 1.6.1's head grouping raises;
+    benchmark_llm then prunes the MLP channels only, says so in the run, and still meets the budget."""
+    pytest.importorskip("torch_pruning", reason="Torch-Pruning is in the [test] and [bench] extras: pip install -e .[test]")
+    transformers = pytest.importorskip("transformers", reason="the LLM benchmark needs transformers")
+    from types import SimpleNamespace
+
+    bench = _script("benchmark_llm")
+    torch.manual_seed(0)
+    dense = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=48, intermediate_size=192, num_hidden_layers=2, num_attention_heads=3,
+        num_key_value_heads=1, max_position_embeddings=64)).eval()
+    ids = torch.randint(0, 64, (1, 16))
+    with pytest.raises(RuntimeError):
+        bench._torch_pruning(dense, 0.5, ids)
+    run = SimpleNamespace(dense=dense, data={"train": [(ids[0], ids[0])]},
+                          args=SimpleNamespace(tp_timeout=60, tp_bisections=8))
+    members, extra = bench.run_torch_pruning(run, 0, [0.3])
+    assert extra["note"].startswith("MLP channels only")
+    small, info = members[0.3]
+    full = bench._prunable_params(dense)
+    assert abs(info["removed"] - 0.3) < 0.05 and bench._prunable_params(small) < full
+    for layer in small.model.layers:
+        assert layer.self_attn.q_proj.out_features == 48 and layer.mlp.up_proj.out_features < 192
+    with torch.no_grad():
+        assert torch.isfinite(small(ids).logits).all()
