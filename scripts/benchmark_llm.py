@@ -13,9 +13,9 @@ Methods, each ranking the same structures (rotary query-key pairs, value dims, M
 and cut by the same global parameter-budget walk (``spp.WeightFamily``) at ``--removed`` fractions of the
 prunable parameters, except Torch-Pruning, which cuts by its own rules:
 
-  spp            one LBI search (``calibrate_nu`` on validation batches, ``search_optimizer``'s defaults with
-                 ``--clip`` (the LLM configs' 10), ``--search-steps`` steps of the training text); each budget's member by
-                 ``WeightFamily.select_best`` with validation perplexity as the score
+  spp            one LBI search (``calibrate_nu`` on validation batches, ``search_optimizer``'s defaults, which
+                 for an LLM bound the step at clip 10; ``--search-steps`` steps of the training text); each
+                 budget's member by ``WeightFamily.select_best`` with validation perplexity as the score
   magnitude      RMS of each structure's weights (``spp.criteria.magnitude_scores``)
   random         a random ranking
   wanda-sp       structured Wanda, |W| times the input activation norm (``wanda_sp_scores``)
@@ -136,7 +136,7 @@ def _members(bench, path, removed: List[float], values: str = "binary", biases: 
 def run_spp(bench, seed, removed):
     args, masked = bench.args, copy.deepcopy(bench.masked)
     nu = spp.calibrate_nu(masked, bench.loader("val", seed), spp.next_token_loss, batches=args.calibration_batches)
-    optimizer = spp.search_optimizer(masked, nu, clip=args.clip)
+    optimizer = spp.search_optimizer(masked, nu, clip=None if args.clip == "none" else args.clip)
     masked.train()
     step, start = 0, time.time()
     while step < args.search_steps:
@@ -316,6 +316,11 @@ def finetune(bench, model, seed: int, checkpoints: List[int]) -> Dict[int, float
 
 
 # ------------------------------------------------------------------------------------------------
+def _clip(value) -> str:
+    """The table's word for a run's --clip: the step bound it searched with."""
+    return {"auto": "10 (auto)", "none": "none", None: "none"}.get(value, str(value))
+
+
 def write_tables(results: Dict, args, out: str) -> str:
     removed, lines = args.removed, []
     head = "| method | " + " | ".join(f"−{r:.0%}" for r in removed) + " | time for all budgets (s) |"
@@ -331,7 +336,7 @@ def write_tables(results: Dict, args, out: str) -> str:
         tokens = args.search_steps * args.batch * results["seq_len"]
         lines += [f"SPP's search: {args.search_steps} steps of {args.batch} x {results['seq_len']} tokens "
                   f"({tokens:,} tokens; ν calibrated on {args.calibration_batches} validation batches; "
-                  f"clip {getattr(args, 'clip', None)}).", ""]
+                  f"clip {_clip(getattr(args, 'clip', None))}).", ""]
     for title, key in (("no finetuning", "test"), (f"after {args.finetune_steps} finetuning steps", "ft"),
                        (f"after {args.long_steps} finetuning steps", "ft_long")):
         seeds = args.seeds if key == "test" else args.finetune_seeds
@@ -463,9 +468,9 @@ def main():
     parser.add_argument("--test-sequences", type=int, default=256, help="test windows for every figure")
     parser.add_argument("--search-steps", type=int, default=60)
     parser.add_argument("--calibration-batches", type=int, default=8)
-    parser.add_argument("--clip", type=lambda v: None if v == "none" else float(v), default=10.0,
-                        help="the search's bound on the loss gradient's step, in units of 1/nu (the LLM configs' "
-                             "search.clip; none: unbounded, the library's default)")
+    parser.add_argument("--clip", type=lambda v: v if v in ("auto", "none") else float(v), default="auto",
+                        help="the search's bound on the loss gradient's step, in units of 1/nu (search.clip): auto, "
+                             "the model family's (10 for LLMs); none: unbounded; or a number")
     parser.add_argument("--progress-every", type=int, default=20, help="search steps between progress lines")
     parser.add_argument("--lasso-lams", type=float, nargs="+", default=[3e-4, 1e-3])
     parser.add_argument("--lasso-steps", type=int, default=300)

@@ -24,7 +24,7 @@ from .structure import mask_pairs
 NU_CALIBRATIONS = ("pooled", "pair", "mask")   # which masks share one calibrated ν
 # spp search's defaults (its config's search.* fields take these): see calibrate_nu and spp.LBI
 DEFAULTS = dict(nu_scale=1.5, calibration_batches=8, nu_calibration="pooled", nu_batch=128, rho=0.02, kappa=10.0,
-                lam=0.4, preconditioner="none", shrink="two_sided", snapshots=64, clip=None)
+                lam=0.4, preconditioner="none", shrink="two_sided", snapshots=64, clip="auto")
 
 
 class _OneProcess:
@@ -48,7 +48,8 @@ def next_token_loss(output, input_ids: torch.Tensor) -> torch.Tensor:
     logits = getattr(output, "logits", output)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
 
-__all__ = ["calibrate_nu", "next_token_loss", "search_optimizer", "mask_gradient_rms", "nu_from_rms", "lbi_groups"]
+__all__ = ["calibrate_nu", "next_token_loss", "search_optimizer", "search_clip", "mask_gradient_rms", "nu_from_rms",
+           "lbi_groups"]
 
 
 def _bare(model):
@@ -211,7 +212,7 @@ def search_optimizer(model, nu: Union[float, Mapping[str, float]], *, rho: float
                      kappa: float = DEFAULTS["kappa"], lam: float = DEFAULTS["lam"], lr: Optional[float] = None,
                      per: str = DEFAULTS["nu_calibration"], preconditioner: str = DEFAULTS["preconditioner"],
                      shrink: str = DEFAULTS["shrink"], snapshots: int = DEFAULTS["snapshots"],
-                     clip: Optional[float] = DEFAULTS["clip"]) -> LBI:
+                     clip: Union[float, str, None] = DEFAULTS["clip"]) -> LBI:
     """The LBI optimizer over ``model``'s masks, set as ``spp search`` sets it.
 
     ``nu`` is one number or :func:`calibrate_nu`'s ``{mask name: ν}``; masks sharing a ν (under
@@ -219,7 +220,7 @@ def search_optimizer(model, nu: Union[float, Mapping[str, float]], *, rho: float
     step is ``lr``, or by default α = ``rho`` · ν / ``kappa``: the per-step pull ρ = κα/ν of the
     masks toward Γ, which spreads entries over a few hundred steps. ``snapshots``: the most snapshots of
     each mask kept for members' settled values (0: none). ``clip``: the largest loss gradient a step takes, in
-    units of 1/ν (see :class:`spp.LBI`; None: no bound). The defaults are ``spp search``'s (the quality
+    units of 1/ν (see :class:`spp.LBI`; None: no bound; ``"auto"``: the model family's, :func:`search_clip`). The defaults are ``spp search``'s (the quality
     benchmark's picks; see :class:`spp.LBI`).
     """
     named = _named_masks(model)
@@ -237,4 +238,13 @@ def search_optimizer(model, nu: Union[float, Mapping[str, float]], *, rho: float
     for group in groups:
         group["lr"] = lr if lr is not None else rho * group["nu"] / kappa
     return LBI(groups, kappa=kappa, lam=lam, preconditioner=preconditioner, shrink=shrink, snapshots=snapshots,
-               clip=clip)
+               clip=search_clip(model) if clip == "auto" else clip)
+
+
+def search_clip(model) -> Optional[float]:
+    """The step bound ``clip="auto"`` gives ``model``: its family's ``search_defaults`` (10 for the decoder LLMs,
+    whose mask gradients are heavy-tailed; none for the vision and CLIP families, whose sparsest members a bound
+    costs accuracy). The measurements: docs/ablations.md."""
+    from .models import family_of
+
+    return family_of(_bare(model)).search_defaults.get("clip")

@@ -90,7 +90,8 @@ class SearchConfig:
     preconditioner: str = _SEARCH["preconditioner"]
     shrink: str = _SEARCH["shrink"]
     snapshots: int = _SEARCH["snapshots"]   # mask snapshots kept for members' settled values (0: none, M at the end)
-    clip: Optional[float] = _SEARCH["clip"]  # |loss gradient| a step takes, in units of 1/ν (null: unbounded)
+    clip: Union[float, str, None] = _SEARCH["clip"]  # |loss gradient| a step takes, in units of 1/ν: auto (the model
+                                            # family's: 10 for LLMs, unbounded for ViT and CLIP) | a number | null
     log_every: int = 20
     checkpoint_every: int = 500
     targets: List[float] = field(default_factory=lambda: [0.9, 0.7, 0.5, 0.3, 0.15])  # kept fractions in the family table
@@ -304,9 +305,9 @@ def _validate(c: Config) -> None:
     _choice("data.dataset", c.data.dataset, ("imagenet", "imagefolder", "fashion_mnist", "synthetic", "text",
                                              *CAPTION_DATASETS))
     _choice("model.dtype", c.model.dtype, ("auto", "float32", "bfloat16", "float16"))
-    for key, value in (("search.lr", c.search.lr), ("search.nu", c.search.nu)):
+    for key, value in (("search.lr", c.search.lr), ("search.nu", c.search.nu), ("search.clip", c.search.clip)):
         if isinstance(value, str) and value != "auto":
-            raise ConfigError(f"{key}={value!r}: give a number or auto")
+            raise ConfigError(f"{key}={value!r}: give a number or auto" + (" (or null: no bound)" if key == "search.clip" else ""))
     _choice("search.nu_calibration", c.search.nu_calibration, NU_CALIBRATIONS)
     _choice("search.nu_data", c.search.nu_data, NU_DATA)
     if c.search.nu_batch is not None and c.search.nu_batch < 1:
@@ -335,7 +336,7 @@ def _check_ranges(c: Config) -> None:
     fraction = (lambda v: 0 <= v <= 1, "must lie in [0, 1]")
     below_one = (lambda v: 0 <= v < 1, "must lie in [0, 1)")
     numbers = {key: v for key, v in (("search.lr", s.lr), ("search.nu", s.nu)) if not isinstance(v, str)}  # or auto
-    if s.clip is not None:
+    if s.clip is not None and not isinstance(s.clip, str):   # or auto
         numbers["search.clip"] = s.clip
     table = [
         (positive, {

@@ -53,8 +53,9 @@ class LBI(Optimizer):
     most ``clip`` from Γ (``M ≈ Γ - ν g``) and moves at most ``ρ·clip`` a step. On a real pretrained LLM the mask
     gradients are heavy-tailed (the largest 20-50 times their RMS): unbounded, the first steps throw those masks
     several units away, the masked model's loss explodes, and what the path records after that is noise.
-    The LLM configs set ``search.clip: 10``; the default is no bound, as the equations above (on the vision demo's ViT
-    a bound of 10 cost its sparsest member 5 points; the measurements: docs/ablations.md).
+    This class's default is no bound, as the equations above; :func:`spp.search_optimizer` and ``spp search`` take
+    the model family's (``clip="auto"``): 10 for the decoder LLMs, none for ViT, Swin and CLIP (on the vision
+    demo's ViT a bound of 10 cost its sparsest member 5 points; the measurements: docs/ablations.md).
 
     With ``preconditioner="adam"`` the loss gradient ``g`` is replaced by its Adam direction
     ``m̂ / (√v̂ + eps)`` (the authors' code does this); the coupling term is unchanged.

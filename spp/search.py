@@ -156,7 +156,7 @@ def run_search(cfg: Config) -> SolutionPath:
     group = optimizer.param_groups[0]
     per_group = "" if len(optimizer.param_groups) == 1 else f" ({s.nu_calibration} 1 of {len(optimizer.param_groups)})"
     main_print(runtime, f"search: {total_steps} steps ({steps_per_epoch}/epoch), lr={group['lr']:.4g} "
-                        f"kappa={group['kappa']} nu={group['nu']:.4g}{per_group} lam={group['lam']}")
+                        f"kappa={group['kappa']} nu={group['nu']:.4g}{per_group} lam={group['lam']} clip={group['clip']}")
     if cfg.model.granularity == "head" and s.nu_calibration == "pooled" and s.nu == "auto":
         main_print(runtime, "note: whole-head masks under one pooled nu, which their large gradients set; "
                             "search.nu_calibration=pair ranked better on the quality benchmark (docs/settings.md)")

@@ -340,3 +340,22 @@ def test_clip_bounds_the_loss_gradients_step_and_leaves_small_gradients_alone(fo
     torch.testing.assert_close(mask.detach(), expected)
     with pytest.raises(ValueError, match="Invalid clip=0"):
         spp.LBI([mask], clip=0)
+
+
+def test_clip_auto_takes_the_model_familys_bound():
+    """search_optimizer's clip="auto" (spp search's default) bounds the step at the decoder LLMs' 10 and leaves the
+    ViT's unbounded; a number or None given explicitly wins."""
+    transformers = pytest.importorskip("transformers", reason="the decoder family needs transformers")
+    from conftest import tiny_vit
+
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=32))
+    vit = tiny_vit()
+    for model in (llama, vit):
+        spp.add_masks(model)
+    assert spp.calibrate.DEFAULTS["clip"] == "auto"
+    assert {g["clip"] for g in spp.search_optimizer(llama, 100.0).param_groups} == {10.0}
+    assert {g["clip"] for g in spp.search_optimizer(vit, 100.0).param_groups} == {None}
+    assert {g["clip"] for g in spp.search_optimizer(llama, 100.0, clip=None).param_groups} == {None}
+    assert {g["clip"] for g in spp.search_optimizer(vit, 100.0, clip=3.0).param_groups} == {3.0}

@@ -39,6 +39,7 @@ def test_config_errors_name_the_problem():
                               ("search.kappa=0", "search.kappa=0.0: must be > 0"),
                               ("search.nu=-3", "search.nu=-3.0: must be > 0"),
                               ("search.clip=0", "search.clip=0.0: must be > 0"),
+                              ("search.clip=often", r"search.clip='often': give a number or auto \(or null: no bound\)"),
                               ("family.targets=[1.0,1.5]", r"family.targets\[1\]=1.5: must lie in \[0, 1\]"),
                               ("train.ema_decay=1", r"train.ema_decay=1.0: must lie in \[0, 1\)")]:
         with pytest.raises(ConfigError, match=message):

@@ -34,6 +34,7 @@ class ModelFamily:
     classes: Sequence[str] = ()
     forward_methods: Sequence[str] = ()   # methods other than forward that run the model (CLIP's get_*_features):
                                           # FSDP2 gathers the weights around them too (spp.sharding)
+    search_defaults: Mapping[str, Any] = {}   # search settings whose "auto" differs for this family ({"clip": 10.0})
 
     # ----- structure ---------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> List[nn.Module]:

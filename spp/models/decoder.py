@@ -326,6 +326,9 @@ class PrunedDecoderAttention(nn.Module):
 class _DecoderFamily(ModelFamily):
     """What the Hugging Face decoders share; subclasses name the modules."""
 
+    # a pretrained LLM's mask gradients are heavy-tailed: bound the step (spp.LBI's clip; docs/ablations.md)
+    search_defaults = {"clip": 10.0}
+
     rotary = True
     out_proj = "o_proj"
     mlp_in = ("mlp.gate_proj", "mlp.up_proj")   # the MLP's input projections within the layer
