@@ -495,8 +495,11 @@ def main():
         results = json.load(open(args.table_from[0]))
         for extra in args.table_from[1:]:
             more = json.load(open(extra))
-            for method, runs in more["runs"].items():   # a later file adds methods, and seeds of a method
-                results["runs"].setdefault(method, {}).update(runs)
+            for method, runs in more["runs"].items():   # a later file adds methods, seeds, and a seed's budgets or
+                for seed, run in runs.items():          # finetuned figures
+                    merged = results["runs"].setdefault(method, {}).setdefault(seed, {})
+                    for key, value in run.items():
+                        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
             results["methods"] += [m for m in more["methods"] if m not in results["methods"]]
             results["dense"].update({k: v for k, v in more["dense"].items() if k.startswith("ft")})
             for key in ("seeds", "finetune_seeds"):    # the tables' seeds: every file's

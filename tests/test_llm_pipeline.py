@@ -462,6 +462,7 @@ def test_llm_benchmark_ranks_the_same_structures_for_every_method(tmp_path, text
     assert (again / "benchmark_llm.md").read_text() == table
     more = copy.deepcopy(results)   # a later run's seeds (7) join the tables, the finetuned rows included
     more["runs"] = {m: {"7": runs[m]["0"]} for m in ("spp", "taylor")}
+    more["runs"]["random"] = {"1": {"0.3": {"ft": 123.0}}}   # a finetuned figure for a seed measured before
     more["methods"], more["args"]["seeds"], more["args"]["finetune_seeds"] = ["spp", "taylor"], [7], [7]
     (tmp_path / "more.json").write_text(json.dumps(more))
     result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "benchmark_llm.py"), "--table-from",
@@ -470,6 +471,15 @@ def test_llm_benchmark_ranks_the_same_structures_for_every_method(tmp_path, text
     assert result.returncode == 0, result.stderr[-2000:]
     merged = (again / "benchmark_llm.md").read_text()
     assert "**no finetuning** (seeds 0, 1, 7)" in merged and "finetuning steps** (seeds 0, 7)" in merged
+    assert "| random |" in merged and "123.00" not in merged    # seed 1 is not among the finetuned seeds...
+    more["args"]["finetune_seeds"] = [1, 7]
+    (tmp_path / "more.json").write_text(json.dumps(more))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "benchmark_llm.py"), "--table-from",
+                             str(out / "benchmark_llm.json"), str(tmp_path / "more.json"), "--out", str(again)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    random_rows = [line for line in (again / "benchmark_llm.md").read_text().splitlines() if line.startswith("| random")]
+    assert len(random_rows) == 3 and random_rows[0].split("|")[3].strip() != "–"   # ...its test figures kept
     curve = tmp_path / "curve"        # --search-curve: SPP's perplexity against its search tokens
     result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "benchmark_llm.py"), "--search-curve",
                              str(out / "benchmark_llm.json"), "--out", str(curve)], capture_output=True, text=True,
