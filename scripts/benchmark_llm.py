@@ -353,6 +353,8 @@ def write_tables(results: Dict, args, out: str) -> str:
             label = f"{method} ({note.split(':')[0]})" if note else method
             cells = [mean_std([runs[str(s)][str(r)][key] for s in seeds
                            if str(s) in runs and runs[str(s)][str(r)].get(key) is not None]) for r in removed]
+            if key != "test" and all(cell == "–" for cell in cells):   # a method not finetuned
+                continue
             times = [runs[str(s)]["time"] for s in args.seeds if str(s) in runs]
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {statistics.mean(times):.0f} |" if times else "")
         lines.append("")
@@ -504,6 +506,9 @@ def main():
             results["dense"].update({k: v for k, v in more["dense"].items() if k.startswith("ft")})
             for key in ("seeds", "finetune_seeds"):    # the tables' seeds: every file's
                 results["args"][key] = sorted(set(results["args"][key]) | set(more["args"][key]))
+            if more["args"]["finetune_seeds"]:         # the finetunes' lengths: those of the files that finetuned
+                for key in ("finetune_steps", "long_steps"):
+                    results["args"][key] = more["args"][key]
         print(write_tables(results, argparse.Namespace(**{**results["args"], "out": args.out}), args.out))
         return
     if args.search_curve:
