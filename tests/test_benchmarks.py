@@ -82,21 +82,25 @@ def test_torch_pruning_member_meets_the_budget_and_keeps_the_residual_width():
         assert member(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+def _torch_pruning_llama(**sizes):
+    """benchmark_llm's module, a tiny random 2-layer Llama of ``sizes`` and a 16-token input (Torch-Pruning's tests)."""
+    pytest.importorskip("torch_pruning", reason="Torch-Pruning is in the [test] and [bench] extras: pip install -e .[test]")
+    transformers = pytest.importorskip("transformers", reason="the LLM benchmark needs transformers")
+    torch.manual_seed(0)
+    dense = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, num_hidden_layers=2, max_position_embeddings=64, **sizes)).eval()
+    return _script("benchmark_llm"), dense, torch.randint(0, 64, (1, 16))
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_torch_pruning_prunes_a_rope_llama(kv_heads):
     """benchmark_llm's Torch-Pruning run on a tiny Llama finishes (its dependency search alone does not through
     RoPE) and gives a working model, the hidden size kept: whole heads and MLP channels go with 4 key/value heads;
     with 2 shared by the 4 query heads, Torch-Pruning 1.6.1 keeps attention whole and prunes the MLP only."""
-    pytest.importorskip("torch_pruning", reason="Torch-Pruning is in the [test] and [bench] extras: pip install -e .[test]")
-    transformers = pytest.importorskip("transformers", reason="the LLM benchmark needs transformers")
     import signal
 
-    bench = _script("benchmark_llm")
-    torch.manual_seed(0)
-    dense = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=kv_heads, max_position_embeddings=64)).eval()
-    ids = torch.randint(0, 64, (1, 16))
+    bench, dense, ids = _torch_pruning_llama(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                             num_key_value_heads=kv_heads)
     signal.signal(signal.SIGALRM, bench._alarm)
     signal.alarm(60)   # a TimeoutError, not a hung suite, if the dependency search stops finishing
     try:
@@ -375,16 +379,10 @@ def test_llm_speed_check_runs_on_a_tiny_model(tmp_path):
 def test_torch_pruning_falls_back_to_the_mlp_where_its_head_grouping_fails():
     """On SmolLM2's attention (9 query heads over 3 key/value heads) Torch-Pruning 1.6.1's head grouping raises;
     benchmark_llm then prunes the MLP channels only, says so in the run, and still meets the budget."""
-    pytest.importorskip("torch_pruning", reason="Torch-Pruning is in the [test] and [bench] extras: pip install -e .[test]")
-    transformers = pytest.importorskip("transformers", reason="the LLM benchmark needs transformers")
     from types import SimpleNamespace
 
-    bench = _script("benchmark_llm")
-    torch.manual_seed(0)
-    dense = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=64, hidden_size=48, intermediate_size=192, num_hidden_layers=2, num_attention_heads=3,
-        num_key_value_heads=1, max_position_embeddings=64)).eval()
-    ids = torch.randint(0, 64, (1, 16))
+    bench, dense, ids = _torch_pruning_llama(hidden_size=48, intermediate_size=192, num_attention_heads=3,
+                                             num_key_value_heads=1)
     with pytest.raises(RuntimeError):
         bench._torch_pruning(dense, 0.5, ids)
     run = SimpleNamespace(dense=dense, data={"train": [(ids[0], ids[0])]},
