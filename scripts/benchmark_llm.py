@@ -318,7 +318,7 @@ def finetune(bench, model, seed: int, checkpoints: List[int]) -> Dict[int, float
 # ------------------------------------------------------------------------------------------------
 def _clip(value) -> str:
     """The table's word for a run's --clip: the step bound it searched with."""
-    return {"auto": "10 (auto)", "none": "none", None: "none"}.get(value, str(value))
+    return {"auto": "auto, the model family's", "none": "none", None: "none"}.get(value, str(value))
 
 
 def write_tables(results: Dict, args, out: str) -> str:

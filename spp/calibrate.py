@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .masks import require_masks
+from .models import family_of
 from .optim import LBI
 from .sharding import is_sharded
 from .structure import mask_pairs
@@ -245,6 +246,4 @@ def search_clip(model) -> Optional[float]:
     """The step bound ``clip="auto"`` gives ``model``: its family's ``search_defaults`` (10 for the decoder LLMs,
     whose mask gradients are heavy-tailed; none for the vision and CLIP families, whose sparsest members a bound
     costs accuracy). The measurements: docs/ablations.md."""
-    from .models import family_of
-
     return family_of(_bare(model)).search_defaults.get("clip")
