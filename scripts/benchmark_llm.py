@@ -23,7 +23,10 @@ prunable parameters, except Torch-Pruning, which cuts by its own rules:
                  o_proj / down_proj (``flap_scores``, ``flap_biases``)
   taylor         LLM-Pruner's element-wise first-order Taylor importance (``weight_taylor_scores``)
   lasso          next-token loss + lam |M|_1 on the masks (Adam, ``--lasso-steps``), one run per lam in
-                 ``--lasso-lams``; per budget the lam and the member values (1 or the Lasso masks') on val
+                 ``--lasso-lams``, ranked by |M|, every kept structure at 1; per budget the lam with the lower val
+  lasso-scales   the same Lasso runs' members keeping the trained mask values: ``--lasso-steps`` of training
+                 ~60k scales on the training text, a light finetune (compare: ``--finetunes scales``, the same
+                 training without the penalty given to any method's member)
   torch-pruning  Torch-Pruning's MetaPruner as its LLM example runs it (GroupMagnitudeImportance p=2, whole heads
                  within key/value groups, MLP channels, round_to 4), the hidden size kept; its pruning
                  ratio bisected to the budget's parameter count (its graph traced with RoPE as the identity:
@@ -57,13 +60,13 @@ from torch.utils.data import DataLoader, Subset
 
 import spp
 from spp.criteria import (activation_stats, add_biases, flap_biases, flap_scores, lasso_path, lasso_values,
-                          magnitude_scores, random_scores, wanda_sp_scores, weight_taylor_scores)
+                          magnitude_scores, random_scores, require_masks, wanda_sp_scores, weight_taylor_scores)
 from spp.engine import evaluate
 from spp.report import mean_std, write_json
 from spp.runtime import Runtime, provenance, seed_everything
 from spp.tasks import NextToken
 
-METHODS = ("spp", "magnitude", "random", "wanda-sp", "flap", "taylor", "lasso", "torch-pruning")
+METHODS = ("spp", "magnitude", "random", "wanda-sp", "flap", "taylor", "lasso", "lasso-scales", "torch-pruning")
 RUNTIME, TASK = Runtime(torch.device("cpu"), None), NextToken()
 Chosen = Tuple[torch.nn.Module, Dict]      # (the compressed member, what was chosen: removed, params, ...)
 
@@ -92,6 +95,7 @@ class Bench:
         self.dense = spp.create_model(args.model).eval()
         self.masked = spp.add_masks(copy.deepcopy(self.dense), "dim").eval()
         self.family_of = lambda path: spp.WeightFamily(self.masked, path, input_size=(self.seq_len,))
+        self.lasso: Dict[int, Tuple[Dict, float]] = {}   # seed -> Lasso families (shared by lasso, lasso-scales)
         self.prunable = self.family_of(spp.SolutionPath.from_scores(self.masked, magnitude_scores(self.masked))).prunable()
 
     def loader(self, split: str, seed: int, batch: Optional[int] = None) -> DataLoader:
@@ -129,7 +133,7 @@ def _members(bench, path, removed: List[float], values: str = "binary", biases: 
     for r in removed:
         member = family.select(remove=r, values=values)
         out[r] = (bench.compressed(member.masks, biases(member.masks) if biases else None),
-                  {"params": member.summary.params_after})
+                  {"params": member.summary.params_after, **({} if biases else {"masks": member.masks})})
     return out
 
 
@@ -157,7 +161,7 @@ def run_spp(bench, seed, removed):
     out = {}
     for r in removed:
         member = family.select_best(lambda m: -bench.perplexity(bench.compressed(m.masks), "val"), remove=r)
-        out[r] = (bench.compressed(member.masks), {"params": member.summary.params_after,
+        out[r] = (bench.compressed(member.masks), {"params": member.summary.params_after, "masks": member.masks,
                                                    "reading": f"{member.summary.rank}, {member.summary.values}"})
     return out, {"nu (first mask)": float(next(iter(nu.values()))) if isinstance(nu, dict) else float(nu)}
 
@@ -181,24 +185,57 @@ def run_scores(name):
     return method
 
 
-def run_lasso(bench, seed, removed):
-    args, paths = bench.args, {}
+def _lasso_families(bench, seed) -> Tuple[Dict[float, "spp.WeightFamily"], float, float]:
+    """One Lasso run per lam in ``--lasso-lams`` (shared by ``lasso`` and ``lasso-scales`` of a seed), the
+    seconds they took, and those seconds again when an earlier method trained them (0 when this call did)."""
+    if seed in bench.lasso:    # trained for the other reading: its seconds count for this one too
+        paths, seconds = bench.lasso[seed]
+        return paths, seconds, seconds
+    args, paths, start = bench.args, {}, time.time()
     for lam in args.lasso_lams:
         values = lasso_values(bench.masked, bench.loader("train", seed), lam, args.lasso_steps, 1e-2,
                               spp.next_token_loss)
         paths[lam] = bench.family_of(lasso_path(bench.masked, values))
-    out = {}
-    for r in removed:
-        best = None
-        for lam, family in paths.items():
-            for values in ("binary", "path"):
+    bench.lasso[seed] = (paths, time.time() - start)
+    return (*bench.lasso[seed], 0.0)
+
+
+def run_lasso(values: str):
+    """``lasso``: members ranked by the Lasso masks' magnitude, every kept element at 1 (the pretrained weights,
+    as every other method's); ``lasso-scales``: the same members keeping the masks' trained values (the L1 run
+    trained those scales on the training text: a light finetune, not a pruning-only member). Per budget the
+    lam with the lower validation perplexity."""
+    def method(bench, seed, removed):
+        paths, seconds, shared = _lasso_families(bench, seed)
+        out = {}
+        for r in removed:
+            best = None
+            for lam, family in paths.items():
                 member = family.select(remove=r, values=values)
                 small = bench.compressed(member.masks)
                 ppl = bench.perplexity(small, "val")
                 if best is None or ppl < best[0]:
-                    best = (ppl, small, {"params": member.summary.params_after, "lam": lam, "values": values})
-        out[r] = best[1:]
-    return out, {}
+                    best = (ppl, small, {"params": member.summary.params_after, "lam": lam, "values": values,
+                                         "masks": member.masks})
+            out[r] = best[1:]
+        note = ({"note": f"trained mask scales: {bench.args.lasso_steps} Adam steps of its masks on the training "
+                         "text, a light finetune"} if values == "path" else {})
+        return out, {"lasso seconds": seconds, "shared seconds": shared, **note}
+    return method
+
+
+def tune_scales(bench, masks: Dict[str, torch.Tensor], seed: int, steps: int):
+    """The Lasso's own training without its penalty, given to any method's member: from its masks (kept
+    structures at 1, removed at 0), ``steps`` of Adam (lr 1e-2) on the kept masks alone, the trained scales
+    folded into the compressed member."""
+    masked = copy.deepcopy(bench.masked)
+    named = dict(require_masks(masked))
+    for p in masked.parameters():
+        p.requires_grad_(any(p is m for m in named.values()))
+    start = {n: (m != 0).to(m.dtype) for n, m in masks.items()}
+    values = lasso_values(masked, bench.loader("train", 2000 + seed), 0.0, steps, 1e-2, spp.next_token_loss,
+                          start=start)
+    return spp.compress(masked, values).eval()
 
 
 def _torch_pruning(model, ratio: float, example: torch.Tensor, heads: bool = True):
@@ -281,7 +318,8 @@ def run_torch_pruning(bench, seed, removed):
     return out, extra
 
 
-RUNNERS = {"spp": run_spp, "lasso": run_lasso, "torch-pruning": run_torch_pruning,
+RUNNERS = {"spp": run_spp, "lasso": run_lasso("binary"), "lasso-scales": run_lasso("path"),
+           "torch-pruning": run_torch_pruning,
            **{m: run_scores(m) for m in ("magnitude", "random", "wanda-sp", "flap", "taylor")}}
 
 
@@ -337,10 +375,17 @@ def write_tables(results: Dict, args, out: str) -> str:
         lines += [f"SPP's search: {args.search_steps} steps of {args.batch} x {results['seq_len']} tokens "
                   f"({tokens:,} tokens; ν calibrated on {args.calibration_batches} validation batches; "
                   f"clip {_clip(getattr(args, 'clip', None))}).", ""]
-    for title, key in (("no finetuning", "test"), (f"after {args.finetune_steps} finetuning steps", "ft"),
-                       (f"after {args.long_steps} finetuning steps", "ft_long")):
+    sections = [("no finetuning", "test"), (f"after {args.finetune_steps} finetuning steps", "ft"),
+                (f"after {args.long_steps} finetuning steps", "ft_long")]
+    if "scale_steps" in args:
+        sections.append((f"after {args.scale_steps} steps of mask-scale training (the Lasso's Adam, lr 1e-2, "
+                         "on the masks of the kept structures alone, no penalty)", "scales"))
+    for title, key in sections:
         seeds = args.seeds if key == "test" else args.finetune_seeds
         if not seeds:   # run without finetuning (--finetune-seeds with none)
+            continue
+        if key == "scales" and not any(run.get(str(r), {}).get("scales") for runs in results["runs"].values()
+                                       for run in runs.values() for r in removed):
             continue
         lines += [f"**{title}** (seeds {', '.join(map(str, seeds))})", "", head, rule]
         for method in results["methods"]:
@@ -351,8 +396,11 @@ def write_tables(results: Dict, args, out: str) -> str:
                 continue
             note = next((run["note"] for run in runs.values() if "note" in run), None)
             label = f"{method} ({note.split(':')[0]})" if note else method
-            cells = [mean_std([runs[str(s)][str(r)][key] for s in seeds
-                           if str(s) in runs and runs[str(s)][str(r)].get(key) is not None]) for r in removed]
+            got = "test" if key == "scales" and method == "lasso-scales" else key   # trained in its own run
+            if got != key and args.lasso_steps != args.scale_steps:
+                continue
+            cells = [mean_std([runs[str(s)][str(r)][got] for s in seeds
+                           if str(s) in runs and runs[str(s)][str(r)].get(got) is not None]) for r in removed]
             if key != "test" and all(cell == "–" for cell in cells):   # a method not finetuned
                 continue
             times = [runs[str(s)]["time"] for s in args.seeds if str(s) in runs]
@@ -483,6 +531,13 @@ def main():
     parser.add_argument("--long-steps", type=int, default=400)
     parser.add_argument("--long-removed", type=float, nargs="*", default=[0.3])
     parser.add_argument("--finetune-lr", type=float, default=5e-4)
+    parser.add_argument("--finetunes", nargs="*", choices=("full", "scales"), default=["full"],
+                        help="full: --finetune-steps (and --long-steps) of full finetuning; scales: --scale-steps of "
+                             "the Lasso's training of mask scales alone (Adam, lr 1e-2, no penalty) at --scale-removed, "
+                             "for the methods whose members are masks (not flap, whose biases it would not "
+                             "refit, nor torch-pruning)")
+    parser.add_argument("--scale-steps", type=int, default=300, help="steps of mask-scale training (scales)")
+    parser.add_argument("--scale-removed", type=float, nargs="*", default=[0.3])
     parser.add_argument("--dense-finetune", action="store_true",
                         help="also finetune the dense model by the same recipe (the reference for the finetuned rows)")
     parser.add_argument("--table-from", nargs="+", metavar="JSON",
@@ -536,19 +591,24 @@ def main():
             seed_everything(seed)
             t0 = time.time()
             members, extra = RUNNERS[method](bench, seed, args.removed)
-            run = {"time": time.time() - t0, **extra}
+            run = {"time": time.time() - t0 + extra.pop("shared seconds", 0.0), **extra}
             if "failed" in extra:
                 print(f"{method}: {extra['failed']}", flush=True)
             for r, (model, info) in members.items():
+                masks = info.pop("masks", None)   # mask-based members (not FLAP's biased ones, not Torch-Pruning's)
                 row = {**info, "val": bench.perplexity(model, "val"), "test": bench.perplexity(model, "test")}
-                if seed in args.finetune_seeds:
+                if seed in args.finetune_seeds and "full" in args.finetunes:
                     checkpoints = [args.finetune_steps] + ([args.long_steps] if r in args.long_removed else [])
                     tuned = finetune(bench, model, seed, checkpoints)
                     row["ft"], row["ft_long"] = tuned.get(args.finetune_steps), tuned.get(args.long_steps)
+                if (seed in args.finetune_seeds and "scales" in args.finetunes and r in args.scale_removed
+                        and masks is not None and method != "lasso-scales"):   # its scales are trained already
+                    row["scales"] = bench.perplexity(tune_scales(bench, masks, seed, args.scale_steps), "test")
                 run[str(r)] = row
                 print(f"{method:14s} seed {seed} -{r:.0%}: params {info['params']:,}  test {row['test']:.2f}"
                       + (f"  ft {row['ft']:.2f}" if row.get("ft") else "")
-                      + (f"  long {row['ft_long']:.2f}" if row.get("ft_long") else ""), flush=True)
+                      + (f"  long {row['ft_long']:.2f}" if row.get("ft_long") else "")
+                      + (f"  scales {row['scales']:.2f}" if row.get("scales") else ""), flush=True)
             results["runs"].setdefault(method, {})[str(seed)] = run
             write_json(results, path)
     results["minutes"] = (time.time() - start) / 60

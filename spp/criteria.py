@@ -13,7 +13,7 @@ pairs: ``task=spp.tasks.Contrastive()``), split and run as the search runs them.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -84,14 +84,20 @@ def random_scores(model, seed: int) -> Dict[str, torch.Tensor]:
 
 
 def lasso_values(model, data: Iterable, lam: float, steps: int, lr: float,
-                 loss_fn: Callable = F.cross_entropy, task=None) -> Dict[str, torch.Tensor]:
+                 loss_fn: Callable = F.cross_entropy, task=None,
+                 start: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
     """The masks after ``steps`` of Adam on ``loss + lam · ‖M‖₁`` from M = 1, cycling over ``data``
     (an L1-penalised mask search, one run per budget in the benchmarks). The model's masks are set back
-    to 1 afterwards; the elements rank by the absolute value returned (:func:`lasso_path`)."""
+    to 1 afterwards; the elements rank by the absolute value returned (:func:`lasso_path`).
+
+    ``start``: ``{mask name: tensor}`` to start from instead of 1 (a member's masks); its zero entries stay
+    zero (their gradient is dropped), so with ``lam=0`` this trains the scales of a member's kept structures."""
     named = require_masks(model)
     with torch.no_grad():
-        for _, p in named:
-            p.fill_(1.0)
+        for name, p in named:
+            p.copy_(start[name]) if start is not None else p.fill_(1.0)
+    hooks = [p.register_hook(lambda g, keep=(start[name] != 0).to(p.dtype): g * keep)
+             for name, p in named] if start is not None else []
     opt = torch.optim.Adam([p for _, p in named], lr=lr)
     model.train()
     device = named[0][1].device
@@ -105,6 +111,8 @@ def lasso_values(model, data: Iterable, lam: float, steps: int, lr: float,
             step += 1
             if step >= steps:
                 break
+    for hook in hooks:
+        hook.remove()
     values = {n: p.detach().clone() for n, p in named}
     with torch.no_grad():
         for _, p in named:

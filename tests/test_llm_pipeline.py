@@ -431,14 +431,15 @@ def test_llm_benchmark_ranks_the_same_structures_for_every_method(tmp_path, text
     budget walk over the same structures), SPP's reading is chosen on val, the
     finetunes run, and the table has a row per method."""
     model = write_model(tmp_path / "llama", "llama")
-    methods = ["spp", "magnitude", "random", "wanda-sp", "flap", "taylor", "lasso"]
+    methods = ["spp", "magnitude", "random", "wanda-sp", "flap", "taylor", "lasso", "lasso-scales"]
     out = tmp_path / "bench"
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "benchmark_llm.py"), "--model", model, "--data-root", text,
          "--seq-len", "32", "--out", str(out), "--methods", *methods, "--seeds", "0", "1", "--removed", "0.3", "0.6",
          "--batch", "4", "--eval-batch", "8", "--val-sequences", "8", "--test-sequences", "8", "--search-steps", "6",
          "--calibration-batches", "2", "--lasso-steps", "4", "--lasso-lams", "1e-3", "--finetune-steps", "2",
-         "--long-steps", "4", "--long-removed", "0.6"], capture_output=True, text=True, timeout=600)
+         "--long-steps", "4", "--long-removed", "0.6", "--finetunes", "full", "scales", "--scale-steps", "4",
+         "--scale-removed", "0.6"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.load(open(out / "benchmark_llm.json"))
     runs = results["runs"]
@@ -447,12 +448,20 @@ def test_llm_benchmark_ranks_the_same_structures_for_every_method(tmp_path, text
         removed = {m: (results["dense"]["params"] - runs[m]["0"][r]["params"]) / results["prunable"] for m in methods}
         assert all(abs(x - float(r)) < 0.02 for x in removed.values()), removed
     assert runs["spp"]["0"]["0.6"]["params"] < runs["spp"]["0"]["0.3"]["params"]
-    assert "reading" in runs["spp"]["0"]["0.3"] and runs["lasso"]["1"]["0.3"]["values"] in ("binary", "path")
+    assert "reading" in runs["spp"]["0"]["0.3"] and runs["lasso"]["1"]["0.3"]["values"] == "binary"
+    # lasso-scales: the same Lasso run (trained once per seed, its time counted for both), members keep its values
+    assert runs["lasso-scales"]["0"]["0.3"]["values"] == "path" and runs["lasso-scales"]["0"]["0.3"]["params"] == \
+        runs["lasso"]["0"]["0.3"]["params"] and runs["lasso-scales"]["0"]["lasso seconds"] == runs["lasso"]["0"]["lasso seconds"]
+    assert runs["lasso-scales"]["0"]["time"] >= runs["lasso"]["0"]["lasso seconds"]
+    # --finetunes scales: every method's member at --scale-removed gets the Lasso's training without its penalty
+    assert runs["spp"]["0"]["0.6"]["scales"] > 0 and "scales" not in runs["spp"]["0"]["0.3"]
+    assert "scales" not in runs["lasso-scales"]["0"]["0.6"]
     assert runs["taylor"]["0"]["0.6"]["ft"] > 0 and runs["taylor"]["0"]["0.6"]["ft_long"] > 0
     assert runs["taylor"]["1"]["0.6"].get("ft") is None          # finetunes at --finetune-seeds only
     assert runs["random"]["0"]["0.3"]["test"] != runs["random"]["1"]["0.3"]["test"]
     table = (out / "benchmark_llm.md").read_text()
-    assert all(f"| {m} |" in table for m in methods) and "32-token windows" in table
+    assert all(f"| {m} |" in table for m in methods if m != "lasso-scales") and "32-token windows" in table
+    assert "| lasso-scales (trained mask scales) |" in table and "steps of mask-scale training" in table
     assert (out / "benchmark_llm.png").stat().st_size > 0
     again = tmp_path / "again"        # --table-from measures nothing and writes the same table
     result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "benchmark_llm.py"), "--table-from",
@@ -479,7 +488,7 @@ def test_llm_benchmark_ranks_the_same_structures_for_every_method(tmp_path, text
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     random_rows = [line for line in (again / "benchmark_llm.md").read_text().splitlines() if line.startswith("| random")]
-    assert len(random_rows) == 3 and random_rows[0].split("|")[3].strip() != "–"   # ...its test figures kept
+    assert len(random_rows) == 4 and random_rows[0].split("|")[3].strip() != "–"   # ...its test figures kept (rows: no finetuning, 2 finetunes, scale training)
     curve = tmp_path / "curve"        # --search-curve: SPP's perplexity against its search tokens
     result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "benchmark_llm.py"), "--search-curve",
                              str(out / "benchmark_llm.json"), "--out", str(curve)], capture_output=True, text=True,
