@@ -45,6 +45,18 @@ def test_lasso_shrinks_masks_and_restores_them():
     assert member.summary.values == "path"
 
 
+def test_lasso_from_a_members_masks_trains_the_kept_scales_and_keeps_the_removed_at_zero():
+    """lasso_values(start=, lam=0): the scale training the LLM benchmark gives a member (--finetunes scales)."""
+    model = spp.add_masks(tiny_vit(), "dim")
+    start = {n: (torch.arange(p.numel()).reshape(p.shape) % 2).float() for n, p in spp.mask_parameters(model)}
+    values = lasso_values(model, _batches(), lam=0.0, steps=6, lr=1e-2, start=start)
+    for name, v in values.items():
+        assert torch.all(v[start[name] == 0] == 0), name                    # removed structures stay removed
+        assert not torch.equal(v[start[name] != 0], start[name][start[name] != 0]), name   # kept ones trained
+    assert all(torch.all(p == 1) for _, p in spp.mask_parameters(model))   # the model is left at 1
+    assert all(p._backward_hooks is None or not p._backward_hooks for _, p in spp.mask_parameters(model))
+
+
 def test_taylor_scores_are_zero_for_a_mask_that_does_nothing():
     model = spp.add_masks(tiny_vit(), "dim")
     with torch.no_grad():
