@@ -5,7 +5,7 @@
 The same calls as scripts/api_example.py (the ViT tour): masks in both towers, ν, the LBI search with CLIP's
 contrastive loss, members for the two towers together or the same fraction of each, exact compression, save
 and load without pickles. For a real model use spp.create_model("hf:openai/clip-vit-base-patch32") (online)
-or a local directory, and image-caption batches from your data (spp.clip.caption_datasets reads a
+or a local directory, and image-caption batches from your data (spp.data.caption_datasets reads a
 Karpathy-split JSON).
 """
 import tempfile

@@ -47,8 +47,8 @@ from torch.utils.data import DataLoader, Subset
 import spp
 from spp.criteria import lasso_path, lasso_values, magnitude_scores, random_scores, taylor_scores
 from spp.engine import evaluate
-from spp.report import mean_std, write_json
 from spp.runtime import Runtime, provenance, seed_everything
+from spp.tables import mean_std, write_json
 from spp.tasks import to_device
 
 METHODS = ("spp", "magnitude", "random", "taylor", "lasso")
@@ -60,7 +60,7 @@ class Bench:
 
     def __init__(self, args):
         from spp.build import build_datasets, task_for
-        from spp.demo import _config
+        from spp.demo import shipped_config
 
         self.args = args
         overrides = [f"model.name={args.model}"] + ([f"data.root={args.data_root}"] if args.data_root else [])
@@ -68,8 +68,8 @@ class Bench:
             from spp.demo_clip import pretrain
             print(f"no trained CLIP in {args.model}: training it as make demo-clip does")
             os.makedirs(args.model, exist_ok=True)
-            pretrain(_config("demo_clip_search.yaml", overrides), args.model)
-        cfg = _config("demo_clip_search.yaml", overrides)
+            pretrain(shipped_config("demo_clip_search.yaml", overrides), args.model)
+        cfg = shipped_config("demo_clip_search.yaml", overrides)
         self.data = build_datasets(cfg.data, cfg.seed, ["train", "val", "test"], tokenizer=args.model)
         self.val = Subset(self.data["val"], range(min(args.val_pairs, len(self.data["val"]))))
         self.task = task_for(cfg)

@@ -62,8 +62,8 @@ import spp
 from spp.criteria import (activation_stats, add_biases, flap_biases, flap_scores, lasso_path, lasso_values,
                           magnitude_scores, random_scores, require_masks, wanda_sp_scores, weight_taylor_scores)
 from spp.engine import evaluate
-from spp.report import mean_std, write_json
 from spp.runtime import Runtime, provenance, seed_everything
+from spp.tables import mean_std, write_json
 from spp.tasks import NextToken
 
 METHODS = ("spp", "magnitude", "random", "wanda-sp", "flap", "taylor", "lasso", "lasso-scales", "torch-pruning")
@@ -75,14 +75,14 @@ class Bench:
     """The pretrained model, its masked copy and the text splits, shared by every method."""
 
     def __init__(self, args):
-        from spp.demo import _config
+        from spp.demo import shipped_config
         from spp.text import text_datasets
 
         args.model = model_path(args.model)
         self.args = args
         overrides = [f"model.name={args.model}"] + [f"data.{k}={v}" for k, v in (("root", args.data_root),
                                                                                   ("seq_len", args.seq_len)) if v]
-        cfg = _config("demo_llm_search.yaml", overrides)
+        cfg = shipped_config("demo_llm_search.yaml", overrides)
         if not args.model.endswith(".gguf") and not os.path.isfile(os.path.join(args.model, "model.safetensors")):
             from spp.demo_llm import pretrain
             print(f"no pretrained model in {args.model}: pretraining it as make demo-llm does")

@@ -30,7 +30,7 @@ from torch import nn
 
 import spp
 from spp.criteria import random_scores
-from spp.report import lm_throughput, median_seconds
+from spp.timing import lm_throughput, median_seconds
 
 SHAPES = {
     "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,

@@ -3,20 +3,22 @@
 One LBI search over pair-wise structured masks gives a whole family of pruned models;
 any member is compressed exactly into a smaller dense model. Model families (timm ViT/DeiT and
 Swin, Hugging Face Llama/Mistral/Qwen2, OPT and CLIP) are plug-ins in :mod:`spp.models`; importing
-``spp`` imports neither timm nor transformers. CLIP's loss, retrieval and zero-shot evaluation and
-caption data are in :mod:`spp.clip`.
+``spp`` imports neither timm nor transformers. CLIP's loss, retrieval and zero-shot evaluation are in
+:mod:`spp.clip`, its image-caption data in :mod:`spp.data`.
 """
 from . import clip, criteria, tasks
-from .calibrate import calibrate_nu, next_token_loss, search_optimizer
+from .calibrate import calibrate_nu, search_optimizer
 from .checkpoint import create_model, load_checkpoint
 from .compress import compress, load_pruned, pruned_widths, save_pruned
 from .family import Member, Summary, WeightFamily
 from .flops import count_flops, count_params
-from .models.common import nominal_attention
 from .masks import add_masks, freeze_weights, is_masked, mask_parameters, remove_masks, set_masks
+from .models import mask_pairs
+from .models.common import nominal_attention
 from .optim import LBI
 from .path import SolutionPath, support_sizes
-from .structure import PAIRS, Widths, mask_pairs
+from .structure import PAIRS, Widths
+from .tasks import next_token_loss
 
 __version__ = "0.1.0"
 

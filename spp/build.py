@@ -7,16 +7,19 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .calibrate import next_token_loss
-from .checkpoint import create_model, is_hf
+from .checkpoint import create_model, is_hf, load_checkpoint
+from .clip import tokenize_prompts
 from .compress import compress, load_pruned
-from .config import CAPTION_DATASETS as CAPTIONS, Config, ConfigError, DataConfig, ExportConfig
-from .data import build_datasets, build_loader
-from .engine import DistillationLoss
+from .config import Config, DataConfig, ExportConfig
+from .data import DatasetNotFound, build_datasets, build_loader, class_prompts
+from .engine import DistillationLoss, evaluate
+from .errors import ConfigError
 from .family import RANKINGS, WeightFamily
+from .models import family_of, supported
 from .path import SolutionPath
-from .runtime import Runtime, main_print
-from .models import supported
+from .runtime import Runtime, main_print, setup_runtime
+from .tasks import Classification, Contrastive, NextToken, task_class
+from .text import load_tokenizer
 
 __all__ = ["check_inputs", "build_model", "is_hf", "task_for", "input_size_for", "source_model", "build_loaders", "build_criterion", "select_member", "read_member", "HeldOutScore"]
 
@@ -25,31 +28,24 @@ def task_for(cfg: Config):
     """How the loops read this config's batches: next-token prediction on text, contrastive image-caption
     pairs (CLIP; members read by retrieval recall@1, or on the demo's class captions by zero-shot accuracy
     over its class prompts), else classification."""
-    from .tasks import Classification, Contrastive, NextToken
-    if cfg.data.dataset == "fashion_mnist_captions":
-        from .clip import FASHION_CLASSES, FASHION_TEMPLATES, tokenize_prompts
-        from .text import load_tokenizer
+    kind = task_class(cfg.data.dataset)
+    prompts = class_prompts(cfg.data) if kind is Contrastive else None
+    if prompts:
         tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.name)
-        return Contrastive(tokenize_prompts(tokenizer, FASHION_CLASSES, FASHION_TEMPLATES, cfg.data.seq_len),
-                           headline="zero-shot")
-    if cfg.data.dataset == "captions":
-        return Contrastive()
-    return NextToken() if cfg.data.dataset == "text" else Classification()
+        return Contrastive(tokenize_prompts(tokenizer, *prompts, cfg.data.seq_len), headline="zero-shot")
+    return kind()
 
 
 def check_inputs(cfg: Config) -> None:
     """Check, before any weights load, that the files a run reads are there: a local ``model.name`` (a directory,
     a GGUF file), a language model's or CLIP's text (``data.root``, ``data.images``) and its tokenizer (loaded
     here). A wrong path is reported in seconds instead of after minutes of loading a large model."""
-    from .data import DatasetNotFound
-    from .text import load_tokenizer
-
     name = cfg.model.name
     if not name.startswith("hf:") and (name.endswith(".gguf") or os.sep in name or name.startswith(".")) \
             and not os.path.exists(name):
         raise FileNotFoundError(f"model.name={name} not found (looked for {os.path.abspath(name)}): give a Hugging Face "
                                 "model directory, a .gguf file, hf:ORG/NAME or a timm model name")
-    if cfg.data.dataset not in ("text", *CAPTIONS):
+    if task_class(cfg.data.dataset).inputs == "image":
         return
     for key in ("root", "images"):
         path = getattr(cfg.data, key, None)
@@ -61,19 +57,19 @@ def check_inputs(cfg: Config) -> None:
 
 def input_size_for(cfg: Config) -> Optional[Tuple[int, ...]]:
     """The input FLOPs are counted at: a sequence of ``data.seq_len`` tokens for text, else the model's own."""
-    return (cfg.data.seq_len,) if cfg.data.dataset == "text" else None
+    return (cfg.data.seq_len,) if task_class(cfg.data.dataset).inputs == "text" else None
 
 
 def _build_hf(cfg: Config, meta: bool = False) -> nn.Module:
-    if cfg.data.dataset not in ("text", *CAPTIONS):
+    kind = task_class(cfg.data.dataset)
+    if kind.inputs == "image":
         raise ConfigError(f"model.name={cfg.model.name} is a Hugging Face model: set data.dataset=text for a language "
-                          f"model (and data.root to a text file or folder), or one of {CAPTIONS} for CLIP")
+                          f"model (and data.root to a text file or folder), or one of {Contrastive.datasets} for CLIP")
     dtype = cfg.model.dtype if cfg.model.dtype == "auto" else getattr(torch, cfg.model.dtype)
     model = create_model(cfg.model.name, dtype=dtype, meta=meta, **cfg.model.kwargs)
-    clip = getattr(model.config, "model_type", "").startswith("clip")
-    if clip != (cfg.data.dataset in CAPTIONS):
+    if family_of(model).inputs != kind.inputs:
         raise ConfigError(f"model.name={cfg.model.name} is a {model.config.model_type} model but data.dataset="
-                          f"{cfg.data.dataset}: CLIP takes image-caption pairs ({' or '.join(CAPTIONS)}), "
+                          f"{cfg.data.dataset}: CLIP takes image-caption pairs ({' or '.join(Contrastive.datasets)}), "
                           "a language model text (data.dataset=text)")
     text_config = getattr(model.config, "text_config", model.config)
     positions = getattr(text_config, "max_position_embeddings", None)
@@ -99,11 +95,11 @@ def _build_model(cfg: Config, runtime: Optional[Runtime], meta: bool) -> nn.Modu
     if is_hf(cfg.model.name):
         model = _build_hf(cfg, meta)
         if cfg.model.checkpoint and not meta:
-            from .checkpoint import load_checkpoint
             load_checkpoint(model, cfg.model.checkpoint)
         return model
-    if cfg.data.dataset in ("text", *CAPTIONS):
-        needs = "a language model" if cfg.data.dataset == "text" else "a CLIP model"
+    kind = task_class(cfg.data.dataset)
+    if kind.inputs != "image":
+        needs = "a language model" if kind is NextToken else "a CLIP model"
         raise ConfigError(f"data.dataset={cfg.data.dataset} needs {needs} from Hugging Face: model.name={cfg.model.name!r} is not a "
                           "directory or hf:ORG/NAME (a local Hugging Face model directory: config.json + *.safetensors)")
     kwargs = dict(cfg.model.kwargs)
@@ -129,7 +125,6 @@ def _build_model(cfg: Config, runtime: Optional[Runtime], meta: bool) -> nn.Modu
                           f"spp prunes {supported()}. Check model.kwargs and data.img_size, "
                           "data.in_chans and data.num_classes") from e
     if checkpoint and not meta:
-        from .checkpoint import load_checkpoint
         result = load_checkpoint(model, checkpoint)
         if runtime is not None and (result.missing_keys or result.unexpected_keys):
             main_print(runtime, f"loaded {checkpoint}: missing {result.missing_keys[:6]}, "
@@ -154,7 +149,6 @@ def source_model(cfg: Config, runtime: Optional[Runtime] = None, meta: bool = Fa
         model = build_model(cfg, runtime)
         family = WeightFamily(model, SolutionPath.load(source), input_size_for(cfg))
         if runtime is None:
-            from .runtime import setup_runtime
             runtime = setup_runtime("cpu", "off", cfg.seed)
         score = HeldOutScore(cfg, runtime, model, family.granularity, cfg.export.max_batches)
         member = select_member(family, cfg.export, score)
@@ -179,11 +173,9 @@ def build_criterion(data: DataConfig, teacher: Optional[nn.Module] = None, disti
                     temperature: float = 1.0) -> Tuple[Optional[Callable], Callable]:
     """``(mixup_fn, criterion)``; ``criterion(inputs, outputs, targets)``, and ``criterion.base(outputs,
     targets)`` the loss without distillation (what the search calibrates ν on)."""
-    if data.dataset == "text":   # next-token cross-entropy; distillation: the KL to the teacher's next-token distributions
-        return None, DistillationLoss(next_token_loss, teacher, distill if teacher is not None else 0.0, temperature)
-    if data.dataset in CAPTIONS:   # InfoNCE; distillation: the KL to the teacher's image-text similarity distributions
-        from .tasks import Contrastive
-        task = Contrastive()
+    kind = task_class(data.dataset)
+    if kind is not Classification:   # the task's loss (next-token cross-entropy, InfoNCE); distillation: the KL to the
+        task = kind()                # teacher's next-token distributions, or its image-text similarity distributions
         return None, DistillationLoss(task.loss, teacher, distill if teacher is not None else 0.0, temperature, task)
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -218,8 +210,6 @@ class HeldOutScore:
         return f"{member.summary.rank}, {member.summary.values}"
 
     def __call__(self, member) -> float:
-        from .engine import evaluate
-
         if self.loader is None:
             self.loader = build_loaders(self.cfg, self.runtime, ["val"])["val"]
         pruned = compress(self.model, member.masks, granularity=self.granularity)

@@ -17,10 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from .masks import require_masks
-from .models import family_of
+from .models import family_of, mask_pairs
 from .optim import LBI
 from .sharding import is_sharded
-from .structure import mask_pairs
+from .tasks import to_device
+
+__all__ = ["calibrate_nu", "search_optimizer", "search_clip", "mask_gradient_rms", "nu_from_rms",
+           "lbi_groups"]
 
 NU_CALIBRATIONS = ("pooled", "pair", "mask")   # which masks share one calibrated ν
 # spp search's defaults (its config's search.* fields take these): see calibrate_nu and spp.LBI
@@ -40,17 +43,6 @@ class _OneProcess:
     @staticmethod
     def all_mean(value: float) -> float:
         return value
-
-
-def next_token_loss(output, input_ids: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy of a causal language model: ``output`` (its logits, or an output with
-    ``.logits``) at positions ``0..T-2`` against ``input_ids`` at ``1..T-1``. Use it as ``loss_fn`` with
-    batches ``(input_ids, input_ids)``: ``spp.calibrate_nu(llm, [(ids, ids)], spp.next_token_loss)``."""
-    logits = getattr(output, "logits", output)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
-
-__all__ = ["calibrate_nu", "next_token_loss", "search_optimizer", "search_clip", "mask_gradient_rms", "nu_from_rms",
-           "lbi_groups"]
 
 
 def _bare(model):
@@ -77,7 +69,6 @@ def mask_gradient_rms(model, data: Iterable, loss_fn: Callable = F.cross_entropy
     with ``(inputs, targets) = task.split(batch)`` (CLIP's image-caption batches). ``losses``: a list that
     receives each batch's loss.
     """
-    from .tasks import to_device
     named = _named_masks(model)
     if runtime is None:
         runtime = _OneProcess(named[0][1].device)

@@ -1,18 +1,20 @@
-"""Building models, loading pretrained weights safely, and writing files atomically."""
+"""Building models and loading pretrained weights safely."""
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
-from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional
+from typing import Any, Dict, Mapping, NamedTuple, Optional
 
 import torch
 from torch import nn
 
+from .compress import load_pruned
 from .gguf import gguf_source, load_gguf_model
+from .masks import is_masked, mask_parameters
+from .models import family_for_model_type, family_of
+from .structure import UnsupportedModel
 
-__all__ = ["create_model", "load_checkpoint", "atomic_write", "atomic_torch_save", "LoadResult"]
+__all__ = ["create_model", "load_checkpoint", "LoadResult"]
 
 
 def create_model(name: str, pretrained: bool = False, checkpoint: Optional[str] = None, meta: bool = False,
@@ -64,9 +66,6 @@ def is_hf(name: str) -> bool:
     return name.startswith("hf:") or os.path.isdir(name) or name.endswith(".gguf")
 
 
-_ENCODERS = ("clip", "clip_vision_model", "clip_text_model")   # loaded by AutoModel, not AutoModelForCausalLM
-
-
 def _hf_model(name: str, meta: bool = False, **kwargs: Any) -> nn.Module:
     """A causal LM (or a CLIP model) from a local directory or ``hf:ORG/NAME`` (safetensors weights only);
     ``meta``: its skeleton on the meta device, in the dtype ``from_pretrained`` would give it."""
@@ -85,15 +84,16 @@ def _hf_model(name: str, meta: bool = False, **kwargs: Any) -> nn.Module:
         with open(config_path) as f:
             config = json.load(f)
         if config.get("format") == "spp-pruned" or "spp" in config:
-            from .compress import load_pruned
             return load_pruned(source, meta=meta)
     try:
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+        import transformers
+        from transformers import AutoConfig
     except ImportError as e:
         raise ImportError(f"{name} is a Hugging Face model: pip install 'spp[llm]' (transformers)") from e
     try:
         model_type = (config or AutoConfig.from_pretrained(source).to_dict()).get("model_type")
-        auto = AutoModel if model_type in _ENCODERS else AutoModelForCausalLM
+        family = family_for_model_type(model_type)   # its Auto class (a causal LM where no family names the type)
+        auto = getattr(transformers, family.auto_class if family is not None else "AutoModelForCausalLM")
         if meta:
             return _meta_model(auto, AutoConfig.from_pretrained(source), **kwargs)
         return auto.from_pretrained(source, use_safetensors=True, **kwargs)
@@ -110,18 +110,6 @@ def _meta_model(auto, config, dtype: Any = "auto", **kwargs: Any) -> nn.Module:
         dtype = getattr(torch, dtype)
     with torch.device("meta"):
         return auto.from_config(config, dtype=dtype, **kwargs)
-
-
-def base_of(model: nn.Module) -> Dict[str, Any]:
-    base = getattr(model, "spp_base", None)
-    if base is None:
-        raise ValueError("the model does not record how it was built; create it with "
-                         "spp.create_model(name, **kwargs) or pass base={'name': ..., 'kwargs': {...}}")
-    return dict(base)
-
-
-def build_base(base: Mapping[str, Any]) -> nn.Module:
-    return create_model(base["name"], pretrained=False, **base.get("kwargs", {}))
 
 
 class LoadResult(NamedTuple):
@@ -182,12 +170,9 @@ def load_checkpoint(model: nn.Module, source: str, strict: bool = False) -> Load
                                 "file, a directory of .safetensors files, or timm:MODEL_NAME for timm's pretrained weights")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     try:
-        from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
-        if isinstance(model, VisionTransformer):
-            state = checkpoint_filter_fn(state, model)  # resizes pos_embed, converts old layouts
-    except Exception:  # noqa: BLE001 - the filter is a convenience; the checks below decide
+        state = family_of(model).filter_state_dict(model, state)   # the model library's conversions (timm's ViT)
+    except UnsupportedModel:   # a model no family handles: its state dict as it is
         pass
-    from .masks import is_masked, mask_parameters
     own = model.state_dict()
     mask_keys = {name for name, _ in mask_parameters(model)} if is_masked(model) else set()
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -206,44 +191,3 @@ def load_checkpoint(model: nn.Module, source: str, strict: bool = False) -> Load
         raise ValueError(f"checkpoint {source}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return LoadResult(missing, unexpected)
-
-
-def _keep_as(path: str, keep: str) -> None:
-    """Make ``keep`` a copy of ``path`` (a hard link where the file system has them) without touching ``path``."""
-    directory = os.path.dirname(os.path.abspath(keep))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(keep))
-    os.close(fd)
-    os.remove(tmp)
-    try:
-        os.link(path, tmp)
-    except OSError:
-        shutil.copy2(path, tmp)
-    os.replace(tmp, keep)
-
-
-def atomic_write(path: str, write: Callable[[str], Any], keep_previous: Optional[str] = None) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file, and ``path`` exists
-    at every instant once written (a run killed at any moment leaves a whole file). ``keep_previous``: a path
-    that receives the file being replaced, once the new one is written."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
-        if keep_previous is not None and os.path.isfile(path):
-            _keep_as(path, keep_previous)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_torch_save(obj: Any, path: str, keep_previous: Optional[str] = None) -> None:
-    """``torch.save(obj, path)`` through a temporary file and a rename: a killed write leaves the old file
-    (``keep_previous``: see :func:`atomic_write`)."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp), keep_previous)

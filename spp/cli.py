@@ -11,7 +11,16 @@ import sys
 from typing import List, Optional
 
 from . import __version__
-from .config import ConfigError, load_config
+from .config import load_config
+from .data import DatasetNotFound
+from .demo import run_demo
+from .demo_clip import run_demo_clip
+from .demo_llm import run_demo_llm
+from .errors import CheckpointError, ConfigError, NonFiniteLoss
+from .report import run_eval, run_export, run_family
+from .retrain import run_retrain
+from .search import run_search
+from .structure import UnsupportedModel
 
 COMMANDS = {
     "search": "run the LBI search over the masks; writes the solution path and the family table",
@@ -49,37 +58,26 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the ``spp`` command line on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     args = _parser().parse_args(argv)
-    from .data import DatasetNotFound
-    from .runtime import CheckpointError, NonFiniteLoss
-    from .structure import UnsupportedModel
     try:
         if args.command == "demo":
-            from .demo import run_demo
             run_demo(args.output, args.overrides, fresh=args.fresh)
             return 0
         if args.command == "demo-llm":
-            from .demo_llm import run_demo_llm
             run_demo_llm(args.output, args.overrides, fresh=args.fresh)
             return 0
         if args.command == "demo-clip":
-            from .demo_clip import run_demo_clip
             run_demo_clip(args.output, args.overrides, fresh=args.fresh)
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "search":
-            from .search import run_search
             run_search(cfg)
         elif args.command == "family":
-            from .report import run_family
             run_family(cfg)
         elif args.command == "export":
-            from .report import run_export
             run_export(cfg)
         elif args.command == "retrain":
-            from .retrain import run_retrain
             run_retrain(cfg)
         else:
-            from .report import run_eval
             run_eval(cfg)
     except (ConfigError, DatasetNotFound, FileNotFoundError, CheckpointError, NonFiniteLoss, UnsupportedModel,
             ValueError) as e:   # bad input: a config value, a file, a model; the message names the fix

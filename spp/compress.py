@@ -17,15 +17,16 @@ from typing import Dict, List, Mapping, Optional
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write
+from .files import atomic_write
 from .masks import granularity_of, is_masked, mask_parameters
-from .models import family_named
-from .structure import Geometry, Widths, block_masks, model_family, model_geometry
+from .models import family_named, family_of, model_geometry
+from .structure import Geometry, Widths, block_masks
 
 __all__ = ["compress", "save_pruned", "load_pruned", "pruned_widths"]
 
 FORMAT = "spp-pruned"
 FORMAT_VERSION = 1
+_FAMILY_OF_FORMAT_0 = "timm-vit"   # members saved before the config named its family: spp pruned only timm ViTs then
 
 
 def _masks_by_block(model: nn.Module, geoms: List[Geometry], masks: Optional[Mapping[str, torch.Tensor]]):
@@ -67,7 +68,7 @@ def compress(model: nn.Module, masks: Optional[Mapping[str, torch.Tensor]] = Non
     head) are copied; the projections are not, only their kept rows and columns, block by block.
     At its peak the process holds ``model`` and the compressed model, never two copies of ``model``.
     """
-    family = model_family(model)
+    family = family_of(model)
     geoms = family.geometry(model)
     by_block = _masks_by_block(model, geoms, masks)
     if granularity is None:
@@ -100,7 +101,7 @@ def save_pruned(model: nn.Module, directory: str, base: Optional[Mapping] = None
     widths = getattr(model, "spp_widths", None)
     if widths is None:
         raise ValueError("model is not a compressed spp model; call spp.compress(model, masks) first")
-    family = model_family(model)
+    family = family_of(model)
     base = dict(base) if base is not None else getattr(model, "spp_base", None) or family.describe(model)
     os.makedirs(directory, exist_ok=True)
     aliases = aliased_keys(model)   # tied weights (an LLM's lm_head and embeddings) are written once
@@ -155,7 +156,7 @@ def load_pruned(directory: str, map_location: str = "cpu", meta: bool = False) -
     from safetensors.torch import load_file
 
     config = _read_config(directory)
-    family = family_named(config.get("family", "timm-vit"))
+    family = family_named(config.get("family", _FAMILY_OF_FORMAT_0))
     widths = [Widths(**b) for b in config["blocks"]]
     with torch.device("meta") if meta else contextlib.nullcontext():
         model = family.build(config["base"])

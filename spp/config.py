@@ -17,13 +17,12 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import yaml
 
 from .calibrate import DEFAULTS as _SEARCH, NU_CALIBRATIONS   # the library's defaults are the CLI's
+from .errors import ConfigError
 from .family import BUDGET_KINDS, CHOSEN_RANKINGS, CHOSEN_VALUES, SCOPES
+from .files import atomic_write
+from .tasks import TASKS
 
 __all__ = ["Config", "load_config", "save_config", "parse_overrides", "ConfigError"]
-
-
-class ConfigError(ValueError):
-    pass
 
 
 @dataclass
@@ -69,7 +68,6 @@ class DataConfig:
 
 
 NU_DATA = ("val", "train")
-CAPTION_DATASETS = ("captions", "fashion_mnist_captions")   # image-caption pairs (CLIP): spp.clip reads them                     # which split auto ν is calibrated on
 
 
 @dataclass
@@ -302,8 +300,7 @@ def _validate(c: Config) -> None:
     _choice("device", c.device, ("auto", "cpu", "cuda"))
     _choice("amp", c.amp, ("auto", "bf16", "fp16", "off"))
     _choice("model.granularity", c.model.granularity, ("dim", "head"))
-    _choice("data.dataset", c.data.dataset, ("imagenet", "imagefolder", "fashion_mnist", "synthetic", "text",
-                                             *CAPTION_DATASETS))
+    _choice("data.dataset", c.data.dataset, [d for task in TASKS for d in task.datasets])
     _choice("model.dtype", c.model.dtype, ("auto", "float32", "bfloat16", "float16"))
     for key, value in (("search.lr", c.search.lr), ("search.nu", c.search.nu), ("search.clip", c.search.clip)):
         if isinstance(value, str) and value != "auto":
@@ -375,7 +372,5 @@ def _check_ranges(c: Config) -> None:
 
 def save_config(config: Config, path: str) -> None:
     """Write the resolved ``config`` to ``path`` as YAML, atomically."""
-    from .checkpoint import atomic_write
-
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
     atomic_write(path, lambda f: open(f, "w").write(text))

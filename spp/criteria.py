@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from .masks import granularity_of, require_masks
+from .models import family_of
 from .path import SolutionPath
-from .structure import mask_names, model_family
+from .structure import mask_names
 from .tasks import to_device
 
 __all__ = ["magnitude_scores", "taylor_scores", "random_scores", "lasso_values", "lasso_path", "activation_stats",
@@ -131,7 +132,7 @@ def lasso_path(model, values: Dict[str, torch.Tensor]) -> SolutionPath:
 def _channels(model) -> List[Tuple[str, list]]:
     """``[(mask name, [Channels, ...]), ...]``: the weight rows and columns each mask's elements remove."""
     require_masks(model)
-    granularity, family = granularity_of(model), model_family(model)
+    granularity, family = granularity_of(model), family_of(model)
     out = []
     for geom, block in zip(family.geometry(model), family.blocks(model)):
         names = mask_names(geom)

@@ -1,5 +1,5 @@
-"""Datasets and loaders: ImageNet / any ImageFolder tree, Fashion-MNIST, synthetic (text: :mod:`spp.text`;
-image-caption pairs: :mod:`spp.clip`).
+"""Datasets and loaders: ImageNet / any ImageFolder tree, Fashion-MNIST, synthetic, and image-caption pairs
+(COCO / Flickr30k Karpathy splits, Fashion-MNIST captions); text: :mod:`spp.text`.
 
 Every sample's augmentation is seeded by ``(seed, epoch, index)`` and batches come from a
 sampler that can start mid-epoch, so a resumed run sees exactly the data an uninterrupted
@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import functools
 import gzip
+import json
 import math
 import os
 import random
-from typing import Callable, Dict, Iterator, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .config import CAPTION_DATASETS, DataConfig
+from .config import DataConfig
+from .tasks import Contrastive, NextToken, task_class
+from .text import load_tokenizer, text_datasets
 
-__all__ = ["build_datasets", "build_loader", "ResumableSampler", "FASHION_MNIST_DIRS", "DatasetNotFound"]
+__all__ = ["build_datasets", "build_loader", "ResumableSampler", "FASHION_MNIST_DIRS", "DatasetNotFound", "CaptionPairs",
+           "karpathy_pairs", "caption_datasets", "class_prompts", "FASHION_CLASSES", "FASHION_TEMPLATES"]
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 SPLITS = ("train", "val", "test")
@@ -184,18 +188,16 @@ def build_datasets(cfg: DataConfig, seed: int = 0, splits: Sequence[str] = SPLIT
     if unknown:
         raise ValueError(f"unknown splits {unknown}; choose from {SPLITS}")
     source = cfg.tokenizer or tokenizer
-    if cfg.dataset in ("text", *CAPTION_DATASETS) and not source:
+    kind = task_class(cfg.dataset)
+    if kind.inputs != "image" and not source:
         raise ValueError(f"data.dataset={cfg.dataset} needs a tokenizer: set data.tokenizer (a directory or hf:ORG/NAME)")
-    if cfg.dataset == "text":
-        from .text import text_datasets
+    if kind is NextToken:
         if not cfg.root:
             raise DatasetNotFound("data.dataset=text needs data.root: a text file or a folder of .txt / .jsonl / "
                                   ".md / .rst files")
         return text_datasets(cfg.root, source, cfg.seq_len, cfg.val_fraction, cfg.test_fraction, seed, splits,
                              cfg.max_documents)
-    if cfg.dataset in CAPTION_DATASETS:
-        from .clip import caption_datasets
-        from .text import load_tokenizer
+    if kind is Contrastive:
         if cfg.dataset == "captions" and not cfg.root:
             raise DatasetNotFound("data.dataset=captions needs data.root (a Karpathy-split JSON: dataset_coco.json or "
                                   "dataset_flickr30k.json) and data.images (the image folder)")
@@ -283,3 +285,131 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, workers: int, s
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       drop_last=train, pin_memory=pin_memory, persistent_workers=False,
                       generator=torch.Generator().manual_seed(seed))
+
+
+# ================================================================================================
+# Image-caption pairs (CLIP): a COCO / Flickr30k Karpathy-split JSON with its image folder, or
+# Fashion-MNIST with captions made from its class names (the demo). See spp.clip for what a pair holds.
+# ================================================================================================
+FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+
+
+FASHION_TEMPLATES = ("a photo of a {}.", "a black and white photo of a {}.", "a picture of the {}.",
+                     "a small photo of a {}.", "a grayscale image of a {}.", "a low resolution photo of the {}.",
+                     "a centered photo of a {}.", "an image of a {}, a kind of clothing.")
+
+
+class CaptionPairs(Dataset):
+    """Image-caption pairs: item i is ``(image, {"input_ids", "attention_mask", "target"})``.
+
+    ``images(i)`` loads image i (a PIL image or a tensor; the wrapping dataset transforms it); captions are
+    tokenized once, padded to the longest (at most ``max_length`` tokens) so that batches stack.
+    """
+
+    def __init__(self, load_image, captions: Sequence[str], image_id: Sequence[int], match: Sequence[int],
+                 labels: Optional[Sequence[int]], tokenizer, max_length: int):
+        if not captions:
+            raise ValueError("no image-caption pairs to load")
+        batch = tokenizer(list(captions), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        self.load_image, self.ids, self.attention = load_image, batch["input_ids"], batch["attention_mask"]
+        labels = labels if labels is not None else [-1] * len(captions)
+        self.target = torch.tensor([list(x) for x in zip(image_id, match, labels)], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, i: int):
+        return self.load_image(i), {"input_ids": self.ids[i], "attention_mask": self.attention[i],
+                                    "target": self.target[i]}
+
+
+_KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
+
+
+def karpathy_pairs(json_path: str, split: str) -> List[Dict]:
+    """``[{"file", "caption", "image_id"}]`` of one split of a Karpathy-split JSON (``dataset_coco.json``,
+    ``dataset_flickr30k.json``: ``images[*]`` with ``filename``, optional ``filepath``, ``split`` and
+    ``sentences[*].raw``); COCO's ``restval`` images train."""
+    if not os.path.isfile(json_path):
+        raise FileNotFoundError(f"{json_path} not found: data.root is a Karpathy-split JSON (dataset_coco.json or "
+                                "dataset_flickr30k.json) and data.images the folder its file paths start from")
+    with open(json_path) as f:
+        images = json.load(f)["images"]
+    pairs = []
+    for index, image in enumerate(images):
+        if image.get("split") not in _KARPATHY_SPLITS[split]:
+            continue
+        file = os.path.join(image.get("filepath", ""), image["filename"])
+        for sentence in image["sentences"]:
+            pairs.append({"file": file, "caption": sentence["raw"].strip(), "image_id": image.get("imgid", index)})
+    if not pairs:
+        raise ValueError(f"{json_path} has no image of split {split!r} (splits: {sorted({i.get('split') for i in images})})")
+    return pairs
+
+
+def _karpathy(cfg, tokenizer, split: str) -> CaptionPairs:
+    from PIL import Image
+
+    if not cfg.images or not os.path.isdir(cfg.images):
+        raise FileNotFoundError(f"data.images={cfg.images}: not a folder; give the image folder the JSON's paths are "
+                                "relative to (COCO: the folder holding train2014/ and val2014/)")
+    pairs = karpathy_pairs(cfg.root, split)
+    missing = os.path.join(cfg.images, pairs[0]["file"])
+    if not os.path.isfile(missing):
+        raise FileNotFoundError(f"{missing} not found: data.images must be the folder the paths in {cfg.root} start from")
+    files = [os.path.join(cfg.images, p["file"]) for p in pairs]
+    ids = [p["image_id"] for p in pairs]
+    return CaptionPairs(lambda i: Image.open(files[i]).convert("RGB"), [p["caption"] for p in pairs], ids, ids, None,
+                        tokenizer, cfg.seq_len)
+
+
+def _fashion_captions(cfg, tokenizer, split: str) -> CaptionPairs:
+    base = _fashion_mnist(cfg.root, split)
+    labels = base.labels.tolist()
+    captions = [FASHION_TEMPLATES[i % len(FASHION_TEMPLATES)].format(FASHION_CLASSES[c]) for i, c in enumerate(labels)]
+    offset = 0 if split == "train" else 1_000_000   # test images never share an id with training ones
+    ids = [offset + i for i in range(len(labels))]
+    return CaptionPairs(lambda i: base[i][0], captions, ids, labels, labels, tokenizer, cfg.seq_len)
+
+
+def class_prompts(cfg) -> Optional[Tuple[Sequence[str], Sequence[str]]]:
+    """``(class names, prompt templates)`` of a caption data set whose captions are made from class names (the
+    demo's Fashion-MNIST captions: members are read by zero-shot accuracy over these prompts); None for
+    captions of their own images (COCO, Flickr30k)."""
+    return (FASHION_CLASSES, FASHION_TEMPLATES) if cfg.dataset == "fashion_mnist_captions" else None
+
+
+def caption_datasets(cfg, tokenizer, seed: int, splits: Sequence[str]) -> Dict[str, Dataset]:
+    """Caption datasets of ``splits`` for ``data.dataset`` ``captions`` (Karpathy JSON) or
+    ``fashion_mnist_captions``, transformed as :func:`spp.data.build_datasets` transforms images."""
+    if cfg.dataset == "fashion_mnist_captions":
+        read = functools.lru_cache(maxsize=None)(lambda file: _fashion_captions(cfg, tokenizer, file))
+        load = lambda split: read("train" if split == "train" else "test")   # noqa: E731  (val and test: one read)
+        train_tf = TensorTransform(cfg.img_size, True, FASHION_MEAN, FASHION_STD)
+        eval_tf = TensorTransform(cfg.img_size, False, FASHION_MEAN, FASHION_STD)
+        own_val = False
+    else:
+        from timm.data import create_transform
+        from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+        load = lambda split: _karpathy(cfg, tokenizer, split)   # noqa: E731
+        common = dict(mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, interpolation="bicubic", crop_pct=1.0)
+        train_tf = create_transform(cfg.img_size, is_training=True, scale=(0.5, 1.0), auto_augment=cfg.auto_augment,
+                                    re_prob=0.0, color_jitter=cfg.color_jitter, **common)
+        eval_tf = create_transform(cfg.img_size, is_training=False, **common)
+        own_val = True   # the Karpathy split has its own val images
+    out: Dict[str, Dataset] = {}
+    if own_val or cfg.val_fraction == 0:
+        for split in splits:
+            out[split] = AugmentedDataset(load(split), train_tf if split == "train" else eval_tf, seed)
+        return out
+    train = load("train")   # val held out of train by image
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).numpy()
+    n_val = int(round(cfg.val_fraction * len(train)))
+    for split in splits:
+        if split == "train":
+            out[split] = AugmentedDataset(train, train_tf, seed, sorted(order[n_val:]))
+        elif split == "val":
+            out[split] = AugmentedDataset(train, eval_tf, seed, sorted(order[:n_val]))
+        else:
+            out[split] = AugmentedDataset(load("test"), eval_tf, seed)
+    return out

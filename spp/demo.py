@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import List, Sequence
 
 from .config import load_config
-from .report import run_export, run_family, write_table
+from .report import run_export, run_family
 from .retrain import run_retrain
 from .search import run_search
+from .tables import write_table
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -21,7 +22,8 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 VALUE_LABELS = {"binary": "1", "path": "search M at its end", "settled": "search M, settled"}
 
 
-def _config(name: str, overrides: Sequence[str]):
+def shipped_config(name: str, overrides: Sequence[str] = ()):
+    """A config shipped in ``configs/`` (the demos' and benchmarks'), with ``overrides``."""
     path = CONFIGS / name
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; run the demo from a checkout of spp (pip install -e .)")
@@ -39,15 +41,15 @@ def run_demo(output: str = "outputs/demo", overrides: Sequence[str] = (), fresh:
     search_dir = os.path.join(output, "search")
     pruned_dir = os.path.join(search_dir, "pruned")
     fresh_start = ["resume=null"] if fresh else []   # --fresh: not even a checkpoint of an earlier pretrain is resumed
-    pretrain = _config("demo_pretrain.yaml", [f"output={output}/pretrain", *overrides, *fresh_start])
+    pretrain = shipped_config("demo_pretrain.yaml", [f"output={output}/pretrain", *overrides, *fresh_start])
     if fresh or not os.path.isfile(checkpoint):
         _banner("1/5 pretrain a ViT on Fashion-MNIST (cached for the next run)")
         run_retrain(pretrain)
     else:
         _banner(f"1/5 pretrained model cached at {checkpoint} (--fresh retrains it)")
     shared = [f"model.checkpoint={checkpoint}", *overrides]
-    search = _config("demo_search.yaml", [f"output={search_dir}", "resume=null", f"export.out={pruned_dir}", *shared])
-    retrain = _config("demo_retrain.yaml", [f"output={output}/retrain", "resume=null", f"train.source={pruned_dir}",
+    search = shipped_config("demo_search.yaml", [f"output={search_dir}", "resume=null", f"export.out={pruned_dir}", *shared])
+    retrain = shipped_config("demo_retrain.yaml", [f"output={output}/retrain", "resume=null", f"train.source={pruned_dir}",
                                             *shared])
     rows, result = search_to_retrain(search, retrain, "the frozen model", "retrain the exported member briefly "
                                      "(distilled from the dense model)")

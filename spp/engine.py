@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .runtime import NonFiniteLoss, Runtime
+from .errors import NonFiniteLoss
+from .runtime import Runtime
 from .sharding import is_sharded
 from .tasks import Classification, Task, to_device
 

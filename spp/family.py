@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from .flops import count_flops, count_params
+from .models import model_geometry
 from .path import SolutionPath
-from .structure import PAIRS, Geometry, Widths, mask_names, model_geometry, widths_from_masks
+from .structure import PAIRS, Geometry, Widths, mask_names, widths_from_masks
 
 __all__ = ["WeightFamily", "Member", "Summary"]
 

@@ -8,7 +8,8 @@ from torch import nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from .structure import model_family
+from .masks import is_masked, mask_parameters
+from .models import family_of
 
 __all__ = ["count_flops", "count_params"]
 
@@ -31,7 +32,7 @@ def count_flops(model: nn.Module, input_size: Optional[Sequence[int]] = None) ->
     Compressed attention is counted at its true head widths (for timm models, without the zero
     columns it pads on CPU to reach the fused kernel).
     """
-    family = model_family(model)
+    family = family_of(model)
     x = family.example_input(model, input_size)
     was_training = model.training
     model.eval()
@@ -43,6 +44,5 @@ def count_flops(model: nn.Module, input_size: Optional[Sequence[int]] = None) ->
 
 def count_params(model: nn.Module, exclude_masks: bool = True) -> int:
     """Parameters of ``model`` (a tied weight counted once), without the masks unless ``exclude_masks=False``."""
-    from .masks import is_masked, mask_parameters
     skip = {id(p) for _, p in mask_parameters(model)} if exclude_masks and is_masked(model) else set()
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)

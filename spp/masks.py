@@ -19,7 +19,8 @@ from typing import Dict, List, Mapping, Tuple
 import torch
 from torch import nn
 
-from .structure import GRANULARITIES, mask_names, model_family, model_geometry
+from .models import family_of, model_geometry
+from .structure import GRANULARITIES, mask_names
 
 __all__ = ["add_masks", "remove_masks", "mask_parameters", "freeze_weights", "set_masks", "is_masked",
            "granularity_of", "require_masks", "MasksAtOne"]
@@ -38,7 +39,7 @@ def add_masks(model: nn.Module, granularity: str = "dim", freeze: bool = True) -
         raise ValueError(f"granularity={granularity!r}: choose one of {GRANULARITIES}")
     if is_masked(model):
         raise ValueError("the model already has masks; call spp.remove_masks(model) first")
-    family = model_family(model)
+    family = family_of(model)
     family.geometry(model)  # raises a clear error for unsupported models or blocks
     family.add_masks(model, granularity)
     model.spp_granularity = granularity
@@ -50,7 +51,7 @@ def add_masks(model: nn.Module, granularity: str = "dim", freeze: bool = True) -
 def remove_masks(model: nn.Module) -> nn.Module:
     """Take the masks out again (their values are dropped), in place; modules keep their own classes."""
     if is_masked(model):
-        model_family(model).remove_masks(model)
+        family_of(model).remove_masks(model)
         del model.spp_granularity
     return model
 

@@ -8,10 +8,11 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write
+from .files import atomic_write
 from .masks import granularity_of, mask_parameters
+from .models import mask_pairs
 from .optim import LBI, SNAPSHOT, snapshot_steps
-from .structure import PAIRS, mask_pairs
+from .structure import PAIRS
 
 __all__ = ["SolutionPath", "support_sizes", "whole"]
 

@@ -1,104 +1,30 @@
-"""`spp family`, `spp export`, `spp eval`, and the tables and plots they write."""
+"""The commands that read a search's output: `spp family`, `spp export`, `spp eval`."""
 from __future__ import annotations
 
 import json
 import os
-import time
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
-from .build import (HeldOutScore, build_loaders, build_model, check_inputs, input_size_for, read_member, select_member, source_model,
-                    task_for)
-from .checkpoint import atomic_write
+from .build import (HeldOutScore, build_loaders, build_model, check_inputs, input_size_for, read_member, select_member,
+                    source_model, task_for)
+from .clip import tokenize_prompts, zero_shot_accuracy
 from .compress import compress, save_pruned
 from .config import Config
 from .engine import evaluate
 from .family import WeightFamily
+from .files import atomic_write
 from .flops import count_flops, count_params
-from .models.vit import input_size_of
+from .models import family_of
 from .path import SolutionPath
 from .runtime import Runtime, main_print, setup_runtime
-from .search import reach_note
-from .structure import PAIRS
+from .tables import plot_family, reach_note, write_table
+from .text import load_tokenizer
+from .timing import lm_throughput, pair_throughput, throughput
 
-__all__ = ["run_family", "run_export", "run_eval", "write_table", "plot_path", "plot_family", "throughput", "lm_throughput"]
-
-
-def write_json(obj, path: str) -> None:
-    """``obj`` as indented JSON, written atomically (a benchmark's results after every run)."""
-    atomic_write(path, lambda f: open(f, "w").write(json.dumps(obj, indent=1) + "\n"))
-
-
-def write_table(rows: List[Dict], stem: str) -> str:
-    """Write ``rows`` as ``stem.json`` and a Markdown table ``stem.md``; return the Markdown."""
-    keys = list(rows[0]) if rows else []
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
-    markdown = "\n".join(lines) + "\n"
-    write_json(rows, stem + ".json")
-    atomic_write(stem + ".md", lambda f: open(f, "w").write(markdown))
-    return markdown
-
-
-def plot_path(path: SolutionPath, filename: str) -> None:
-    """Support size of Γ per pair type against the step, and the cumulative entries."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = path.sizes()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if path.support:
-        steps = [s for s, _ in path.support]
-        for pair in PAIRS:
-            ax.plot(steps, [100 * c[pair] / max(sizes[pair], 1) for _, c in path.support], label=f"support of Γ: {pair}")
-    entry_steps, fraction = path.entry_curve()
-    if entry_steps.numel():
-        ax.step(entry_steps.numpy(), 100 * fraction.numpy(), where="post", color="k", ls="--", label="entered (all)")
-    ax.set_xlabel("LBI step")
-    ax.set_ylabel("% of mask entries")
-    ax.set_title("Solution path")
-    ax.set_ylim(0, 101)
-    ax.legend(loc="lower right")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(filename, dpi=120)
-    plt.close(fig)
-
-
-def plot_family(rows: List[Dict], filename: str, dense: Optional[Dict] = None, label: str = "SPP family",
-                metric: Union[str, Sequence[str]] = "top1") -> None:
-    """Accuracy (or perplexity, recall: ``metric``, or several metrics) against parameters (M) for the
-    members of one family."""
-    import math
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = [metric] if isinstance(metric, str) else [m for m in metric if all(math.isfinite(r[m]) for r in rows)]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in metrics:
-        ax.plot([r["params"] / 1e6 for r in rows], [r[m] for r in rows], "o-",
-                label=label if len(metrics) == 1 else f"{label}: {m}")
-    for r in rows:
-        ax.annotate(f"{r['flops_kept']:.0%} FLOPs", (r["params"] / 1e6, r[metrics[0]]), fontsize=7,
-                    textcoords="offset points", xytext=(4, -10))
-    if dense:
-        ax.axhline(dense[metrics[0]], color="gray", ls=":", label=f"dense ({dense[metrics[0]]:.2f})")
-    ax.set_xlabel("parameters (M)")
-    names = {"top1": "top-1 accuracy (%)", "recall@1": "recall@1 (%)", "zero-shot": "zero-shot top-1 (%)"}
-    ax.set_ylabel(", ".join(names.get(m, m) for m in metrics) + ", no retraining")
-    if metrics == ["perplexity"]:
-        ax.set_yscale("log")
-    ax.set_title("One search, every budget")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(filename, dpi=120)
-    plt.close(fig)
+__all__ = ["run_family", "run_export", "run_eval", "zero_shot"]
 
 
 def _search_dir(cfg: Config, explicit: Optional[str]) -> str:
@@ -181,7 +107,6 @@ def zero_shot(model: nn.Module, cfg: Config) -> Dict[str, Dict[str, float]]:
         from lm_eval.tasks import TaskManager
     except ImportError as e:
         raise ImportError("eval.tasks needs lm-evaluation-harness: pip install -e '.[llm]' (lm-eval)") from e
-    from .text import load_tokenizer
 
     e = cfg.eval
     tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.name)
@@ -197,87 +122,6 @@ def zero_shot(model: nn.Module, cfg: Config) -> Dict[str, Dict[str, float]]:
             for task, metrics in results.items()}
 
 
-def mean_std(values: Sequence[float], digits: int = 2) -> str:
-    """``"mean ± std"`` (sample std) of a benchmark's seeds; one value as it is, none as a dash."""
-    import statistics
-
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
-def median_seconds(fn, device: torch.device, repeats: int, warmup: int) -> float:
-    """Median wall time of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (CUDA synchronised)."""
-    times = []
-    for i in range(warmup + repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        begin = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - begin)
-    return sorted(times)[len(times) // 2]
-
-
-@torch.no_grad()
-def lm_throughput(model: nn.Module, seq_len: int, device: torch.device, amp_dtype=None, *, batch: int = 1,
-                  prompt: int = 16, new_tokens: int = 32, repeats: int = 5, warmup: int = 1) -> Dict[str, float]:
-    """Tokens/s of a language model, medians of ``repeats`` after ``warmup`` runs: prefill (a forward over
-    ``batch`` sequences of ``seq_len`` tokens) and greedy decoding with the KV cache (``new_tokens`` after a
-    ``prompt``-token prompt, less the prompt's own forward)."""
-    from contextlib import nullcontext
-
-    model.eval()
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
-    start = ids[:, :prompt]
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-
-    def timed(fn) -> float:
-        def run():
-            with autocast:
-                fn()
-        return median_seconds(run, device, repeats, warmup)
-
-    prefill = timed(lambda: model(ids))
-    generate = timed(lambda: model.generate(start, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                            do_sample=False, use_cache=True, pad_token_id=0))
-    first = prefill if prompt == seq_len else timed(lambda: model(start))
-    return {"prefill_tokens_per_s": round(batch * seq_len / prefill, 1),
-            "decode_tokens_per_s": round(batch * new_tokens / max(generate - first, 1e-9), 1)}
-
-
-@torch.no_grad()
-def throughput(model: nn.Module, input_size: Sequence[int], batch_size: int, device: torch.device,
-               amp_dtype=None, repeats: int = 10, warmup: int = 3) -> float:
-    """Images per second (median of ``repeats`` timed forwards after ``warmup``)."""
-    from contextlib import nullcontext
-    model.eval()
-    x = torch.randn(batch_size, *input_size, device=device)
-
-    def run():
-        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-            model(x)
-    return batch_size / median_seconds(run, device, repeats, warmup)
-
-
-@torch.no_grad()
-def pair_throughput(model: nn.Module, loader, runtime: Runtime, repeats: int = 5, warmup: int = 1) -> float:
-    """Image-caption pairs per second of a CLIP model's forward (both towers) on the first batch of ``loader``."""
-    from .tasks import Contrastive, to_device
-
-    model.eval()
-    inputs, _ = to_device(Contrastive().split(next(iter(loader))), runtime.device)
-
-    def run():
-        with runtime.autocast():
-            model(**inputs)
-    return round(inputs["input_ids"].shape[0] / median_seconds(run, runtime.device, repeats, warmup), 1)
-
-
 def imagefolder_zero_shot(model: nn.Module, cfg: Config, runtime: Runtime) -> float:
     """Zero-shot top-1 (%) of a CLIP model on ``data.zero_shot``: an ImageFolder (its ``val/`` if it has one), the
     class names its folder names with ``_`` read as spaces, the prompts ``data.templates``."""
@@ -285,8 +129,6 @@ def imagefolder_zero_shot(model: nn.Module, cfg: Config, runtime: Runtime) -> fl
     from timm.data.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     from torchvision.datasets import ImageFolder
 
-    from .clip import tokenize_prompts, zero_shot_accuracy
-    from .text import load_tokenizer
 
     root = cfg.data.zero_shot
     root = os.path.join(root, "val") if os.path.isdir(os.path.join(root, "val")) else root
@@ -332,7 +174,7 @@ def run_eval(cfg: Config) -> Dict:
             result["zero_shot_imagefolder"] = round(imagefolder_zero_shot(model, cfg, runtime), 2)
         main_print(runtime, json.dumps(result))
         return result
-    size = input_size_of(model)
+    size = family_of(model).input_size(model)
     result = {"model": source or cfg.model.name, "top1": round(metrics["top1"], 2), "top5": round(metrics["top5"], 2),
               "params": count_params(model), "flops": count_flops(model, size),
               "images_per_s": round(throughput(model, size, cfg.data.eval_batch_size, runtime.device,

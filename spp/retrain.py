@@ -10,14 +10,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .build import build_criterion, build_loaders, build_model, check_inputs, source_model, task_for
-from .checkpoint import atomic_write
-from .compress import save_pruned
-from .config import Config, ConfigError, save_config
+from .compress import aliased_keys, save_pruned
+from .config import Config, save_config
 from .engine import evaluate, train_one_epoch
-from .runtime import (NonFiniteLoss, RunLogger, check_same_run, check_shapes, gather_rng_states,
-                      load_training_checkpoint, main_print, reseed_ranks, resume_file, restore_rng_states,
-                      save_training_checkpoint, setup_runtime)
+from .errors import ConfigError, NonFiniteLoss
+from .files import atomic_write
+from .models import family_of
+from .runtime import (RunLogger, check_same_run, check_shapes, gather_rng_states, load_training_checkpoint, main_print,
+                      reseed_ranks, restore_rng_states, resume_file, save_training_checkpoint, setup_runtime)
 from .sharding import full_optimizer_state, full_state_dict, is_sharded, load_full_state, shard
+from .tasks import NextToken, task_class
 
 __all__ = ["run_retrain"]
 
@@ -30,8 +32,7 @@ def _with_lora(model: nn.Module, rank: int, alpha: float) -> nn.Module:
         from peft import LoraConfig, get_peft_model
     except ImportError as e:
         raise ImportError("train.lora_rank needs peft: pip install peft") from e
-    from .structure import model_family
-    family = model_family(model)
+    family = family_of(model)
     names = sorted({name.rsplit(".", 1)[-1] for block in family.blocks(model)
                     for name, m in block.named_modules() if isinstance(m, nn.Linear)})
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=names))
@@ -70,7 +71,6 @@ def _save_model(model: nn.Module, directory: str, state: Dict[str, torch.Tensor]
     else:
         from safetensors.torch import save_file
 
-        from .compress import aliased_keys
         aliases = aliased_keys(model)   # tied weights once
         state = {k: v.detach().contiguous().cpu() for k, v in state.items() if k not in aliases}
         atomic_write(directory + ".safetensors", lambda f: save_file(state, f))
@@ -103,7 +103,7 @@ def run_retrain(cfg: Config) -> Dict:
     for p in model.parameters():
         p.requires_grad_(True)
     if t.lora_rank:
-        if cfg.data.dataset != "text":
+        if task_class(cfg.data.dataset) is not NextToken:
             raise ValueError("train.lora_rank is for language models (data.dataset=text); set train.lora_rank=0")
         model = _with_lora(model, t.lora_rank, t.lora_alpha)
     model = shard(model, runtime) if sharded else model.to(runtime.device)

@@ -17,19 +17,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import atomic_torch_save
-from .config import ConfigError
+from .errors import CheckpointError, ConfigError, NonFiniteLoss
+from .files import atomic_torch_save
 
 __all__ = ["Runtime", "setup_runtime", "keep_cpu_memory", "provenance", "RunLogger", "gather_rng_states", "restore_rng_states", "CheckpointError",
            "save_training_checkpoint", "load_training_checkpoint", "check_same_run", "NonFiniteLoss"]
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 @dataclass

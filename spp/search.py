@@ -9,18 +9,21 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .build import build_criterion, build_loaders, build_model, check_inputs, input_size_for, task_for
 from .calibrate import calibrate_nu, lbi_groups, search_optimizer
-from .config import CAPTION_DATASETS, Config, save_config
+from .config import Config, save_config
 from .data import build_loader
 from .engine import train_one_epoch
+from .errors import CheckpointError, NonFiniteLoss
 from .family import WeightFamily
 from .masks import MasksAtOne, add_masks, mask_parameters
+from .models import mask_pairs
 from .optim import LBI
 from .path import SolutionPath, support_sizes, whole
-from .runtime import (CheckpointError, NonFiniteLoss, Runtime, RunLogger, check_same_run, check_shapes,
+from .runtime import (Runtime, RunLogger, check_same_run, check_shapes,
                       gather_rng_states, load_training_checkpoint, main_print, reseed_ranks,
                       resume_file, restore_rng_states, save_training_checkpoint, setup_runtime)
 from .sharding import shard
-from .structure import mask_pairs
+from .tables import plot_path, reach_note, write_table
+from .tasks import Contrastive, NextToken, task_class
 
 __all__ = ["run_search"]
 
@@ -78,9 +81,10 @@ def _calibration_loader(cfg: Config, loaders, runtime: Runtime):
                          f"training batches (search.nu_data=train)")
     batch -= batch % 2   # mixup pairs the samples of a batch
     loader = build_loader(val, batch, True, cfg.data.workers, cfg.seed + 7919, runtime.world_size, runtime.rank)
-    if cfg.data.dataset in CAPTION_DATASETS:
+    kind = task_class(cfg.data.dataset)
+    if kind is Contrastive:
         source = f"{len(val):,} held-out image-caption pairs"
-    elif cfg.data.dataset == "text":
+    elif kind is NextToken:
         source = f"the validation text ({len(val):,} sequences of {cfg.data.seq_len} tokens)"
     else:
         source = (f"{len(val):,} training images held out (data.val_fraction={cfg.data.val_fraction})"
@@ -202,7 +206,6 @@ def run_search(cfg: Config) -> SolutionPath:
     if runtime.is_main:
         path.save(cfg.output)
         write_family_table(model, path, cfg.search.targets, cfg.output, input_size_for(cfg), family=family)
-        from .report import plot_path
         plot_path(path, os.path.join(cfg.output, "path.png"))
         main_print(runtime, f"wrote {cfg.output}/path.json, path.safetensors, family.md, path.png")
         main_print(runtime, reach_note(family, path.steps))
@@ -219,20 +222,8 @@ def _like(tensor: torch.Tensor, param) -> torch.Tensor:
     return tensor
 
 
-def reach_note(family: WeightFamily, steps: int) -> str:
-    """How far the path got: members up to that size are ranked along it; what to do about larger ones."""
-    reach = family.reach("params")
-    note = f"path: the support covers {reach:.1%} of the prunable params after {steps} steps"
-    if reach < 0.999:
-        note += (f"; members keeping more are ranked past its end by final |z| (a longer search, search.steps or "
-                 f"search.epochs, extends the path; the entry steps up to step {steps} stay as they are)")
-    return note
-
-
 def write_family_table(model, path: SolutionPath, targets, output: str, input_size=None,
                        family: WeightFamily = None) -> List[Dict]:
-    from .report import write_table
-
     family = family or WeightFamily(model, path, input_size)
     rows = []
     for keep in targets:

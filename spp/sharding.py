@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Dict
 import torch
 from torch import nn
 
-if TYPE_CHECKING:   # spp.calibrate imports this module, and spp.runtime (through spp.config) imports calibrate
+from .models import family_of
+
+if TYPE_CHECKING:   # annotations only: the core (spp.calibrate, spp.engine) imports this module, not the run plumbing
     from .runtime import Runtime
 
 __all__ = ["is_sharded", "shard", "full_state_dict", "full_optimizer_state", "load_full_state"]
@@ -35,12 +37,10 @@ def shard(model: nn.Module, runtime: Runtime) -> nn.Module:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    from .runtime import main_print
-    from .structure import model_family
     full = model.state_dict() if runtime.is_main else {}   # whole tensors: kept until broadcast
     on_meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
     base = model.get_base_model() if hasattr(model, "get_base_model") else model   # under peft's LoRA wrapper
-    family = model_family(base)
+    family = family_of(base)
     kept = _unsharded(model)   # replicated instead: scalars (CLIP's logit scale) and empty projections
     for block in family.blocks(base):
         fully_shard(block, ignored_params=set(kept) or None)
@@ -57,7 +57,9 @@ def shard(model: nn.Module, runtime: Runtime) -> nn.Module:
     for p in kept:
         if p.requires_grad:   # replicated, so their gradient is averaged here as DDP would
             p.register_post_accumulate_grad_hook(_average_gradient)
-    main_print(runtime, f"FSDP2: the model sharded over {runtime.world_size} processes, its weights read by rank 0 only")
+    if runtime.is_main:
+        print(f"FSDP2: the model sharded over {runtime.world_size} processes, its weights read by rank 0 only",
+              flush=True)
     return model
 
 

@@ -12,11 +12,10 @@ functions below, so they work on every family (``tests/test_masks_compress.py`` 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 PAIRS = ("qk", "v", "mlp")
 GRANULARITIES = ("dim", "head")
@@ -113,22 +112,6 @@ class Geometry:
         return self.elements(w, granularity)
 
 
-def model_family(model: nn.Module):
-    """The :class:`spp.models.ModelFamily` that handles ``model`` (an error lists the supported ones)."""
-    from .models import family_of
-    return family_of(model)
-
-
-def find_blocks(model: nn.Module) -> List[nn.Module]:
-    """The prunable blocks of a supported model, in forward order."""
-    return model_family(model).blocks(model)
-
-
-def model_geometry(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> List[Geometry]:
-    """One :class:`Geometry` per block; FLOPs are priced at ``input_size`` (default: the model's)."""
-    return model_family(model).geometry(model, input_size)
-
-
 def mask_names(geom: Geometry) -> Dict[str, str]:
     """Parameter names of a block's masks, by pair."""
     return geom.mask_names()
@@ -138,11 +121,6 @@ def widths_from_masks(geom: Geometry, qk: torch.Tensor, v: torch.Tensor, mlp: to
                       granularity: str) -> Widths:
     """Widths of the compressed block for masks ``qk``, ``v``, ``mlp`` (non-zero = kept)."""
     return geom.widths_from_masks(qk, v, mlp, granularity)
-
-
-def mask_pairs(model: nn.Module) -> Dict[str, Tuple[str, int]]:
-    """``{mask name: (pair type, block index)}`` for every mask a masked ``model`` has (or would have)."""
-    return {name: (pair, geom.index) for geom in model_geometry(model) for pair, name in mask_names(geom).items()}
 
 
 def block_masks(geoms: Sequence[Geometry], masks: Mapping[str, torch.Tensor],

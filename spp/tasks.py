@@ -15,7 +15,9 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Task", "Classification", "NextToken", "Contrastive", "to_device"]
+from .clip import class_embeddings, contrastive_loss, retrieval_recall
+
+__all__ = ["Task", "Classification", "NextToken", "Contrastive", "TASKS", "task_class", "to_device", "next_token_loss"]
 
 
 def to_device(x: Any, device) -> Any:
@@ -29,6 +31,14 @@ def to_device(x: Any, device) -> Any:
     return x
 
 
+def next_token_loss(output, input_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of a causal language model: ``output`` (its logits, or an output with
+    ``.logits``) at positions ``0..T-2`` against ``input_ids`` at ``1..T-1``. Use it as ``loss_fn`` with
+    batches ``(input_ids, input_ids)``: ``spp.calibrate_nu(llm, [(ids, ids)], spp.next_token_loss)``."""
+    logits = getattr(output, "logits", output)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+
+
 class Task:
     """The interface; ``metric_names`` name the sums :meth:`metric_sums` returns, in order; ``headline`` is
     the metric tables lead with and held-out scores use (``higher_is_better`` says which way is better);
@@ -39,6 +49,9 @@ class Task:
     higher_is_better: bool = True
     table: Sequence[str] = ()
     pooled: bool = False   # evaluation gathers pool() of every batch and summarize_pool()s them (not sums)
+    datasets: Sequence[str] = ()   # the data.dataset values whose batches this task reads (task_class looks them up)
+    inputs: str = "image"          # what one example holds: "image", "text" or "image-text" (a ModelFamily's inputs)
+    samples: str = "images"        # what the examples are called in messages
 
     def score(self, metrics: Dict[str, float]) -> float:
         """The headline as a score where higher is better (for :meth:`spp.WeightFamily.select_best`)."""
@@ -86,6 +99,7 @@ class Classification(Task):
 
     metric_names = ("loss", "top1", "top5", "n")
     headline, table = "top1", ("top1", "top5")
+    datasets = ("imagenet", "imagefolder", "fashion_mnist", "synthetic")
 
     def loss(self, outputs, targets):
         return F.cross_entropy(outputs, targets)
@@ -111,13 +125,13 @@ class NextToken(Task):
 
     metric_names = ("loss", "tokens")
     headline, higher_is_better, table = "perplexity", False, ("perplexity", "loss")
+    datasets, inputs, samples = ("text",), "text", "sequences"
 
     def split(self, batch):
         ids = batch[0] if isinstance(batch, (tuple, list)) else batch
         return ids, ids
 
     def loss(self, outputs, targets):
-        from .calibrate import next_token_loss
         return next_token_loss(outputs, targets)
 
     def metric_sums(self, outputs, targets):
@@ -144,6 +158,7 @@ class Contrastive(Task):
     text-to-image recall moves in steps of one distinct caption (80 of them in the demo) and says little."""
 
     table, pooled = ("recall@1", "i2t@1", "t2i@1", "i2t@5", "t2i@5", "zero-shot"), True
+    datasets, inputs, samples = ("captions", "fashion_mnist_captions"), "image-text", "image-caption pairs"
 
     def __init__(self, prompts: Optional[Dict[str, torch.Tensor]] = None, headline: str = "recall@1"):
         if headline not in self.table:
@@ -158,14 +173,12 @@ class Contrastive(Task):
             info["target"]
 
     def loss(self, outputs, targets):
-        from .clip import contrastive_loss
         return contrastive_loss(outputs.logits_per_image, targets[:, 1])
 
     def distill_logits(self, outputs):   # image-to-text rows, then text-to-image rows
         return torch.cat([outputs.logits_per_image, outputs.logits_per_text])
 
     def begin(self, model):
-        from .clip import class_embeddings
         self.classes = class_embeddings(model, self.prompts) if self.prompts is not None else None
 
     def pool(self, outputs, targets):
@@ -177,7 +190,6 @@ class Contrastive(Task):
 
     def summarize_pool(self, pooled):
         """Retrieval recall@1/5/10 and zero-shot top-1 over every gathered pair."""
-        from .clip import retrieval_recall
         target = pooled["target"]
         metrics = retrieval_recall(pooled["image"], pooled["text"], target[:, 0], target[:, 1])
         metrics["n"] = int(target.shape[0])
@@ -187,3 +199,14 @@ class Contrastive(Task):
         else:
             metrics["zero-shot"] = float("nan")
         return metrics
+
+
+TASKS = (Classification, NextToken, Contrastive)
+
+
+def task_class(dataset: str) -> type:
+    """The :class:`Task` subclass whose ``datasets`` hold ``dataset`` (a config's ``data.dataset``)."""
+    for task in TASKS:
+        if dataset in task.datasets:
+            return task
+    raise ValueError(f"data.dataset={dataset!r}: choose one of {', '.join(d for t in TASKS for d in t.datasets)}")

@@ -30,6 +30,8 @@ from typing import Dict, List, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from .gguf import gguf_source, load_gguf_tokenizer
+
 __all__ = ["TokenChunks", "text_datasets", "split_files", "read_documents", "load_tokenizer", "TEXT_SUFFIXES"]
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".md", ".rst")
@@ -158,7 +160,6 @@ def load_tokenizer(source: str):
         from transformers import AutoTokenizer
     except ImportError as e:
         raise ImportError("text data needs transformers: pip install -e '.[llm]'") from e
-    from .gguf import gguf_source, load_gguf_tokenizer
     gguf = None if source.startswith("hf:") else gguf_source(source)
     if gguf:
         return load_gguf_tokenizer(*gguf)

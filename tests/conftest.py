@@ -34,7 +34,8 @@ def vit():
 
 
 def random_masks(model, granularity, keep=0.6, seed=0, binary=True):
-    from spp.structure import mask_names, model_geometry
+    from spp.models import model_geometry
+    from spp.structure import mask_names
     g = torch.Generator().manual_seed(seed)
     masks = {}
     for geom in model_geometry(model):
@@ -84,7 +85,7 @@ def fake_fashion_mnist(root, train=1000):
 
 def check_costs(masked, small):
     """A compressed model's parameters equal its geometry's closed form; FLOPs within 2% of torch.utils.flop_counter."""
-    from spp.structure import model_geometry
+    from spp.models import model_geometry
     geoms = model_geometry(masked)
     dense_params, dense_flops = spp.count_params(masked), spp.count_flops(masked)
     params = dense_params + sum(g.params(w) - g.params(g.full) for g, w in zip(geoms, small.spp_widths))

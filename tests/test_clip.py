@@ -11,7 +11,7 @@ import torch
 import spp
 from conftest import check_costs
 from test_decoder import random_masks
-from spp.structure import model_geometry
+from spp.models import model_geometry
 
 transformers = pytest.importorskip("transformers", reason="CLIP needs transformers: pip install -e '.[llm]'")
 
@@ -168,7 +168,7 @@ def test_family_scope_part_meets_the_budget_in_each_tower():
     for n in entries:   # the text tower's elements enter first: a global walk keeps text before vision
         if n.startswith("text"):
             entries[n]["entry_step"] -= 100
-    path = spp.SolutionPath(entries, spp.structure.mask_pairs(model), granularity="dim", steps=100)
+    path = spp.SolutionPath(entries, spp.mask_pairs(model), granularity="dim", steps=100)
     family = spp.WeightFamily(model, path)
     assert family.parts() == ["vision", "text"]
     geoms = model_geometry(model)

@@ -11,6 +11,7 @@ import torch
 import spp
 from spp import clip
 from spp.config import load_config
+from spp.data import caption_datasets, karpathy_pairs
 
 from conftest import fake_fashion_mnist
 
@@ -63,16 +64,16 @@ def test_karpathy_json_reads_splits_and_names_missing_paths(tmp_path):
                         "sentences": [{"raw": f"a photo number {i} "}, {"raw": "another caption"}]})
     json_path = tmp_path / "dataset_coco.json"
     json_path.write_text(json.dumps({"images": entries}))
-    train = clip.karpathy_pairs(str(json_path), "train")
+    train = karpathy_pairs(str(json_path), "train")
     assert [p["image_id"] for p in train] == [0, 0, 1, 1]        # restval trains, as in COCO's Karpathy split
     assert train[0] == {"file": "val2014/im0.jpg", "caption": "a photo number 0", "image_id": 0}
     with pytest.raises(FileNotFoundError, match="nowhere.json"):
-        clip.karpathy_pairs(str(tmp_path / "nowhere.json"), "train")
+        karpathy_pairs(str(tmp_path / "nowhere.json"), "train")
     from spp.config import DataConfig
     from spp.demo_clip import caption_tokenizer
     cfg = DataConfig(dataset="captions", root=str(json_path), images=str(tmp_path / "images"), img_size=32, seq_len=12,
                      workers=0)
-    data = clip.caption_datasets(cfg, caption_tokenizer(), 0, ["train", "test"])
+    data = caption_datasets(cfg, caption_tokenizer(), 0, ["train", "test"])
     assert len(data["train"]) == 4 and len(data["test"]) == 2
     image, info = data["test"][1]
     assert image.shape == (3, 32, 32) and info["target"].tolist() == [3, 3, -1]
@@ -80,7 +81,7 @@ def test_karpathy_json_reads_splits_and_names_missing_paths(tmp_path):
     assert ids[0] == 2 and ids[-1] == 3 and len(ids) == 4            # <bos> another caption <eos>
     cfg.images = str(tmp_path)
     with pytest.raises(FileNotFoundError, match="im0.jpg not found"):
-        clip.caption_datasets(cfg, caption_tokenizer(), 0, ["train"])
+        caption_datasets(cfg, caption_tokenizer(), 0, ["train"])
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +152,7 @@ def test_imagefolder_zero_shot_and_config_errors(tiny_clip_dir, tmp_path, monkey
     that classifying each image by its nearest class embedding gives."""
     from PIL import Image
 
+    from spp import report
     from spp.build import build_model
     from spp.config import ConfigError
     from spp.report import imagefolder_zero_shot
@@ -174,7 +176,7 @@ def test_imagefolder_zero_shot_and_config_errors(tiny_clip_dir, tmp_path, monkey
         seen["prompts"] = prompts
         return real(model, loader, prompts, device)
 
-    monkeypatch.setattr(clip, "zero_shot_accuracy", spy)
+    monkeypatch.setattr(report, "zero_shot_accuracy", spy)
     accuracy = imagefolder_zero_shot(model, cfg, setup_runtime("cpu", "off", 0))
     tokenizer = load_tokenizer(model_dir)
     assert [tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in
@@ -269,7 +271,8 @@ def test_fsdp2_search_and_retrain_on_clip_match_ddp(tiny_clip_dir, tmp_path):
     shard, stays whole on every rank; zero-shot evaluation runs get_text_features on the sharded model. The
     search gives DDP's path; the retrain of a member that lost every query-key dim of one layer (empty
     projections, which FSDP2 cannot shard either) gives DDP's weights, the logit scale trained alike."""
-    from spp.structure import mask_names, model_geometry
+    from spp.models import model_geometry
+    from spp.structure import mask_names
 
     model_dir, data = tiny_clip_dir
     common = [f"model.name={model_dir}", f"data.root={data}", "data.batch_size=32", "data.eval_batch_size=100",

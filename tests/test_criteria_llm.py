@@ -8,7 +8,8 @@ import torch
 import spp
 from spp.criteria import (activation_stats, add_biases, flap_biases, flap_scores, wanda_sp_scores,
                           weight_taylor_scores)
-from spp.structure import mask_names, model_family
+from spp.models import family_of
+from spp.structure import mask_names
 
 from conftest import tiny_swin, tiny_vit
 
@@ -28,7 +29,7 @@ def _logits(model, x):
 
 
 def _channels(model):
-    family, granularity = model_family(model), spp.masks.granularity_of(model)
+    family, granularity = family_of(model), spp.masks.granularity_of(model)
     for geom, block in zip(family.geometry(model), family.blocks(model)):
         for pair, chans in family.channels(block, geom, granularity).items():
             yield mask_names(geom)[pair], chans

@@ -12,7 +12,8 @@ import torch
 
 import spp
 from conftest import check_costs
-from spp.structure import UnsupportedModel, model_geometry
+from spp.models import model_geometry
+from spp.structure import UnsupportedModel
 
 transformers = pytest.importorskip("transformers", reason="the LLM families need transformers: pip install -e '.[llm]'")
 
@@ -254,6 +255,29 @@ def test_local_hf_directory_through_create_model_and_load_checkpoint(tmp_path):
         spp.load_checkpoint(tiny("llama-mha"), str(tmp_path / "dense"))     # 4 key/value heads, not 2
     with pytest.raises(ValueError, match="holds only .* another model"):
         spp.load_checkpoint(tiny("opt"), str(tmp_path / "dense"))
+
+
+def test_the_registry_says_which_family_and_auto_class_load_a_directory(monkeypatch):
+    """A Hugging Face directory's config model_type picks the family (and so the Auto class that loads it) from
+    the registry; a registered family takes over its classes and model types."""
+    from spp import models
+    assert models.family_for_model_type("llama").auto_class == "AutoModelForCausalLM"
+    assert models.family_for_model_type("clip_vision_model").auto_class == "AutoModel"
+    assert models.family_for_model_type("gpt2") is None and models.family_for_model_type(None) is None
+    assert models.family_of(tiny("llama-mha")).inputs == "text"
+    monkeypatch.setattr(models, "_REGISTRY", list(models._REGISTRY))   # registrations end with the test
+
+    class Mine(type(models.family_named("hf-llama"))):
+        name, description = "mine", "my Llama"
+        classes = ("transformers.models.llama.modeling_llama.LlamaForCausalLM",)
+        model_types, auto_class = ("mine",), "AutoModel"
+
+    mine = Mine()
+    models.register(mine)
+    assert models.family_for_model_type("mine") is mine and models.family_of(tiny("llama-mha")) is mine
+    assert "mine: my Llama" in models.supported()
+    with pytest.raises(ValueError, match="needs .classes"):
+        models.register(models.ModelFamily())
 
 
 def test_unsupported_models_say_why():

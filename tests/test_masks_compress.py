@@ -340,6 +340,20 @@ def test_load_checkpoint_formats(tmp_path):
         torch.testing.assert_close(target.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
 
 
+def test_a_checkpoint_at_another_resolution_loads_through_the_familys_filter(tmp_path):
+    """A ViT checkpoint at 32 px loads into the same ViT at 64 px: the family's filter_state_dict (timm's) resizes
+    the position embeddings; the model's own input size is the family's to say."""
+    from spp.models import family_of
+    source = tiny_vit(seed=10)
+    torch.save(source.state_dict(), tmp_path / "at32.pth")
+    target = tiny_vit(seed=11, img_size=64)
+    assert family_of(target).input_size(target) == (3, 64, 64) and family_of(source).input_size(source) == (3, 32, 32)
+    result = spp.load_checkpoint(target, str(tmp_path / "at32.pth"))
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert target.pos_embed.shape[1] == 1 + 8 * 8
+    torch.testing.assert_close(target.blocks[1].mlp.fc1.weight, source.blocks[1].mlp.fc1.weight)
+
+
 @pytest.mark.slow
 def test_pretrained_weights_offline_say_what_to_do(tmp_path):
     """Without the network or a cached file, both ways to timm's weights name the local-file way out."""

@@ -61,6 +61,30 @@ def test_config_errors_name_the_problem():
 
 
 @pytest.mark.slow
+def test_each_dataset_belongs_to_one_task_and_the_task_says_what_it_needs():
+    """data.dataset picks the workload in one place (spp.tasks.task_class): the loops, the checks and the
+    criterion ask the task, not the dataset's name."""
+    from spp.build import build_criterion, input_size_for, task_for
+    from spp.tasks import TASKS, Classification, Contrastive, NextToken, task_class
+    names = [d for task in TASKS for d in task.datasets]
+    assert len(names) == len(set(names))                   # no dataset read by two tasks
+    assert task_class("text") is NextToken and task_class("captions") is Contrastive
+    assert task_class("fashion_mnist") is Classification and task_class("synthetic").inputs == "image"
+    with pytest.raises(ValueError, match="data.dataset='cifar': choose one of imagenet, .*text, captions"):
+        task_class("cifar")
+    cfg = load_config(SMOKE)
+    assert isinstance(task_for(cfg), Classification) and input_size_for(cfg) is None
+    mixup, criterion = build_criterion(cfg.data)
+    assert mixup is not None and isinstance(criterion.task, Classification)   # timm's mixup and soft targets
+    cfg = load_config(SMOKE, ["data.dataset=text", "data.seq_len=48"])
+    assert input_size_for(cfg) == (48,)
+    mixup, criterion = build_criterion(cfg.data)
+    assert mixup is None and isinstance(criterion.task, NextToken)
+    ids = torch.randint(0, 7, (2, 5))
+    logits = torch.randn(2, 5, 7)
+    torch.testing.assert_close(criterion(ids, logits, ids), spp.next_token_loss(logits, ids))
+
+
 def test_shell_entry_points_run_from_any_directory(tmp_path):
     """The users' commands (deit_search.sh, scripts/export.sh, deit_retrain.sh) run from outside the
     repository: a config relative to where they run, or one of configs/ by its repository path, and

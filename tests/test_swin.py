@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import spp
-from spp.models.vit import PrunedWindowAttention
+from spp.models.swin import PrunedWindowAttention
 
 from conftest import random_masks, tiny_swin
 from test_family import fake_path
@@ -15,7 +15,7 @@ def _x(seed=1):
 
 def test_tiny_swin_has_shifted_windows_and_patch_merging():
     model = tiny_swin()
-    blocks = spp.structure.find_blocks(model)
+    blocks = spp.models.find_blocks(model)
     assert len(blocks) == 4 and any(any(b.shift_size) for b in blocks)
     assert model.layers[1].downsample is not None
 

@@ -4,7 +4,7 @@
 family                 models                                             module
 =====================  =================================================  ============================
 ``timm-vit``           timm ``VisionTransformer`` (ViT, DeiT, distilled)  :mod:`spp.models.vit`
-``timm-swin``          timm ``SwinTransformer`` (v1)                      :mod:`spp.models.vit`
+``timm-swin``          timm ``SwinTransformer`` (v1)                      :mod:`spp.models.swin`
 ``hf-llama``           transformers Llama, Mistral, Qwen2 (GQA, RoPE)     :mod:`spp.models.decoder`
 ``hf-opt``             transformers OPT                                   :mod:`spp.models.decoder`
 ``hf-clip``            transformers CLIP (both towers, or one)            :mod:`spp.models.clip`
@@ -17,21 +17,24 @@ neither timm nor transformers; a family's module is imported the first time it i
 from __future__ import annotations
 
 import importlib
-from typing import Dict, List, NamedTuple, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from torch import nn
 
-from ..structure import UnsupportedModel
+from ..structure import Geometry, UnsupportedModel, mask_names
 from .base import ModelFamily
 
-__all__ = ["ModelFamily", "family_of", "family_named", "register", "supported", "UnsupportedModel"]
+__all__ = ["ModelFamily", "family_of", "family_named", "family_for_model_type", "register", "supported",
+           "UnsupportedModel", "find_blocks",
+           "model_geometry", "mask_pairs"]
 
 
 class _Entry(NamedTuple):
     name: str
     description: str
     classes: Sequence[str]
-    target: str          # "module:attribute" of the ModelFamily instance
+    target: str                       # "module:attribute" of the ModelFamily instance
+    model_types: Sequence[str] = ()   # Hugging Face config model_type values (which family loads a directory)
 
 
 _LLAMA = "transformers.models.{0}.modeling_{0}.{1}"
@@ -39,16 +42,18 @@ _REGISTRY: List[_Entry] = [
     _Entry("timm-vit", "timm VisionTransformer (ViT, DeiT, DeiT distilled)",
            ("timm.models.vision_transformer.VisionTransformer",), "spp.models.vit:VIT"),
     _Entry("timm-swin", "timm SwinTransformer (Swin v1)",
-           ("timm.models.swin_transformer.SwinTransformer",), "spp.models.vit:SWIN"),
+           ("timm.models.swin_transformer.SwinTransformer",), "spp.models.swin:SWIN"),
     _Entry("hf-llama", "transformers LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (and their *Model)",
            tuple(_LLAMA.format(m, c + s) for m, c in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"))
-                 for s in ("ForCausalLM", "Model")), "spp.models.decoder:LLAMA"),
+                 for s in ("ForCausalLM", "Model")), "spp.models.decoder:LLAMA", ("llama", "mistral", "qwen2")),
     _Entry("hf-opt", "transformers OPTForCausalLM (and OPTModel)",
-           (_LLAMA.format("opt", "OPTForCausalLM"), _LLAMA.format("opt", "OPTModel")), "spp.models.decoder:OPT"),
+           (_LLAMA.format("opt", "OPTForCausalLM"), _LLAMA.format("opt", "OPTModel")), "spp.models.decoder:OPT",
+           ("opt",)),
     _Entry("hf-clip", "transformers CLIPModel (both towers), CLIPVisionModel, CLIPTextModel (+ WithProjection)",
            tuple(f"transformers.models.clip.modeling_clip.{c}" for c in (
                "CLIPModel", "CLIPVisionModel", "CLIPTextModel", "CLIPVisionModelWithProjection",
-               "CLIPTextModelWithProjection")), "spp.models.clip:CLIP"),
+               "CLIPTextModelWithProjection")), "spp.models.clip:CLIP",
+           ("clip", "clip_vision_model", "clip_text_model")),
 ]
 
 # Models people try that spp cannot prune exactly, and why (instead of the generic "not supported").
@@ -100,6 +105,15 @@ def family_named(name: str) -> ModelFamily:
     raise ValueError(f"model family {name!r} is not one this spp has; families: {[e.name for e in _REGISTRY]}")
 
 
+def family_for_model_type(model_type: Optional[str]) -> Optional[ModelFamily]:
+    """The family whose models a Hugging Face config of ``model_type`` describes (None: no family names it;
+    such a directory loads as a causal LM and :func:`family_of` then says whether spp can prune it)."""
+    for entry in _REGISTRY:
+        if model_type in entry.model_types:
+            return _load(entry)
+    return None
+
+
 def register(family: ModelFamily, first: bool = True) -> None:
     """Add a family: ``family.classes`` are the fully qualified class names it handles. With ``first``
     it is tried before the built-in ones (so it can take over a class they handle)."""
@@ -107,5 +121,21 @@ def register(family: ModelFamily, first: bool = True) -> None:
         raise ValueError("a ModelFamily needs .classes: the fully qualified names of the model classes it handles")
     key = f"registered:{id(family)}"
     _loaded[key] = family
-    entry = _Entry(family.name or type(family).__name__, family.description, tuple(family.classes), key)
+    entry = _Entry(family.name or type(family).__name__, family.description, tuple(family.classes), key,
+                   tuple(family.model_types))
     _REGISTRY.insert(0 if first else len(_REGISTRY), entry)
+
+
+def find_blocks(model: nn.Module) -> List[nn.Module]:
+    """The prunable blocks of a supported model, in forward order."""
+    return family_of(model).blocks(model)
+
+
+def model_geometry(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> List[Geometry]:
+    """One :class:`Geometry` per block; FLOPs are priced at ``input_size`` (default: the model's)."""
+    return family_of(model).geometry(model, input_size)
+
+
+def mask_pairs(model: nn.Module) -> Dict[str, Tuple[str, int]]:
+    """``{mask name: (pair type, block index)}`` for every mask a masked ``model`` has (or would have)."""
+    return {name: (pair, geom.index) for geom in model_geometry(model) for pair, name in mask_names(geom).items()}

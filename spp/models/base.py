@@ -35,6 +35,9 @@ class ModelFamily:
     forward_methods: Sequence[str] = ()   # methods other than forward that run the model (CLIP's get_*_features):
                                           # FSDP2 gathers the weights around them too (spp.sharding)
     search_defaults: Mapping[str, Any] = {}   # search settings whose "auto" differs for this family ({"clip": 10.0})
+    inputs: str = "image"                 # what one example is: "image", "text" (a causal LM) or "image-text" (CLIP)
+    model_types: Sequence[str] = ()       # Hugging Face config model_type values it loads (read by spp.models.register)
+    auto_class: Optional[str] = None      # the transformers Auto class that loads such a directory
 
     # ----- structure ---------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> List[nn.Module]:
@@ -49,6 +52,16 @@ class ModelFamily:
     def example_input(self, model: nn.Module, input_size: Optional[Sequence[int]] = None) -> torch.Tensor:
         """One input (batch of 1) at ``input_size``, for counting FLOPs."""
         raise NotImplementedError
+
+    def filter_state_dict(self, model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """A checkpoint's state dict made to fit ``model`` (the model library's own conversions: old layouts,
+        resized position embeddings); by default as it is. :func:`spp.load_checkpoint` then checks shapes."""
+        return state
+
+    def input_size(self, model: nn.Module) -> Sequence[int]:
+        """The size of one input (without the batch) that FLOPs and speed are measured at by default: the
+        shape of :meth:`example_input` at its own default."""
+        return tuple(self.example_input(model).shape[1:])
 
     def counting(self):
         """Context in which a forward runs at its nominal widths, for ``torch.utils.flop_counter`` (by default

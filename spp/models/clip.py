@@ -35,6 +35,8 @@ class CLIPFamily(_DecoderFamily):
     mlp_out = "mlp.fc2"
     scale_query = False
     forward_methods = ("get_text_features", "get_image_features")   # zero-shot and retrieval embeddings
+    inputs = "image-text"
+    auto_class = "AutoModel"
 
     @staticmethod
     def towers(model: nn.Module) -> List[Tuple[str, nn.Module]]:

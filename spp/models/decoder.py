@@ -328,6 +328,8 @@ class _DecoderFamily(ModelFamily):
 
     # a pretrained LLM's mask gradients are heavy-tailed: bound the step (spp.LBI's clip; docs/ablations.md)
     search_defaults = {"clip": 10.0}
+    inputs = "text"
+    auto_class = "AutoModelForCausalLM"
 
     rotary = True
     out_proj = "o_proj"

@@ -1,4 +1,4 @@
-"""timm vision transformers: ViT / DeiT (``VisionTransformer``) and Swin v1 (``SwinTransformer``).
+"""timm vision transformers: ViT / DeiT (``VisionTransformer``), and what Swin (:mod:`spp.models.swin`) shares.
 
 Masks, inserted in place by turning timm's ``Attention`` / ``WindowAttention`` / ``Mlp`` instances into
 subclasses that override only ``forward`` (every pretrained weight keeps its name)::
@@ -28,14 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 from timm.layers import Mlp
 from timm.layers.attention import Attention
-from timm.models.swin_transformer import WindowAttention
+from timm.models.vision_transformer import checkpoint_filter_fn
 
+from ..checkpoint import create_model
 from ..structure import Geometry, UnsupportedModel, Widths
 from .base import Channels, ModelFamily
 from .common import copy_linear, equal_widths, new_linear, nominal_attention, restore_class
 
-__all__ = ["BlockGeometry", "MaskedAttention", "MaskedWindowAttention", "MaskedMlp", "PrunedAttention",
-           "PrunedWindowAttention", "nominal_attention", "VIT", "SWIN"]
+__all__ = ["BlockGeometry", "MaskedAttention", "MaskedMlp", "PrunedAttention", "nominal_attention", "VIT"]
 
 
 # ================================================================================================
@@ -139,17 +139,8 @@ class BlockGeometry(Geometry):
         return {"qk": qk * scale, "v": v * scale + table, "mlp": mlp}
 
 
-def _check_supported_block(name: str, block: nn.Module) -> None:
-    attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
-    if isinstance(attn, WindowAttention):
-        pass
-    elif not isinstance(attn, Attention):
-        raise UnsupportedModel(f"{name}.attn is {type(attn).__name__}; spp supports timm's Attention and "
-                               "WindowAttention. Was the model compressed already?")
-    elif not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)
-            and isinstance(attn.norm, nn.Identity) and getattr(attn, "gate", None) is None):
-        raise UnsupportedModel(f"{name}.attn uses qk_norm, scale_norm or a gate; masks on those "
-                               "cannot be compressed exactly. spp supports plain timm Attention.")
+def _check_supported_mlp(name: str, block: nn.Module) -> None:
+    mlp = getattr(block, "mlp", None)
     if not isinstance(mlp, Mlp):
         raise UnsupportedModel(f"{name}.mlp is {type(mlp).__name__}; spp supports timm's Mlp")
     if not (isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.norm, nn.Identity)):
@@ -173,7 +164,7 @@ class _AttentionMasks:
         weight = attn.qkv.weight
         attn.spp_plain_class = type(attn)
         attn.__class__ = type(f"Masked{type(attn).__name__}", (cls, type(attn)), {}) \
-            if type(attn) not in (Attention, WindowAttention) else cls
+            if type(attn) not in cls.__bases__ else cls
         attn.mask_granularity = granularity
         attn.qk_mask = nn.Parameter(torch.ones(size, device=weight.device, dtype=torch.float32))
         attn.v_mask = nn.Parameter(torch.ones(size, device=weight.device, dtype=torch.float32))
@@ -205,30 +196,6 @@ class MaskedAttention(_AttentionMasks, Attention):
         x = x.transpose(1, 2).reshape(B, N, -1)                   # (B, N, heads * head_dim)
         x = self.proj(x)
         return self.proj_drop(x)
-
-
-class MaskedWindowAttention(_AttentionMasks, WindowAttention):
-    """timm Swin ``WindowAttention`` whose queries and values are scaled by learnable masks."""
-
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        B_, N, _ = x.shape
-        q, k, v = self._masked_qkv(x)                             # (windows * B, heads, N, head_dim)
-        bias = window_bias(self._get_rel_pos_bias(), mask, B_)    # (windows * B, heads, N, N)
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.attn_drop.p if self.training else 0.0,
-            scale=self.scale)
-        x = x.transpose(1, 2).reshape(B_, N, -1)                  # (windows * B, N, heads * head_dim)
-        return self.proj_drop(self.proj(x))
-
-
-def window_bias(rel_pos_bias: torch.Tensor, mask: Optional[torch.Tensor], batch_windows: int) -> torch.Tensor:
-    """Relative-position bias ``(1, heads, N, N)`` plus the shifted-window mask, as timm adds them."""
-    if mask is None:
-        return rel_pos_bias
-    heads, n = rel_pos_bias.shape[1], rel_pos_bias.shape[-1]
-    num_win = mask.shape[0]
-    mask = mask.view(1, num_win, 1, n, n).expand(batch_windows // num_win, -1, heads, -1, -1)
-    return rel_pos_bias + mask.reshape(-1, heads, n, n)
 
 
 class MaskedMlp(Mlp):
@@ -314,30 +281,6 @@ class PrunedAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
-class PrunedWindowAttention(PrunedAttention):
-    """:class:`PrunedAttention` for Swin windows, with the relative-position bias of its kept heads."""
-
-    def __init__(self, dim: int, num_heads: int, num_qk_heads: int, qk_dim: int, v_dim: int, scale: float,
-                 window_size, qkv_bias: bool = True, proj_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0):
-        from timm.models.swin_transformer import get_relative_position_index
-
-        super().__init__(dim, num_heads, num_qk_heads, qk_dim, v_dim, scale, qkv_bias, proj_bias, attn_drop, proj_drop)
-        self.window_size = tuple(window_size)
-        wh, ww = self.window_size
-        self.window_area = wh * ww
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
-        self.register_buffer("relative_position_index", get_relative_position_index(wh, ww), persistent=False)
-
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.num_heads == 0:
-            return self._attend(x)
-        n = self.window_area
-        rel = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
-        rel = rel.permute(2, 0, 1).unsqueeze(0)                       # (1, heads, N, N)
-        return self._attend(x, bias=window_bias(rel, mask, x.shape[0]))
-
-
 def _attention_keep(geom: BlockGeometry, qk: torch.Tensor, v: torch.Tensor, granularity: str):
     """Rows of ``qkv`` to keep (q, k, v order), their scales, and the kept ``proj`` columns."""
     H, hd = geom.num_heads, geom.head_dim
@@ -360,21 +303,31 @@ def _attention_keep(geom: BlockGeometry, qk: torch.Tensor, v: torch.Tensor, gran
     return rows, scales, v_rows, heads
 
 
-def _new_attention(attn: nn.Module, geom: BlockGeometry, w: Widths) -> PrunedAttention:
-    """An empty pruned attention of widths ``w`` in place of the timm module ``attn``."""
-    args = (geom.dim, w.num_heads, w.num_qk_heads, w.qk_dim, w.v_dim)
-    kwargs = dict(scale=attn.scale, qkv_bias=geom.qkv_bias, proj_bias=geom.proj_bias,
-                  attn_drop=attn.attn_drop.p, proj_drop=attn.proj_drop.p)
-    if geom.windowed:
-        return PrunedWindowAttention(*args, window_size=attn.window_size, **kwargs)
-    return PrunedAttention(*args, **kwargs)
-
-
 # ================================================================================================
 # The families
 # ================================================================================================
 class _TimmFamily(ModelFamily):
-    """What ViT and Swin share: the block layout (``attn``, ``mlp``), masks and compression."""
+    """What ViT and Swin share: the block layout (``attn``, ``mlp``), masks and compression. A family names its
+    masked attention class and builds its compressed attention (:meth:`new_attention`)."""
+
+    masked_attention = MaskedAttention
+
+    def check_attention(self, name: str, attn: nn.Module) -> None:
+        """Raise :class:`UnsupportedModel` for an attention module the masks cannot compress exactly."""
+        if not isinstance(attn, Attention):
+            raise UnsupportedModel(f"{name}.attn is {type(attn).__name__}; spp supports timm's Attention. "
+                                   "Was the model compressed already?")
+        if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)
+                and isinstance(attn.norm, nn.Identity) and getattr(attn, "gate", None) is None):
+            raise UnsupportedModel(f"{name}.attn uses qk_norm, scale_norm or a gate; masks on those "
+                                   "cannot be compressed exactly. spp supports plain timm Attention.")
+
+    def new_attention(self, attn: nn.Module, geom: BlockGeometry, w: Widths, heads=None) -> PrunedAttention:
+        """An empty compressed attention of widths ``w`` in place of the timm module ``attn`` (``heads``: the
+        kept heads, when compressing)."""
+        return PrunedAttention(geom.dim, w.num_heads, w.num_qk_heads, w.qk_dim, w.v_dim, scale=attn.scale,
+                               qkv_bias=geom.qkv_bias, proj_bias=geom.proj_bias, attn_drop=attn.attn_drop.p,
+                               proj_drop=attn.proj_drop.p)
 
     def geometry(self, model: nn.Module, input_size: Optional[Sequence[int]] = None) -> List[BlockGeometry]:
         blocks = self.blocks(model)
@@ -382,7 +335,8 @@ class _TimmFamily(ModelFamily):
         geoms = []
         for i, block in enumerate(blocks):
             name = names[id(block)]
-            _check_supported_block(name, block)
+            self.check_attention(name, getattr(block, "attn", None))
+            _check_supported_mlp(name, block)
             attn, mlp = block.attn, block.mlp
             span, head_dim, tokens = self._attention_shape(model, block, input_size)
             geoms.append(BlockGeometry(
@@ -399,8 +353,7 @@ class _TimmFamily(ModelFamily):
 
     def add_masks(self, model: nn.Module, granularity: str) -> None:
         for block in self.blocks(model):
-            masked = MaskedWindowAttention if isinstance(block.attn, WindowAttention) else MaskedAttention
-            masked.convert(block.attn, granularity)
+            self.masked_attention.convert(block.attn, granularity)
             MaskedMlp.convert(block.mlp)
 
     def remove_masks(self, model: nn.Module) -> None:
@@ -431,12 +384,10 @@ class _TimmFamily(ModelFamily):
         attn = source.attn
         rows, scales, proj_cols, heads = _attention_keep(geom, qk, v, granularity)
         scales = scales.to(attn.qkv.weight.dtype)
-        new = _new_attention(attn, geom, w)
+        new = self.new_attention(attn, geom, w, heads)
         bias = attn.qkv.bias[rows] * scales if geom.qkv_bias else None
         new.qkv = copy_linear(attn.qkv.weight[rows] * scales[:, None], bias)
         new.proj = copy_linear(attn.proj.weight[:, proj_cols], attn.proj.bias)
-        if isinstance(new, PrunedWindowAttention):
-            new.relative_position_bias_table.data = attn.relative_position_bias_table.data[:, heads].clone()
         block.attn = new.to(attn.qkv.weight.device)
         keep = torch.nonzero(mlp_mask).flatten()
         fc1, fc2 = source.mlp.fc1, source.mlp.fc2
@@ -445,7 +396,7 @@ class _TimmFamily(ModelFamily):
         return w
 
     def resize_block(self, block: nn.Module, geom: BlockGeometry, widths: Widths) -> None:
-        block.attn = _new_attention(block.attn, geom, widths)
+        block.attn = self.new_attention(block.attn, geom, widths)
         block.mlp.fc1 = new_linear(geom.dim, widths.mlp_hidden, geom.fc1_bias)
         block.mlp.fc2 = new_linear(widths.mlp_hidden, geom.dim, geom.fc2_bias)
 
@@ -475,7 +426,6 @@ class _TimmFamily(ModelFamily):
             model = getattr(importlib.import_module(module), name)(**base.get("kwargs", {}))
             model.spp_base = dict(base)
             return model
-        from ..checkpoint import create_model
         return create_model(base["name"], pretrained=False, **base.get("kwargs", {}))
 
 
@@ -487,6 +437,14 @@ class ViTFamily(_TimmFamily):
 
     def blocks(self, model: nn.Module) -> List[nn.Module]:
         return list(model.blocks)
+
+    def filter_state_dict(self, model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """timm's own filter: resizes ``pos_embed`` to the model's grid, converts old checkpoint layouts (a failure
+        leaves the state dict as it was: the shape checks of :func:`spp.load_checkpoint` then name the problem)."""
+        try:
+            return checkpoint_filter_fn(state, model)
+        except Exception:  # noqa: BLE001 - a convenience; load_checkpoint's checks decide
+            return state
 
     def _attention_shape(self, model, block, input_size):
         if input_size is None:
@@ -506,36 +464,6 @@ class ViTFamily(_TimmFamily):
                     drop_path_rate=_drop_path_rate(model.blocks[-1]))
 
 
-class SwinFamily(_TimmFamily):
-    """``timm-swin``: timm SwinTransformer v1 (windowed attention with relative-position bias)."""
-    name = "timm-swin"
-    description = "timm SwinTransformer (Swin v1)"
-    classes = ("timm.models.swin_transformer.SwinTransformer",)
-
-    def blocks(self, model: nn.Module) -> List[nn.Module]:
-        return [block for stage in model.layers for block in stage.blocks]
-
-    def _attention_shape(self, model, block, input_size):
-        if input_size is not None:
-            raise ValueError("input_size= is for ViT/DeiT; build the Swin model at the input size you want counted")
-        attn = block.attn
-        (h, w), (wh, ww) = block.input_resolution, block.window_size
-        tokens = -(-h // wh) * wh * -(-w // ww) * ww   # padded to whole windows
-        span = dict(keys=wh * ww, windowed=True, bias_rows=attn.relative_position_bias_table.shape[0])
-        return span, attn.qkv.out_features // (3 * attn.num_heads), tokens
-
-    def _constructor_arguments(self, model: nn.Module) -> Optional[Dict[str, Any]]:
-        embed, first = model.patch_embed, model.layers[0].blocks[0]
-        attn = first.attn
-        return dict(img_size=list(embed.img_size), patch_size=embed.patch_size[0], in_chans=embed.proj.in_channels,
-                    num_classes=model.num_classes, global_pool=model.global_pool, embed_dim=model.embed_dim,
-                    depths=[len(stage.blocks) for stage in model.layers],
-                    num_heads=[stage.blocks[0].attn.num_heads for stage in model.layers],
-                    head_dim=attn.qkv.out_features // (3 * attn.num_heads), window_size=list(first.window_size),
-                    mlp_ratio=first.mlp.fc1.out_features / model.embed_dim, qkv_bias=attn.qkv.bias is not None,
-                    drop_path_rate=_drop_path_rate(model.layers[-1].blocks[-1]))
-
-
 def _drop_path_rate(last_block: nn.Module) -> float:
     """timm spreads drop-path rates linearly over the blocks, so the last block's is the model's."""
     return float(getattr(getattr(last_block, "drop_path1", None), "drop_prob", 0.0))
@@ -548,4 +476,4 @@ def input_size_of(model: nn.Module) -> Sequence[int]:
     return (embed.proj.in_channels, *(size if isinstance(size, (tuple, list)) else (size, size)))
 
 
-VIT, SWIN = ViTFamily(), SwinFamily()
+VIT = ViTFamily()
