@@ -4,6 +4,8 @@ import json
 import numpy as np
 import torch
 
+import spp
+
 TEXT = "the quick brown fox jumps over the lazy dog while the cat sleeps"
 _NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
           "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -81,3 +83,91 @@ def tiny_gguf_llama(path: str, text: str = TEXT):
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)).eval()
     write_gguf(path, model, tokenizer)
     return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiny random Hugging Face decoders and CLIP models (no download)
+# ------------------------------------------------------------------------------------------------
+VOCAB = 101
+
+
+def decoder_config(kind: str, **overrides):
+    """A tiny random decoder config: 2 layers, width 64, 4 heads (2 key/value heads), a 101-token vocabulary."""
+    import transformers
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=96, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if kind == "opt":
+        return transformers.OPTConfig(**{**common, "ffn_dim": 96, "word_embed_proj_dim": 64, **overrides})
+    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+           "qwen2": transformers.Qwen2Config}[kind]
+    return cls(**{**common, "intermediate_size": 96, "num_key_value_heads": 2, **overrides})
+
+
+DECODERS = {   # name: (config kind, overrides)
+    "llama-mha": ("llama", dict(num_key_value_heads=4)),
+    "llama-gqa-bias": ("llama", dict(attention_bias=True, mlp_bias=True)),
+    "mistral-gqa": ("mistral", dict(sliding_window=64)),
+    "qwen2-gqa": ("qwen2", {}),
+    "opt": ("opt", {}),
+    "opt-nobias": ("opt", dict(enable_bias=False)),
+}
+
+
+def tiny_decoder(name: str, seed: int = 0):
+    """A tiny random Hugging Face decoder of :data:`DECODERS` (2 layers, width 64, 4 heads)."""
+    import transformers
+
+    kind, overrides = DECODERS[name]
+    torch.manual_seed(seed)
+    config = decoder_config(kind, **overrides)
+    cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
+           "qwen2": transformers.Qwen2ForCausalLM, "opt": transformers.OPTForCausalLM}[kind]
+    return cls(config).eval()
+
+
+def random_masks(model, seed: int, zero: float = 0.35):
+    """Masks with a share of zeros and other entries away from 1 (so folding the values is tested too)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, p in spp.mask_parameters(model):
+        r = torch.rand(p.shape, generator=g)
+        out[name] = torch.where(r < zero, torch.zeros_like(r), 0.5 + r)
+    return out
+
+
+CLIP_VOCAB = 64
+CLIP_TEXT = dict(vocab_size=CLIP_VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+CLIP_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                   patch_size=8)
+
+
+def tiny_clip(kind: str = "both", seed: int = 0, attn: str = "sdpa"):
+    """A tiny random CLIP (``both`` towers, or the ``vision`` / ``text`` one): 2 layers per tower, width 32
+    (vision) and 48 (text), 4 heads, 32x32 images in 8x8 patches, captions of up to 16 tokens."""
+    import transformers
+
+    torch.manual_seed(seed)
+    if kind == "vision":
+        config = transformers.CLIPVisionConfig(**CLIP_VISION, projection_dim=24)
+        model = transformers.CLIPVisionModelWithProjection(config)
+    elif kind == "text":
+        model = transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP_TEXT))
+    else:
+        model = transformers.CLIPModel(transformers.CLIPConfig(text_config=CLIP_TEXT, vision_config=CLIP_VISION,
+                                                               projection_dim=24))
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def clip_inputs(kind: str = "both", batch: int = 3, seed: int = 0):
+    """Images and captions of different lengths (padding masked), each ending in the eos token."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, CLIP_VOCAB, (batch, 12), generator=g)
+    mask = torch.ones_like(ids)
+    for i, length in enumerate([12, 7, 9, 5][:batch]):
+        ids[i, length - 1], ids[i, length:], mask[i, length:] = 2, 0, 0
+    x = {"pixel_values": torch.randn(batch, 3, 32, 32, generator=g), "input_ids": ids, "attention_mask": mask}
+    keep = {"both": x.keys(), "vision": ["pixel_values"], "text": ["input_ids", "attention_mask"]}[kind]
+    return {k: x[k] for k in keep}

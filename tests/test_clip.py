@@ -10,41 +10,10 @@ import torch
 
 import spp
 from conftest import check_costs
-from test_decoder import random_masks
 from spp.models import model_geometry
 
 transformers = pytest.importorskip("transformers", reason="CLIP needs transformers: pip install -e '.[llm]'")
-
-VOCAB = 64
-TEXT = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-              patch_size=8)
-
-
-def tiny_clip(kind: str = "both", seed: int = 0, attn: str = "sdpa"):
-    torch.manual_seed(seed)
-    if kind == "vision":
-        model = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**VISION, projection_dim=24))
-    elif kind == "text":
-        model = transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT))
-    else:
-        model = transformers.CLIPModel(transformers.CLIPConfig(text_config=TEXT, vision_config=VISION,
-                                                               projection_dim=24))
-    model.set_attn_implementation(attn)
-    return model.eval()
-
-
-def inputs(kind: str = "both", batch: int = 3, seed: int = 0):
-    """Images and captions of different lengths (padding masked), each ending in the eos token."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (batch, 12), generator=g)
-    mask = torch.ones_like(ids)
-    for i, length in enumerate([12, 7, 9, 5][:batch]):
-        ids[i, length - 1], ids[i, length:], mask[i, length:] = 2, 0, 0
-    x = {"pixel_values": torch.randn(batch, 3, 32, 32, generator=g), "input_ids": ids, "attention_mask": mask}
-    keep = {"both": x.keys(), "vision": ["pixel_values"], "text": ["input_ids", "attention_mask"]}[kind]
-    return {k: x[k] for k in keep}
+from helpers import clip_inputs as inputs, random_masks, tiny_clip  # noqa: E402
 
 
 def embeddings(model, x):

@@ -14,7 +14,7 @@ from spp.structure import mask_names
 from conftest import tiny_swin, tiny_vit
 
 transformers = pytest.importorskip("transformers", reason="the LLM families need transformers: pip install -e '.[llm]'")
-from test_decoder import VOCAB, tiny  # noqa: E402
+from helpers import VOCAB, tiny_decoder as tiny  # noqa: E402
 
 
 def _ids(n=3, batch=4, tokens=24, seed=0):

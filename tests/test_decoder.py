@@ -16,47 +16,8 @@ from spp.models import model_geometry
 from spp.structure import UnsupportedModel
 
 transformers = pytest.importorskip("transformers", reason="the LLM families need transformers: pip install -e '.[llm]'")
-
-VOCAB = 101
-
-
-def _config(kind: str, **overrides):
-    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=96, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if kind == "opt":
-        return transformers.OPTConfig(**{**common, "ffn_dim": 96, "word_embed_proj_dim": 64, **overrides})
-    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config}[kind]
-    return cls(**{**common, "intermediate_size": 96, "num_key_value_heads": 2, **overrides})
-
-
-MODELS = {   # name: (config kind, overrides)
-    "llama-mha": ("llama", dict(num_key_value_heads=4)),
-    "llama-gqa-bias": ("llama", dict(attention_bias=True, mlp_bias=True)),
-    "mistral-gqa": ("mistral", dict(sliding_window=64)),
-    "qwen2-gqa": ("qwen2", {}),
-    "opt": ("opt", {}),
-    "opt-nobias": ("opt", dict(enable_bias=False)),
-}
-
-
-def tiny(name: str, seed: int = 0):
-    kind, overrides = MODELS[name]
-    torch.manual_seed(seed)
-    config = _config(kind, **overrides)
-    cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
-           "qwen2": transformers.Qwen2ForCausalLM, "opt": transformers.OPTForCausalLM}[kind]
-    return cls(config).eval()
-
-
-def random_masks(model, seed: int, zero: float = 0.35):
-    """Masks with a share of zeros and other entries away from 1 (so folding the values is tested too)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, p in spp.mask_parameters(model):
-        r = torch.rand(p.shape, generator=g)
-        out[name] = torch.where(r < zero, torch.zeros_like(r), 0.5 + r)
-    return out
+from helpers import (DECODERS as MODELS, VOCAB, decoder_config as _config, random_masks,  # noqa: E402
+                     tiny_decoder as tiny)
 
 
 def check_exact(masked, small, ids):
