@@ -384,9 +384,9 @@ def write_tables(results: Dict, args, out: str) -> str:
         seeds = args.seeds if key == "test" else args.finetune_seeds
         if not seeds:   # run without finetuning (--finetune-seeds with none)
             continue
-        if key == "scales" and not any(run.get(str(r), {}).get("scales") for runs in results["runs"].values()
-                                       for run in runs.values() for r in removed):
-            continue
+        if key != "test" and not any(run.get(str(r), {}).get(key) for runs in results["runs"].values()
+                                     for run in runs.values() for r in removed):
+            continue   # a finetune this run did not do (--finetunes)
         lines += [f"**{title}** (seeds {', '.join(map(str, seeds))})", "", head, rule]
         for method in results["methods"]:
             runs = results["runs"].get(method, {})

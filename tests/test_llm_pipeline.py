@@ -489,6 +489,19 @@ def test_llm_benchmark_ranks_the_same_structures_for_every_method(tmp_path, text
     assert result.returncode == 0, result.stderr[-2000:]
     random_rows = [line for line in (again / "benchmark_llm.md").read_text().splitlines() if line.startswith("| random")]
     assert len(random_rows) == 4 and random_rows[0].split("|")[3].strip() != "–"   # ...its test figures kept (rows: no finetuning, 2 finetunes, scale training)
+    scales_only = copy.deepcopy(results)   # a run with --finetunes scales: no empty full-finetune tables
+    for runs in scales_only["runs"].values():
+        for run in runs.values():
+            for row in run.values():
+                if isinstance(row, dict):
+                    row.pop("ft", None), row.pop("ft_long", None)
+    (tmp_path / "scales.json").write_text(json.dumps(scales_only))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "benchmark_llm.py"), "--table-from",
+                             str(tmp_path / "scales.json"), "--out", str(again)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = (again / "benchmark_llm.md").read_text()
+    assert "finetuning steps**" not in table and "steps of mask-scale training" in table
     curve = tmp_path / "curve"        # --search-curve: SPP's perplexity against its search tokens
     result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "benchmark_llm.py"), "--search-curve",
                              str(out / "benchmark_llm.json"), "--out", str(curve)], capture_output=True, text=True,
