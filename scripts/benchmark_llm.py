@@ -561,9 +561,11 @@ def main():
             results["dense"].update({k: v for k, v in more["dense"].items() if k.startswith("ft")})
             for key in ("seeds", "finetune_seeds"):    # the tables' seeds: every file's
                 results["args"][key] = sorted(set(results["args"][key]) | set(more["args"][key]))
-            if more["args"]["finetune_seeds"]:         # the finetunes' lengths: those of the files that finetuned
-                for key in ("finetune_steps", "long_steps"):
+            if more["args"]["finetune_seeds"] and "full" in more["args"].get("finetunes", ["full"]):
+                for key in ("finetune_steps", "long_steps"):   # the finetunes' lengths: the files' that finetuned
                     results["args"][key] = more["args"][key]
+            if "scales" in more["args"].get("finetunes", []):  # the scale training's: the files' that did it
+                results["args"]["scale_steps"] = more["args"]["scale_steps"]
         print(write_tables(results, argparse.Namespace(**{**results["args"], "out": args.out}), args.out))
         return
     if args.search_curve:
