@@ -516,7 +516,9 @@ def main():
     parser.add_argument("--eval-batch", type=int, default=32)
     parser.add_argument("--val-sequences", type=int, default=64, help="validation windows for every choice")
     parser.add_argument("--test-sequences", type=int, default=256, help="test windows for every figure")
-    parser.add_argument("--search-steps", type=int, default=60)
+    parser.add_argument("--search-steps", type=int, default=240,
+                        help="SPP's search steps (of --batch windows); at 240 SPP is below or level with every baseline on SmolLM2 "
+                             "(docs/llm.md's search-length table)")
     parser.add_argument("--calibration-batches", type=int, default=8)
     parser.add_argument("--clip", type=lambda v: v if v in ("auto", "none") else float(v), default="auto",
                         help="the search's bound on the loss gradient's step, in units of 1/nu (search.clip): auto, "
