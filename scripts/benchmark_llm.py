@@ -60,7 +60,7 @@ from torch.utils.data import DataLoader, Subset
 
 import spp
 from spp.criteria import (activation_stats, add_biases, flap_biases, flap_scores, lasso_path, lasso_values,
-                          magnitude_scores, random_scores, require_masks, wanda_sp_scores, weight_taylor_scores)
+                          magnitude_scores, random_scores, wanda_sp_scores, weight_taylor_scores)
 from spp.engine import evaluate
 from spp.runtime import Runtime, provenance, seed_everything
 from spp.tables import mean_std, write_json
@@ -228,10 +228,7 @@ def tune_scales(bench, masks: Dict[str, torch.Tensor], seed: int, steps: int):
     """The Lasso's own training without its penalty, given to any method's member: from its masks (kept
     structures at 1, removed at 0), ``steps`` of Adam (lr 1e-2) on the kept masks alone, the trained scales
     folded into the compressed member."""
-    masked = copy.deepcopy(bench.masked)
-    named = dict(require_masks(masked))
-    for p in masked.parameters():
-        p.requires_grad_(any(p is m for m in named.values()))
+    masked = spp.freeze_weights(copy.deepcopy(bench.masked))
     start = {n: (m != 0).to(m.dtype) for n, m in masks.items()}
     values = lasso_values(masked, bench.loader("train", 2000 + seed), 0.0, steps, 1e-2, spp.next_token_loss,
                           start=start)
@@ -517,8 +514,8 @@ def main():
     parser.add_argument("--val-sequences", type=int, default=64, help="validation windows for every choice")
     parser.add_argument("--test-sequences", type=int, default=256, help="test windows for every figure")
     parser.add_argument("--search-steps", type=int, default=240,
-                        help="SPP's search steps (of --batch windows); at 240 SPP is below or level with every baseline on SmolLM2 "
-                             "(docs/llm.md's search-length table)")
+                        help="SPP's search steps (of --batch windows); at 240 SPP is below or level with every "
+                             "baseline on SmolLM2 (docs/llm.md's search-length table)")
     parser.add_argument("--calibration-batches", type=int, default=8)
     parser.add_argument("--clip", type=lambda v: v if v in ("auto", "none") else float(v), default="auto",
                         help="the search's bound on the loss gradient's step, in units of 1/nu (search.clip): auto, "
@@ -534,10 +531,10 @@ def main():
     parser.add_argument("--long-removed", type=float, nargs="*", default=[0.3])
     parser.add_argument("--finetune-lr", type=float, default=5e-4)
     parser.add_argument("--finetunes", nargs="*", choices=("full", "scales"), default=["full"],
-                        help="full: --finetune-steps (and --long-steps) of full finetuning; scales: --scale-steps of "
-                             "the Lasso's training of mask scales alone (Adam, lr 1e-2, no penalty) at --scale-removed, "
-                             "for the methods whose members are masks (not flap, whose biases it would not "
-                             "refit, nor torch-pruning)")
+                        help="full: --finetune-steps (and --long-steps) of full finetuning; scales: --scale-steps "
+                             "of the Lasso's training of mask scales alone (Adam, lr 1e-2, no penalty) at "
+                             "--scale-removed, for the methods whose members are masks (not flap, whose biases it "
+                             "would not refit, nor torch-pruning)")
     parser.add_argument("--scale-steps", type=int, default=300, help="steps of mask-scale training (scales)")
     parser.add_argument("--scale-removed", type=float, nargs="*", default=[0.3])
     parser.add_argument("--dense-finetune", action="store_true",

@@ -96,7 +96,7 @@ def lasso_values(model, data: Iterable, lam: float, steps: int, lr: float,
     named = require_masks(model)
     with torch.no_grad():
         for name, p in named:
-            p.copy_(start[name]) if start is not None else p.fill_(1.0)
+            p.copy_(start[name] if start is not None else torch.ones_like(p))
     hooks = [p.register_hook(lambda g, keep=(start[name] != 0).to(p.dtype): g * keep)
              for name, p in named] if start is not None else []
     opt = torch.optim.Adam([p for _, p in named], lr=lr)

@@ -4,8 +4,8 @@ Every prunable block (a transformer layer) has three pairs: query-key (``qk``), 
 (``mlp``), each scaled by one mask. A block's shape after pruning is a :class:`Widths`; its
 :class:`Geometry` (one per block, made by the model's family in :mod:`spp.models`) prices any widths in
 closed form (parameters, FLOPs, mask elements), and names the block's masks. The solution path, the
-weight family, ν calibration and the loops read models only through these two classes and the
-functions below, so they work on every family (``tests/test_masks_compress.py`` and
+weight family, ν calibration and the loops read models only through these two classes and the family
+lookup of :mod:`spp.models` (``family_of``, ``model_geometry``, ``mask_pairs``), so they work on every family (``tests/test_masks_compress.py`` and
 ``tests/test_decoder.py`` check the closed forms against compressed models and
 ``torch.utils.flop_counter``).
 """

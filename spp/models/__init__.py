@@ -25,8 +25,7 @@ from ..structure import Geometry, UnsupportedModel, mask_names
 from .base import ModelFamily
 
 __all__ = ["ModelFamily", "family_of", "family_named", "family_for_model_type", "register", "supported",
-           "UnsupportedModel", "find_blocks",
-           "model_geometry", "mask_pairs"]
+           "UnsupportedModel", "find_blocks", "model_geometry", "mask_pairs"]
 
 
 class _Entry(NamedTuple):
