@@ -62,7 +62,7 @@ from spp.criteria import lasso_path, lasso_values, magnitude_scores, random_scor
 from spp.data import build_datasets, build_loader
 from spp.engine import evaluate, train_one_epoch
 from spp.runtime import Runtime, provenance, seed_everything
-from spp.search import run_search
+from spp.commands import run_search
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

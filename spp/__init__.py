@@ -4,11 +4,12 @@ One LBI search over pair-wise structured masks gives a whole family of pruned mo
 any member is compressed exactly into a smaller dense model. Model families (timm ViT/DeiT and
 Swin, Hugging Face Llama/Mistral/Qwen2, OPT and CLIP) are plug-ins in :mod:`spp.models`; importing
 ``spp`` imports neither timm nor transformers. CLIP's loss, retrieval and zero-shot evaluation are in
-:mod:`spp.clip`, its image-caption data in :mod:`spp.data`.
+:mod:`spp.contrastive`, its image-caption data in :mod:`spp.data`.
 """
-from . import clip, criteria, tasks
+from . import contrastive, criteria, tasks
 from .calibrate import calibrate_nu, search_optimizer
-from .checkpoint import create_model, load_checkpoint
+from .create import create_model
+from .weights import load_checkpoint
 from .compress import compress, load_pruned, pruned_widths, save_pruned
 from .family import Member, Summary, WeightFamily
 from .flops import count_flops, count_params
@@ -27,7 +28,7 @@ __all__ = [
     "mask_parameters", "freeze_weights", "set_masks", "MaskedAttention", "MaskedMlp", "SolutionPath",
     "support_sizes", "WeightFamily", "Member", "Summary", "compress", "pruned_widths", "nominal_attention",
     "PrunedAttention", "save_pruned", "load_pruned", "create_model", "load_checkpoint", "count_flops",
-    "count_params", "PAIRS", "Widths", "mask_pairs", "keep_cpu_memory", "clip", "criteria", "tasks",
+    "count_params", "PAIRS", "Widths", "mask_pairs", "keep_cpu_memory", "contrastive", "criteria", "tasks",
 ]
 
 _VIT_NAMES = ("MaskedAttention", "MaskedMlp", "PrunedAttention")

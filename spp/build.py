@@ -7,8 +7,9 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .checkpoint import create_model, is_hf, load_checkpoint
-from .clip import tokenize_prompts
+from .create import create_model, is_hf
+from .weights import load_checkpoint
+from .contrastive import tokenize_prompts
 from .compress import compress, load_pruned
 from .config import Config, DataConfig, ExportConfig
 from .data import DatasetNotFound, build_datasets, build_loader, class_prompts
@@ -21,7 +22,8 @@ from .runtime import Runtime, main_print, setup_runtime
 from .tasks import Classification, Contrastive, NextToken, task_class
 from .text import load_tokenizer
 
-__all__ = ["check_inputs", "build_model", "is_hf", "task_for", "input_size_for", "source_model", "build_loaders", "build_criterion", "select_member", "read_member", "HeldOutScore"]
+__all__ = ["check_inputs", "build_model", "is_hf", "task_for", "input_size_for", "source_model", "build_loaders", "build_criterion", "select_member", "read_member", "HeldOutScore",
+           "search_output", "searched_family"]
 
 
 def task_for(cfg: Config):
@@ -241,3 +243,18 @@ def select_member(family, e: ExportConfig, score: Optional[Callable] = None):
     budget = dict(keep=e.keep, remove=remove, budget=e.budget, by=e.by, scope=e.scope, floor=e.floor,
                   round_to=e.round_to)
     return read_member(family, budget, e.rank, e.values, score)
+
+
+def search_output(cfg: Config, explicit: Optional[str]) -> str:
+    """The folder of the search whose path ``spp family`` / ``spp export`` read: ``explicit`` or ``cfg.output``."""
+    directory = explicit or cfg.output
+    if not os.path.isfile(os.path.join(directory, "path.json")):
+        raise FileNotFoundError(f"no solution path in {directory} (path.json); run `spp search` first "
+                                "or point family.path / export.path at a search output folder")
+    return directory
+
+
+def searched_family(cfg: Config, directory: str, runtime: Runtime):
+    """The config's model on the runtime's device and the ``WeightFamily`` of the search saved in ``directory``."""
+    model = build_model(cfg, runtime).to(runtime.device)
+    return model, WeightFamily(model, SolutionPath.load(directory), input_size_for(cfg))

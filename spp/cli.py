@@ -17,9 +17,7 @@ from .demo import run_demo
 from .demo_clip import run_demo_clip
 from .demo_llm import run_demo_llm
 from .errors import CheckpointError, ConfigError, NonFiniteLoss
-from .report import run_eval, run_export, run_family
-from .retrain import run_retrain
-from .search import run_search
+from .commands import run_eval, run_export, run_family, run_retrain, run_search
 from .structure import UnsupportedModel
 
 COMMANDS = {

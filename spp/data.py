@@ -289,7 +289,7 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, workers: int, s
 
 # ================================================================================================
 # Image-caption pairs (CLIP): a COCO / Flickr30k Karpathy-split JSON with its image folder, or
-# Fashion-MNIST with captions made from its class names (the demo). See spp.clip for what a pair holds.
+# Fashion-MNIST with captions made from its class names (the demo). See spp.contrastive for what a pair holds.
 # ================================================================================================
 FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 

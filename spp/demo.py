@@ -11,9 +11,7 @@ from pathlib import Path
 from typing import List, Sequence
 
 from .config import load_config
-from .report import run_export, run_family
-from .retrain import run_retrain
-from .search import run_search
+from .commands import run_export, run_family, run_retrain, run_search
 from .tables import write_table
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -15,7 +15,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from .checkpoint import create_model
+from .create import create_model
 from .compress import compress, load_pruned
 from .demo import _banner, report, search_to_retrain, shipped_config
 from .engine import evaluate, train_one_epoch

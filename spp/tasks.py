@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .clip import class_embeddings, contrastive_loss, retrieval_recall
+from .contrastive import class_embeddings, contrastive_loss, retrieval_recall
 
 __all__ = ["Task", "Classification", "NextToken", "Contrastive", "TASKS", "task_class", "to_device", "next_token_loss"]
 
@@ -147,11 +147,11 @@ class NextToken(Task):
 
 
 class Contrastive(Task):
-    """Image-caption pairs for CLIP (:mod:`spp.clip`): a batch is ``(images, info)`` with the captions' ids
+    """Image-caption pairs for CLIP (:mod:`spp.contrastive`): a batch is ``(images, info)`` with the captions' ids
     and ``info["target"] = [image_id, match, label]``. The loss is the symmetric InfoNCE over the batch
-    (:func:`spp.clip.contrastive_loss`); an evaluation reports image-to-text and text-to-image recall@1/5/10
+    (:func:`spp.contrastive.contrastive_loss`); an evaluation reports image-to-text and text-to-image recall@1/5/10
     over the whole set (``recall@1``: their mean at 1, the headline) and, with ``prompts`` (the classes'
-    tokenized prompts, :func:`spp.clip.tokenize_prompts`), zero-shot top-1 accuracy on the labelled images.
+    tokenized prompts, :func:`spp.contrastive.tokenize_prompts`), zero-shot top-1 accuracy on the labelled images.
 
     ``headline`` is the metric members are read by: ``recall@1`` for captions of their own image (COCO,
     Flickr30k); ``zero-shot`` where captions are made from class names (the demo), because there the
@@ -164,7 +164,7 @@ class Contrastive(Task):
         if headline not in self.table:
             raise ValueError(f"headline={headline!r}: choose one of {self.table}")
         if headline == "zero-shot" and prompts is None:
-            raise ValueError("headline='zero-shot' needs the classes' prompts (spp.clip.tokenize_prompts)")
+            raise ValueError("headline='zero-shot' needs the classes' prompts (spp.contrastive.tokenize_prompts)")
         self.prompts, self.classes, self.headline = prompts, None, headline
 
     def split(self, batch):

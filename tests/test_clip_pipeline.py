@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import spp
-from spp import clip
+from spp import contrastive
 from spp.config import load_config
 from spp.data import caption_datasets, karpathy_pairs
 
@@ -26,16 +26,16 @@ def test_contrastive_loss_is_transformers_clip_loss_and_counts_every_matching_ca
 
     clip_loss = getattr(modeling_clip, "image_text_contrastive_loss", None) or modeling_clip.clip_loss   # 5.x, 4.x
     logits = torch.randn(6, 6) * 3
-    assert torch.allclose(clip.contrastive_loss(logits), clip_loss(logits.t()), atol=1e-6)
-    assert torch.allclose(clip.contrastive_loss(logits, torch.arange(6)), clip_loss(logits.t()), atol=1e-6)
+    assert torch.allclose(contrastive.contrastive_loss(logits), clip_loss(logits.t()), atol=1e-6)
+    assert torch.allclose(contrastive.contrastive_loss(logits, torch.arange(6)), clip_loss(logits.t()), atol=1e-6)
     # captions 0 and 1 match both images 0 and 1: each image's target is half on each
     match = torch.tensor([7, 7, 1, 2, 3, 4])
     p = torch.eye(6)
     p[:2, :2] = 0.5
     expected = (-(p * logits.log_softmax(1)).sum(1).mean() - (p * logits.t().log_softmax(1)).sum(1).mean()) / 2
-    assert torch.allclose(clip.contrastive_loss(logits, match), expected, atol=1e-6)
-    assert clip.similarity_distillation(logits, logits).abs() < 1e-6
-    assert clip.similarity_distillation(logits, logits.flip(0)) > 0.1
+    assert torch.allclose(contrastive.contrastive_loss(logits, match), expected, atol=1e-6)
+    assert contrastive.similarity_distillation(logits, logits).abs() < 1e-6
+    assert contrastive.similarity_distillation(logits, logits.flip(0)) > 0.1
 
 
 def test_retrieval_recall_on_a_worked_example():
@@ -44,7 +44,7 @@ def test_retrieval_recall_on_a_worked_example():
     texts = torch.tensor([[1., 0, 0, 0], [0.9, 0.1, 0, 0], [0, 1, 0, 0], [0, 0.9, 0.5, 0]])
     texts = torch.nn.functional.normalize(texts, dim=1)
     image_id = torch.tensor([10, 10, 11, 12])
-    r = clip.retrieval_recall(images, texts, image_id, image_id, ks=(1, 2))
+    r = contrastive.retrieval_recall(images, texts, image_id, image_id, ks=(1, 2))
     # i2t: image 10's nearest caption is its own; 11's nearest is caption 2 (its own); 12's nearest is caption 3
     assert r["i2t@1"] == 100.0
     # t2i over the 3 distinct images: captions 0, 1, 2 find theirs first; caption 3 (of image 12) finds image 11 first
@@ -152,10 +152,10 @@ def test_imagefolder_zero_shot_and_config_errors(tiny_clip_dir, tmp_path, monkey
     that classifying each image by its nearest class embedding gives."""
     from PIL import Image
 
-    from spp import report
     from spp.build import build_model
     from spp.config import ConfigError
-    from spp.report import imagefolder_zero_shot
+    from spp.commands import eval as eval_command
+    from spp.commands.eval import imagefolder_zero_shot
     from spp.runtime import setup_runtime
     from spp.text import load_tokenizer
 
@@ -168,7 +168,7 @@ def test_imagefolder_zero_shot_and_config_errors(tiny_clip_dir, tmp_path, monkey
     cfg = load_config(DEMO, [f"model.name={model_dir}", f"data.zero_shot={folder}", "data.templates=['a {}.']"])
     model = _grey(build_model(cfg))
     seen = {}
-    real = clip.zero_shot_accuracy
+    real = contrastive.zero_shot_accuracy
 
     def spy(model, loader, prompts, device=None):
         seen["labels"] = torch.cat([y for _, y in loader]).tolist()
@@ -176,7 +176,7 @@ def test_imagefolder_zero_shot_and_config_errors(tiny_clip_dir, tmp_path, monkey
         seen["prompts"] = prompts
         return real(model, loader, prompts, device)
 
-    monkeypatch.setattr(report, "zero_shot_accuracy", spy)
+    monkeypatch.setattr(eval_command, "zero_shot_accuracy", spy)
     accuracy = imagefolder_zero_shot(model, cfg, setup_runtime("cpu", "off", 0))
     tokenizer = load_tokenizer(model_dir)
     assert [tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in
@@ -184,7 +184,7 @@ def test_imagefolder_zero_shot_and_config_errors(tiny_clip_dir, tmp_path, monkey
                                                                                                 "a sneaker ."]
     assert seen["labels"] == [0, 0, 0, 1, 1, 1]
     with torch.no_grad():
-        predicted = (clip.image_embeds(model, seen["images"]) @ clip.class_embeddings(model, seen["prompts"]).t()).argmax(1)
+        predicted = (contrastive.image_embeds(model, seen["images"]) @ contrastive.class_embeddings(model, seen["prompts"]).t()).argmax(1)
     assert accuracy == pytest.approx(100 * (predicted == torch.tensor(seen["labels"])).float().mean().item())
     with pytest.raises(ConfigError, match="CLIP takes image-caption pairs"):
         build_model(load_config(DEMO, [f"model.name={model_dir}", "data.dataset=text"]))

@@ -544,7 +544,7 @@ def test_meta_skeletons_read_no_weights_and_match_the_loaded_models(tmp_path):
 def test_merged_lora_state_equals_peft_merge():
     """retrain.merged_lora (on a state dict, as gathered from a sharded model) gives peft's merge_and_unload."""
     peft = pytest.importorskip("peft", reason="LoRA needs peft")
-    from spp.retrain import merged_lora
+    from spp.commands.retrain import merged_lora
 
     model = tiny("llama-gqa-bias", seed=5)
     wrapped = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))

@@ -122,7 +122,7 @@ def test_model_libraries_are_imported_at_module_level_only_in_spp_models():
     assert not offenders, offenders
 
 
-@pytest.mark.parametrize("module", ["spp.cli", "spp.report", "spp.search", "spp.retrain", "spp.demo_llm"])
+@pytest.mark.parametrize("module", ["spp.cli", "spp.commands.family", "spp.commands.eval", "spp.commands.search", "spp.commands.retrain", "spp.demo_llm"])
 def test_the_commands_load_no_model_library(module):
     import subprocess
     import sys

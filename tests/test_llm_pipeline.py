@@ -14,7 +14,7 @@ import torch
 from conftest import kill_after_checkpoint
 from spp.cli import main
 from spp.config import load_config
-from spp.report import run_eval
+from spp.commands import run_eval
 
 transformers = pytest.importorskip("transformers", reason="language models need transformers: pip install -e '.[llm]'")
 
@@ -359,7 +359,7 @@ def test_fsdp_settings_it_cannot_shard_are_errors(tmp_path, text):
     """model.fsdp=true refuses, with the fix, what would not work sharded: EMA, fp16, a search dir as source."""
     from spp.build import source_model
     from spp.config import ConfigError
-    from spp.retrain import _check_shardable
+    from spp.commands.retrain import _check_shardable
     from spp.runtime import Runtime
 
     cfg = load_config(SMOKE, [f"model.name={tmp_path}", f"data.root={text}", "model.fsdp=true"])

@@ -30,7 +30,7 @@ from timm.layers import Mlp
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import checkpoint_filter_fn
 
-from ..checkpoint import create_model
+from .hub import timm_model
 from ..structure import Geometry, UnsupportedModel, Widths
 from .base import Channels, ModelFamily
 from .common import copy_linear, equal_widths, new_linear, nominal_attention, restore_class
@@ -426,7 +426,7 @@ class _TimmFamily(ModelFamily):
             model = getattr(importlib.import_module(module), name)(**base.get("kwargs", {}))
             model.spp_base = dict(base)
             return model
-        return create_model(base["name"], pretrained=False, **base.get("kwargs", {}))
+        return timm_model(base["name"], pretrained=False, **base.get("kwargs", {}))
 
 
 class ViTFamily(_TimmFamily):

@@ -1,4 +1,4 @@
-"""CLIP: the contrastive loss a search and a finetune minimise, retrieval and zero-shot evaluation. The
+"""Image-text contrastive learning (CLIP): the loss a search and a finetune minimise, retrieval and zero-shot evaluation. The
 image-caption data sets are in :mod:`spp.data` (``caption_datasets``).
 
 A caption dataset yields ``(image, info)``: ``info`` holds the caption's ``input_ids`` and

@@ -9,17 +9,17 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .build import build_criterion, build_loaders, build_model, check_inputs, source_model, task_for
-from .compress import aliased_keys, save_pruned
-from .config import Config, save_config
-from .engine import evaluate, train_one_epoch
-from .errors import ConfigError, NonFiniteLoss
-from .files import atomic_write
-from .models import family_of
-from .runtime import (RunLogger, check_same_run, check_shapes, gather_rng_states, load_training_checkpoint, main_print,
+from ..build import build_criterion, build_loaders, build_model, check_inputs, source_model, task_for
+from ..compress import aliased_keys, save_pruned
+from ..config import Config, save_config
+from ..engine import evaluate, train_one_epoch
+from ..errors import ConfigError, NonFiniteLoss
+from ..files import atomic_write
+from ..models import family_of
+from ..runtime import (RunLogger, check_same_run, check_shapes, gather_rng_states, load_training_checkpoint, main_print,
                       reseed_ranks, restore_rng_states, resume_file, save_training_checkpoint, setup_runtime)
-from .sharding import full_optimizer_state, full_state_dict, is_sharded, load_full_state, shard
-from .tasks import NextToken, task_class
+from ..sharding import full_optimizer_state, full_state_dict, is_sharded, load_full_state, shard
+from ..tasks import NextToken, task_class
 
 __all__ = ["run_retrain"]
 

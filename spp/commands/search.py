@@ -7,23 +7,23 @@ from typing import Dict, List
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .build import build_criterion, build_loaders, build_model, check_inputs, input_size_for, task_for
-from .calibrate import calibrate_nu, lbi_groups, search_optimizer
-from .config import Config, save_config
-from .data import build_loader
-from .engine import train_one_epoch
-from .errors import CheckpointError, NonFiniteLoss
-from .family import WeightFamily
-from .masks import MasksAtOne, add_masks, mask_parameters
-from .models import mask_pairs
-from .optim import LBI
-from .path import SolutionPath, support_sizes, whole
-from .runtime import (Runtime, RunLogger, check_same_run, check_shapes,
+from ..build import build_criterion, build_loaders, build_model, check_inputs, input_size_for, task_for
+from ..calibrate import calibrate_nu, lbi_groups, search_optimizer
+from ..config import Config, save_config
+from ..data import build_loader
+from ..engine import train_one_epoch
+from ..errors import CheckpointError, NonFiniteLoss
+from ..family import WeightFamily
+from ..masks import MasksAtOne, add_masks, mask_parameters
+from ..models import mask_pairs
+from ..optim import LBI
+from ..path import SolutionPath, support_sizes, whole
+from ..runtime import (Runtime, RunLogger, check_same_run, check_shapes,
                       gather_rng_states, load_training_checkpoint, main_print, reseed_ranks,
                       resume_file, restore_rng_states, save_training_checkpoint, setup_runtime)
-from .sharding import shard
-from .tables import plot_path, reach_note, write_table
-from .tasks import Contrastive, NextToken, task_class
+from ..sharding import shard
+from ..tables import plot_path, reach_note, write_table
+from ..tasks import Contrastive, NextToken, task_class
 
 __all__ = ["run_search"]
 

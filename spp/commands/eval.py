@@ -1,100 +1,24 @@
-"""The commands that read a search's output: `spp family`, `spp export`, `spp eval`."""
+"""`spp eval`: a model's quality (top-1, perplexity and zero-shot tasks, retrieval recall), size and speed."""
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional
+from typing import Dict
 
 import torch
 from torch import nn
 
-from .build import (HeldOutScore, build_loaders, build_model, check_inputs, input_size_for, read_member, select_member,
-                    source_model, task_for)
-from .clip import tokenize_prompts, zero_shot_accuracy
-from .compress import compress, save_pruned
-from .config import Config
-from .engine import evaluate
-from .family import WeightFamily
-from .files import atomic_write
-from .flops import count_flops, count_params
-from .models import family_of
-from .path import SolutionPath
-from .runtime import Runtime, main_print, setup_runtime
-from .tables import plot_family, reach_note, write_table
-from .text import load_tokenizer
-from .timing import lm_throughput, pair_throughput, throughput
+from ..build import build_loaders, check_inputs, source_model, task_for
+from ..contrastive import tokenize_prompts, zero_shot_accuracy
+from ..config import Config
+from ..engine import evaluate
+from ..flops import count_flops, count_params
+from ..models import family_of
+from ..runtime import Runtime, main_print, setup_runtime
+from ..text import load_tokenizer
+from ..timing import lm_throughput, pair_throughput, throughput
 
-__all__ = ["run_family", "run_export", "run_eval", "zero_shot"]
-
-
-def _search_dir(cfg: Config, explicit: Optional[str]) -> str:
-    directory = explicit or cfg.output
-    if not os.path.isfile(os.path.join(directory, "path.json")):
-        raise FileNotFoundError(f"no solution path in {directory} (path.json); run `spp search` first "
-                                "or point family.path / export.path at a search output folder")
-    return directory
-
-
-def _family(cfg: Config, directory: str, runtime: Runtime):
-    model = build_model(cfg, runtime).to(runtime.device)
-    path = SolutionPath.load(directory)
-    return model, WeightFamily(model, path, input_size_for(cfg))
-
-
-def run_family(cfg: Config) -> List[Dict]:
-    """Evaluate members at ``family.targets`` without retraining; table + plot of accuracy (language models:
-    perplexity on non-overlapping windows of ``data.seq_len`` tokens of the validation text) vs size."""
-    check_inputs(cfg)
-    runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)
-    directory = _search_dir(cfg, cfg.family.path)
-    model, family = _family(cfg, directory, runtime)
-    f = cfg.family
-    score = HeldOutScore(cfg, runtime, model, family.granularity, f.max_batches)
-    task = score.task
-    main_print(runtime, reach_note(family, family.path.steps))
-    rows = []
-    for keep in f.targets:
-        budget = dict(keep=keep, by=f.by, scope=f.scope, floor=f.floor, round_to=f.round_to)
-        member = read_member(family, budget, f.rank, f.values, score)   # rank/values best: readings scored on val
-        if not member.summary.scores:
-            score(member)
-        metrics = score.metrics[score.reading(member)]
-        s = member.summary
-        rows.append({"target": keep, "kept": round(s.kept, 4), "params": s.params_after,
-                     "params_kept": round(s.params_after / s.params_before, 4), "flops": s.flops_after,
-                     "flops_kept": round(s.flops_after / s.flops_before, 4), "rank": s.rank, "values": s.values,
-                     **{m: round(metrics[m], 2 if m != "loss" else 4) for m in task.table},
-                     **{f"{task.headline} {reading}": round(abs(value), 2) for reading, value in s.scores.items()}})
-        main_print(runtime, f"keep {keep:.0%} of prunable {f.by}: {s.params_after / 1e6:.3f}M params, "
-                            f"{s.flops_after / 1e9:.4f} GFLOPs, " + (f"top-1 {metrics['top1']:.2f}%" if task.headline == "top1"
-                                                                   else f"{task.headline} {metrics[task.headline]:.2f}"))
-    if runtime.is_main:
-        out = os.path.join(cfg.output, "family_eval")
-        if task.headline == "perplexity":   # peers' perplexities differ by protocol: say which this is
-            for r in rows:
-                r["protocol"] = f"non-overlapping {cfg.data.seq_len}-token windows of the val text, token-level"
-        write_table(rows, out)
-        plot_family(rows, out + ".png", metric=("zero-shot", "recall@1") if task.pooled else task.headline)
-        main_print(runtime, f"wrote {out}.md, {out}.json, {out}.png")
-    return rows
-
-
-def run_export(cfg: Config) -> str:
-    """Select one member, compress it and ``save_pruned`` it."""
-    check_inputs(cfg)
-    runtime = setup_runtime(cfg.device, cfg.amp, cfg.seed)   # where rank / values best score their readings
-    directory = _search_dir(cfg, cfg.export.path)
-    model, family = _family(cfg, directory, runtime)
-    member = select_member(family, cfg.export, HeldOutScore(cfg, runtime, model, family.granularity,
-                                                            cfg.export.max_batches))
-    pruned = compress(model.cpu(), member.masks, granularity=family.granularity)
-    out = cfg.export.out or os.path.join(cfg.output, "pruned")
-    save_pruned(pruned, out)
-    atomic_write(os.path.join(out, "summary.json"),
-                 lambda f: open(f, "w").write(json.dumps(member.summary.to_dict(), indent=1) + "\n"))
-    print(member.summary)
-    print(f"wrote {out}/model.safetensors, config.json, summary.json")
-    return out
+__all__ = ["run_eval", "zero_shot", "imagefolder_zero_shot"]
 
 
 def zero_shot(model: nn.Module, cfg: Config) -> Dict[str, Dict[str, float]]:
