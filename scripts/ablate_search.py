@@ -7,7 +7,7 @@ Fashion-MNIST ViT, 6,000 training images held out). Each variant runs one search
 masks, then reads members off its path at ``--removed`` (global parameter budget, entry and
 final-z rankings, the kept elements at 1: ``values="binary"``) and reports validation accuracy with no finetuning, the share of each pair
 type kept, the share of elements that entered, and the search time. Lasso (one run per lam) is the
-reference the benchmark found ahead of SPP at 85% removed until nu_scale 1.5 (and at 70% with lam 0.1).
+reference variant. What each variant measured is in docs/log/quality.md and docs/ablations.md, not here.
 ``--swap`` also judges each variant's choice of elements at each Lasso member's count per mask
 tensor, and the other way round (rows "A choice, B counts"). ``--finetune-steps N`` also finetunes every
 member N steps as the benchmark does and reports val after (``val_ft``; "before → after" in the table). Writes

@@ -193,8 +193,12 @@ def _lasso_families(bench, seed) -> Tuple[Dict[float, "spp.WeightFamily"], float
         return paths, seconds, seconds
     args, paths, start = bench.args, {}, time.time()
     for lam in args.lasso_lams:
+        def progress(step, loss, lam=lam):
+            if step % args.progress_every == 0 or step == args.lasso_steps:
+                print(f"  lasso seed {seed}, lam {lam:g}: step {step}/{args.lasso_steps}, loss {loss:.3f}, "
+                      f"{time.time() - start:.0f} s", flush=True)
         values = lasso_values(bench.masked, bench.loader("train", seed), lam, args.lasso_steps, 1e-2,
-                              spp.next_token_loss)
+                              spp.next_token_loss, progress=progress)
         paths[lam] = bench.family_of(lasso_path(bench.masked, values))
     bench.lasso[seed] = (paths, time.time() - start)
     return (*bench.lasso[seed], 0.0)
@@ -520,7 +524,7 @@ def main():
     parser.add_argument("--clip", type=lambda v: v if v in ("auto", "none") else float(v), default="auto",
                         help="the search's bound on the loss gradient's step, in units of 1/nu (search.clip): auto, "
                              "the model family's (10 for LLMs); none: unbounded; or a number")
-    parser.add_argument("--progress-every", type=int, default=20, help="search steps between progress lines")
+    parser.add_argument("--progress-every", type=int, default=20, help="search (and Lasso) steps between progress lines")
     parser.add_argument("--lasso-lams", type=float, nargs="+", default=[3e-4, 1e-3])
     parser.add_argument("--lasso-steps", type=int, default=300)
     parser.add_argument("--tp-bisections", type=int, default=10)

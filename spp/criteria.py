@@ -86,13 +86,15 @@ def random_scores(model, seed: int) -> Dict[str, torch.Tensor]:
 
 def lasso_values(model, data: Iterable, lam: float, steps: int, lr: float,
                  loss_fn: Callable = F.cross_entropy, task=None,
-                 start: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+                 start: Optional[Dict[str, torch.Tensor]] = None,
+                 progress: Optional[Callable[[int, float], None]] = None) -> Dict[str, torch.Tensor]:
     """The masks after ``steps`` of Adam on ``loss + lam · ‖M‖₁`` from M = 1, cycling over ``data``
     (an L1-penalised mask search, one run per budget in the benchmarks). The model's masks are set back
     to 1 afterwards; the elements rank by the absolute value returned (:func:`lasso_path`).
 
     ``start``: ``{mask name: tensor}`` to start from instead of 1 (a member's masks); its zero entries stay
-    zero (their gradient is dropped), so with ``lam=0`` this trains the scales of a member's kept structures."""
+    zero (their gradient is dropped), so with ``lam=0`` this trains the scales of a member's kept structures.
+    ``progress(step, loss)`` is called after every step (a long run's progress lines)."""
     named = require_masks(model)
     with torch.no_grad():
         for name, p in named:
@@ -110,6 +112,8 @@ def lasso_values(model, data: Iterable, lam: float, steps: int, lr: float,
             loss.backward()
             opt.step()
             step += 1
+            if progress is not None:
+                progress(step, loss.item())
             if step >= steps:
                 break
     for hook in hooks:

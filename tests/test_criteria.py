@@ -36,7 +36,9 @@ def test_magnitude_scores_of_whole_heads():
 def test_lasso_shrinks_masks_and_restores_them():
     model = spp.add_masks(tiny_vit(), "dim")
     weak = lasso_values(model, _batches(), lam=1e-4, steps=6, lr=1e-2)
-    strong = lasso_values(model, _batches(), lam=1.0, steps=6, lr=1e-2)
+    seen = []
+    strong = lasso_values(model, _batches(), lam=1.0, steps=6, lr=1e-2, progress=lambda *a: seen.append(a))
+    assert [step for step, _ in seen] == [1, 2, 3, 4, 5, 6] and all(loss > 0 for _, loss in seen)   # progress lines
     assert all(torch.all(p == 1) for _, p in spp.mask_parameters(model))  # the model is left as it was
     assert all(not torch.equal(v, torch.ones_like(v)) for v in strong.values())  # the trained values, not a copy of 1
     mean = lambda s: torch.cat([v.abs().flatten() for v in s.values()]).mean()  # noqa: E731

@@ -441,6 +441,7 @@ def test_llm_benchmark_ranks_the_same_structures_for_every_method(tmp_path, text
          "--long-steps", "4", "--long-removed", "0.6", "--finetunes", "full", "scales", "--scale-steps", "4",
          "--scale-removed", "0.6"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "spp seed 1: step 6/6" in result.stdout and "lasso seed 1, lam 0.001: step 4/4" in result.stdout   # progress
     results = json.load(open(out / "benchmark_llm.json"))
     runs = results["runs"]
     assert set(runs) == set(methods)
