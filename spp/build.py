@@ -19,7 +19,7 @@ from .family import RANKINGS, WeightFamily
 from .models import family_of, supported
 from .path import SolutionPath
 from .runtime import Runtime, main_print, setup_runtime
-from .tasks import Classification, Contrastive, NextToken, task_class
+from .tasks import Contrastive, NextToken, task_class
 from .text import load_tokenizer
 
 __all__ = ["check_inputs", "build_model", "is_hf", "task_for", "input_size_for", "source_model", "build_loaders", "build_criterion", "select_member", "read_member", "HeldOutScore",
@@ -173,27 +173,13 @@ def build_loaders(cfg: Config, runtime: Runtime,
 
 def build_criterion(data: DataConfig, teacher: Optional[nn.Module] = None, distill: float = 0.0,
                     temperature: float = 1.0) -> Tuple[Optional[Callable], Callable]:
-    """``(mixup_fn, criterion)``; ``criterion(inputs, outputs, targets)``, and ``criterion.base(outputs,
-    targets)`` the loss without distillation (what the search calibrates ν on)."""
-    kind = task_class(data.dataset)
-    if kind is not Classification:   # the task's loss (next-token cross-entropy, InfoNCE); distillation: the KL to the
-        task = kind()                # teacher's next-token distributions, or its image-text similarity distributions
-        return None, DistillationLoss(task.loss, teacher, distill if teacher is not None else 0.0, temperature, task)
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
-    mixup_fn = None
-    if data.mixup > 0 or data.cutmix > 0:
-        mixup_fn = Mixup(mixup_alpha=data.mixup, cutmix_alpha=data.cutmix, label_smoothing=data.smoothing,
-                         num_classes=data.num_classes)
-        base: nn.Module = SoftTargetCrossEntropy()
-    elif data.smoothing > 0:
-        base = LabelSmoothingCrossEntropy(data.smoothing)
-    else:
-        base = nn.CrossEntropyLoss()
-    if teacher is None:
-        distill = 0.0   # the base loss alone
-    return mixup_fn, DistillationLoss(base, teacher, distill, temperature)
+    """``(mixup_fn, criterion)``: the task's training loss (:meth:`spp.tasks.Task.training_loss`), distilled from
+    ``teacher`` with weight ``distill`` (the KL to its class, next-token or image-text similarity distributions);
+    ``criterion(inputs, outputs, targets)``, and ``criterion.base(outputs, targets)`` the loss without
+    distillation (what the search calibrates ν on)."""
+    task = task_class(data.dataset)()
+    mixup_fn, base = task.training_loss(data)
+    return mixup_fn, DistillationLoss(base, teacher, distill if teacher is not None else 0.0, temperature, task)
 
 
 class HeldOutScore:

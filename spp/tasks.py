@@ -10,7 +10,7 @@ the whole evaluation set, which a task marked ``pooled`` computes from outputs g
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +85,15 @@ class Task:
         """The training loss of ``outputs`` against ``targets`` (a scalar tensor)."""
         raise NotImplementedError
 
+    def training_loss(self, data) -> Tuple[Optional[Callable], Callable]:
+        """``(mixup_fn, loss)`` a search or finetune trains with under the data config ``data``
+        (:class:`spp.config.DataConfig`): :meth:`loss` and no batch mixing, unless the task says otherwise."""
+        return None, self.loss
+
+    def held_out(self, n: int, data) -> str:
+        """Where ``n`` held-out examples (the validation split ν is calibrated on) come from, for the log."""
+        return f"{n:,} held-out {self.samples}"
+
     def metric_sums(self, outputs, targets) -> torch.Tensor:
         """float64 sums over the batch, one per ``metric_names``; the evaluation adds them up."""
         raise NotImplementedError
@@ -103,6 +112,23 @@ class Classification(Task):
 
     def loss(self, outputs, targets):
         return F.cross_entropy(outputs, targets)
+
+    def training_loss(self, data):
+        """The DeiT recipe's: timm's Mixup / CutMix with soft-target cross-entropy (``data.mixup``,
+        ``data.cutmix``), label smoothing (``data.smoothing``), else cross-entropy."""
+        from timm.data import Mixup   # optional: `import spp` loads no model library
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+        if data.mixup > 0 or data.cutmix > 0:
+            return (Mixup(mixup_alpha=data.mixup, cutmix_alpha=data.cutmix, label_smoothing=data.smoothing,
+                          num_classes=data.num_classes), SoftTargetCrossEntropy())
+        if data.smoothing > 0:
+            return None, LabelSmoothingCrossEntropy(data.smoothing)
+        return None, torch.nn.CrossEntropyLoss()
+
+    def held_out(self, n, data):
+        return (f"{n:,} training images held out (data.val_fraction={data.val_fraction})" if data.val_fraction > 0
+                else f"the dataset's validation set ({n:,} images)")
 
     def metric_sums(self, outputs, targets):
         outputs = outputs.float()
@@ -133,6 +159,9 @@ class NextToken(Task):
 
     def loss(self, outputs, targets):
         return next_token_loss(outputs, targets)
+
+    def held_out(self, n, data):
+        return f"the validation text ({n:,} sequences of {data.seq_len} tokens)"
 
     def metric_sums(self, outputs, targets):
         logits = getattr(outputs, "logits", outputs)[:, :-1].float()

@@ -76,6 +76,12 @@ def test_each_dataset_belongs_to_one_task_and_the_task_says_what_it_needs():
     assert isinstance(task_for(cfg), Classification) and input_size_for(cfg) is None
     mixup, criterion = build_criterion(cfg.data)
     assert mixup is not None and isinstance(criterion.task, Classification)   # timm's mixup and soft targets
+    assert type(criterion.base).__name__ == "SoftTargetCrossEntropy"
+    plain = load_config(SMOKE, ["data.mixup=0", "data.cutmix=0", "data.smoothing=0.1", "data.val_fraction=0.1"]).data
+    assert Classification().training_loss(plain)[0] is None
+    assert type(Classification().training_loss(plain)[1]).__name__ == "LabelSmoothingCrossEntropy"
+    assert "(data.val_fraction=" in Classification().held_out(100, plain)   # where ν's batches come from
+    assert NextToken().held_out(10, cfg.data).startswith("the validation text (10 sequences of")
     cfg = load_config(SMOKE, ["data.dataset=text", "data.seq_len=48"])
     assert input_size_for(cfg) == (48,)
     mixup, criterion = build_criterion(cfg.data)

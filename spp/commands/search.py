@@ -23,7 +23,7 @@ from ..runtime import (Runtime, RunLogger, check_same_run, check_shapes,
                       resume_file, restore_rng_states, save_training_checkpoint, setup_runtime)
 from ..sharding import shard
 from ..tables import plot_path, reach_note, write_table
-from ..tasks import Contrastive, NextToken, task_class
+from ..tasks import task_class
 
 __all__ = ["run_search"]
 
@@ -81,14 +81,7 @@ def _calibration_loader(cfg: Config, loaders, runtime: Runtime):
                          f"training batches (search.nu_data=train)")
     batch -= batch % 2   # mixup pairs the samples of a batch
     loader = build_loader(val, batch, True, cfg.data.workers, cfg.seed + 7919, runtime.world_size, runtime.rank)
-    kind = task_class(cfg.data.dataset)
-    if kind is Contrastive:
-        source = f"{len(val):,} held-out image-caption pairs"
-    elif kind is NextToken:
-        source = f"the validation text ({len(val):,} sequences of {cfg.data.seq_len} tokens)"
-    else:
-        source = (f"{len(val):,} training images held out (data.val_fraction={cfg.data.val_fraction})"
-                  if cfg.data.val_fraction > 0 else f"the dataset's validation set ({len(val):,} images)")
+    source = task_class(cfg.data.dataset)().held_out(len(val), cfg.data)
     main_print(runtime, f"nu: calibrated on {min(len(loader), cfg.search.calibration_batches)} batches of {source}")
     return loader
 
