@@ -35,27 +35,25 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import statistics
 import time
-from typing import Dict, List
+from typing import Dict
 
 import torch
 from torch.utils.data import DataLoader, Subset
 
 import spp
 from spp.criteria import lasso_path, lasso_values, magnitude_scores, random_scores, taylor_scores
-from spp.engine import evaluate
-from spp.runtime import Runtime, provenance, seed_everything
+from spp.bench import MaskedBench, budget_section, run_methods, take
+from spp.bench import finetune as harness_finetune
+from spp.runtime import provenance
 from spp.tables import mean_std, write_json
-from spp.tasks import to_device
 
 METHODS = ("spp", "magnitude", "random", "taylor", "lasso")
-RUNTIME = Runtime(torch.device("cpu"), None)
 
 
-class Bench:
+class Bench(MaskedBench):
     """The trained CLIP, its masked copy and the data splits, shared by every method."""
 
     def __init__(self, args):
@@ -72,11 +70,7 @@ class Bench:
         cfg = shipped_config("demo_clip_search.yaml", overrides)
         self.data = build_datasets(cfg.data, cfg.seed, ["train", "val", "test"], tokenizer=args.model)
         self.val = Subset(self.data["val"], range(min(args.val_pairs, len(self.data["val"]))))
-        self.task = task_for(cfg)
-        self.dense = spp.create_model(args.model).eval()
-        self.masked = spp.add_masks(copy.deepcopy(self.dense), "dim").eval()
-        self.family_of = lambda path: spp.WeightFamily(self.masked, path)
-        self.prunable = self.family_of(spp.SolutionPath.from_scores(self.masked, magnitude_scores(self.masked))).prunable()
+        super().__init__(spp.create_model(args.model), task_for(cfg))
 
     def loader(self, split: str, seed: int) -> DataLoader:
         data = {"val": self.val}.get(split, self.data[split])
@@ -84,32 +78,13 @@ class Bench:
         return DataLoader(data, batch_size=self.args.batch if train else 500, shuffle=train, drop_last=train,
                           generator=torch.Generator().manual_seed(seed))
 
-    def metrics(self, model, split: str) -> Dict[str, float]:
-        m = evaluate(model, self.loader(split, 0), RUNTIME, task=self.task)
+    def scores(self, model, split: str) -> Dict[str, float]:
+        m = self.metrics(model, self.loader(split, 0))
         return {"recall@1": m["recall@1"], "zero-shot": m["zero-shot"]}
 
-    def loss(self, model, batch) -> torch.Tensor:
-        inputs, targets = to_device(self.task.split(batch), RUNTIME.device)
-        return self.task.loss(self.task.forward(model, inputs), targets)
-
-    def compressed(self, masks):
-        return spp.compress(self.masked, masks).eval()
-
-
-def _steps(bench, seed: int, steps: int):
-    """``steps`` training batches in the seed's order (epochs as needed)."""
-    done = 0
-    while done < steps:
-        for batch in bench.loader("train", seed + 7 * done):
-            yield batch
-            done += 1
-            if done >= steps:
-                return
-
-
-def _members(bench, path, removed: List[float]):
-    family = bench.family_of(path)
-    return {r: bench.compressed(family.select(remove=r, values="binary").masks) for r in removed}
+    def steps(self, seed: int, steps: int):
+        """``steps`` training batches in the seed's order (each epoch's seed moved by 7 per batch before it)."""
+        return take(lambda done: self.loader("train", seed + 7 * done), steps)
 
 
 def run_spp(bench, seed, removed):
@@ -117,14 +92,15 @@ def run_spp(bench, seed, removed):
     nu = spp.calibrate_nu(masked, bench.loader("val", seed), bench.task.loss, task=bench.task)
     optimizer = spp.search_optimizer(masked, nu)
     masked.train()
-    for batch in _steps(bench, seed, bench.args.search_steps):
+    for batch in bench.steps(seed, bench.args.search_steps):
         loss = bench.loss(masked, batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     family = bench.family_of(spp.SolutionPath.from_optimizer(optimizer, masked.eval()))
-    return {r: bench.compressed(family.select_best(
-        lambda m: bench.metrics(bench.compressed(m.masks), "val")["zero-shot"], remove=r).masks) for r in removed}
+    return {r: (bench.compressed(family.select_best(
+        lambda m: bench.scores(bench.compressed(m.masks), "val")["zero-shot"], remove=r).masks), {})
+            for r in removed}, {}
 
 
 def run_scores(name):
@@ -136,7 +112,7 @@ def run_scores(name):
         else:
             scores = taylor_scores(bench.masked, bench.loader("train", seed), bench.args.calibration_batches,
                                    bench.task.loss, task=bench.task)
-        return _members(bench, spp.SolutionPath.from_scores(bench.masked, scores), removed)
+        return bench.members(spp.SolutionPath.from_scores(bench.masked, scores), removed), {}
     return method
 
 
@@ -147,8 +123,8 @@ def run_lasso(bench, seed, removed):
     out = {}
     for r in removed:
         candidates = [bench.compressed(f.select(remove=r, values=v).masks) for f in families for v in ("binary", "path")]
-        out[r] = max(candidates, key=lambda m: bench.metrics(m, "val")["zero-shot"])
-    return out
+        out[r] = (max(candidates, key=lambda m: bench.scores(m, "val")["zero-shot"]), {})
+    return out, {}
 
 
 RUNNERS = {"spp": run_spp, "lasso": run_lasso, **{m: run_scores(m) for m in ("magnitude", "random", "taylor")}}
@@ -156,22 +132,10 @@ RUNNERS = {"spp": run_spp, "lasso": run_lasso, **{m: run_scores(m) for m in ("ma
 
 def finetune(bench, model, seed: int) -> Dict[str, float]:
     """Full finetuning of a compressed member (AdamW, ``--finetune-lr`` after 10 warm-up steps, cosine to 0,
-    gradient clip 1); test metrics after ``--finetune-steps``."""
-    model = copy.deepcopy(model).train()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=bench.args.finetune_lr, weight_decay=0.05)
+    weight decay 0.05, gradient clip 1); test metrics after ``--finetune-steps``."""
     steps = bench.args.finetune_steps
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / 10, 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
-    for batch in _steps(bench, 1000 + seed, bench.args.finetune_steps):
-        loss = bench.loss(model, batch)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-    return bench.metrics(model.eval(), "test")
+    return harness_finetune(bench, model, bench.steps(1000 + seed, steps), steps, bench.args.finetune_lr,
+                            weight_decay=0.05, cosine=True, evaluate_at=lambda m: bench.scores(m, "test"))[steps]
 
 
 def write_table(results: Dict, args, out: str) -> str:
@@ -181,19 +145,17 @@ def write_table(results: Dict, args, out: str) -> str:
              + (f" (finetuned by the same recipe: zero-shot {dense['ft']['zero-shot']:.2f}, recall@1 "
                 f"{dense['ft']['recall@1']:.2f})" if "ft" in dense else "")
              + ". Cells: test zero-shot top-1 / recall@1 (%), mean ± std over seeds.", ""]
-    head = "| method | " + " | ".join(f"−{r:.0%}" for r in removed) + " | time for all budgets (s) |"
     for title, key, seeds in (("no finetuning", "test", args.seeds),
                               (f"after {args.finetune_steps} finetuning steps", "ft", args.finetune_seeds)):
-        lines += [f"**{title}** (seeds {', '.join(map(str, seeds))})", "", head, "|---|" + "---|" * (len(removed) + 1)]
+        rows = []
         for method in results["methods"]:
             runs = results["runs"].get(method, {})
             cells = []
             for r in removed:
-                rows = [runs[str(s)][str(r)][key] for s in seeds if str(s) in runs and key in runs[str(s)][str(r)]]
-                cells.append(" / ".join(mean_std([x[m] for x in rows]) for m in ("zero-shot", "recall@1")))
-            times = [runs[str(s)]["time"] for s in args.seeds if str(s) in runs]
-            lines.append(f"| {method} | " + " | ".join(cells) + f" | {statistics.mean(times):.0f} |" if times else "")
-        lines.append("")
+                got = [runs[str(s)][str(r)][key] for s in seeds if str(s) in runs and key in runs[str(s)][str(r)]]
+                cells.append(" / ".join(mean_std([x[m] for x in got]) for m in ("zero-shot", "recall@1")))
+            rows.append((method, cells, [runs[str(s)]["time"] for s in args.seeds if str(s) in runs]))
+        lines += budget_section(title, seeds, removed, rows)
     text = "\n".join(lines)
     with open(os.path.join(out, "benchmark_clip.md"), "w") as f:
         f.write(text + "\n")
@@ -261,30 +223,24 @@ def main():
         return
     start = time.time()
     bench = Bench(args)
-    results = {"args": vars(args), "provenance": provenance(RUNTIME.device), "prunable": bench.prunable,
+    results = {"args": vars(args), "provenance": provenance(bench.runtime.device), "prunable": bench.prunable,
                "methods": args.methods, "runs": {},
-               "dense": {"params": spp.count_params(bench.dense), "val": bench.metrics(bench.dense, "val"),
-                         "test": bench.metrics(bench.dense, "test")}}
+               "dense": {"params": spp.count_params(bench.dense), "val": bench.scores(bench.dense, "val"),
+                         "test": bench.scores(bench.dense, "test")}}
     if args.finetune_seeds:   # the reference for the finetuned rows: the dense model finetuned by the same recipe
         results["dense"]["ft"] = finetune(bench, bench.dense, args.finetune_seeds[0])
     print(f"dense: {results['dense']}, {bench.prunable:,} prunable parameters", flush=True)
     path = os.path.join(args.out, "benchmark_clip.json")
-    for method in args.methods:
-        for seed in args.seeds:
-            seed_everything(seed)
-            t0 = time.time()
-            members = RUNNERS[method](bench, seed, args.removed)
-            run = {"time": time.time() - t0}
-            for r, model in members.items():
-                row = {"params": spp.count_params(model), "val": bench.metrics(model, "val"),
-                       "test": bench.metrics(model, "test")}
-                if seed in args.finetune_seeds:
-                    row["ft"] = finetune(bench, model, seed)
-                run[str(r)] = row
-                print(f"{method:10s} seed {seed} -{r:.0%}: params {row['params']:,}  test {row['test']}"
-                      + (f"  finetuned {row['ft']}" if "ft" in row else ""), flush=True)
-            results["runs"].setdefault(method, {})[str(seed)] = run
-            write_json(results, path)
+
+    def score(method, seed, r, model, info):
+        row = {"params": spp.count_params(model), "val": bench.scores(model, "val"), "test": bench.scores(model, "test")}
+        if seed in args.finetune_seeds:
+            row["ft"] = finetune(bench, model, seed)
+        print(f"{method:10s} seed {seed} -{r:.0%}: params {row['params']:,}  test {row['test']}"
+              + (f"  finetuned {row['ft']}" if "ft" in row else ""), flush=True)
+        return row
+
+    run_methods(bench, results, path, args.methods, args.seeds, args.removed, RUNNERS, score)
     results["minutes"] = (time.time() - start) / 60
     write_json(results, path)
     print(write_table(results, args, args.out))

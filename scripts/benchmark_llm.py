@@ -61,17 +61,14 @@ from torch.utils.data import DataLoader, Subset
 import spp
 from spp.criteria import (activation_stats, add_biases, flap_biases, flap_scores, lasso_path, lasso_values,
                           magnitude_scores, random_scores, wanda_sp_scores, weight_taylor_scores)
-from spp.engine import evaluate
-from spp.runtime import Runtime, provenance, seed_everything
-from spp.tables import mean_std, write_json
+from spp.bench import Chosen, MaskedBench, budget_section, run_methods, seed_cells, take
+from spp.bench import finetune as harness_finetune
+from spp.runtime import provenance
+from spp.tables import write_json
 from spp.tasks import NextToken
 
 METHODS = ("spp", "magnitude", "random", "wanda-sp", "flap", "taylor", "lasso", "lasso-scales", "torch-pruning")
-RUNTIME, TASK = Runtime(torch.device("cpu"), None), NextToken()
-Chosen = Tuple[torch.nn.Module, Dict]      # (the compressed member, what was chosen: removed, params, ...)
-
-
-class Bench:
+class Bench(MaskedBench):
     """The pretrained model, its masked copy and the text splits, shared by every method."""
 
     def __init__(self, args):
@@ -92,11 +89,8 @@ class Bench:
                                   cfg.data.test_fraction, cfg.seed, ["train", "val", "test"])
         self.val = Subset(self.data["val"], range(min(args.val_sequences, len(self.data["val"]))))
         self.test = Subset(self.data["test"], range(min(args.test_sequences, len(self.data["test"]))))
-        self.dense = spp.create_model(args.model).eval()
-        self.masked = spp.add_masks(copy.deepcopy(self.dense), "dim").eval()
-        self.family_of = lambda path: spp.WeightFamily(self.masked, path, input_size=(self.seq_len,))
+        super().__init__(spp.create_model(args.model), NextToken(), input_size=(self.seq_len,))
         self.lasso: Dict[int, Tuple[Dict, float]] = {}   # seed -> Lasso families (shared by lasso, lasso-scales)
-        self.prunable = self.family_of(spp.SolutionPath.from_scores(self.masked, magnitude_scores(self.masked))).prunable()
 
     def loader(self, split: str, seed: int, batch: Optional[int] = None) -> DataLoader:
         data = {"val": self.val, "test": self.test}.get(split, self.data[split])
@@ -104,13 +98,19 @@ class Bench:
                           generator=torch.Generator().manual_seed(seed))
 
     def perplexity(self, model, split: str) -> float:
-        return evaluate(model, self.loader(split, 0, self.args.eval_batch), RUNTIME, task=TASK)["perplexity"]
+        return self.metrics(model, self.loader(split, 0, self.args.eval_batch))["perplexity"]
 
-    def compressed(self, masks: Dict[str, torch.Tensor], biases: Optional[Dict] = None):
-        small = spp.compress(self.masked, masks)
-        if biases:
-            add_biases(small, biases)
-        return small.eval()
+    def members(self, path, removed: List[float], values: str = "binary", biases: Callable = None) -> Dict[float, Chosen]:
+        """:meth:`MaskedBench.members`; ``biases(masks)``: FLAP's bias compensation, added to each member."""
+        if biases is None:
+            return super().members(path, removed, values)
+        family, out = self.family_of(path), {}
+        for r in removed:
+            member = family.select(remove=r, values=values)
+            small = self.compressed(member.masks)
+            add_biases(small, biases(member.masks))
+            out[r] = (small, {"params": member.summary.params_after})
+        return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,15 +126,6 @@ def model_path(name: str) -> str:
         from spp.gguf import smollm2
         return smollm2()
     return TOY if name == "toy" else name
-
-
-def _members(bench, path, removed: List[float], values: str = "binary", biases: Callable = None) -> Dict[float, Chosen]:
-    family, out = bench.family_of(path), {}
-    for r in removed:
-        member = family.select(remove=r, values=values)
-        out[r] = (bench.compressed(member.masks, biases(member.masks) if biases else None),
-                  {"params": member.summary.params_after, **({} if biases else {"masks": member.masks})})
-    return out
 
 
 def run_spp(bench, seed, removed):
@@ -171,17 +162,17 @@ def run_scores(name):
         masked, args = bench.masked, bench.args
         calibration = bench.loader("train", seed)
         if name == "magnitude":
-            return _members(bench, spp.SolutionPath.from_scores(masked, magnitude_scores(masked)), removed), {}
+            return bench.members(spp.SolutionPath.from_scores(masked, magnitude_scores(masked)), removed), {}
         if name == "random":
-            return _members(bench, spp.SolutionPath.from_scores(masked, random_scores(masked, seed)), removed), {}
+            return bench.members(spp.SolutionPath.from_scores(masked, random_scores(masked, seed)), removed), {}
         if name == "taylor":
             scores = weight_taylor_scores(masked, calibration, args.calibration_batches, spp.next_token_loss)
-            return _members(bench, spp.SolutionPath.from_scores(masked, scores), removed), {}
+            return bench.members(spp.SolutionPath.from_scores(masked, scores), removed), {}
         stats = activation_stats(masked, calibration, args.calibration_batches)
         if name == "wanda-sp":
-            return _members(bench, spp.SolutionPath.from_scores(masked, wanda_sp_scores(masked, stats)), removed), {}
+            return bench.members(spp.SolutionPath.from_scores(masked, wanda_sp_scores(masked, stats)), removed), {}
         path = spp.SolutionPath.from_scores(masked, flap_scores(masked, stats))
-        return _members(bench, path, removed, biases=lambda masks: flap_biases(masked, stats, masks)), {}
+        return bench.members(path, removed, biases=lambda masks: flap_biases(masked, stats, masks)), {}
     return method
 
 
@@ -329,29 +320,11 @@ RUNNERS = {"spp": run_spp, "lasso": run_lasso("binary"), "lasso-scales": run_las
 # ------------------------------------------------------------------------------------------------
 def finetune(bench, model, seed: int, checkpoints: List[int]) -> Dict[int, float]:
     """Full finetuning of a compressed member (AdamW, lr ``--finetune-lr`` after 10 warm-up steps, constant,
-    gradient clip 1); test perplexity at each of ``checkpoints`` steps."""
-    args = bench.args
-    model = copy.deepcopy(model).train()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.finetune_lr, weight_decay=0.01, betas=(0.9, 0.95))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 10))
-    step, out = 0, {}
-    while step < max(checkpoints):
-        for ids, _ in bench.loader("train", 1000 + seed):
-            loss = spp.next_token_loss(model(ids), ids)
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            step += 1
-            if step in checkpoints:
-                out[step] = bench.perplexity(model, "test")
-                model.train()
-            if step >= max(checkpoints):
-                break
-    return out
+    betas (0.9, 0.95), weight decay 0.01, gradient clip 1); test perplexity at each of ``checkpoints`` steps."""
+    steps = max(checkpoints)
+    return harness_finetune(bench, model, take(lambda done: bench.loader("train", 1000 + seed), steps), steps,
+                            bench.args.finetune_lr, weight_decay=0.01, betas=(0.9, 0.95), at=checkpoints,
+                            evaluate_at=lambda m: bench.perplexity(m, "test"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -362,8 +335,6 @@ def _clip(value) -> str:
 
 def write_tables(results: Dict, args, out: str) -> str:
     removed, lines = args.removed, []
-    head = "| method | " + " | ".join(f"−{r:.0%}" for r in removed) + " | time for all budgets (s) |"
-    rule = "|---|" + "---|" * (len(removed) + 1)
     protocol = (f"test perplexity, non-overlapping {results['seq_len']}-token windows of the test files "
                 f"({results['test_tokens']:,} predicted tokens), every predicted token")
     dense = results["dense"]
@@ -388,25 +359,23 @@ def write_tables(results: Dict, args, out: str) -> str:
         if key != "test" and not any(run.get(str(r), {}).get(key) for runs in results["runs"].values()
                                      for run in runs.values() for r in removed):
             continue   # a finetune this run did not do (--finetunes)
-        lines += [f"**{title}** (seeds {', '.join(map(str, seeds))})", "", head, rule]
+        rows = []
         for method in results["methods"]:
             runs = results["runs"].get(method, {})
             failed = next((run["failed"] for run in runs.values() if "failed" in run), None)
             if failed:
-                lines.append(f"| {method} | {failed} |" + " |" * len(removed))
+                rows.append(f"| {method} | {failed} |" + " |" * len(removed))
                 continue
             note = next((run["note"] for run in runs.values() if "note" in run), None)
             label = f"{method} ({note.split(':')[0]})" if note else method
             got = "test" if key == "scales" and method == "lasso-scales" else key   # trained in its own run
             if got != key and args.lasso_steps != args.scale_steps:
                 continue
-            cells = [mean_std([runs[str(s)][str(r)][got] for s in seeds
-                           if str(s) in runs and runs[str(s)][str(r)].get(got) is not None]) for r in removed]
+            cells = seed_cells(runs, seeds, removed, lambda row: row.get(got))
             if key != "test" and all(cell == "–" for cell in cells):   # a method not finetuned
                 continue
-            times = [runs[str(s)]["time"] for s in args.seeds if str(s) in runs]
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | {statistics.mean(times):.0f} |" if times else "")
-        lines.append("")
+            rows.append((label, cells, [runs[str(s)]["time"] for s in args.seeds if str(s) in runs]))
+        lines += budget_section(title, seeds, removed, rows)
     text = "\n".join(lines)
     with open(os.path.join(out, "benchmark_llm.md"), "w") as f:
         f.write(text + "\n")
@@ -576,7 +545,7 @@ def main():
         return
     start = time.time()
     bench = Bench(args)
-    results = {"args": vars(args), "provenance": provenance(RUNTIME.device), "seq_len": bench.seq_len, "prunable": bench.prunable,
+    results = {"args": vars(args), "provenance": provenance(bench.runtime.device), "seq_len": bench.seq_len, "prunable": bench.prunable,
                "test_tokens": len(bench.test) * (bench.seq_len - 1), "methods": args.methods, "runs": {},
                "dense": {"params": spp.count_params(bench.dense), "val": bench.perplexity(bench.dense, "val"),
                          "test": bench.perplexity(bench.dense, "test")}}
@@ -588,34 +557,25 @@ def main():
                          [args.finetune_steps, args.long_steps])
         results["dense"]["ft"], results["dense"]["ft_long"] = tuned[args.finetune_steps], tuned[args.long_steps]
         print(f"dense finetuned: {tuned}", flush=True)
-    for method in args.methods:
-        for seed in args.seeds:
-            if method in ("magnitude", "torch-pruning") and seed != args.seeds[0]:
-                results["runs"][method][str(seed)] = results["runs"][method][str(args.seeds[0])]  # one ranking
-                continue
-            seed_everything(seed)
-            t0 = time.time()
-            members, extra = RUNNERS[method](bench, seed, args.removed)
-            run = {"time": time.time() - t0 + extra.pop("shared seconds", 0.0), **extra}
-            if "failed" in extra:
-                print(f"{method}: {extra['failed']}", flush=True)
-            for r, (model, info) in members.items():
-                masks = info.pop("masks", None)   # mask-based members (not FLAP's biased ones, not Torch-Pruning's)
-                row = {**info, "val": bench.perplexity(model, "val"), "test": bench.perplexity(model, "test")}
-                if seed in args.finetune_seeds and "full" in args.finetunes:
-                    checkpoints = [args.finetune_steps] + ([args.long_steps] if r in args.long_removed else [])
-                    tuned = finetune(bench, model, seed, checkpoints)
-                    row["ft"], row["ft_long"] = tuned.get(args.finetune_steps), tuned.get(args.long_steps)
-                if (seed in args.finetune_seeds and "scales" in args.finetunes and r in args.scale_removed
-                        and masks is not None and method != "lasso-scales"):   # its scales are trained already
-                    row["scales"] = bench.perplexity(tune_scales(bench, masks, seed, args.scale_steps), "test")
-                run[str(r)] = row
-                print(f"{method:14s} seed {seed} -{r:.0%}: params {info['params']:,}  test {row['test']:.2f}"
-                      + (f"  ft {row['ft']:.2f}" if row.get("ft") else "")
-                      + (f"  long {row['ft_long']:.2f}" if row.get("ft_long") else "")
-                      + (f"  scales {row['scales']:.2f}" if row.get("scales") else ""), flush=True)
-            results["runs"].setdefault(method, {})[str(seed)] = run
-            write_json(results, path)
+
+    def score(method, seed, r, model, info):
+        masks = info.pop("masks", None)   # mask-based members (not FLAP's biased ones, not Torch-Pruning's)
+        row = {**info, "val": bench.perplexity(model, "val"), "test": bench.perplexity(model, "test")}
+        if seed in args.finetune_seeds and "full" in args.finetunes:
+            checkpoints = [args.finetune_steps] + ([args.long_steps] if r in args.long_removed else [])
+            tuned = finetune(bench, model, seed, checkpoints)
+            row["ft"], row["ft_long"] = tuned.get(args.finetune_steps), tuned.get(args.long_steps)
+        if (seed in args.finetune_seeds and "scales" in args.finetunes and r in args.scale_removed
+                and masks is not None and method != "lasso-scales"):   # its scales are trained already
+            row["scales"] = bench.perplexity(tune_scales(bench, masks, seed, args.scale_steps), "test")
+        print(f"{method:14s} seed {seed} -{r:.0%}: params {info['params']:,}  test {row['test']:.2f}"
+              + (f"  ft {row['ft']:.2f}" if row.get("ft") else "")
+              + (f"  long {row['ft_long']:.2f}" if row.get("ft_long") else "")
+              + (f"  scales {row['scales']:.2f}" if row.get("scales") else ""), flush=True)
+        return row
+
+    run_methods(bench, results, path, args.methods, args.seeds, args.removed, RUNNERS, score,
+                one_ranking=("magnitude", "torch-pruning"))
     results["minutes"] = (time.time() - start) / 60
     write_json(results, path)
     print(write_tables(results, args, args.out))

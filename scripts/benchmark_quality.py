@@ -181,13 +181,8 @@ FINETUNE_LR = 2e-4   # the finetune's lr, for every method and the dense model (
 
 
 def finetune(model, loader, steps: int, seed: int, runtime: Runtime, lr: float) -> nn.Module:
-    """``steps`` of AdamW: lr warmed up over 10 steps, then cosine-annealed to 0 (timm's scheduler).
-
-    A constant lr restarted on the converged model cost the dense model about a point (82.62 →
-    81.56 test after 100 steps at 2e-4); warm-up and anneal cost it 0.5 on val. A lower lr
-    suits the dense model (5e-5: +0.2 val) but not the pruned ones (70% removed, val after 100
-    steps: 2e-4 80.82, 1e-4 80.53, 5e-5 79.98), so 2e-4 it is, for all.
-    """
+    """``steps`` of AdamW: lr warmed up over 10 steps, then cosine-annealed to 0 (timm's scheduler); how the
+    recipe and its lr were chosen: docs/log/quality.md ("The finetune recipe")."""
     from timm.scheduler import CosineLRScheduler
 
     seed_everything(seed)

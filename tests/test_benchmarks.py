@@ -12,7 +12,7 @@ import yaml
 
 import spp
 
-from conftest import TINY, fake_fashion_mnist, tiny_vit
+from helpers import TINY, fake_fashion_mnist, tiny_vit
 from spp.criteria import magnitude_scores
 
 SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")

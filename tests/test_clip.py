@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import spp
-from conftest import check_costs
+from helpers import check_costs
 from spp.models import model_geometry
 
 transformers = pytest.importorskip("transformers", reason="CLIP needs transformers: pip install -e '.[llm]'")

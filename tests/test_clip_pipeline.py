@@ -13,7 +13,7 @@ from spp import contrastive
 from spp.config import load_config
 from spp.data import caption_datasets, karpathy_pairs
 
-from conftest import fake_fashion_mnist
+from helpers import fake_fashion_mnist
 
 transformers = pytest.importorskip("transformers", reason="CLIP needs transformers: pip install -e '.[llm]'")
 

@@ -4,7 +4,7 @@ import torch
 import spp
 from spp.criteria import lasso_path, lasso_values, magnitude_scores, random_scores, taylor_scores
 
-from conftest import tiny_vit
+from helpers import tiny_vit
 
 
 def _batches(n=3, batch=8, seed=0):

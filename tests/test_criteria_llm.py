@@ -11,7 +11,7 @@ from spp.criteria import (activation_stats, add_biases, flap_biases, flap_scores
 from spp.models import family_of
 from spp.structure import mask_names
 
-from conftest import tiny_swin, tiny_vit
+from helpers import tiny_swin, tiny_vit
 
 transformers = pytest.importorskip("transformers", reason="the LLM families need transformers: pip install -e '.[llm]'")
 from helpers import VOCAB, tiny_decoder as tiny  # noqa: E402

@@ -6,7 +6,7 @@ import torch
 
 import spp
 
-from conftest import random_masks, tiny_vit
+from helpers import random_pair_masks, tiny_vit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh)")
 
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("granularity", ["dim", "head"])
 def test_compressed_equals_masked_on_cuda(granularity):
     model = tiny_vit().cuda()
-    masks = random_masks(model, granularity, keep=0.5)
+    masks = random_pair_masks(model, granularity, keep=0.5)
     masks["blocks.0.attn.qk_mask"].zero_()
     spp.add_masks(model, granularity)
     spp.set_masks(model, {k: v.cuda() for k, v in masks.items()})
@@ -27,7 +27,7 @@ def test_compressed_equals_masked_on_cuda(granularity):
 def test_cuda_model_compresses_with_masks_on_the_cpu():
     # WeightFamily.select returns CPU masks; compressing a model on the GPU must take them as they are
     dense = tiny_vit().cuda().eval()
-    masks = random_masks(dense, "dim", keep=0.5, binary=False)
+    masks = random_pair_masks(dense, "dim", keep=0.5, binary=False)
     masked = spp.add_masks(copy.deepcopy(dense), "dim")
     spp.set_masks(masked, {k: v.cuda() for k, v in masks.items()})
     pruned = spp.compress(dense, masks)

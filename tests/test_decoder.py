@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import spp
-from conftest import check_costs
+from helpers import check_costs
 from spp.models import model_geometry
 from spp.structure import UnsupportedModel
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import spp
 from spp.cli import main
 
-from conftest import tiny_vit
+from helpers import tiny_vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke_synthetic.yaml")

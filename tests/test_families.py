@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import spp
-from conftest import check_costs, tiny_swin, tiny_vit
+from helpers import check_costs, tiny_swin, tiny_vit
 from helpers import clip_inputs, random_masks, tiny_clip, tiny_decoder
 from spp.models import _REGISTRY, family_of
 
@@ -75,15 +75,17 @@ def test_compressed_member_computes_the_masked_model(name, granularity):
     torch.testing.assert_close(_out(small, x), _out(masked, x), rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("granularity", ["dim", "head"])
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_costs_match_the_geometry_and_the_flop_counter(name):
-    _, masked, small, _ = _member(name, "dim")
+def test_costs_match_the_geometry_and_the_flop_counter(name, granularity):
+    _, masked, small, _ = _member(name, granularity)
     check_costs(masked, small)
 
 
+@pytest.mark.parametrize("granularity", ["dim", "head"])
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_save_and_load_reproduce_the_member(name, tmp_path):
-    _, _, small, x = _member(name, "dim")
+def test_save_and_load_reproduce_the_member(name, granularity, tmp_path):
+    _, _, small, x = _member(name, granularity)
     spp.save_pruned(small, str(tmp_path / "member"))
     loaded = spp.load_pruned(str(tmp_path / "member")).eval()
     assert family_of(loaded).name == name

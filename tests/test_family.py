@@ -6,7 +6,7 @@ import torch
 
 import spp
 
-from conftest import tiny_vit
+from helpers import tiny_vit
 
 
 def fake_path(model, seed=0, never=0.1):

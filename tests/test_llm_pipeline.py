@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import kill_after_checkpoint
+from helpers import kill_after_checkpoint
 from spp.cli import main
 from spp.config import load_config
 from spp.commands import run_eval

@@ -8,7 +8,7 @@ import torch
 
 import spp
 
-from conftest import TINY, random_masks, tiny_vit
+from helpers import TINY, random_pair_masks, tiny_vit
 
 VARIANTS = {
     "cls": dict(name="vit_tiny_patch16_224"),
@@ -118,7 +118,7 @@ def test_save_pruned_without_spp_create_model(tmp_path, how):
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
-    from conftest import SWIN
+    from helpers import SWIN
 
     torch.manual_seed(0)
     args = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10)
@@ -127,7 +127,7 @@ def test_save_pruned_without_spp_create_model(tmp_path, how):
     else:
         model = timm.create_model("vit_tiny_patch16_224", **args) if how != "class" else VisionTransformer(**args)
     assert not hasattr(model, "spp_base")
-    masks = random_masks(model, "dim", seed=3)
+    masks = random_pair_masks(model, "dim", seed=3)
     pruned = spp.compress(model.eval(), masks)
     spp.save_pruned(pruned, str(tmp_path))
     loaded = spp.load_pruned(str(tmp_path)).eval()
@@ -166,7 +166,7 @@ def _check_exact(model, masks, granularity):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_compressed_equals_masked_for_random_binary_masks(variant, granularity, seed):
     model = tiny_vit(**VARIANTS[variant], seed=seed)
-    masks = random_masks(model, granularity, keep=0.5, seed=seed)
+    masks = random_pair_masks(model, granularity, keep=0.5, seed=seed)
     pruned = _check_exact(model, masks, granularity)
     assert spp.count_params(pruned) < spp.count_params(model)
 
@@ -174,7 +174,7 @@ def test_compressed_equals_masked_for_random_binary_masks(variant, granularity, 
 @pytest.mark.parametrize("granularity", ["dim", "head"])
 def test_compressed_equals_masked_for_non_binary_masks(granularity):
     model = tiny_vit()
-    _check_exact(model, random_masks(model, granularity, keep=0.7, binary=False), granularity)
+    _check_exact(model, random_pair_masks(model, granularity, keep=0.7, binary=False), granularity)
 
 
 EDGE_CASES = {
@@ -191,7 +191,7 @@ EDGE_CASES = {
 @pytest.mark.parametrize("granularity", ["dim", "head"])
 def test_compressed_equals_masked_edge_cases(case, granularity):
     model = tiny_vit()
-    masks = random_masks(model, granularity, keep=0.6, seed=3)
+    masks = random_pair_masks(model, granularity, keep=0.6, seed=3)
     EDGE_CASES[case](masks)
     pruned = _check_exact(model, masks, granularity)
     if case == "v_removed":
@@ -204,7 +204,7 @@ def test_compressed_equals_masked_edge_cases(case, granularity):
 
 def test_head_granularity_removes_heads_and_uniform_heads():
     model = tiny_vit()
-    masks = random_masks(model, "head", keep=1.0)
+    masks = random_pair_masks(model, "head", keep=1.0)
     masks["blocks.0.attn.v_mask"][1] = 0      # head 1 deleted
     masks["blocks.0.attn.qk_mask"][2] = 0     # head 2 attends uniformly
     pruned = _check_exact(model, masks, "head")
@@ -214,7 +214,7 @@ def test_head_granularity_removes_heads_and_uniform_heads():
 
 def test_softmax_scale_is_the_original_one():
     model = tiny_vit()
-    masks = random_masks(model, "dim", keep=0.5, seed=4)
+    masks = random_pair_masks(model, "dim", keep=0.5, seed=4)
     pruned = _check_exact(model, masks, "dim")
     assert pruned.blocks[0].attn.scale == pytest.approx(16 ** -0.5)
     assert pruned.blocks[0].attn.qk_dim < 16
@@ -228,7 +228,7 @@ def test_unequal_head_widths_reach_the_fused_cpu_kernel(keep_qk, keep_v):
     from torch.utils.flop_counter import FlopCounterMode
 
     model = tiny_vit()
-    masks = random_masks(model, "dim", keep=1.0)
+    masks = random_pair_masks(model, "dim", keep=1.0)
     g = torch.Generator().manual_seed(0)
     for name in masks:
         keep = keep_qk if "qk" in name else keep_v if "v_mask" in name else 1.0
@@ -252,7 +252,7 @@ def test_unequal_head_widths_reach_the_fused_cpu_kernel(keep_qk, keep_v):
 @pytest.mark.parametrize("granularity", ["dim", "head"])
 def test_compress_takes_masks_on_a_dense_model(granularity):
     model = tiny_vit()
-    masks = random_masks(model, granularity, keep=0.5, seed=5)
+    masks = random_pair_masks(model, granularity, keep=0.5, seed=5)
     pruned = spp.compress(model, masks, granularity=granularity)
     reference = spp.compress(spp.set_masks(spp.add_masks(tiny_vit(), granularity), masks))
     torch.testing.assert_close(_out(pruned, _x()), _out(reference, _x()))
@@ -282,7 +282,7 @@ def test_predicted_params_and_flops_equal_compressed(granularity):
 @pytest.mark.parametrize("granularity", ["dim", "head"])
 def test_save_load_round_trip(tmp_path, variant, granularity):
     model = tiny_vit(**VARIANTS[variant])
-    pruned = spp.compress(model, random_masks(model, granularity, keep=0.5, seed=6), granularity=granularity)
+    pruned = spp.compress(model, random_pair_masks(model, granularity, keep=0.5, seed=6), granularity=granularity)
     spp.save_pruned(pruned, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
     loaded = spp.load_pruned(str(tmp_path))
@@ -292,7 +292,7 @@ def test_save_load_round_trip(tmp_path, variant, granularity):
 
 def test_load_pruned_errors_name_the_file(tmp_path):
     model = tiny_vit()
-    pruned = spp.compress(model, random_masks(model, "dim", seed=7), granularity="dim")
+    pruned = spp.compress(model, random_pair_masks(model, "dim", seed=7), granularity="dim")
     with pytest.raises(FileNotFoundError, match="config.json"):
         spp.load_pruned(str(tmp_path))
     spp.save_pruned(pruned, str(tmp_path))
@@ -301,7 +301,7 @@ def test_load_pruned_errors_name_the_file(tmp_path):
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="model.safetensors.*truncated or corrupt"):
         spp.load_pruned(str(tmp_path))
-    other = spp.compress(model, random_masks(model, "dim", seed=8), granularity="dim")
+    other = spp.compress(model, random_pair_masks(model, "dim", seed=8), granularity="dim")
     spp.save_pruned(other, str(tmp_path / "other"))
     (tmp_path / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
     with pytest.raises(ValueError, match="shape mismatches"):

@@ -347,7 +347,7 @@ def test_clip_auto_takes_the_model_familys_bound():
     """search_optimizer's clip="auto" (spp search's default) bounds the step at the decoder LLMs' 10 and leaves the
     ViT's unbounded; a number or None given explicitly wins."""
     transformers = pytest.importorskip("transformers", reason="the decoder family needs transformers")
-    from conftest import tiny_vit
+    from helpers import tiny_vit
 
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 import spp
-from conftest import kill_after_checkpoint
+from helpers import kill_after_checkpoint
 from spp.build import build_model
 from spp.cli import main
 from spp.config import ConfigError, load_config
