@@ -28,9 +28,10 @@ from .runtime import Runtime, seed_everything
 from .tables import mean_std, write_json
 from .tasks import Task, to_device
 
-__all__ = ["MaskedBench", "take", "finetune", "run_methods", "budget_section", "seed_cells", "Chosen"]
+__all__ = ["MaskedBench", "take", "finetune", "run_methods", "budget_section", "seed_cells"]
 
-Chosen = Tuple[nn.Module, Dict[str, Any]]   # a compressed member and what was chosen (params, reading, masks ...)
+Chosen = Tuple[nn.Module, Dict[str, Any]]
+"""A compressed member and what was chosen (``params``, a reading, ``masks`` ...)."""
 CPU = Runtime(torch.device("cpu"), None)
 
 
@@ -45,12 +46,15 @@ class MaskedBench:
         self.prunable = self.family_of(SolutionPath.from_scores(self.masked, magnitude_scores(self.masked))).prunable()
 
     def loader(self, split: str, seed: int) -> Iterable:
+        """The batches of ``split`` (``train``, ``val``, ``test``); the training order set by ``seed``."""
         raise NotImplementedError
 
     def family_of(self, path: SolutionPath) -> WeightFamily:
+        """The family of members ``path`` ranks, over the masked model."""
         return WeightFamily(self.masked, path, input_size=self.input_size)
 
     def compressed(self, masks: Dict[str, torch.Tensor]) -> nn.Module:
+        """The masked model with ``masks``, compressed (in eval mode)."""
         return compress(self.masked, masks).eval()
 
     def members(self, path: SolutionPath, removed: Sequence[float], values: str = "binary") -> Dict[float, Chosen]:
@@ -68,6 +72,7 @@ class MaskedBench:
         return self.task.loss(self.task.forward(model, inputs), targets)
 
     def metrics(self, model: nn.Module, loader: Iterable) -> Dict[str, float]:
+        """The task's metrics of ``model`` over ``loader``."""
         return evaluate(model, loader, self.runtime, task=self.task)
 
 
