@@ -130,3 +130,14 @@ def test_the_commands_load_no_model_library(module):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_docs_design_places_every_module():
+    """docs/design.md's layer list names every module of spp (by its dotted name, or its file or short name on
+    its package's line), so a new module gets a place in the map."""
+    import re
+    design = open(os.path.join(os.path.dirname(PACKAGE), "docs", "design.md")).read()
+    block = design.split("## Layers", 1)[1].split("```")[1]
+    missing = [m for m in _modules() if m != "spp" and m not in block
+               and not re.search(rf"\b{re.escape(m.rsplit('.', 1)[1])}\b", block)]
+    assert not missing, f"modules docs/design.md's layers do not place: {missing}"
