@@ -403,9 +403,9 @@ def plot(results: Dict, args, filename: str) -> None:
                 continue
             points = []
             for r in args.removed:
-                vals = [runs[str(s)][str(r)][key] for s in seeds if str(s) in runs and runs[str(s)][str(r)].get(key)]
-                if vals:
-                    points.append((runs[str(seeds[0])][str(r)]["params"] / 1e6, statistics.mean(vals)))
+                rows = [runs[str(s)][str(r)] for s in seeds if str(s) in runs and runs[str(s)][str(r)].get(key)]
+                if rows:   # every seed's member has the budget's parameter count
+                    points.append((rows[0]["params"] / 1e6, statistics.mean(row[key] for row in rows)))
             if points:
                 ax.plot(*zip(*points), marker="o", lw=2.5 if method == "spp" else 1.2, label=method)
         ref = dense["test"] if key == "test" else dense.get("ft")
@@ -463,6 +463,44 @@ def search_curve(runs: List[Dict], out: str) -> str:
     return text
 
 
+def _read_runs(spec: str) -> Dict:
+    """An earlier run's JSON; ``FILE:METHOD,...`` keeps only those methods' runs (and their seeds)."""
+    path, only = spec.rsplit(":", 1) if ":" in spec and not os.path.isfile(spec) else (spec, "")
+    results = json.load(open(path))
+    if only:
+        keep = only.split(",")
+        unknown = [m for m in keep if m not in results["runs"]]
+        if unknown:
+            raise SystemExit(f"--table-from {spec}: {path} has no runs of {unknown} (it has {sorted(results['runs'])})")
+        results["runs"] = {m: results["runs"][m] for m in keep}
+        results["methods"] = [m for m in results["methods"] if m in keep]
+        results["args"]["seeds"] = sorted({int(seed) for runs in results["runs"].values() for seed in runs})
+    return results
+
+
+def merged_runs(specs: List[str]) -> Dict:
+    """The runs of several earlier JSON files merged: later files add methods, seeds, a seed's budgets or finetuned
+    figures, and the dense model's finetuned figures; the tables' seeds are every file's."""
+    results = _read_runs(specs[0])
+    for spec in specs[1:]:
+        more = _read_runs(spec)
+        for method, runs in more["runs"].items():
+            for seed, run in runs.items():
+                merged = results["runs"].setdefault(method, {}).setdefault(seed, {})
+                for key, value in run.items():
+                    merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+        results["methods"] += [m for m in more["methods"] if m not in results["methods"]]
+        results["dense"].update({k: v for k, v in more["dense"].items() if k.startswith("ft")})
+        for key in ("seeds", "finetune_seeds"):
+            results["args"][key] = sorted(set(results["args"][key]) | set(more["args"][key]))
+        if more["args"]["finetune_seeds"] and "full" in more["args"].get("finetunes", ["full"]):
+            for key in ("finetune_steps", "long_steps"):   # the finetunes' lengths: the files' that finetuned
+                results["args"][key] = more["args"][key]
+        if "scales" in more["args"].get("finetunes", []):  # the scale training's: the files' that did it
+            results["args"]["scale_steps"] = more["args"]["scale_steps"]
+    return results
+
+
 def _size(text: str):
     key, _, value = text.partition("=")
     return key, int(value)
@@ -512,32 +550,17 @@ def main():
     parser.add_argument("--scale-removed", type=float, nargs="*", default=[0.3])
     parser.add_argument("--dense-finetune", action="store_true",
                         help="also finetune the dense model by the same recipe (the reference for the finetuned rows)")
-    parser.add_argument("--table-from", nargs="+", metavar="JSON",
+    parser.add_argument("--table-from", nargs="+", metavar="JSON[:METHOD,...]",
                         help="measure nothing: write the table of earlier runs (their runs merged, later files "
-                             "adding methods and the dense finetune) to --out")
+                             "adding methods, seeds and the dense finetune) to --out; JSON:lasso,taylor takes only "
+                             "those methods from that file")
     parser.add_argument("--search-curve", nargs="+", metavar="JSON",
                         help="measure nothing: SPP's test perplexity against its search tokens, one earlier run per "
                              "search length (--search-steps), as a table and a plot in --out")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.table_from:
-        results = json.load(open(args.table_from[0]))
-        for extra in args.table_from[1:]:
-            more = json.load(open(extra))
-            for method, runs in more["runs"].items():   # a later file adds methods, seeds, and a seed's budgets or
-                for seed, run in runs.items():          # finetuned figures
-                    merged = results["runs"].setdefault(method, {}).setdefault(seed, {})
-                    for key, value in run.items():
-                        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
-            results["methods"] += [m for m in more["methods"] if m not in results["methods"]]
-            results["dense"].update({k: v for k, v in more["dense"].items() if k.startswith("ft")})
-            for key in ("seeds", "finetune_seeds"):    # the tables' seeds: every file's
-                results["args"][key] = sorted(set(results["args"][key]) | set(more["args"][key]))
-            if more["args"]["finetune_seeds"] and "full" in more["args"].get("finetunes", ["full"]):
-                for key in ("finetune_steps", "long_steps"):   # the finetunes' lengths: the files' that finetuned
-                    results["args"][key] = more["args"][key]
-            if "scales" in more["args"].get("finetunes", []):  # the scale training's: the files' that did it
-                results["args"]["scale_steps"] = more["args"]["scale_steps"]
+        results = merged_runs(args.table_from)
         print(write_tables(results, argparse.Namespace(**{**results["args"], "out": args.out}), args.out))
         return
     if args.search_curve:

@@ -396,3 +396,29 @@ def test_torch_pruning_falls_back_to_the_mlp_where_its_head_grouping_fails():
         assert layer.self_attn.q_proj.out_features == 48 and layer.mlp.up_proj.out_features < 192
     with torch.no_grad():
         assert torch.isfinite(small(ids).logits).all()
+
+
+def test_llm_tables_merge_earlier_runs_and_take_only_the_methods_asked(tmp_path):
+    """benchmark_llm --table-from A B:lasso: B's lasso seeds join A's runs, B's other methods (an SPP of another
+    search length, say) stay out, and the table's seeds are both files'."""
+    bench = _script("benchmark_llm")
+    args = dict(removed=[0.3], seeds=[0], finetune_seeds=[], finetune_steps=100, long_steps=400, search_steps=240,
+                batch=8, calibration_batches=8, lasso_steps=300, clip="auto", finetunes=["full"])
+
+    def run(method, seeds, value):
+        return {method: {str(s): {"time": 10.0 * (s + 1), "0.3": {"params": 70, "test": value + s}} for s in seeds}}
+
+    common = dict(seq_len=64, test_tokens=630, prunable=100, dense={"params": 130, "val": 4.0, "test": 5.0})
+    a = {**common, "args": args, "methods": ["spp"], "runs": run("spp", [0], 50.0)}
+    b = {**common, "args": {**args, "seeds": [1, 2], "search_steps": 60}, "methods": ["spp", "lasso"],
+         "runs": {**run("spp", [1, 2], 90.0), **run("lasso", [1, 2], 60.0)}}
+    for name, obj in (("a.json", a), ("b.json", b)):
+        (tmp_path / name).write_text(json.dumps(obj))
+    merged = bench.merged_runs([str(tmp_path / "a.json"), f"{tmp_path / 'b.json'}:lasso"])
+    assert merged["methods"] == ["spp", "lasso"] and set(merged["runs"]["spp"]) == {"0"}   # b's spp left out
+    assert set(merged["runs"]["lasso"]) == {"1", "2"} and merged["args"]["seeds"] == [0, 1, 2]
+    import argparse
+    table = bench.write_tables(merged, argparse.Namespace(**merged["args"]), str(tmp_path))
+    assert "| spp | 50.00 | 10 |" in table and "| lasso | 61.50 ± 0.71 | 25 |" in table
+    with pytest.raises(SystemExit, match="has no runs of \\['taylor'\\]"):
+        bench.merged_runs([str(tmp_path / "a.json"), f"{tmp_path / 'b.json'}:taylor"])
