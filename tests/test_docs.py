@@ -124,7 +124,8 @@ def test_api_reference_builds_and_every_public_name_has_a_docstring(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     pages = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.html")}
-    for page in ("index.html", "spp.html", "spp/clip.html", "spp/models/clip.html", "spp/optim.html", "spp/family.html"):
+    for page in ("index.html", "spp.html", "spp/contrastive.html", "spp/models/clip.html", "spp/commands/search.html",
+                 "spp/optim.html", "spp/family.html", "spp/bench.html"):
         assert page in pages, sorted(pages)
     assert "Linearized Bregman Iteration" in (tmp_path / "spp" / "optim.html").read_text()
 
