@@ -10,7 +10,7 @@ install:
 test: install
 	$(PYTHON) -m pytest -q tests
 
-test-fast: install   # the unit tests, under a minute: no subprocess runs of the CLI, torchrun, demos or benchmarks
+test-fast: install   # the unit tests, about 2 minutes: no subprocess runs of the CLI, torchrun, demos or benchmarks
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
 docs: install        # the API reference from the docstrings: docs/api/index.html
