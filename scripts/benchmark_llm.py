@@ -52,16 +52,16 @@ import statistics
 import sys
 import time
 from importlib.metadata import version as _version
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 from unittest import mock
 
 import torch
 from torch.utils.data import DataLoader, Subset
 
 import spp
-from spp.criteria import (activation_stats, add_biases, flap_biases, flap_scores, lasso_path, lasso_values,
+from spp.criteria import (activation_stats, flap_biases, flap_scores, lasso_path, lasso_values,
                           magnitude_scores, random_scores, wanda_sp_scores, weight_taylor_scores)
-from spp.bench import Chosen, MaskedBench, budget_section, run_methods, seed_cells, take
+from spp.bench import MaskedBench, budget_section, run_methods, seed_cells, take
 from spp.bench import finetune as harness_finetune
 from spp.runtime import provenance
 from spp.tables import write_json
@@ -99,18 +99,6 @@ class Bench(MaskedBench):
 
     def perplexity(self, model, split: str) -> float:
         return self.metrics(model, self.loader(split, 0, self.args.eval_batch))["perplexity"]
-
-    def members(self, path, removed: List[float], values: str = "binary", biases: Callable = None) -> Dict[float, Chosen]:
-        """:meth:`MaskedBench.members`; ``biases(masks)``: FLAP's bias compensation, added to each member."""
-        if biases is None:
-            return super().members(path, removed, values)
-        family, out = self.family_of(path), {}
-        for r in removed:
-            member = family.select(remove=r, values=values)
-            small = self.compressed(member.masks)
-            add_biases(small, biases(member.masks))
-            out[r] = (small, {"params": member.summary.params_after})
-        return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .compress import compress
-from .criteria import magnitude_scores
+from .criteria import add_biases, magnitude_scores
 from .engine import evaluate, train_one_epoch
 from .family import WeightFamily
 from .masks import add_masks
@@ -57,13 +57,20 @@ class MaskedBench:
         """The masked model with ``masks``, compressed (in eval mode)."""
         return compress(self.masked, masks).eval()
 
-    def members(self, path: SolutionPath, removed: Sequence[float], values: str = "binary") -> Dict[float, Chosen]:
+    def members(self, path: SolutionPath, removed: Sequence[float], values: str = "binary",
+                biases: Optional[Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = None
+                ) -> Dict[float, Chosen]:
         """The path's member at each budget (``remove=r`` of the prunable parameters), compressed, with its
-        parameter count and masks."""
+        parameter count and masks. ``biases(masks)``: a bias compensation (FLAP's) added to each compressed member,
+        whose info then holds no masks (the member is more than its masks)."""
         family, out = self.family_of(path), {}
         for r in removed:
             member = family.select(remove=r, values=values)
-            out[r] = (self.compressed(member.masks), {"params": member.summary.params_after, "masks": member.masks})
+            small = self.compressed(member.masks)
+            if biases is not None:
+                add_biases(small, biases(member.masks))
+            out[r] = (small, {"params": member.summary.params_after,
+                              **({} if biases is not None else {"masks": member.masks})})
         return out
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
