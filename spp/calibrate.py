@@ -22,13 +22,14 @@ from .optim import LBI
 from .sharding import is_sharded
 from .tasks import to_device
 
-__all__ = ["calibrate_nu", "search_optimizer", "search_clip", "mask_gradient_rms", "nu_from_rms",
+__all__ = ["calibrate_nu", "search_optimizer", "search_clip", "search_nu_scale", "mask_gradient_rms", "nu_from_rms",
            "lbi_groups"]
 
 NU_CALIBRATIONS = ("pooled", "pair", "mask")   # which masks share one calibrated ν
 # spp search's defaults (its config's search.* fields take these): see calibrate_nu and spp.LBI
-DEFAULTS = dict(nu_scale=1.5, calibration_batches=8, nu_calibration="pooled", nu_batch=128, rho=0.02, kappa=10.0,
+DEFAULTS = dict(nu_scale="auto", calibration_batches=8, nu_calibration="pooled", nu_batch=128, rho=0.02, kappa=10.0,
                 lam=0.4, preconditioner="none", shrink="two_sided", snapshots=64, clip="auto")
+NU_SCALE = 1.5   # nu_scale="auto" for a family that sets none of its own (the quality benchmark's pick, docs/settings.md)
 
 
 class _OneProcess:
@@ -131,7 +132,8 @@ def nu_from_rms(rms: Dict[str, Tuple[float, int]], scale: float, key) -> Dict[st
     return {name: scale / max(math.sqrt(squares[key(name)] / counts[key(name)]), 1e-12) for name in rms}
 
 
-def calibrate_nu(model, data: Iterable, loss_fn: Callable = F.cross_entropy, scale: float = DEFAULTS["nu_scale"],
+def calibrate_nu(model, data: Iterable, loss_fn: Callable = F.cross_entropy,
+                 scale: Union[float, str] = DEFAULTS["nu_scale"],
                  batches: int = DEFAULTS["calibration_batches"], per: str = DEFAULTS["nu_calibration"],
                  reference_batch: Optional[int] = DEFAULTS["nu_batch"],
                  preconditioner: str = DEFAULTS["preconditioner"], *, mixup_fn: Optional[Callable] = None,
@@ -139,8 +141,8 @@ def calibrate_nu(model, data: Iterable, loss_fn: Callable = F.cross_entropy, sca
     """``{mask name: ν}`` with ν = ``scale`` / RMS of the per-batch mask gradients at M = 1, the RMS
     taken as at ``reference_batch`` samples per batch; with ``preconditioner="adam"``, ν = ``scale``.
     The defaults are ``spp search``'s (``search.nu_scale``, ``calibration_batches``,
-    ``nu_calibration``, ``nu_batch``); :func:`mask_gradient_rms` says how ``data`` and ``loss_fn``
-    are used. Call it on the masked model before the search's first step, so that M = 1.
+    ``nu_calibration``, ``nu_batch``); ``scale="auto"`` is the model family's (:func:`search_nu_scale`).
+    :func:`mask_gradient_rms` says how ``data`` and ``loss_fn`` are used. Call it on the masked model before the search's first step, so that M = 1.
 
     Pass held-out batches, images the model was not trained on (``spp search`` takes its validation
     split, ``search.nu_data: val``). A mask settles near ``M ≈ -ν g`` and moves ``ρν·g`` a step, so ν
@@ -161,6 +163,7 @@ def calibrate_nu(model, data: Iterable, loss_fn: Callable = F.cross_entropy, sca
     ``scale`` itself, with no gradient pass.
     """
     key = _nu_key(per, mask_pairs(_bare(model)))
+    scale = search_nu_scale(model) if scale == "auto" else scale
     if preconditioner == "adam":
         return dict.fromkeys((n for n, _ in _named_masks(model)), float(scale))
     losses: List[float] = []
@@ -238,3 +241,9 @@ def search_clip(model) -> Optional[float]:
     whose mask gradients are heavy-tailed; none for the vision and CLIP families, whose sparsest members a bound
     costs accuracy). The measurements: docs/ablations.md."""
     return family_of(_bare(model)).search_defaults.get("clip")
+
+
+def search_nu_scale(model) -> float:
+    """The ``nu_scale`` that ``"auto"`` gives ``model``: its family's ``search_defaults`` (4 for the decoder LLMs),
+    else 1.5, the vision benchmark's pick. The measurements: docs/ablations.md."""
+    return float(family_of(_bare(model)).search_defaults.get("nu_scale", NU_SCALE))

@@ -78,7 +78,8 @@ class SearchConfig:
     rho: float = _SEARCH["rho"]  # per-step pull of M toward Γ (κα/ν)
     kappa: float = _SEARCH["kappa"]
     nu: Union[float, str] = "auto"          # ν; "auto" calibrates it from the mask gradients
-    nu_scale: float = _SEARCH["nu_scale"]  # auto ν = nu_scale / RMS of mask gradients at M = 1 (with adam: nu_scale)
+    nu_scale: Union[float, str] = _SEARCH["nu_scale"]  # auto ν = nu_scale / RMS of mask gradients at M = 1 (with adam:
+                                            # nu_scale); auto: the model family's (4 for LLMs, 1.5 for ViT and CLIP)
     nu_calibration: str = _SEARCH["nu_calibration"]  # masks sharing one ν: pooled (all), pair (per pair type), mask
     nu_batch: Optional[int] = _SEARCH["nu_batch"]  # auto ν is for this batch: the RMS at batch B is scaled by √(B / nu_batch)
     calibration_batches: int = _SEARCH["calibration_batches"]
@@ -302,7 +303,8 @@ def _validate(c: Config) -> None:
     _choice("model.granularity", c.model.granularity, ("dim", "head"))
     _choice("data.dataset", c.data.dataset, [d for task in TASKS for d in task.datasets])
     _choice("model.dtype", c.model.dtype, ("auto", "float32", "bfloat16", "float16"))
-    for key, value in (("search.lr", c.search.lr), ("search.nu", c.search.nu), ("search.clip", c.search.clip)):
+    for key, value in (("search.lr", c.search.lr), ("search.nu", c.search.nu), ("search.nu_scale", c.search.nu_scale),
+                       ("search.clip", c.search.clip)):
         if isinstance(value, str) and value != "auto":
             raise ConfigError(f"{key}={value!r}: give a number or auto" + (" (or null: no bound)" if key == "search.clip" else ""))
     _choice("search.nu_calibration", c.search.nu_calibration, NU_CALIBRATIONS)
@@ -332,7 +334,8 @@ def _check_ranges(c: Config) -> None:
     count = (lambda v: v >= 0, "must be >= 0")
     fraction = (lambda v: 0 <= v <= 1, "must lie in [0, 1]")
     below_one = (lambda v: 0 <= v < 1, "must lie in [0, 1)")
-    numbers = {key: v for key, v in (("search.lr", s.lr), ("search.nu", s.nu)) if not isinstance(v, str)}  # or auto
+    numbers = {key: v for key, v in (("search.lr", s.lr), ("search.nu", s.nu), ("search.nu_scale", s.nu_scale))
+               if not isinstance(v, str)}  # or auto
     if s.clip is not None and not isinstance(s.clip, str):   # or auto
         numbers["search.clip"] = s.clip
     table = [
@@ -340,7 +343,7 @@ def _check_ranges(c: Config) -> None:
             "data.img_size": d.img_size, "data.in_chans": d.in_chans, "data.num_classes": d.num_classes,
             "data.batch_size": d.batch_size, "data.eval_batch_size": d.eval_batch_size,
             "data.synthetic_size": d.synthetic_size, "data.seq_len": d.seq_len, "search.epochs": s.epochs, "search.rho": s.rho,
-            "search.kappa": s.kappa, "search.nu_scale": s.nu_scale, "search.calibration_batches": s.calibration_batches,
+            "search.kappa": s.kappa, "search.calibration_batches": s.calibration_batches,
             "search.log_every": s.log_every, "family.round_to": c.family.round_to,
             "export.round_to": c.export.round_to, "export.budget": c.export.budget, "train.epochs": t.epochs,
             "train.lr": t.lr, "train.clip_grad": t.clip_grad, "train.distill_temperature": t.distill_temperature,

@@ -343,20 +343,25 @@ def test_clip_bounds_the_loss_gradients_step_and_leaves_small_gradients_alone(fo
         spp.LBI([mask], clip=0)
 
 
-def test_clip_auto_takes_the_model_familys_bound():
-    """search_optimizer's clip="auto" (spp search's default) bounds the step at the decoder LLMs' 10 and leaves the
-    ViT's unbounded; a number or None given explicitly wins."""
+def test_auto_settings_take_the_model_familys():
+    """search_optimizer's clip="auto" and calibrate_nu's scale="auto" (spp search's defaults) take the decoder LLMs'
+    bound 10 and nu_scale 4, and leave the ViT and CLIP unbounded at nu_scale 1.5; a value given explicitly wins."""
     transformers = pytest.importorskip("transformers", reason="the decoder family needs transformers")
-    from helpers import tiny_vit
+    from helpers import tiny_clip, tiny_vit
 
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1, max_position_embeddings=32))
-    vit = tiny_vit()
-    for model in (llama, vit):
+    vit, clip = tiny_vit(), tiny_clip()
+    for model in (llama, vit, clip):
         spp.add_masks(model)
-    assert spp.calibrate.DEFAULTS["clip"] == "auto"
+    assert spp.calibrate.DEFAULTS["clip"] == spp.calibrate.DEFAULTS["nu_scale"] == "auto"
     assert {g["clip"] for g in spp.search_optimizer(llama, 100.0).param_groups} == {10.0}
-    assert {g["clip"] for g in spp.search_optimizer(vit, 100.0).param_groups} == {None}
+    for model in (vit, clip):
+        assert {g["clip"] for g in spp.search_optimizer(model, 100.0).param_groups} == {None}
+    assert [spp.calibrate.search_nu_scale(m) for m in (llama, vit, clip)] == [4.0, 1.5, 1.5]
+    # with the Adam direction nu is nu_scale itself: what "auto" resolves to, read without a gradient pass
+    assert set(spp.calibrate_nu(llama, [], preconditioner="adam").values()) == {4.0}
+    assert set(spp.calibrate_nu(vit, [], preconditioner="adam", scale=2.0).values()) == {2.0}
     assert {g["clip"] for g in spp.search_optimizer(llama, 100.0, clip=None).param_groups} == {None}
     assert {g["clip"] for g in spp.search_optimizer(vit, 100.0, clip=3.0).param_groups} == {3.0}

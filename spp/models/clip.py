@@ -37,6 +37,8 @@ class CLIPFamily(_DecoderFamily):
     forward_methods = ("get_text_features", "get_image_features")   # zero-shot and retrieval embeddings
     inputs = "image-text"
     auto_class = "AutoModel"
+    # the vision settings, not the decoder LLMs' (no step bound, nu_scale 1.5): the CLIP tables were measured with them
+    search_defaults: dict = {}
 
     @staticmethod
     def towers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
