@@ -21,7 +21,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        # decoder LLMs (Llama, Mistral, Qwen2, OPT); tested on transformers 5.25 (its attention interface
+        # decoder LLMs (Llama, Mistral, Qwen2, Qwen3, OPT); tested on transformers 5.25 (its attention interface
         # and cache= argument); peft for LoRA, datasets for hub text, lm-eval for zero-shot tasks (HFLM)
         # gguf: models shipped as GGUF files (transformers reads them through it)
         "llm": ["transformers>=5.25", "tokenizers", "peft", "datasets", "lm-eval", "gguf"],

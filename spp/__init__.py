@@ -2,7 +2,7 @@
 
 One LBI search over pair-wise structured masks gives a whole family of pruned models;
 any member is compressed exactly into a smaller dense model. Model families (timm ViT/DeiT and
-Swin, Hugging Face Llama/Mistral/Qwen2, OPT and CLIP) are plug-ins in :mod:`spp.models`; importing
+Swin, Hugging Face Llama/Mistral/Qwen2/Qwen3, OPT and CLIP) are plug-ins in :mod:`spp.models`; importing
 ``spp`` imports neither timm nor transformers. CLIP's loss, retrieval and zero-shot evaluation are in
 :mod:`spp.contrastive`, its image-caption data in :mod:`spp.data`.
 """

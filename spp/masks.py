@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .models import family_of, model_geometry
-from .structure import GRANULARITIES, mask_names
+from .structure import GRANULARITIES, UnsupportedModel, mask_names
 
 __all__ = ["add_masks", "remove_masks", "mask_parameters", "freeze_weights", "set_masks", "is_masked",
            "granularity_of", "require_masks", "MasksAtOne"]
@@ -40,6 +40,10 @@ def add_masks(model: nn.Module, granularity: str = "dim", freeze: bool = True) -
     if is_masked(model):
         raise ValueError("the model already has masks; call spp.remove_masks(model) first")
     family = family_of(model)
+    if granularity not in family.granularities:
+        raise UnsupportedModel(f"{type(model).__name__} ({family.name}): granularity={granularity!r} is not exact "
+                               f"here: {family.granularity_note}; use granularity={family.granularities[0]!r} "
+                               f"(spp search: model.granularity={family.granularities[0]})")
     family.geometry(model)  # raises a clear error for unsupported models or blocks
     family.add_masks(model, granularity)
     model.spp_granularity = granularity

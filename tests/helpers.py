@@ -104,7 +104,7 @@ def decoder_config(kind: str, **overrides):
     if kind == "opt":
         return transformers.OPTConfig(**{**common, "ffn_dim": 96, "word_embed_proj_dim": 64, **overrides})
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config}[kind]
+           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[kind]
     return cls(**{**common, "intermediate_size": 96, "num_key_value_heads": 2, **overrides})
 
 
@@ -113,6 +113,7 @@ DECODERS = {   # name: (config kind, overrides)
     "llama-gqa-bias": ("llama", dict(attention_bias=True, mlp_bias=True)),
     "mistral-gqa": ("mistral", dict(sliding_window=64)),
     "qwen2-gqa": ("qwen2", {}),
+    "qwen3-gqa": ("qwen3", dict(head_dim=16)),   # Qwen3Config's own default head_dim is 128
     "opt": ("opt", {}),
     "opt-nobias": ("opt", dict(enable_bias=False)),
 }
@@ -126,7 +127,8 @@ def tiny_decoder(name: str, seed: int = 0):
     torch.manual_seed(seed)
     config = decoder_config(kind, **overrides)
     cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
-           "qwen2": transformers.Qwen2ForCausalLM, "opt": transformers.OPTForCausalLM}[kind]
+           "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
+           "opt": transformers.OPTForCausalLM}[kind]
     return cls(config).eval()
 
 

@@ -6,6 +6,7 @@ family                 models                                             module
 ``timm-vit``           timm ``VisionTransformer`` (ViT, DeiT, distilled)  :mod:`spp.models.vit`
 ``timm-swin``          timm ``SwinTransformer`` (v1)                      :mod:`spp.models.swin`
 ``hf-llama``           transformers Llama, Mistral, Qwen2 (GQA, RoPE)     :mod:`spp.models.decoder`
+``hf-qwen3``           transformers Qwen3 (whole heads: q/k norms)        :mod:`spp.models.decoder`
 ``hf-opt``             transformers OPT                                   :mod:`spp.models.decoder`
 ``hf-clip``            transformers CLIP (both towers, or one)            :mod:`spp.models.clip`
 =====================  =================================================  ============================
@@ -45,6 +46,9 @@ _REGISTRY: List[_Entry] = [
     _Entry("hf-llama", "transformers LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (and their *Model)",
            tuple(_LLAMA.format(m, c + s) for m, c in (("llama", "Llama"), ("mistral", "Mistral"), ("qwen2", "Qwen2"))
                  for s in ("ForCausalLM", "Model")), "spp.models.decoder:LLAMA", ("llama", "mistral", "qwen2")),
+    _Entry("hf-qwen3", "transformers Qwen3ForCausalLM (and Qwen3Model): whole query heads (q/k norms), MLP neurons",
+           (_LLAMA.format("qwen3", "Qwen3ForCausalLM"), _LLAMA.format("qwen3", "Qwen3Model")),
+           "spp.models.decoder:QWEN3", ("qwen3",)),
     _Entry("hf-opt", "transformers OPTForCausalLM (and OPTModel)",
            (_LLAMA.format("opt", "OPTForCausalLM"), _LLAMA.format("opt", "OPTModel")), "spp.models.decoder:OPT",
            ("opt",)),
@@ -57,8 +61,6 @@ _REGISTRY: List[_Entry] = [
 
 # Models people try that spp cannot prune exactly, and why (instead of the generic "not supported").
 _KNOWN_UNSUPPORTED: Dict[str, str] = {
-    "Qwen3": "q_norm/k_norm normalise q and k over the head dim, so a mask on query-key dims changes the "
-             "norm and cannot be folded into the weights",
     "Gemma": "q/k normalisation and soft-capping of the logits are not folded into pruned weights",
     "Phi": "partial rotary embeddings (only part of each head is rotated) are not supported",
 }

@@ -38,6 +38,8 @@ class ModelFamily:
     inputs: str = "image"                 # what one example is: "image", "text" (a causal LM) or "image-text" (CLIP)
     model_types: Sequence[str] = ()       # Hugging Face config model_type values it loads (read by spp.models.register)
     auto_class: Optional[str] = None      # the transformers Auto class that loads such a directory
+    granularities: Sequence[str] = ("dim", "head")   # the mask granularities it compresses exactly
+    granularity_note: str = ""            # why a granularity is missing from granularities (the refusal says it)
 
     # ----- structure ---------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> List[nn.Module]:

@@ -29,6 +29,7 @@ cache holds each layer's kept widths.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -73,10 +74,11 @@ class DecoderGeometry(Geometry):
     mlp_in_bias: bool
     mlp_out_bias: bool
     part: str = ""         # the tower a layer belongs to (CLIP: "vision" / "text"), for per-part budgets
+    qk_at: str = "q_proj"  # the module whose output the query-key mask scales (Qwen3: "q_norm", after the norm)
 
     def mask_names(self) -> Dict[str, str]:
         a = f"{self.name}.{self.attn}"
-        return {"qk": f"{a}.q_proj.qk_mask", "v": f"{a}.{self.out_proj}.v_mask",
+        return {"qk": f"{a}.{self.qk_at}.qk_mask", "v": f"{a}.{self.out_proj}.v_mask",
                 "mlp": f"{self.name}.{self.mlp_out}.mlp_mask"}
 
     def mask_size(self, pair: str, granularity: str) -> int:
@@ -182,6 +184,11 @@ def _qk_hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
     return _scale(output, module.qk_mask, module.spp_layout)
 
 
+def _qk_norm_hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+    """A query norm's output (..., heads, head_dim) scaled per head (whole-head masks after Qwen3's q_norm)."""
+    return output * module.qk_mask.to(output.dtype)[:, None]
+
+
 def _v_hook(module: nn.Module, inputs):
     return (_scale(inputs[0], module.v_mask, module.spp_layout), *inputs[1:])
 
@@ -190,7 +197,7 @@ def _mlp_hook(module: nn.Module, inputs):
     return (inputs[0] * module.mlp_mask.to(inputs[0].dtype), *inputs[1:])
 
 
-_HOOKS = (_qk_hook, _v_hook, _mlp_hook)
+_HOOKS = (_qk_hook, _qk_norm_hook, _v_hook, _mlp_hook)
 
 
 def _add_mask(linear: nn.Linear, attr: str, size: int, layout=None) -> None:
@@ -222,12 +229,15 @@ class PrunedDecoderAttention(nn.Module):
     ``num_kv_heads`` key/value heads: query head h reads ``kv_map[h]``. With RoPE, ``rope_index``
     picks the kept dims' entries of the model's cos/sin tables (kept pairs' original frequencies).
     ``scaling`` is the unpruned model's ``head_dim ** -0.5``. ``is_causal=False`` (CLIP's vision tower) attends
-    both ways unless the caller passes ``is_causal`` or a mask.
+    both ways unless the caller passes ``is_causal`` or a mask. ``head_norms``: the model's own query and key norms
+    over each head's dims (Qwen3's ``q_norm`` / ``k_norm``; whole heads only), after which each query head's logits
+    are scaled by ``qk_scale`` (its query-key mask value, which cannot be folded into weights a norm follows).
     """
 
     def __init__(self, config, layer_idx: int, dim: int, widths: Widths, *, rotary: bool, scaling: float,
                  biases: Tuple[bool, bool, bool, bool], out_proj: str = "o_proj", scale_query: bool = False,
-                 attention_dropout: float = 0.0, sliding_window: Optional[int] = None, is_causal: bool = True):
+                 attention_dropout: float = 0.0, sliding_window: Optional[int] = None, is_causal: bool = True,
+                 head_norms: Optional[Tuple[nn.Module, nn.Module]] = None):
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
         self.num_heads, self.num_kv_heads = widths.num_heads, widths.num_kv_heads or 0
@@ -240,24 +250,33 @@ class PrunedDecoderAttention(nn.Module):
         self.k_proj = new_linear(dim, self.num_kv_heads * self.qk_dim, k_bias)
         self.v_proj = new_linear(dim, self.num_kv_heads * self.v_dim, v_bias)
         setattr(self, out_proj, new_linear(self.num_heads * self.v_dim, dim, o_bias))
+        self.head_norms = head_norms is not None
+        if self.head_norms:   # the model's own names (q_norm, k_norm), so their weights load as they were saved
+            self.q_norm, self.k_norm = (copy.deepcopy(n) for n in head_norms)
         # which kept key/value head each query head reads, and (RoPE) the kept dims' cos/sin entries; saved
         # in spp's config.json ("layout"), not with the weights, so the weights are the model's own names only
         self.register_buffer("kv_map", torch.zeros(self.num_heads, dtype=torch.long), persistent=False)
         self.register_buffer("rope_index", torch.arange(self.qk_dim, dtype=torch.long), persistent=False)
         self.register_buffer("slots", torch.arange(self.num_heads, dtype=torch.long), persistent=False)
+        self.register_buffer("qk_scale", torch.ones(self.num_heads), persistent=False)
         self._refresh(torch.zeros(self.num_heads, dtype=torch.long, device="cpu"))
 
-    def set_layout(self, kv_map: Sequence[int], rope_index: Optional[Sequence[int]] = None) -> None:
-        """Which kept key/value head each query head reads and (RoPE) the kept dims' cos/sin entries."""
+    def set_layout(self, kv_map: Sequence[int], rope_index: Optional[Sequence[int]] = None,
+                   qk_scale: Optional[Sequence[float]] = None) -> None:
+        """Which kept key/value head each query head reads, (RoPE) the kept dims' cos/sin entries and (head norms)
+        each query head's scale of its logits."""
         kv_map = torch.as_tensor(kv_map, dtype=torch.long)
         self.kv_map.copy_(kv_map)   # on the meta device (a skeleton, spp.sharding) a no-op: the buffers come from rank 0
         if rope_index is not None:
             self.rope_index.copy_(torch.as_tensor(rope_index, dtype=torch.long))
+        if qk_scale is not None:
+            self.qk_scale.copy_(torch.as_tensor(qk_scale, dtype=torch.float32))
         self._refresh(kv_map)
 
     @property
-    def layout(self) -> Dict[str, List[int]]:
-        return {"kv_map": self.kv_map.tolist(), "rope_index": self.rope_index.tolist()}
+    def layout(self) -> Dict[str, List]:
+        out = {"kv_map": self.kv_map.tolist(), "rope_index": self.rope_index.tolist()}
+        return {**out, "qk_scale": self.qk_scale.tolist()} if self.head_norms else out
 
     def _refresh(self, kv_map: torch.Tensor) -> None:
         """Use the model's repeat of key/value heads when every kept group has the same size, in order. Else
@@ -294,6 +313,9 @@ class PrunedDecoderAttention(nn.Module):
         q = q.view(B, T, self.num_heads, self.qk_dim).transpose(1, 2)
         k = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.qk_dim).transpose(1, 2)
         v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.v_dim).transpose(1, 2)
+        if self.head_norms and self.qk_dim:   # whole heads: the norms see every dim they saw unpruned
+            q = self.q_norm(q) * self.qk_scale.to(q.dtype)[:, None, None]
+            k = self.k_norm(k)
         if self.rotary and self.qk_dim:
             cos, sin = position_embeddings
             q, k = apply_rotary_pos_emb(q, k, cos[..., self.rope_index], sin[..., self.rope_index])
@@ -337,6 +359,7 @@ class _DecoderFamily(ModelFamily):
     mlp_in = ("mlp.gate_proj", "mlp.up_proj")   # the MLP's input projections within the layer
     mlp_out = "mlp.down_proj"
     scale_query = False
+    head_norms = False   # q_norm / k_norm over each head's dims (Qwen3): whole heads only, the mask after the norm
 
     # ----- structure -------------------------------------------------------------------------
     def decoder(self, model: nn.Module) -> nn.Module:
@@ -351,7 +374,7 @@ class _DecoderFamily(ModelFamily):
     def _check(self, model: nn.Module, name: str, layer: nn.Module) -> None:
         config = model.config
         attn = layer.self_attn
-        for norm in ("q_norm", "k_norm"):
+        for norm in () if self.head_norms else ("q_norm", "k_norm"):
             if isinstance(getattr(attn, norm, None), nn.Module):
                 raise UnsupportedModel(f"{type(model).__name__}: {name}.self_attn.{norm} normalises over the head dim, "
                                        "so query-key masks cannot be folded into the weights; not supported")
@@ -388,7 +411,8 @@ class _DecoderFamily(ModelFamily):
             mlp_hidden=fcs[0].out_features, tokens=tokens, rotary=self.rotary,
             q_bias=attn.q_proj.bias is not None, k_bias=attn.k_proj.bias is not None,
             v_bias=attn.v_proj.bias is not None, o_bias=getattr(attn, self.out_proj).bias is not None,
-            gated=len(fcs) == 2, mlp_in_bias=fcs[0].bias is not None, mlp_out_bias=out.bias is not None, part=part)
+            gated=len(fcs) == 2, mlp_in_bias=fcs[0].bias is not None, mlp_out_bias=out.bias is not None, part=part,
+            qk_at="q_norm" if self.head_norms else "q_proj")
 
     def example_input(self, model: nn.Module, input_size: Optional[Sequence[int]] = None) -> torch.Tensor:
         device = next(model.parameters()).device
@@ -399,8 +423,9 @@ class _DecoderFamily(ModelFamily):
         for geom, layer in zip(self.geometry(model), self.blocks(model)):
             attn = layer.self_attn
             qk_layout = (geom.num_heads, geom.head_dim, geom.rotary, granularity)
-            _add_mask(attn.q_proj, "qk_mask", geom.mask_size("qk", granularity), qk_layout)
-            attn.q_proj.register_forward_hook(_qk_hook)
+            qk_module = attn.get_submodule(geom.qk_at)
+            _add_mask(qk_module, "qk_mask", geom.mask_size("qk", granularity), qk_layout)
+            qk_module.register_forward_hook(_qk_norm_hook if self.head_norms else _qk_hook)
             o = getattr(attn, self.out_proj)
             _add_mask(o, "v_mask", geom.mask_size("v", granularity), (geom.num_heads, geom.head_dim, False, granularity))
             o.register_forward_pre_hook(_v_hook)
@@ -447,7 +472,8 @@ class _DecoderFamily(ModelFamily):
             scale_query=self.scale_query,
             attention_dropout=getattr(source, "attention_dropout", getattr(source, "dropout", 0.0)),
             sliding_window=getattr(source, "sliding_window", None) or (
-                getattr(source.config, "sliding_window", None) if "Mistral" in type(source).__name__ else None))
+                getattr(source.config, "sliding_window", None) if "Mistral" in type(source).__name__ else None),
+            head_norms=(source.q_norm, source.k_norm) if self.head_norms else None)
 
     @torch.no_grad()
     def compress_block(self, block, source, geom: DecoderGeometry, masks, granularity: str) -> Widths:
@@ -470,6 +496,9 @@ class _DecoderFamily(ModelFamily):
             v_dims = torch.arange(d) if w.v_dim else torch.zeros(0, dtype=torch.long)
             q_scale = (qk[heads] * (v[heads] != 0))[:, None].expand(-1, len(dims))
             v_scale = v[heads][:, None].expand(-1, len(v_dims))
+        head_scale = None
+        if self.head_norms:   # a norm follows q_proj: each head's scale goes on its logits, not into its rows
+            head_scale, q_scale = q_scale[:, 0] if len(dims) else torch.zeros(len(heads)), None
         device = attn.q_proj.weight.device
         dtype = attn.q_proj.weight.dtype
         new = self._new_attention(attn, geom, w)
@@ -490,7 +519,7 @@ class _DecoderFamily(ModelFamily):
         setattr(new, self.out_proj, copy_linear(o.weight[:, cols] * v_scale.flatten().to(device, dtype), o.bias))
         kv_position = {int(h): i for i, h in enumerate(kv_heads.tolist())}
         kv_map = torch.tensor([kv_position[int(h) // geom.group] for h in heads.tolist()], dtype=torch.long)
-        new.set_layout(kv_map, dims if self.rotary else None)
+        new.set_layout(kv_map, dims if self.rotary else None, head_scale)
         block.self_attn = new.to(device)
         self._compress_mlp(block, source, mlp_mask)
         return w
@@ -515,7 +544,8 @@ class _DecoderFamily(ModelFamily):
 
     def set_layout(self, model: nn.Module, layout: List[Dict[str, List[int]]]) -> None:
         for layer, entry in zip(self.blocks(model), layout):
-            layer.self_attn.set_layout(entry["kv_map"], entry["rope_index"] if self.rotary else None)
+            layer.self_attn.set_layout(entry["kv_map"], entry["rope_index"] if self.rotary else None,
+                                       entry.get("qk_scale"))
 
     def plain_config(self, model: nn.Module) -> Optional[Dict[str, Any]]:
         """The model's own transformers config at the pruned widths, when every layer keeps the same number of
@@ -525,7 +555,8 @@ class _DecoderFamily(ModelFamily):
         widths, attns = model.spp_widths, [layer.self_attn for layer in self.blocks(model)]
         w, d = widths[0], model.config.to_dict().get("head_dim") or model.config.hidden_size // model.config.num_attention_heads
         if not (all(x == w for x in widths) and w.num_heads and w.num_qk_heads == w.num_heads
-                and w.qk_dim == w.v_dim == d and all(a.standard_groups for a in attns)):
+                and w.qk_dim == w.v_dim == d and all(a.standard_groups for a in attns)
+                and all(bool((a.qk_scale == 1).all()) for a in attns)):   # head norms: logits scaled only by 1
             return None
         return self._plain(model.config.to_dict(), w)
 
@@ -569,6 +600,16 @@ class LlamaFamily(_DecoderFamily):
         return model.model if hasattr(model, "lm_head") else model
 
 
+class Qwen3Family(LlamaFamily):
+    """``hf-qwen3``: transformers Qwen3 (per-head q/k RMS norms, GQA, optional sliding window): whole heads."""
+    name = "hf-qwen3"
+    description = "transformers Qwen3ForCausalLM (and Qwen3Model): whole query heads, MLP neurons"
+    head_norms = True
+    granularities = ("head",)
+    granularity_note = ("q_norm / k_norm normalise each head's query and key over all its dims, so removing some "
+                        "dims of a head changes what the norm divides by; whole heads stay exact")
+
+
 class OPTFamily(_DecoderFamily):
     """``hf-opt``: transformers OPT (learned positions, biases, query scaled before the product)."""
     name = "hf-opt"
@@ -589,4 +630,4 @@ class OPTFamily(_DecoderFamily):
         return {**config, "ffn_dim": w.mlp_hidden}
 
 
-LLAMA, OPT = LlamaFamily(), OPTFamily()
+LLAMA, QWEN3, OPT = LlamaFamily(), Qwen3Family(), OPTFamily()
