@@ -14,8 +14,9 @@ and cut by the same global parameter-budget walk (``spp.WeightFamily``) at ``--r
 prunable parameters, except Torch-Pruning, which cuts by its own rules:
 
   spp            one LBI search (``calibrate_nu`` on validation batches, ``search_optimizer``'s defaults, which
-                 for an LLM bound the step at clip 10; ``--search-steps`` steps of the training text); each
-                 budget's member by ``WeightFamily.select_best`` with validation perplexity as the score
+                 for an LLM bound the step at clip 10 and take nu_scale 4; ``--search-steps`` steps of the
+                 training text); each budget's member by ``WeightFamily.select_best`` with validation
+                 perplexity as the score
   magnitude      RMS of each structure's weights (``spp.criteria.magnitude_scores``)
   random         a random ranking
   wanda-sp       structured Wanda, |W| times the input activation norm (``wanda_sp_scores``)
@@ -118,7 +119,8 @@ def model_path(name: str) -> str:
 
 def run_spp(bench, seed, removed):
     args, masked = bench.args, copy.deepcopy(bench.masked)
-    nu = spp.calibrate_nu(masked, bench.loader("val", seed), spp.next_token_loss, batches=args.calibration_batches)
+    nu = spp.calibrate_nu(masked, bench.loader("val", seed), spp.next_token_loss, batches=args.calibration_batches,
+                          scale=args.nu_scale)
     optimizer = spp.search_optimizer(masked, nu, clip=None if args.clip == "none" else args.clip)
     masked.train()
     step, start = 0, time.time()
@@ -334,7 +336,8 @@ def write_tables(results: Dict, args, out: str) -> str:
         tokens = args.search_steps * args.batch * results["seq_len"]
         lines += [f"SPP's search: {args.search_steps} steps of {args.batch} x {results['seq_len']} tokens "
                   f"({tokens:,} tokens; ν calibrated on {args.calibration_batches} validation batches; "
-                  f"clip {_clip(getattr(args, 'clip', None))}).", ""]
+                  f"clip {_clip(getattr(args, 'clip', None))}"
+                  + (f"; nu_scale {args.nu_scale}" if getattr(args, "nu_scale", None) is not None else "") + ").", ""]
     sections = [("no finetuning", "test"), (f"after {args.finetune_steps} finetuning steps", "ft"),
                 (f"after {args.long_steps} finetuning steps", "ft_long")]
     if "scale_steps" in args:
@@ -519,6 +522,9 @@ def main():
     parser.add_argument("--clip", type=lambda v: v if v in ("auto", "none") else float(v), default="auto",
                         help="the search's bound on the loss gradient's step, in units of 1/nu (search.clip): auto, "
                              "the model family's (10 for LLMs); none: unbounded; or a number")
+    parser.add_argument("--nu-scale", type=lambda v: v if v == "auto" else float(v), default="auto",
+                        help="the search's nu = nu_scale / RMS of the mask gradients (search.nu_scale): auto, the model "
+                             "family's (4 for LLMs), or a number")
     parser.add_argument("--progress-every", type=int, default=20, help="search (and Lasso) steps between progress lines")
     parser.add_argument("--lasso-lams", type=float, nargs="+", default=[3e-4, 1e-3])
     parser.add_argument("--lasso-steps", type=int, default=300)

@@ -1,6 +1,7 @@
 """Objects a run builds from its config: model, loaders, loss."""
 from __future__ import annotations
 
+import json
 import os
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
@@ -16,7 +17,7 @@ from .data import DatasetNotFound, build_datasets, build_loader, class_prompts
 from .engine import DistillationLoss, evaluate
 from .errors import ConfigError
 from .family import RANKINGS, WeightFamily
-from .models import family_of, supported
+from .models import family_for_model_type, family_of, supported
 from .path import SolutionPath
 from .runtime import Runtime, main_print, setup_runtime
 from .tasks import Contrastive, NextToken, task_class
@@ -47,6 +48,7 @@ def check_inputs(cfg: Config) -> None:
             and not os.path.exists(name):
         raise FileNotFoundError(f"model.name={name} not found (looked for {os.path.abspath(name)}): give a Hugging Face "
                                 "model directory, a .gguf file, hf:ORG/NAME or a timm model name")
+    _check_granularity(cfg)
     if task_class(cfg.data.dataset).inputs == "image":
         return
     for key in ("root", "images"):
@@ -55,6 +57,20 @@ def check_inputs(cfg: Config) -> None:
             raise DatasetNotFound(f"data.{key}={path} not found (looked for {os.path.abspath(path)})")
     if is_hf(name) or cfg.data.tokenizer:
         load_tokenizer(cfg.data.tokenizer or name)
+
+
+def _check_granularity(cfg: Config) -> None:
+    """A local Hugging Face directory whose family cannot compress ``model.granularity`` exactly (Qwen3 at ``dim``)
+    is refused from its config.json, before its weights load."""
+    config = os.path.join(cfg.model.name, "config.json")
+    if not os.path.isfile(config):
+        return
+    with open(config) as f:
+        family = family_for_model_type(json.load(f).get("model_type"))
+    if family is not None and cfg.model.granularity not in family.granularities:
+        raise ConfigError(f"model.granularity={cfg.model.granularity} is not exact for {cfg.model.name} "
+                          f"({family.name}): {family.granularity_note}; use model.granularity="
+                          f"{family.granularities[0]}")
 
 
 def input_size_for(cfg: Config) -> Optional[Tuple[int, ...]]:

@@ -38,6 +38,9 @@ def write_model(directory, kind: str):
                   max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if kind == "opt":
         model = transformers.OPTForCausalLM(transformers.OPTConfig(**common, ffn_dim=96, word_embed_proj_dim=64))
+    elif kind == "qwen3":
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, intermediate_size=96,
+                                                                       num_key_value_heads=2, head_dim=16))
     else:
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, intermediate_size=96,
                                                                         num_key_value_heads=2))
@@ -108,6 +111,7 @@ def test_wrong_paths_are_reported_before_the_model_loads(tmp_path, text, capsys,
     import spp.build
 
     model = write_model(tmp_path / "model", "llama")
+    qwen3 = write_model(tmp_path / "qwen3", "qwen3")
     loads = []
     monkeypatch.setattr(spp.build, "create_model", lambda *a, **k: loads.append(a) or pytest.fail("model loaded"))
     os.makedirs(tmp_path / "empty")
@@ -115,10 +119,30 @@ def test_wrong_paths_are_reported_before_the_model_loads(tmp_path, text, capsys,
         for overrides, message in [
                 ([f"model.name={model}", f"data.root={tmp_path / 'nope'}"], "data.root=.*nope not found"),
                 ([f"model.name={model}", f"data.root={text}", f"data.tokenizer={tmp_path / 'empty'}"], "no tokenizer in"),
-                ([f"model.name={tmp_path / 'missing.gguf'}", f"data.root={text}"], "model.name=.*missing.gguf not found")]:
+                ([f"model.name={tmp_path / 'missing.gguf'}", f"data.root={text}"], "model.name=.*missing.gguf not found"),
+                ([f"model.name={qwen3}", f"data.root={text}"],
+                 "model.granularity=dim is not exact .*hf-qwen3.*q_norm.*use model.granularity=head")]:
             assert main([command, SMOKE, f"output={tmp_path / 'run'}", *overrides]) == 2, (command, overrides)
             assert re.search(message, capsys.readouterr().err)
     assert loads == []
+
+
+def test_qwen3_whole_heads_through_search_and_export(tmp_path, text):
+    """A Qwen3 directory searched at model.granularity=head (one ν per pair type) and its member exported: a
+    compressed Qwen3 that spp loads back, with fewer parameters and finite logits."""
+    import spp
+
+    model = write_model(tmp_path / "model", "qwen3")
+    out = str(tmp_path / "run")
+    args = [f"output={out}", f"model.name={model}", f"data.root={text}", "model.granularity=head",
+            "search.nu_calibration=pair"]
+    assert main(["search", SMOKE, *args]) == 0
+    assert main(["export", SMOKE, *args, "export.remove=0.3", "export.rank=entry", "export.values=binary"]) == 0
+    small = spp.load_pruned(os.path.join(out, "pruned")).eval()
+    dense = spp.create_model(model)
+    assert type(small).__name__ == "Qwen3ForCausalLM" and spp.count_params(small) < spp.count_params(dense)
+    with torch.no_grad():
+        assert torch.isfinite(small(torch.randint(3, 20, (1, 16))).logits).all()
 
 
 def test_retrain_finetunes_a_member_and_lowers_validation_perplexity(tmp_path, text):
