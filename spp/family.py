@@ -16,7 +16,7 @@ from .structure import PAIRS, Geometry, Widths, mask_names, widths_from_masks
 __all__ = ["WeightFamily", "Member", "Summary"]
 
 BUDGET_KINDS = ("params", "flops", "elements")
-SCOPES = ("global", "pair", "part")
+SCOPES = ("global", "pair", "part", "uniform")
 RANKINGS = ("entry", "z")
 VALUES = ("auto", "binary", "path", "settled")
 # the pipeline's family.* / export.* also take "best": every reading tried by WeightFamily.select_best on val
@@ -87,11 +87,11 @@ class _BlockWalk:
         self.mlp = 0
         self._attention: Optional[Widths] = None   # the attention's widths, until a qk or v element changes them
 
-    def add(self, pair: str, index: int) -> None:
+    def add(self, pair: str, index: int, on: bool = True) -> None:
         if pair == "mlp":
-            self.mlp += 1
+            self.mlp += 1 if on else -1
         else:
-            self.on[pair][index] = True
+            self.on[pair][index] = on
             self._attention = None
 
     def widths(self) -> Widths:
@@ -254,6 +254,57 @@ class WeightFamily:
             chosen.append(sub[:max(n, int(is_forced[in_pair].sum()))])
         return np.concatenate(chosen)
 
+    def _uniform_units(self, order: np.ndarray) -> List[np.ndarray]:
+        """The units a uniform member is made of, most important first: the j-th ranked element of a pair type in
+        every block (dims, neurons); with whole heads, the j-th ranked query head (its query-key and value entries
+        together, at the better of their two places) of every key/value group of every block, or of every block
+        where each head has its own key/value head. A unit's place is the mean place of its elements in ``order``."""
+        position = np.empty(order.size, np.int64)
+        position[order] = np.arange(order.size)
+        units: Dict[tuple, List[int]] = {}
+        places: Dict[tuple, List[int]] = {}
+        for g in self.geoms:
+            pairs = ("mlp",) if self.granularity == "head" else PAIRS
+            for pair in pairs:
+                start = self._offset[(g.index, pair)]
+                ranked = np.argsort(position[start:start + g.mask_size(pair, self.granularity)], kind="stable")
+                for j, local in enumerate(ranked.tolist()):
+                    units.setdefault((pair, j), []).append(start + local)
+                    places.setdefault((pair, j), []).append(int(position[start + local]))
+            if self.granularity == "head":
+                qk, v = self._offset[(g.index, "qk")], self._offset[(g.index, "v")]
+                heads = g.mask_size("v", self.granularity)
+                group = getattr(g, "group", 1)
+                group = heads if group == 1 else group   # own key/value heads: any heads of the block
+                for first in range(0, heads, group):
+                    place = np.minimum(position[qk + first:qk + first + group], position[v + first:v + first + group])
+                    for j, local in enumerate(np.argsort(place, kind="stable").tolist()):
+                        units.setdefault(("head", j), []).extend([qk + first + local, v + first + local])
+                        places.setdefault(("head", j), []).append(int(place[local]))
+        keys = sorted(units, key=lambda k: (float(np.mean(places[k])), k))
+        return [np.array(units[k], dtype=np.int64) for k in keys]
+
+    def _walk_uniform(self, order: np.ndarray, target: float, by: str) -> np.ndarray:
+        walks = [_BlockWalk(g, self.granularity) for g in self.geoms]
+        costs = [g.cost(w.widths(), by, self.granularity) for g, w in zip(self.geoms, walks)]
+        base = total = sum(costs)
+        chosen: List[np.ndarray] = []
+        for unit in self._uniform_units(order):   # a unit that does not fit is left out, and the walk goes on
+            blocks = sorted(set(self.block[unit].tolist()))
+            for on in (True, False):
+                for e in unit.tolist():
+                    walks[int(self.block[e])].add(PAIRS[self.pair[e]], int(self.local[e]), on)
+                new = {b: self.geoms[b].cost(walks[b].widths(), by, self.granularity) for b in blocks}
+                if not on:   # taken back: the costs are as they were
+                    break
+                if total + sum(new[b] - costs[b] for b in blocks) - base <= target * (1 + 1e-12):
+                    total += sum(new[b] - costs[b] for b in blocks)
+                    for b in blocks:
+                        costs[b] = new[b]
+                    chosen.append(unit)
+                    break
+        return np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
+
     # ----- selection -----------------------------------------------------------------------
     def select(self, keep: Optional[float] = None, remove: Optional[float] = None,
                budget: Optional[float] = None, by: str = "params", scope: str = "global",
@@ -270,7 +321,12 @@ class WeightFamily:
             by: ``"params"`` (default), ``"flops"`` (at the family's input size) or ``"elements"``.
             scope: ``"global"`` ranks all pairs together (default); ``"pair"`` meets the
                 fraction within each pair type separately, on each element's own cost; ``"part"``
-                meets it within each part of the model separately (CLIP's vision and text towers).
+                meets it within each part of the model separately (CLIP's vision and text towers);
+                ``"uniform"``: every block keeps the same widths (the same number of query-key pairs, value
+                dims and neurons; with whole heads, the same query heads in every key/value group), each
+                block's own best elements by the ranking, the widths chosen by the budget walk over units of
+                one element per block: a member that one plain config describes
+                (:meth:`spp.models.base.ModelFamily.plain_config`, whole heads on Llama-like models).
             rank: ``"entry"`` (entry step, ties by larger |z|; the paper's) or ``"z"``
                 (final |z| alone).
             floor: keep at least this many entries of every pair of every block.
@@ -323,8 +379,13 @@ class WeightFamily:
                 raise ValueError(f"{name}={fraction}: a fraction of the prunable {by}, in [0, 1]")
         if remove is not None:
             keep = 1.0 - remove
+        if scope == "uniform" and floor:
+            raise ValueError("floor= does not apply to scope='uniform' (every block keeps the same widths); "
+                             "leave floor at 0")
         order, forced = self._apply_floor(self.ranking(rank), floor)
-        if scope == "global":
+        if scope == "uniform":
+            chosen = self._walk_uniform(order, keep * prunable, by)
+        elif scope == "global":
             chosen = self._walk_global(order, keep * prunable, by, forced)
         elif scope == "part":
             chosen = self._walk_part(order, keep, by, forced)

@@ -90,6 +90,52 @@ def test_pair_scope_meets_each_pair_target(family):
             assert abs(kept - total * 0.5) <= 1, (pair, kept, total)
 
 
+def test_uniform_scope_keeps_the_same_widths_and_each_blocks_own_best(family):
+    """scope="uniform": every block the same widths, near the target (units that do not fit are left out, the smaller
+    ones fill the rest), each block keeping its own best-ranked elements of each pair type (whole heads: each with
+    its query-keys)."""
+    order = family.ranking("entry")
+    position = np.empty(order.size, int)
+    position[order] = np.arange(order.size)
+    for keep in (0.8, 0.5, 0.2):
+        m = family.select(keep=keep, scope="uniform")
+        assert len(set(m.summary.widths)) == 1, m.summary.widths
+        assert keep - 0.02 <= m.summary.kept <= keep + 1e-9, (keep, m.summary.kept)   # MLP units fill the rest
+        for g in family.geoms:
+            for pair, name in spp.structure.mask_names(g).items():
+                start = family._offset[(g.index, pair)]
+                kept = (m.masks[name] != 0).numpy()
+                places = position[start:start + kept.size]
+                if kept.any() and not kept.all() and (pair == "mlp" or family.granularity == "dim"):
+                    assert places[kept].max() < places[~kept].min(), (name, keep)
+            if family.granularity == "head":
+                names = spp.structure.mask_names(g)
+                assert torch.equal(m.masks[names["qk"]] != 0, m.masks[names["v"]] != 0)
+    with pytest.raises(ValueError, match="floor= does not apply to scope='uniform'"):
+        family.select(keep=0.5, scope="uniform", floor=1)
+
+
+def test_uniform_whole_heads_member_of_a_gqa_llama_is_a_plain_transformers_model(tmp_path):
+    """On a Llama with grouped key/value heads, a uniform whole-head member keeps the same number of query heads in
+    every group of every layer: its config.json is transformers' own, and AutoModelForCausalLM loads it."""
+    transformers = pytest.importorskip("transformers", reason="the Llama family needs transformers")
+    from helpers import tiny_decoder
+
+    model = spp.add_masks(tiny_decoder("llama-gqa-bias"), "head")
+    family = spp.WeightFamily(model, fake_path(model, never=0.0), input_size=(16,))
+    member = family.select(remove=0.4, scope="uniform")
+    small = spp.compress(model, member.masks)
+    spp.save_pruned(small, str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    w = member.summary.widths[0]
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (
+        w.num_heads, w.num_kv_heads, w.mlp_hidden) and w.num_heads in (2, 4) and w.num_kv_heads == 2
+    plain = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    ids = torch.randint(3, 100, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, small(ids).logits, rtol=0, atol=1e-5)
+
+
 def test_floor_keeps_entries_in_every_block(family):
     m = family.select(keep=0.0, floor=2)
     for name, mask in m.masks.items():
