@@ -381,7 +381,8 @@ def plot(results: Dict, args, filename: str) -> None:
     import matplotlib.pyplot as plt
 
     panels = [("test", "no finetuning (mean over seeds)")]
-    if args.finetune_seeds:
+    if any(row.get("ft") for runs in results["runs"].values() for run in runs.values()
+           for row in run.values() if isinstance(row, dict)):   # a finetuned member in the runs
         panels.append(("ft", f"after {args.finetune_steps} finetuning steps"))
     fig, axes = plt.subplots(1, len(panels), figsize=(11 if len(panels) == 2 else 6.5, 4.2), squeeze=False)
     axes = axes[0]
