@@ -399,16 +399,18 @@ def test_fsdp_settings_it_cannot_shard_are_errors(tmp_path, text):
 
 
 def test_unsupported_llm_is_an_error_line(tmp_path, text, capsys):
-    """A Qwen3 directory (q_norm/k_norm over the head dim) through spp search: one error line saying why."""
+    """A Phi-3 directory (fused projections, partial rotary embeddings) through spp search: one error line saying
+    why. (A Qwen3 one at model.granularity=dim is refused before it loads: test_wrong_paths_...)"""
     torch.manual_seed(0)
-    config = transformers.Qwen3Config(vocab_size=len(WORDS) + 4, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
-    transformers.Qwen3ForCausalLM(config).save_pretrained(str(tmp_path / "qwen3"))
-    _tokenizer().save_pretrained(str(tmp_path / "qwen3"))
-    assert main(["search", SMOKE, f"output={tmp_path / 'run'}", f"model.name={tmp_path / 'qwen3'}",
+    config = transformers.Phi3Config(vocab_size=len(WORDS) + 4, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                     pad_token_id=0)
+    transformers.Phi3ForCausalLM(config).save_pretrained(str(tmp_path / "phi3"))
+    _tokenizer().save_pretrained(str(tmp_path / "phi3"))
+    assert main(["search", SMOKE, f"output={tmp_path / 'run'}", f"model.name={tmp_path / 'phi3'}",
                  f"data.root={text}"]) == 2
     err = capsys.readouterr().err
-    assert "spp search: error: spp does not support Qwen3ForCausalLM: q_norm/k_norm normalise q and k" in err
+    assert "spp search: error: spp does not support Phi3ForCausalLM: partial rotary embeddings" in err
 
 
 @pytest.mark.slow
