@@ -142,7 +142,8 @@ def calibrate_nu(model, data: Iterable, loss_fn: Callable = F.cross_entropy,
     taken as at ``reference_batch`` samples per batch; with ``preconditioner="adam"``, ν = ``scale``.
     The defaults are ``spp search``'s (``search.nu_scale``, ``calibration_batches``,
     ``nu_calibration``, ``nu_batch``); ``scale="auto"`` is the model family's (:func:`search_nu_scale`).
-    :func:`mask_gradient_rms` says how ``data`` and ``loss_fn`` are used. Call it on the masked model before the search's first step, so that M = 1.
+    :func:`mask_gradient_rms` says how ``data`` and ``loss_fn`` are used. Call it on the masked model before the
+    search's first step, so that M = 1.
 
     Pass held-out batches, images the model was not trained on (``spp search`` takes its validation
     split, ``search.nu_data: val``). A mask settles near ``M ≈ -ν g`` and moves ``ρν·g`` a step, so ν
