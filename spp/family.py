@@ -284,25 +284,26 @@ class WeightFamily:
         keys = sorted(units, key=lambda k: (float(np.mean(places[k])), k))
         return [np.array(units[k], dtype=np.int64) for k in keys]
 
+    def _add_unit(self, walks: List[_BlockWalk], unit: np.ndarray, on: bool) -> None:
+        for e in unit.tolist():
+            walks[int(self.block[e])].add(PAIRS[self.pair[e]], int(self.local[e]), on)
+
     def _walk_uniform(self, order: np.ndarray, target: float, by: str) -> np.ndarray:
         walks = [_BlockWalk(g, self.granularity) for g in self.geoms]
-        costs = [g.cost(w.widths(), by, self.granularity) for g, w in zip(self.geoms, walks)]
-        base = total = sum(costs)
+        costs = {b: g.cost(w.widths(), by, self.granularity) for b, (g, w) in enumerate(zip(self.geoms, walks))}
+        base = total = sum(costs.values())
         chosen: List[np.ndarray] = []
-        for unit in self._uniform_units(order):   # a unit that does not fit is left out, and the walk goes on
+        for unit in self._uniform_units(order):   # a unit that does not fit is taken back, and the walk goes on
             blocks = sorted(set(self.block[unit].tolist()))
-            for on in (True, False):
-                for e in unit.tolist():
-                    walks[int(self.block[e])].add(PAIRS[self.pair[e]], int(self.local[e]), on)
-                new = {b: self.geoms[b].cost(walks[b].widths(), by, self.granularity) for b in blocks}
-                if not on:   # taken back: the costs are as they were
-                    break
-                if total + sum(new[b] - costs[b] for b in blocks) - base <= target * (1 + 1e-12):
-                    total += sum(new[b] - costs[b] for b in blocks)
-                    for b in blocks:
-                        costs[b] = new[b]
-                    chosen.append(unit)
-                    break
+            self._add_unit(walks, unit, True)
+            new = {b: self.geoms[b].cost(walks[b].widths(), by, self.granularity) for b in blocks}
+            added = sum(new[b] - costs[b] for b in blocks)
+            if total + added - base <= target * (1 + 1e-12):
+                total += added
+                costs.update(new)
+                chosen.append(unit)
+            else:
+                self._add_unit(walks, unit, False)
         return np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
 
     # ----- selection -----------------------------------------------------------------------

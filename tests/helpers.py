@@ -132,6 +132,20 @@ def tiny_decoder(name: str, seed: int = 0):
     return cls(config).eval()
 
 
+def lbi_steps(model, optimizer, batches, steps: int, loss_fn):
+    """``steps`` optimizer steps of ``loss_fn(model(x), y)`` over ``batches`` of ``(x, y)`` (cycled), in train mode;
+    the model is left in eval mode. Returns the optimizer."""
+    model.train()
+    for step in range(steps):
+        x, y = batches[step % len(batches)]
+        loss = loss_fn(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return optimizer
+
+
 def random_masks(model, seed: int, zero: float = 0.35):
     """Masks with a share of zeros and other entries away from 1 (so folding the values is tested too)."""
     g = torch.Generator().manual_seed(seed)

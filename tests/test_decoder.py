@@ -16,7 +16,7 @@ from spp.models import model_geometry
 from spp.structure import UnsupportedModel
 
 transformers = pytest.importorskip("transformers", reason="the LLM families need transformers: pip install -e '.[llm]'")
-from helpers import (DECODERS as MODELS, VOCAB, decoder_config as _config, random_masks,  # noqa: E402
+from helpers import (DECODERS as MODELS, VOCAB, decoder_config as _config, lbi_steps, random_masks,  # noqa: E402
                      tiny_decoder as tiny)
 
 
@@ -256,19 +256,6 @@ def test_unsupported_models_say_why():
         spp.add_masks(small)
 
 
-def _search(model, optimizer, batches, steps: int):
-    """``steps`` LBI steps of the next-token loss over ``batches`` (cycled); the model left in eval mode."""
-    model.train()
-    for step in range(steps):
-        ids, _ = batches[step % len(batches)]
-        loss = spp.next_token_loss(model(ids), ids)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    return optimizer
-
-
 def test_qwen3_whole_heads_searched_and_exact_with_sliding_window_layers():
     """Qwen3 (q/k norms over each head, GQA, a sliding-window layer beside a full one): masks at 1 change nothing,
     the query-key mask scales a head's normed query (so it is not a no-op under the norm), a library search at
@@ -292,7 +279,8 @@ def test_qwen3_whole_heads_searched_and_exact_with_sliding_window_layers():
     spp.set_masks(model, {n: torch.ones_like(p) for n, p in spp.mask_parameters(model)})
     batches = [(x, x) for x in torch.randint(3, VOCAB, (4, 8, 24))]
     nu = spp.calibrate_nu(model, batches[:2], spp.next_token_loss, batches=2, per="pair")
-    optimizer = _search(model, spp.search_optimizer(model, nu, per="pair", rho=0.2, lam=0.05), batches, 30)
+    optimizer = lbi_steps(model, spp.search_optimizer(model, nu, per="pair", rho=0.2, lam=0.05), batches, 30,
+                          spp.next_token_loss)
     family = spp.WeightFamily(model, spp.SolutionPath.from_optimizer(optimizer, model), input_size=(24,))
     for keep in (0.7, 0.4):
         for values in ("binary", "path"):
@@ -332,7 +320,7 @@ def test_search_through_the_library_api():
     nu = spp.calibrate_nu(model, batches[:2], spp.next_token_loss, batches=2)
     optimizer = spp.search_optimizer(model, nu, rho=0.2, lam=0.05)
     _checkpointing(model)    # activation checkpointing: transformers' own switch works with frozen weights
-    _search(model, optimizer, batches, 40)
+    lbi_steps(model, optimizer, batches, 40, spp.next_token_loss)
     assert all(p.grad is None for n, p in model.named_parameters() if not n.endswith("_mask"))
     assert sum(spp.support_sizes(optimizer, model).values()) > 0
     family = spp.WeightFamily(model, spp.SolutionPath.from_optimizer(optimizer, model), input_size=(32,))

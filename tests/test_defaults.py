@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import spp
 from spp.cli import main
 
-from helpers import tiny_vit
+from helpers import lbi_steps, tiny_vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke_synthetic.yaml")
@@ -48,15 +48,7 @@ def _batches(data, batch=16):
 
 def _search(model, nu, data, steps=40):
     masked = spp.add_masks(copy.deepcopy(model), "dim")
-    opt = spp.search_optimizer(masked, nu)
-    batches = _batches(data)
-    masked.train()
-    for step in range(steps):
-        x, y = batches[step % len(batches)]
-        loss = F.cross_entropy(masked(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    lbi_steps(masked, spp.search_optimizer(masked, nu), _batches(data), steps, F.cross_entropy)
     return torch.cat([p.detach().flatten() for _, p in spp.mask_parameters(masked)])
 
 
