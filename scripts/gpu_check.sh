@@ -5,7 +5,8 @@
 #   3. the LLM speed benchmark: a random-weight 1.1B Llama in bf16, a search step against a finetune step (time,
 #      peak memory), prefill and decode tokens/s of the dense model and of members at -20/-30/-50/-70% (widths
 #      exact and rounded to 8), realised fractions (scripts/llm_speed.py);
-#   4. the quality benchmark on CUDA (fp32), cut to one seed, the README table's nu_scale 1 and lam 0.4 (three searches:
+#   4. 2:4 sparsity: dense against semi-structured matmuls and a 1.1B Llama's prefill (scripts/sparse_speed.py);
+#   5. the quality benchmark on CUDA (fp32), cut to one seed, the README table's nu_scale 1 and lam 0.4 (three searches:
 #      batch 128 and 192, and one over whole heads with one nu per pair type) and no one-epoch finetune
 #      so that it fits (QUALITY_ARGS overrides that;
 #      QUALITY_TIMEOUT caps it, its JSON lines print as it goes).
@@ -42,6 +43,8 @@ PYTHONUNBUFFERED=1 python3 scripts/benchmark_speed.py --device cuda --amp bf16 \
   --out "$OUT/benchmark_speed_cuda.json" 2>&1 | tee "$OUT/benchmark_speed_cuda.txt"
 PYTHONUNBUFFERED=1 timeout "${LLM_TIMEOUT:-240}" python3 scripts/benchmark_speed.py --llm --device cuda \
   --out "$OUT/llm_speed_cuda.json" 2>&1 | tee "$OUT/llm_speed_cuda.txt"
+PYTHONUNBUFFERED=1 timeout "${SPARSE_TIMEOUT:-120}" python3 scripts/sparse_speed.py \
+  --out "$OUT/sparse_speed_cuda.json" 2>&1 | tee "$OUT/sparse_speed_cuda.txt"
 DATA_ROOT=()
 if [ ! -d /usr/share/datasets/fashion-mnist ] && [ -d data/fashion-mnist ]; then
   DATA_ROOT=(--data-root data/fashion-mnist)

@@ -62,3 +62,21 @@ def test_bf16_search_step_keeps_fp32_masks():
     opt.step()
     for _, p in spp.mask_parameters(model):
         assert p.dtype == torch.float32 and p.grad.dtype == torch.float32 and torch.isfinite(p).all()
+
+
+def test_a_2_4_member_in_the_semi_structured_format_computes_what_its_zeros_do():
+    transformers = pytest.importorskip("transformers")
+    from spp import elements
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("semi-structured sparsity needs an Ampere or newer GPU")
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(config).cuda().to(torch.bfloat16).eval()
+    scores = {n: layer.weight.float().abs() for n, layer in elements.element_layers(model).items()}
+    elements.prune_weights(model, elements.element_masks(scores, pattern="2:4"))
+    ids = torch.randint(0, 256, (2, 64), device="cuda")
+    with torch.no_grad():
+        want = model(ids).logits.float()
+        elements.to_semi_structured(model)
+        got = model(ids).logits.float()
+    assert (got - want).abs().max().item() <= 0.05 * want.abs().max().item()   # bf16 accumulation order differs

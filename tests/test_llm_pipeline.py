@@ -561,3 +561,34 @@ def test_hub_dataset_streams_its_first_documents_and_halves_validation_for_test(
     assert tokens == {"train": 4 * 41 // 8 * 8, "val": 2 * 41 // 8 * 8, "test": 2 * 41 // 8 * 8}, tokens   # 40 words + eos
     assert len(full["train"]) == 12 * 41 // 8 and len(full["val"]) == len(full["test"]) == 3 * 41 // 8
     assert torch.equal(streamed["train"].ids[0], full["train"].ids[0])
+
+
+@pytest.mark.slow
+def test_sparse_benchmark_reads_every_member_of_one_search(tmp_path, text):
+    """scripts/benchmark_sparse.py end to end on the tiny Llama: every method at each sparsity and N:M pattern,
+    SPP's members from one search per seed (spp-obs reuses it, its time counted), the table and --table-from."""
+    model = write_model(tmp_path / "llama", "llama")
+    out = tmp_path / "sparse"
+    common = [sys.executable, os.path.join(ROOT, "scripts", "benchmark_sparse.py")]
+    result = subprocess.run(
+        [*common, "--model", model, "--data-root", text, "--seq-len", "32", "--out", str(out), "--seeds", "0", "1",
+         "--sparsities", "0.5", "0.7", "--patterns", "2:4", "--calibration-sequences", "8", "--batch", "4",
+         "--test-sequences", "8", "--eval-batch", "8", "--search-steps", "20"], capture_output=True, text=True,
+        timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("element search: block 2/2") == 4      # spp and spp-diagonal, two seeds each
+    results = json.load(open(out / "results.json"))
+    runs = results["runs"]
+    assert set(runs) == {"spp", "spp-obs", "spp-diagonal", "magnitude", "wanda", "ria", "sparsegpt"}
+    for method, seeds in runs.items():
+        for target, want in (("0.5", 0.5), ("0.7", 0.7), ("2:4", 0.5)):
+            assert abs(seeds["1"][target]["sparsity"] - want) < 0.01, (method, target)
+            assert seeds["1"][target]["test"] > results["dense"] * 0.5
+    assert runs["spp-obs"]["0"]["time"] > runs["spp"]["0"]["time"] * 0.5   # the search's time counts for it too
+    assert runs["magnitude"]["0"] == runs["magnitude"]["1"]                 # magnitude reads no data
+    assert runs["wanda"]["0"]["0.7"]["test"] != runs["wanda"]["1"]["0.7"]["test"]
+    table = (out / "table.md").read_text()
+    assert "| spp-obs |" in table and "| method | 50% | 70% | 2:4 | time for all targets (s) |" in table
+    merged = subprocess.run([*common, "--table-from", str(out / "results.json"), "--out", str(tmp_path / "merged")],
+                            capture_output=True, text=True, timeout=120)
+    assert merged.returncode == 0 and (tmp_path / "merged" / "table.md").read_text() == table
