@@ -74,7 +74,7 @@ class BlockInputs:
                  forward: Optional[Callable[[nn.Module, torch.Tensor], object]] = None):
         self.blocks = list(family_of(model).blocks(model))
         forward = forward or _default_forward(model)
-        self.calls: List[List[Tuple[tuple, dict]]] = [[] for _ in self.blocks]
+        self.calls: List[List[Tuple[tuple, dict, bool]]] = [[] for _ in self.blocks]
         self.hidden: List[torch.Tensor] = []
         last = len(self.blocks) - 1
 
@@ -83,9 +83,11 @@ class BlockInputs:
                 kwargs = dict(kwargs)
                 if "past_key_values" in kwargs:
                     kwargs["past_key_values"] = None
-                self.calls[index].append((tuple(args), kwargs))
+                hidden = args[0] if args else kwargs.pop("hidden_states")
+                # the call without its hidden states (each block's would be a copy of the activations)
+                self.calls[index].append((tuple(args[1:]), kwargs, bool(args)))
                 if index == 0:
-                    self.hidden.append((args[0] if args else kwargs["hidden_states"]).detach())
+                    self.hidden.append(hidden.detach())
                 if index == last:
                     raise _Stop
             return hook
@@ -109,11 +111,8 @@ class BlockInputs:
         """Block ``index`` (or ``block`` in its place) on every batch's current hidden states: its outputs."""
         block = self.blocks[index] if block is None else block
         outputs = []
-        for hidden, (args, kwargs) in zip(self.hidden, self.calls[index]):
-            if args:
-                out = block(hidden, *args[1:], **kwargs)
-            else:
-                out = block(**{**kwargs, "hidden_states": hidden})
+        for hidden, (args, kwargs, positional) in zip(self.hidden, self.calls[index]):
+            out = block(hidden, *args, **kwargs) if positional else block(hidden_states=hidden, **kwargs)
             outputs.append((out[0] if isinstance(out, (tuple, list)) else out).detach())
         return outputs
 
