@@ -210,9 +210,10 @@ SCALE = 10_000   # entry times are stored in units of 1/SCALE of each layer's ru
 
 
 def _search_layer(w: torch.Tensor, h: torch.Tensor, steps: int, enter_at: float, kappa: float, nu_scale: float,
-                  correlations: bool = True) -> Tuple[torch.Tensor, torch.Tensor, float]:
+                  correlations: bool = True, damp: float = 0.1) -> Tuple[torch.Tensor, torch.Tensor, float]:
     """The LBI over one layer's weights (see :func:`element_search`): entry times (int16, in 1/SCALE of the run),
     final z over λ (float16) and the relative reconstruction error of the support's weights at the end."""
+    h = h + damp * torch.diag(h.diagonal()) if correlations else h    # SparseGPT's dampening, relative to each input
     norms = h.diagonal().clamp_min(0).sqrt()
     scaled = w * norms                                              # W̃ = W diag(‖X_j‖): Wanda's metric, signed
     live = norms > 0
@@ -245,7 +246,7 @@ def _search_layer(w: torch.Tensor, h: torch.Tensor, steps: int, enter_at: float,
 
 
 def element_search(model: nn.Module, batches: Iterable[torch.Tensor], *, steps: int = 100, enter_at: float = 0.25,
-                   kappa: float = 10.0, nu_scale: float = 1.0, correlations: bool = True,
+                   kappa: float = 10.0, nu_scale: float = 100.0, correlations: bool = True, damp: float = 0.1,
                    forward: Optional[Callable[[nn.Module, torch.Tensor], object]] = None,
                    progress: Optional[Callable[[str], None]] = print) -> ElementPath:
     """SPP's path over every weight of every linear layer in ``model``'s blocks, block by block (module docstring).
@@ -253,12 +254,14 @@ def element_search(model: nn.Module, batches: Iterable[torch.Tensor], *, steps: 
 
     Per layer, in activation-scaled coordinates ``W̃ = W diag(‖X_j‖)`` (the inputs then have unit norm and
     correlation matrix ``C``): the LBI's weights ``W'`` follow ``L = tr((W' − W̃) C (W' − W̃)ᵀ)`` coupled to the sparse
-    ``Γ`` with ``1/ν = 2 / nu_scale``; each step takes the exact minimiser over ``W'`` (one matrix product), then
+    ``Γ`` with ``1/ν = 2 / nu_scale`` (``C``'s diagonal dampened by ``damp`` first, as SparseGPT dampens its Hessian:
+    a calibration set has fewer independent directions than an LLM layer has inputs); each step takes the exact minimiser over ``W'`` (one matrix product), then
     ``z += (α/ν)(W' − Γ)`` and ``Γ = κ shrink(z, λ)``, with ``λ`` the RMS of the layer's ``W̃`` and ``α/ν =
     1 / (enter_at · steps)``: a weight held at the RMS enters at ``enter_at`` of the run. With ``correlations=False`` (``C = I``) each weight's entry time falls with
     ``|W_ij|·‖X_j‖`` alone: the paper's LLM metric; with them, weights that cancel leave together and weights that
     compensate for a removed one enter earlier. Entry times are stored in ten-thousandths of the run."""
-    for name, value in (("steps", steps), ("enter_at", enter_at), ("kappa", kappa), ("nu_scale", nu_scale)):
+    for name, value in (("steps", steps), ("enter_at", enter_at), ("kappa", kappa), ("nu_scale", nu_scale),
+                        ("damp", damp + 1e-30)):
         if not value > 0:
             raise ValueError(f"element_search: {name}={value!r} must be > 0")
     inputs = BlockInputs(model, batches, forward)
@@ -271,7 +274,7 @@ def element_search(model: nn.Module, batches: Iterable[torch.Tensor], *, steps: 
         errors = []
         for name, layer in layers.items():
             entry[name], z[name], error = _search_layer(layer.weight.detach().float(), grams[name].mean(), steps,
-                                                        enter_at, kappa, nu_scale, correlations)
+                                                        enter_at, kappa, nu_scale, correlations, damp)
             errors.append(error)
         del grams
         if progress is not None:

@@ -104,7 +104,7 @@ def test_the_path_on_uncorrelated_inputs_ranks_by_weight_times_activation():
 def test_the_path_sees_weights_that_cancel():
     w, gram, x = _layer_problem(correlated=True)
     w[:, -2], w[:, -1] = 3.0, -3.0        # the two strongest inputs are one signal: these weights cancel exactly
-    entry, z, _ = el._search_layer(w, gram.mean(), 100, 0.25, 10.0, 1.0)
+    entry, z, _ = el._search_layer(w, gram.mean(), 100, 0.25, 10.0, 1.0, damp=0.0)
     scores = el.ElementPath({"l": entry}, {"l": z}, el.SCALE).scores("l")
     ranks = scores.argsort(dim=1, descending=True).argsort(dim=1)
     wanda_ranks = ec.wanda(w, gram).argsort(dim=1, descending=True).argsort(dim=1)
