@@ -235,7 +235,7 @@ def _search_layer(w: torch.Tensor, h: torch.Tensor, steps: int, enter_at: float,
         coupling = current - gamma
         z.add_(coupling, alpha=rate)                                          # z += (α/ν)(W' − Γ)
         gamma = kappa * z.sign() * (z.abs() - lam).clamp_min(0)               # Γ = κ shrink(z, λ)
-        current = held + gamma @ b_mat
+        current = held + (gamma * b_mat.diagonal() if not correlations else gamma @ b_mat)
         new = (gamma != 0) & (first > SCALE)
         if new.any():   # the entry time, interpolated within the step at which |z| crossed λ
             late = ((z.abs() - lam) / (rate * coupling.abs()).clamp_min(1e-30)).clamp(0, 1)
