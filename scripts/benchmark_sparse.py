@@ -156,7 +156,7 @@ def main():
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--test-sequences", type=int, default=256)
     parser.add_argument("--eval-batch", type=int, default=32)
-    parser.add_argument("--search-steps", type=int, default=100)
+    parser.add_argument("--search-steps", type=int, default=50)
     parser.add_argument("--nu-scale", type=float, default=100.0)
     parser.add_argument("--table-from", nargs="+", metavar="JSON", help="merge earlier runs' results; measure nothing")
     args = parser.parse_args()

@@ -245,7 +245,7 @@ def _search_layer(w: torch.Tensor, h: torch.Tensor, steps: int, enter_at: float,
     return first.to(torch.int16).cpu(), (z / lam).clamp(-6e4, 6e4).to(torch.float16).cpu(), error
 
 
-def element_search(model: nn.Module, batches: Iterable[torch.Tensor], *, steps: int = 100, enter_at: float = 0.25,
+def element_search(model: nn.Module, batches: Iterable[torch.Tensor], *, steps: int = 50, enter_at: float = 0.25,
                    kappa: float = 10.0, nu_scale: float = 100.0, correlations: bool = True, damp: float = 0.1,
                    forward: Optional[Callable[[nn.Module, torch.Tensor], object]] = None,
                    progress: Optional[Callable[[str], None]] = print) -> ElementPath:
