@@ -260,10 +260,11 @@ def element_search(model: nn.Module, batches: Iterable[torch.Tensor], *, steps: 
     1 / (enter_at · steps)``: a weight held at the RMS enters at ``enter_at`` of the run. With ``correlations=False`` (``C = I``) each weight's entry time falls with
     ``|W_ij|·‖X_j‖`` alone: the paper's LLM metric; with them, weights that cancel leave together and weights that
     compensate for a removed one enter earlier. Entry times are stored in ten-thousandths of the run."""
-    for name, value in (("steps", steps), ("enter_at", enter_at), ("kappa", kappa), ("nu_scale", nu_scale),
-                        ("damp", damp + 1e-30)):
+    for name, value in (("steps", steps), ("enter_at", enter_at), ("kappa", kappa), ("nu_scale", nu_scale)):
         if not value > 0:
             raise ValueError(f"element_search: {name}={value!r} must be > 0")
+    if not damp >= 0:
+        raise ValueError(f"element_search: damp={damp!r} must be >= 0")
     inputs = BlockInputs(model, batches, forward)
     entry, z, start = {}, {}, time.time()
     for index, block in enumerate(inputs.blocks):
