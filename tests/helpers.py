@@ -104,7 +104,8 @@ def decoder_config(kind: str, **overrides):
     if kind == "opt":
         return transformers.OPTConfig(**{**common, "ffn_dim": 96, "word_embed_proj_dim": 64, **overrides})
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[kind]
+           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+           "gemma3": transformers.Gemma3TextConfig}[kind]
     return cls(**{**common, "intermediate_size": 96, "num_key_value_heads": 2, **overrides})
 
 
@@ -114,6 +115,10 @@ DECODERS = {   # name: (config kind, overrides)
     "mistral-gqa": ("mistral", dict(sliding_window=64)),
     "qwen2-gqa": ("qwen2", {}),
     "qwen3-gqa": ("qwen3", dict(head_dim=16)),   # Qwen3Config's own default head_dim is 128
+    # Gemma 3's shape in small: one key/value head, a softmax scale that is not head_dim's, a sliding-window layer
+    # (its own RoPE base) before a global one
+    "gemma3-mqa": ("gemma3", dict(head_dim=16, num_key_value_heads=1, query_pre_attn_scalar=24, sliding_window=8,
+                                  layer_types=["sliding_attention", "full_attention"])),
     "opt": ("opt", {}),
     "opt-nobias": ("opt", dict(enable_bias=False)),
 }
@@ -128,7 +133,7 @@ def tiny_decoder(name: str, seed: int = 0):
     config = decoder_config(kind, **overrides)
     cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
            "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
-           "opt": transformers.OPTForCausalLM}[kind]
+           "gemma3": transformers.Gemma3ForCausalLM, "opt": transformers.OPTForCausalLM}[kind]
     return cls(config).eval()
 
 

@@ -34,8 +34,11 @@ def check_exact(masked, small, ids):
         assert (sa - sb).abs().max().item() < 1e-4
 
 
+HEADS_ONLY = ("qwen3-gqa", "gemma3-mqa")   # q/k norms: granularity="dim" is refused (test_unsupported_models_say_why)
+
+
 @pytest.mark.parametrize("name, granularity", [(n, g) for n in MODELS for g in ("dim", "head")
-                                               if (n, g) != ("qwen3-gqa", "dim")])   # refused: test_unsupported...
+                                               if g == "head" or n not in HEADS_ONLY])
 def test_masked_then_compressed_is_exact(name, granularity):
     model = tiny(name)
     ids = torch.randint(3, VOCAB, (2, 20))
@@ -151,8 +154,8 @@ def _tokenizer():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["llama-gqa-bias", "qwen3-gqa"])
-def test_whole_heads_member_loads_with_plain_transformers(tmp_path, name):
+@pytest.mark.parametrize("name, kv_heads", [("llama-gqa-bias", 2), ("qwen3-gqa", 2), ("gemma3-mqa", 1)])
+def test_whole_heads_member_loads_with_plain_transformers(tmp_path, name, kv_heads):
     """Every layer keeping the same whole heads and MLP width: config.json is transformers' own, and
     AutoModelForCausalLM loads the directory in a process that cannot import spp."""
     model = tiny(name)
@@ -164,7 +167,7 @@ def test_whole_heads_member_loads_with_plain_transformers(tmp_path, name):
     small = spp.compress(model, masks)
     spp.save_pruned(small, str(tmp_path))
     config = json.loads((tmp_path / "config.json").read_text())
-    assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (2, 2, 40)
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (2, kv_heads, 40)
     assert config["spp"]["format"] == "spp-pruned"
     ids = torch.randint(3, VOCAB, (1, 12))
     with torch.no_grad():
@@ -247,6 +250,10 @@ def test_unsupported_models_say_why():
     with pytest.raises(UnsupportedModel, match=r"Qwen3ForCausalLM \(hf-qwen3\): granularity='dim'.*q_norm.*"
                                                r"use granularity='head' \(spp search: model.granularity=head\)"):
         spp.add_masks(tiny("qwen3-gqa"))
+    with pytest.raises(UnsupportedModel, match=r"Gemma2ForCausalLM: Gemma 1 and 2 soft-cap .*Gemma3ForCausalLM"):
+        spp.add_masks(transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+            head_dim=16, intermediate_size=32)))
     with pytest.raises(UnsupportedModel, match="hf-llama.*hf-opt|Supported"):
         spp.add_masks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
     model = tiny("llama-mha")
@@ -254,6 +261,24 @@ def test_unsupported_models_say_why():
     small = spp.compress(model, random_masks(model, seed=0))
     with pytest.raises(UnsupportedModel, match="already compressed"):
         spp.add_masks(small)
+
+
+def _whole_heads_search_is_exact(model, ids):
+    """A library search at head granularity on ``model``: members at two budgets and both value readings
+    compress to models that compute what the masked model computes (check_exact: logits and greedy generation)."""
+    spp.set_masks(model, {n: torch.ones_like(p) for n, p in spp.mask_parameters(model)})
+    batches = [(x, x) for x in torch.randint(3, VOCAB, (4, 8, 24))]
+    nu = spp.calibrate_nu(model, batches[:2], spp.next_token_loss, batches=2, per="pair")
+    optimizer = lbi_steps(model, spp.search_optimizer(model, nu, per="pair", rho=0.2, lam=0.05), batches, 30,
+                          spp.next_token_loss)
+    family = spp.WeightFamily(model, spp.SolutionPath.from_optimizer(optimizer, model), input_size=(24,))
+    for keep in (0.7, 0.4):
+        for values in ("binary", "path"):
+            member = family.select(keep=keep, values=values)
+            small = spp.compress(model, member.masks)
+            assert spp.count_params(small) == member.summary.params_after
+            spp.set_masks(model, member.masks)
+            check_exact(model, small, ids)
 
 
 def test_qwen3_whole_heads_searched_and_exact_with_sliding_window_layers():
@@ -276,19 +301,42 @@ def test_qwen3_whole_heads_searched_and_exact_with_sliding_window_layers():
     spp.set_masks(model, {names[0]: torch.tensor([1.0, 2.0, 1.0, 1.0])})   # a head's logits doubled: not a no-op
     with torch.no_grad():
         assert (model(ids).logits - dense).abs().max() > 1e-3
-    spp.set_masks(model, {n: torch.ones_like(p) for n, p in spp.mask_parameters(model)})
-    batches = [(x, x) for x in torch.randint(3, VOCAB, (4, 8, 24))]
-    nu = spp.calibrate_nu(model, batches[:2], spp.next_token_loss, batches=2, per="pair")
-    optimizer = lbi_steps(model, spp.search_optimizer(model, nu, per="pair", rho=0.2, lam=0.05), batches, 30,
-                          spp.next_token_loss)
-    family = spp.WeightFamily(model, spp.SolutionPath.from_optimizer(optimizer, model), input_size=(24,))
-    for keep in (0.7, 0.4):
-        for values in ("binary", "path"):
-            member = family.select(keep=keep, values=values)
-            small = spp.compress(model, member.masks)
-            assert spp.count_params(small) == member.summary.params_after
-            spp.set_masks(model, member.masks)
-            check_exact(model, small, ids)
+    _whole_heads_search_is_exact(model, ids)
+
+
+def test_gemma3_whole_heads_exact_a_dropped_attention_and_a_search():
+    """Gemma 3 (q/k norms applied to (batch, heads, tokens, dim), one key/value head, query_pre_attn_scalar 24
+    with head_dim 16, a sliding-window layer with its own RoPE base before a global one, GeGLU, norms before and
+    after each block, the embedding scaled by √hidden): masks at 1 change nothing, a query-key mask entry scales
+    its head's logits, a member whose first layer keeps no query head drops that attention exactly (logits and
+    greedy generation with the KV cache), and a library search gives exact members."""
+    model = tiny("gemma3-mqa")
+    model.generation_config.eos_token_id = None
+    layers = model.model.layers
+    assert [a.self_attn.sliding_window for a in layers] == [8, None] and layers[0].self_attn.scaling == 24 ** -0.5
+    assert model.config.rope_parameters["sliding_attention"]["rope_theta"] != \
+        model.config.rope_parameters["full_attention"]["rope_theta"]
+    ids = torch.randint(3, VOCAB, (2, 20))
+    with torch.no_grad():
+        dense = model(ids).logits
+    spp.add_masks(model, "head")
+    names = [n for n, _ in spp.mask_parameters(model)]
+    assert names[:2] == ["model.layers.0.self_attn.q_norm.qk_mask", "model.layers.0.self_attn.o_proj.v_mask"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, dense)
+    spp.set_masks(model, {names[0]: torch.tensor([1.0, 2.0, 1.0, 1.0])})
+    with torch.no_grad():
+        assert (model(ids).logits - dense).abs().max() > 1e-3
+    masks = random_masks(model, seed=4)
+    masks[names[1]] = torch.zeros(4)                       # layer 0: every query head gone
+    small = spp.compress(model, masks)
+    assert small.spp_widths[0].num_heads == 0 and small.spp_widths[1].num_heads > 0
+    assert type(small.model.layers[1].self_attn).__name__ == "PrunedDecoderAttention"
+    assert small.model.layers[1].self_attn.scaling == 24 ** -0.5
+    spp.set_masks(model, masks)
+    check_exact(model, small, ids)
+    check_costs(model, small)
+    _whole_heads_search_is_exact(model, ids)
 
 
 def test_remove_masks_restores_the_model():

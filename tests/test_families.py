@@ -30,12 +30,13 @@ FAMILIES = {   # registered name: (a tiny random model, a batch of its inputs)
     "timm-swin": (tiny_swin, _image),
     "hf-llama": (lambda: tiny_decoder("llama-gqa-bias"), _tokens),
     "hf-qwen3": (lambda: tiny_decoder("qwen3-gqa"), _tokens),
+    "hf-gemma3": (lambda: tiny_decoder("gemma3-mqa"), _tokens),
     "hf-opt": (lambda: tiny_decoder("opt"), _tokens),
     "hf-clip": (tiny_clip, lambda model: clip_inputs()),
 }
 
 
-# every family at each granularity it compresses exactly (Qwen3: whole heads only; test_decoder.py checks the refusal)
+# every family at each granularity it compresses exactly (Qwen3, Gemma 3: whole heads only; test_decoder.py checks the refusal)
 CASES = [(name, g) for name in FAMILIES for g in ("dim", "head") if g in family_named(name).granularities]
 
 

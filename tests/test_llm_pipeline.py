@@ -41,6 +41,10 @@ def write_model(directory, kind: str):
     elif kind == "qwen3":
         model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, intermediate_size=96,
                                                                        num_key_value_heads=2, head_dim=16))
+    elif kind == "gemma3":
+        model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+            **common, intermediate_size=96, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=24,
+            sliding_window=8, layer_types=["sliding_attention", "full_attention"]))
     else:
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, intermediate_size=96,
                                                                         num_key_value_heads=2))
@@ -127,12 +131,13 @@ def test_wrong_paths_are_reported_before_the_model_loads(tmp_path, text, capsys,
     assert loads == []
 
 
-def test_qwen3_whole_heads_through_search_and_export(tmp_path, text):
-    """A Qwen3 directory searched at model.granularity=head (one ν per pair type) and its member exported: a
-    compressed Qwen3 that spp loads back, with fewer parameters and finite logits."""
+@pytest.mark.parametrize("kind, cls", [("qwen3", "Qwen3ForCausalLM"), ("gemma3", "Gemma3ForCausalLM")])
+def test_whole_heads_families_through_search_and_export(tmp_path, text, kind, cls):
+    """A Qwen3 / Gemma 3 directory searched at model.granularity=head (one ν per pair type) and its member
+    exported: a compressed model of the same class that spp loads back, with fewer parameters and finite logits."""
     import spp
 
-    model = write_model(tmp_path / "model", "qwen3")
+    model = write_model(tmp_path / "model", kind)
     out = str(tmp_path / "run")
     args = [f"output={out}", f"model.name={model}", f"data.root={text}", "model.granularity=head",
             "search.nu_calibration=pair"]
@@ -140,7 +145,7 @@ def test_qwen3_whole_heads_through_search_and_export(tmp_path, text):
     assert main(["export", SMOKE, *args, "export.remove=0.3", "export.rank=entry", "export.values=binary"]) == 0
     small = spp.load_pruned(os.path.join(out, "pruned")).eval()
     dense = spp.create_model(model)
-    assert type(small).__name__ == "Qwen3ForCausalLM" and spp.count_params(small) < spp.count_params(dense)
+    assert type(small).__name__ == cls and spp.count_params(small) < spp.count_params(dense)
     with torch.no_grad():
         assert torch.isfinite(small(torch.randint(3, 20, (1, 16))).logits).all()
 

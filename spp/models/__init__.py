@@ -7,6 +7,7 @@ family                 models                                             module
 ``timm-swin``          timm ``SwinTransformer`` (v1)                      :mod:`spp.models.swin`
 ``hf-llama``           transformers Llama, Mistral, Qwen2 (GQA, RoPE)     :mod:`spp.models.decoder`
 ``hf-qwen3``           transformers Qwen3 (whole heads: q/k norms)        :mod:`spp.models.decoder`
+``hf-gemma3``          transformers Gemma 3 text (whole heads)            :mod:`spp.models.decoder`
 ``hf-opt``             transformers OPT                                   :mod:`spp.models.decoder`
 ``hf-clip``            transformers CLIP (both towers, or one)            :mod:`spp.models.clip`
 =====================  =================================================  ============================
@@ -49,6 +50,9 @@ _REGISTRY: List[_Entry] = [
     _Entry("hf-qwen3", "transformers Qwen3ForCausalLM (and Qwen3Model): whole query heads (q/k norms), MLP neurons",
            (_LLAMA.format("qwen3", "Qwen3ForCausalLM"), _LLAMA.format("qwen3", "Qwen3Model")),
            "spp.models.decoder:QWEN3", ("qwen3",)),
+    _Entry("hf-gemma3", "transformers Gemma3ForCausalLM (and Gemma3TextModel): whole query heads (q/k norms), MLP "
+           "neurons", (_LLAMA.format("gemma3", "Gemma3ForCausalLM"), _LLAMA.format("gemma3", "Gemma3TextModel")),
+           "spp.models.decoder:GEMMA3", ("gemma3_text",)),
     _Entry("hf-opt", "transformers OPTForCausalLM (and OPTModel)",
            (_LLAMA.format("opt", "OPTForCausalLM"), _LLAMA.format("opt", "OPTModel")), "spp.models.decoder:OPT",
            ("opt",)),
@@ -61,7 +65,10 @@ _REGISTRY: List[_Entry] = [
 
 # Models people try that spp cannot prune exactly, and why (instead of the generic "not supported").
 _KNOWN_UNSUPPORTED: Dict[str, str] = {
-    "Gemma": "q/k normalisation and soft-capping of the logits are not folded into pruned weights",
+    "Gemma3ForConditionalGeneration": "the multimodal Gemma 3 (with its vision tower) is not supported; its language "
+                                      "model is: load it as Gemma3ForCausalLM (family hf-gemma3)",
+    "Gemma": "Gemma 1 and 2 soft-cap the attention logits, which pruned attention does not reproduce; Gemma 3 "
+             "(Gemma3ForCausalLM, family hf-gemma3) is supported",
     "Phi": "partial rotary embeddings (only part of each head is rotated) are not supported",
 }
 

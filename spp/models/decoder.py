@@ -42,7 +42,7 @@ from ..structure import Geometry, UnsupportedModel, Widths
 from .base import Channels, ModelFamily
 from .common import copy_linear, equal_widths, new_linear
 
-__all__ = ["DecoderGeometry", "PrunedDecoderAttention", "LLAMA", "OPT", "DEFAULT_TOKENS"]
+__all__ = ["DecoderGeometry", "PrunedDecoderAttention", "LLAMA", "QWEN3", "GEMMA3", "OPT", "DEFAULT_TOKENS"]
 
 DEFAULT_TOKENS = 2048   # sequence length FLOPs are priced at (capped by the model's max_position_embeddings)
 
@@ -185,8 +185,10 @@ def _qk_hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
 
 
 def _qk_norm_hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
-    """A query norm's output (..., heads, head_dim) scaled per head (whole-head masks after Qwen3's q_norm)."""
-    return output * module.qk_mask.to(output.dtype)[:, None]
+    """A query norm's output scaled per head (whole-head masks after the q_norm): heads on axis -2 (Qwen3 norms
+    (batch, tokens, heads, head_dim)) or -3 (Gemma 3 norms (batch, heads, tokens, head_dim))."""
+    mask = module.qk_mask.to(output.dtype)
+    return output * (mask[:, None] if module.spp_head_axis == -2 else mask[:, None, None])
 
 
 def _v_hook(module: nn.Module, inputs):
@@ -360,6 +362,7 @@ class _DecoderFamily(ModelFamily):
     mlp_out = "mlp.down_proj"
     scale_query = False
     head_norms = False   # q_norm / k_norm over each head's dims (Qwen3): whole heads only, the mask after the norm
+    head_axis = -2       # where the model's q_norm sees the heads: (B, T, H, d) in Qwen3, (B, H, T, d) in Gemma 3
 
     # ----- structure -------------------------------------------------------------------------
     def decoder(self, model: nn.Module) -> nn.Module:
@@ -425,6 +428,7 @@ class _DecoderFamily(ModelFamily):
             qk_layout = (geom.num_heads, geom.head_dim, geom.rotary, granularity)
             qk_module = attn.get_submodule(geom.qk_at)
             _add_mask(qk_module, "qk_mask", geom.mask_size("qk", granularity), qk_layout)
+            qk_module.spp_head_axis = self.head_axis
             qk_module.register_forward_hook(_qk_norm_hook if self.head_norms else _qk_hook)
             o = getattr(attn, self.out_proj)
             _add_mask(o, "v_mask", geom.mask_size("v", granularity), (geom.num_heads, geom.head_dim, False, granularity))
@@ -435,7 +439,7 @@ class _DecoderFamily(ModelFamily):
 
     def remove_masks(self, model: nn.Module) -> None:
         for module in model.modules():
-            for attr in ("qk_mask", "v_mask", "mlp_mask", "spp_layout"):
+            for attr in ("qk_mask", "v_mask", "mlp_mask", "spp_layout", "spp_head_axis"):
                 if attr in module._parameters or attr in module.__dict__:
                     delattr(module, attr)
             for hooks in (module._forward_hooks, module._forward_pre_hooks):
@@ -473,6 +477,7 @@ class _DecoderFamily(ModelFamily):
             attention_dropout=getattr(source, "attention_dropout", getattr(source, "dropout", 0.0)),
             sliding_window=getattr(source, "sliding_window", None) or (
                 getattr(source.config, "sliding_window", None) if "Mistral" in type(source).__name__ else None),
+            is_causal=getattr(source, "is_causal", True),
             head_norms=(source.q_norm, source.k_norm) if self.head_norms else None)
 
     @torch.no_grad()
@@ -610,6 +615,20 @@ class Qwen3Family(LlamaFamily):
                         "dims of a head changes what the norm divides by; whole heads stay exact")
 
 
+class Gemma3Family(Qwen3Family):
+    """``hf-gemma3``: transformers Gemma 3's text model (per-head q/k RMS norms: whole heads).
+
+    What else Gemma 3 does stays outside the pruned modules and so stays exact: sliding-window and global layers
+    (each compressed attention keeps its layer's window and receives its layer type's rotary tables),
+    ``query_pre_attn_scalar`` (the softmax scale is the source attention's, not recomputed from kept dims), the
+    embedding scale √hidden, the GeGLU MLP (only its neurons are cut) and the norms before and after each block.
+    A layer whose query heads all go drops its attention exactly: the output projection then writes zeros, which
+    the post-attention norm keeps at zero, as the masked model computes."""
+    name = "hf-gemma3"
+    description = "transformers Gemma3ForCausalLM (and Gemma3TextModel): whole query heads, MLP neurons"
+    head_axis = -3
+
+
 class OPTFamily(_DecoderFamily):
     """``hf-opt``: transformers OPT (learned positions, biases, query scaled before the product)."""
     name = "hf-opt"
@@ -630,4 +649,4 @@ class OPTFamily(_DecoderFamily):
         return {**config, "ffn_dim": w.mlp_hidden}
 
 
-LLAMA, QWEN3, OPT = LlamaFamily(), Qwen3Family(), OPTFamily()
+LLAMA, QWEN3, GEMMA3, OPT = LlamaFamily(), Qwen3Family(), Gemma3Family(), OPTFamily()
