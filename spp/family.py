@@ -1,7 +1,7 @@
 """The weight family: every pruned member of one search, selected by budget after the fact."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -98,7 +98,7 @@ class _BlockWalk:
         if self._attention is None:   # most steps of a walk add MLP neurons, which leave the attention as it is
             self._attention = self.geom.widths_from_kept(self.on["qk"], self.on["v"], 0, self.granularity)
         a = self._attention
-        return Widths(a.num_heads, a.num_qk_heads, a.qk_dim, a.v_dim, self.mlp, a.num_kv_heads)
+        return replace(a, mlp_hidden=self.mlp)
 
 
 class WeightFamily:
@@ -249,7 +249,8 @@ class WeightFamily:
         for p, pair in enumerate(PAIRS):
             in_pair = self.pair[order] == p
             sub = order[in_pair]
-            cost = np.array([unit[b][pair] for b in self.block[sub].tolist()], dtype=np.float64)
+            cost = np.array([np.asarray(unit[b][pair]).reshape(-1)[i % np.size(unit[b][pair])]   # scalar or per entry
+                             for b, i in zip(self.block[sub].tolist(), self.local[sub].tolist())], dtype=np.float64)
             n = int(np.searchsorted(np.cumsum(cost), keep * cost.sum() * (1 + 1e-12), side="right"))
             chosen.append(sub[:max(n, int(is_forced[in_pair].sum()))])
         return np.concatenate(chosen)

@@ -32,7 +32,8 @@ class Widths:
     The attention has ``num_heads`` query heads with ``v_dim`` value dims each; ``num_qk_heads`` of them
     attend with ``qk_dim`` query-key dims, the rest attend uniformly (all their query-key dims were
     removed). ``num_kv_heads`` counts key/value heads where the family shares them between query heads
-    (grouped-query attention; None where every head has its own).
+    (grouped-query attention; None where every head has its own). ``qk_rot_dim``: with partial rotary embeddings,
+    how many of the ``qk_dim`` query-key dims are rotated (the rest are plain dims).
     """
 
     num_heads: int
@@ -41,6 +42,7 @@ class Widths:
     v_dim: int
     mlp_hidden: int
     num_kv_heads: Optional[int] = None
+    qk_rot_dim: Optional[int] = None   # partial RoPE (Phi-3): how many of qk_dim rotate (None: all, or no RoPE)
 
     def to_dict(self) -> Dict[str, int]:
         """The widths as a dict, without unset fields (``config.json`` of a pruned model)."""

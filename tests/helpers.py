@@ -105,7 +105,7 @@ def decoder_config(kind: str, **overrides):
         return transformers.OPTConfig(**{**common, "ffn_dim": 96, "word_embed_proj_dim": 64, **overrides})
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
            "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
-           "gemma3": transformers.Gemma3TextConfig}[kind]
+           "gemma3": transformers.Gemma3TextConfig, "phi3": transformers.Phi3Config}[kind]
     return cls(**{**common, "intermediate_size": 96, "num_key_value_heads": 2, **overrides})
 
 
@@ -119,6 +119,8 @@ DECODERS = {   # name: (config kind, overrides)
     # (its own RoPE base) before a global one
     "gemma3-mqa": ("gemma3", dict(head_dim=16, num_key_value_heads=1, query_pre_attn_scalar=24, sliding_window=8,
                                   layer_types=["sliding_attention", "full_attention"])),
+    # Phi-3 / Phi-4: fused qkv_proj and gate_up_proj; Phi-4-mini's partial RoPE in small: 8 of a head's 16 dims rotate
+    "phi3-partial": ("phi3", dict(partial_rotary_factor=0.5)),
     "opt": ("opt", {}),
     "opt-nobias": ("opt", dict(enable_bias=False)),
 }
@@ -133,7 +135,8 @@ def tiny_decoder(name: str, seed: int = 0):
     config = decoder_config(kind, **overrides)
     cls = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
            "qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
-           "gemma3": transformers.Gemma3ForCausalLM, "opt": transformers.OPTForCausalLM}[kind]
+           "gemma3": transformers.Gemma3ForCausalLM, "phi3": transformers.Phi3ForCausalLM,
+           "opt": transformers.OPTForCausalLM}[kind]
     return cls(config).eval()
 
 

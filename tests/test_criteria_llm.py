@@ -35,32 +35,38 @@ def _channels(model):
             yield mask_names(geom)[pair], chans
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-bias", "opt", "vit", "swin"])
+@pytest.mark.parametrize("name", ["llama-gqa-bias", "opt", "vit", "swin", "phi3-partial"])
 def test_channels_are_the_weights_a_mask_element_removes(name):
-    """Zeroing the rows / columns listed for one element computes what its mask at 0 computes."""
+    """Zeroing the rows / columns listed for one element computes what its mask at 0 computes (Phi-3: rows of the
+    fused qkv_proj and gate_up_proj, a rotary pair's entry and, after it, plain dims' own)."""
     dense = {"vit": tiny_vit, "swin": tiny_swin}.get(name, lambda: tiny(name))()
     x = torch.randn(2, 3, 32, 32) if name in ("vit", "swin") else _ids(1)[0][0]
     masked = spp.add_masks(copy.deepcopy(dense), "dim").eval()
     for mask, chans in _channels(masked):
-        element = 1
+        size = masked.get_parameter(mask).numel()
+        for element in sorted({1, size - 1}):   # (Phi-3: the last query-key entry is a plain dim)
+            _check_element(masked, x, mask, chans, element)
+
+
+def _check_element(masked, x, mask, chans, element):
+    with torch.no_grad():
+        masked.get_parameter(mask)[element] = 0
+    reference = _logits(masked, x)
+    with torch.no_grad():
+        masked.get_parameter(mask)[element] = 1
+    assert chans, mask
+    for c in chans:
+        zeroed = copy.deepcopy(masked)
+        linear = zeroed.get_submodule(next(n for n, m in masked.named_modules() if m is c.linear))
+        index = c.index[c.element == element]
         with torch.no_grad():
-            masked.get_parameter(mask)[element] = 0
-        reference = _logits(masked, x)
-        with torch.no_grad():
-            masked.get_parameter(mask)[element] = 1
-        assert chans, mask
-        for c in chans:
-            zeroed = copy.deepcopy(masked)
-            linear = zeroed.get_submodule(next(n for n, m in masked.named_modules() if m is c.linear))
-            index = c.index[c.element == element]
-            with torch.no_grad():
-                if c.axis == 0:
-                    linear.weight[index] = 0
-                    if linear.bias is not None:
-                        linear.bias[index] = 0
-                else:
-                    linear.weight[:, index] = 0
-            torch.testing.assert_close(_logits(zeroed, x), reference, atol=1e-5, rtol=1e-5, msg=f"{mask} {c.axis}")
+            if c.axis == 0:
+                linear.weight[index] = 0
+                if linear.bias is not None:
+                    linear.bias[index] = 0
+            else:
+                linear.weight[:, index] = 0
+        torch.testing.assert_close(_logits(zeroed, x), reference, atol=1e-5, rtol=1e-5, msg=f"{mask} {c.axis}")
 
 
 def test_head_channels_of_a_shared_key_value_head():

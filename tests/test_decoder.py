@@ -25,13 +25,14 @@ def check_exact(masked, small, ids):
     with torch.no_grad():
         diff = (masked(ids).logits - small(ids).logits).abs().max().item()
     assert diff < 1e-4, diff
-    kwargs = dict(max_new_tokens=32, do_sample=False, use_cache=True, output_scores=True, return_dict_in_generate=True,
-                  pad_token_id=0)
+    # min_new_tokens: no stop at an end-of-sequence token (its score is then -inf in both)
+    kwargs = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, use_cache=True, output_scores=True,
+                  return_dict_in_generate=True, pad_token_id=0)
     a, b = masked.generate(ids[:1, :6], **kwargs), small.generate(ids[:1, :6], **kwargs)
     assert torch.equal(a.sequences, b.sequences)
     assert a.sequences.shape[1] == 6 + 32
     for sa, sb in zip(a.scores, b.scores):
-        assert (sa - sb).abs().max().item() < 1e-4
+        torch.testing.assert_close(sa, sb, rtol=0, atol=1e-4)
 
 
 HEADS_ONLY = ("qwen3-gqa", "gemma3-mqa")   # q/k norms: granularity="dim" is refused (test_unsupported_models_say_why)
@@ -154,7 +155,8 @@ def _tokenizer():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, kv_heads", [("llama-gqa-bias", 2), ("qwen3-gqa", 2), ("gemma3-mqa", 1)])
+@pytest.mark.parametrize("name, kv_heads", [("llama-gqa-bias", 2), ("qwen3-gqa", 2), ("gemma3-mqa", 1),
+                                            ("phi3-partial", 2)])
 def test_whole_heads_member_loads_with_plain_transformers(tmp_path, name, kv_heads):
     """Every layer keeping the same whole heads and MLP width: config.json is transformers' own, and
     AutoModelForCausalLM loads the directory in a process that cannot import spp."""
@@ -254,6 +256,9 @@ def test_unsupported_models_say_why():
         spp.add_masks(transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
             vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
             head_dim=16, intermediate_size=32)))
+    with pytest.raises(UnsupportedModel, match=r"PhiForCausalLM: Phi-1 and Phi-2 .*Phi3ForCausalLM, family hf-phi3"):
+        spp.add_masks(transformers.PhiForCausalLM(transformers.PhiConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)))
     with pytest.raises(UnsupportedModel, match="hf-llama.*hf-opt|Supported"):
         spp.add_masks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
     model = tiny("llama-mha")
@@ -263,22 +268,24 @@ def test_unsupported_models_say_why():
         spp.add_masks(small)
 
 
-def _whole_heads_search_is_exact(model, ids):
-    """A library search at head granularity on ``model``: members at two budgets and both value readings
-    compress to models that compute what the masked model computes (check_exact: logits and greedy generation)."""
+def _search_is_exact(model, ids, selections=({"keep": 0.7}, {"keep": 0.4})):
+    """A library search on the masked ``model`` (its granularity): the member of each selection, with both value
+    readings, compresses to a model that computes what the masked model computes (check_exact: logits and greedy
+    generation) with the parameters the member's summary states."""
     spp.set_masks(model, {n: torch.ones_like(p) for n, p in spp.mask_parameters(model)})
     batches = [(x, x) for x in torch.randint(3, VOCAB, (4, 8, 24))]
     nu = spp.calibrate_nu(model, batches[:2], spp.next_token_loss, batches=2, per="pair")
     optimizer = lbi_steps(model, spp.search_optimizer(model, nu, per="pair", rho=0.2, lam=0.05), batches, 30,
                           spp.next_token_loss)
     family = spp.WeightFamily(model, spp.SolutionPath.from_optimizer(optimizer, model), input_size=(24,))
-    for keep in (0.7, 0.4):
+    for selection in selections:
         for values in ("binary", "path"):
-            member = family.select(keep=keep, values=values)
+            member = family.select(**selection, values=values)
             small = spp.compress(model, member.masks)
             assert spp.count_params(small) == member.summary.params_after
             spp.set_masks(model, member.masks)
             check_exact(model, small, ids)
+    return family
 
 
 def test_qwen3_whole_heads_searched_and_exact_with_sliding_window_layers():
@@ -301,7 +308,7 @@ def test_qwen3_whole_heads_searched_and_exact_with_sliding_window_layers():
     spp.set_masks(model, {names[0]: torch.tensor([1.0, 2.0, 1.0, 1.0])})   # a head's logits doubled: not a no-op
     with torch.no_grad():
         assert (model(ids).logits - dense).abs().max() > 1e-3
-    _whole_heads_search_is_exact(model, ids)
+    _search_is_exact(model, ids)
 
 
 def test_gemma3_whole_heads_exact_a_dropped_attention_and_a_search():
@@ -336,10 +343,45 @@ def test_gemma3_whole_heads_exact_a_dropped_attention_and_a_search():
     spp.set_masks(model, masks)
     check_exact(model, small, ids)
     check_costs(model, small)
-    _whole_heads_search_is_exact(model, ids)
+    _search_is_exact(model, ids)
 
 
-def test_remove_masks_restores_the_model():
+def test_phi3_fused_projections_and_partial_rotary_embeddings():
+    """Phi-3 / Phi-4 (one qkv_proj, one gate_up_proj; 8 of a head's 16 dims rotate): the query-key mask holds 4
+    rotary pairs and then 8 plain dims, each pair costing twice a plain dim; the mask scales only the query part
+    of qkv_proj; a compressed member keeps both projections fused under Phi-3's names, rotates only its kept
+    pairs, and computes what the masked model computes for members of a search by parameters (global and per pair
+    type, where a query-key entry's cost is its own) and by mask elements."""
+    model = tiny("phi3-partial")
+    ids = torch.randint(3, VOCAB, (2, 20))
+    with torch.no_grad():
+        dense = model(ids).logits
+    spp.add_masks(model, "dim")
+    geom = model_geometry(model)[0]
+    assert (geom.rot, geom.mask_size("qk", "dim"), geom.qk_at) == (8, 12, "qkv_proj")
+    assert geom.qk_entry_of_dim().tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    costs = geom.unit_costs("params", "dim")["qk"]
+    assert costs.tolist() == [costs[-1] * 2] * 4 + [costs[-1]] * 8 and costs[-1] == (4 + 2) * 64   # 4 q, 2 k rows
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, dense)
+    name = geom.mask_names()["qk"]
+    spp.set_masks(model, {name: torch.cat([torch.zeros(2), torch.ones(8), torch.zeros(2)])})
+    small = spp.compress(model)
+    attn = small.model.layers[0].self_attn
+    assert small.spp_widths[0].qk_dim == 2 * 2 + 6 and small.spp_widths[0].qk_rot_dim == 4
+    assert attn.rope_index.tolist() == [2, 3, 6, 7]       # the kept pairs' entries of the cos / sin tables
+    assert attn.qkv_proj.out_features == 4 * 10 + 2 * 10 + 2 * 16 and not hasattr(attn, "q_proj")
+    assert small.model.layers[0].mlp.gate_up_proj.out_features == 2 * 96
+    check_exact(model, small, ids)
+    check_costs(model, small)
+    family = _search_is_exact(model, ids, ({"keep": 0.6}, {"keep": 0.5, "scope": "pair"},
+                                           {"keep": 0.5, "by": "elements"}))
+    member = family.select(keep=0.5, scope="pair")
+    kept = sum(float((m != 0).sum()) for n, m in member.masks.items() if n.endswith("qk_mask"))
+    assert 0 < kept < 2 * 12
+
+
+
     model = tiny("opt")
     ids = torch.randint(3, VOCAB, (1, 10))
     with torch.no_grad():

@@ -31,6 +31,7 @@ FAMILIES = {   # registered name: (a tiny random model, a batch of its inputs)
     "hf-llama": (lambda: tiny_decoder("llama-gqa-bias"), _tokens),
     "hf-qwen3": (lambda: tiny_decoder("qwen3-gqa"), _tokens),
     "hf-gemma3": (lambda: tiny_decoder("gemma3-mqa"), _tokens),
+    "hf-phi3": (lambda: tiny_decoder("phi3-partial"), _tokens),
     "hf-opt": (lambda: tiny_decoder("opt"), _tokens),
     "hf-clip": (tiny_clip, lambda model: clip_inputs()),
 }

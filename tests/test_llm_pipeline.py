@@ -45,6 +45,9 @@ def write_model(directory, kind: str):
         model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
             **common, intermediate_size=96, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=24,
             sliding_window=8, layer_types=["sliding_attention", "full_attention"]))
+    elif kind == "phi3":
+        model = transformers.Phi3ForCausalLM(transformers.Phi3Config(**common, intermediate_size=96,
+                                                                      num_key_value_heads=2, partial_rotary_factor=0.5))
     else:
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, intermediate_size=96,
                                                                         num_key_value_heads=2))
@@ -131,15 +134,18 @@ def test_wrong_paths_are_reported_before_the_model_loads(tmp_path, text, capsys,
     assert loads == []
 
 
-@pytest.mark.parametrize("kind, cls", [("qwen3", "Qwen3ForCausalLM"), ("gemma3", "Gemma3ForCausalLM")])
-def test_whole_heads_families_through_search_and_export(tmp_path, text, kind, cls):
-    """A Qwen3 / Gemma 3 directory searched at model.granularity=head (one ν per pair type) and its member
-    exported: a compressed model of the same class that spp loads back, with fewer parameters and finite logits."""
+@pytest.mark.parametrize("kind, cls, granularity", [("qwen3", "Qwen3ForCausalLM", "head"),
+                                                    ("gemma3", "Gemma3ForCausalLM", "head"),
+                                                    ("phi3", "Phi3ForCausalLM", "dim")])
+def test_newer_families_through_search_and_export(tmp_path, text, kind, cls, granularity):
+    """A Qwen3 / Gemma 3 directory searched at model.granularity=head (one ν per pair type), a Phi-3 one (fused
+    projections, partial RoPE) at dims, and each member exported: a compressed model of the same class that spp
+    loads back, with fewer parameters and finite logits."""
     import spp
 
     model = write_model(tmp_path / "model", kind)
     out = str(tmp_path / "run")
-    args = [f"output={out}", f"model.name={model}", f"data.root={text}", "model.granularity=head",
+    args = [f"output={out}", f"model.name={model}", f"data.root={text}", f"model.granularity={granularity}",
             "search.nu_calibration=pair"]
     assert main(["search", SMOKE, *args]) == 0
     assert main(["export", SMOKE, *args, "export.remove=0.3", "export.rank=entry", "export.values=binary"]) == 0
@@ -404,18 +410,18 @@ def test_fsdp_settings_it_cannot_shard_are_errors(tmp_path, text):
 
 
 def test_unsupported_llm_is_an_error_line(tmp_path, text, capsys):
-    """A Phi-3 directory (fused projections, partial rotary embeddings) through spp search: one error line saying
-    why. (A Qwen3 one at model.granularity=dim is refused before it loads: test_wrong_paths_...)"""
+    """A Phi-2 directory (attention and MLP in parallel) through spp search: one error line saying why and naming
+    the family that takes Phi-3 and Phi-4. (A Qwen3 one at model.granularity=dim is refused before it loads:
+    test_wrong_paths_...)"""
     torch.manual_seed(0)
-    config = transformers.Phi3Config(vocab_size=len(WORDS) + 4, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                     pad_token_id=0)
-    transformers.Phi3ForCausalLM(config).save_pretrained(str(tmp_path / "phi3"))
-    _tokenizer().save_pretrained(str(tmp_path / "phi3"))
-    assert main(["search", SMOKE, f"output={tmp_path / 'run'}", f"model.name={tmp_path / 'phi3'}",
+    config = transformers.PhiConfig(vocab_size=len(WORDS) + 4, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                    num_attention_heads=4, max_position_embeddings=64, pad_token_id=0)
+    transformers.PhiForCausalLM(config).save_pretrained(str(tmp_path / "phi"))
+    _tokenizer().save_pretrained(str(tmp_path / "phi"))
+    assert main(["search", SMOKE, f"output={tmp_path / 'run'}", f"model.name={tmp_path / 'phi'}",
                  f"data.root={text}"]) == 2
     err = capsys.readouterr().err
-    assert "spp search: error: spp does not support Phi3ForCausalLM: partial rotary embeddings" in err
+    assert "spp search: error: spp does not support PhiForCausalLM: Phi-1 and Phi-2" in err and "hf-phi3" in err
 
 
 @pytest.mark.slow

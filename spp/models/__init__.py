@@ -8,6 +8,7 @@ family                 models                                             module
 ``hf-llama``           transformers Llama, Mistral, Qwen2 (GQA, RoPE)     :mod:`spp.models.decoder`
 ``hf-qwen3``           transformers Qwen3 (whole heads: q/k norms)        :mod:`spp.models.decoder`
 ``hf-gemma3``          transformers Gemma 3 text (whole heads)            :mod:`spp.models.decoder`
+``hf-phi3``            transformers Phi-3 / Phi-4 (fused, partial RoPE)   :mod:`spp.models.decoder`
 ``hf-opt``             transformers OPT                                   :mod:`spp.models.decoder`
 ``hf-clip``            transformers CLIP (both towers, or one)            :mod:`spp.models.clip`
 =====================  =================================================  ============================
@@ -53,6 +54,9 @@ _REGISTRY: List[_Entry] = [
     _Entry("hf-gemma3", "transformers Gemma3ForCausalLM (and Gemma3TextModel): whole query heads (q/k norms), MLP "
            "neurons", (_LLAMA.format("gemma3", "Gemma3ForCausalLM"), _LLAMA.format("gemma3", "Gemma3TextModel")),
            "spp.models.decoder:GEMMA3", ("gemma3_text",)),
+    _Entry("hf-phi3", "transformers Phi3ForCausalLM (and Phi3Model): Phi-3, Phi-3.5, Phi-4 (fused qkv and gate_up "
+           "projections, partial RoPE)", (_LLAMA.format("phi3", "Phi3ForCausalLM"), _LLAMA.format("phi3", "Phi3Model")),
+           "spp.models.decoder:PHI3", ("phi3",)),
     _Entry("hf-opt", "transformers OPTForCausalLM (and OPTModel)",
            (_LLAMA.format("opt", "OPTForCausalLM"), _LLAMA.format("opt", "OPTModel")), "spp.models.decoder:OPT",
            ("opt",)),
@@ -69,7 +73,8 @@ _KNOWN_UNSUPPORTED: Dict[str, str] = {
                                       "model is: load it as Gemma3ForCausalLM (family hf-gemma3)",
     "Gemma": "Gemma 1 and 2 soft-cap the attention logits, which pruned attention does not reproduce; Gemma 3 "
              "(Gemma3ForCausalLM, family hf-gemma3) is supported",
-    "Phi": "partial rotary embeddings (only part of each head is rotated) are not supported",
+    "Phi": "Phi-1 and Phi-2 (PhiForCausalLM: attention and MLP in parallel, LayerNorm with biases) are not "
+           "supported; Phi-3, Phi-3.5 and Phi-4 (Phi3ForCausalLM, family hf-phi3) are",
 }
 
 _loaded: Dict[str, ModelFamily] = {}
