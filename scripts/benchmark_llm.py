@@ -17,6 +17,8 @@ prunable parameters, except Torch-Pruning, which cuts by its own rules:
                  for an LLM bound the step at clip 10 and take nu_scale 4; ``--search-steps`` steps of the
                  training text); each budget's member by ``WeightFamily.select_best`` with validation
                  perplexity as the score
+  spp-uniform    the same search (shared with spp for a seed), each budget's member with every layer at the same
+                 widths (``select_best(..., scope="uniform")``): what one width for all layers costs
   magnitude      RMS of each structure's weights (``spp.criteria.magnitude_scores``)
   random         a random ranking
   wanda-sp       structured Wanda, |W| times the input activation norm (``wanda_sp_scores``)
@@ -68,7 +70,7 @@ from spp.runtime import provenance
 from spp.tables import write_json
 from spp.tasks import NextToken
 
-METHODS = ("spp", "magnitude", "random", "wanda-sp", "flap", "taylor", "lasso", "lasso-scales", "torch-pruning")
+METHODS = ("spp", "spp-uniform", "magnitude", "random", "wanda-sp", "flap", "taylor", "lasso", "lasso-scales", "torch-pruning")
 class Bench(MaskedBench):
     """The pretrained model, its masked copy and the text splits, shared by every method."""
 
@@ -90,8 +92,10 @@ class Bench(MaskedBench):
                                   cfg.data.test_fraction, cfg.seed, ["train", "val", "test"])
         self.val = Subset(self.data["val"], range(min(args.val_sequences, len(self.data["val"]))))
         self.test = Subset(self.data["test"], range(min(args.test_sequences, len(self.data["test"]))))
-        super().__init__(spp.create_model(args.model), NextToken(), input_size=(self.seq_len,))
+        super().__init__(spp.create_model(args.model), NextToken(), input_size=(self.seq_len,),
+                         granularity=args.granularity)
         self.lasso: Dict[int, Tuple[Dict, float]] = {}   # seed -> Lasso families (shared by lasso, lasso-scales)
+        self.spp: Dict[int, Tuple["spp.WeightFamily", Dict, float]] = {}   # seed -> search (spp, spp-uniform)
 
     def loader(self, split: str, seed: int, batch: Optional[int] = None) -> DataLoader:
         data = {"val": self.val, "test": self.test}.get(split, self.data[split])
@@ -117,13 +121,17 @@ def model_path(name: str) -> str:
     return TOY if name == "toy" else name
 
 
-def run_spp(bench, seed, removed):
+def _spp_family(bench, seed) -> Tuple["spp.WeightFamily", Dict, float]:
+    """The seed's search (shared by ``spp`` and ``spp-uniform``), what it calibrated and the seconds it took."""
+    if seed in bench.spp:
+        return bench.spp[seed]
     args, masked = bench.args, copy.deepcopy(bench.masked)
+    start = time.time()
     nu = spp.calibrate_nu(masked, bench.loader("val", seed), spp.next_token_loss, batches=args.calibration_batches,
                           scale=args.nu_scale)
     optimizer = spp.search_optimizer(masked, nu, clip=None if args.clip == "none" else args.clip)
     masked.train()
-    step, start = 0, time.time()
+    step = 0
     while step < args.search_steps:
         for ids, _ in bench.loader("train", seed):
             loss = spp.next_token_loss(masked(ids), ids)
@@ -138,13 +146,29 @@ def run_spp(bench, seed, removed):
             if step >= args.search_steps:
                 break
     masked.eval()
-    family = bench.family_of(spp.SolutionPath.from_optimizer(optimizer, masked))
-    out = {}
-    for r in removed:
-        member = family.select_best(lambda m: -bench.perplexity(bench.compressed(m.masks), "val"), remove=r)
-        out[r] = (bench.compressed(member.masks), {"params": member.summary.params_after, "masks": member.masks,
-                                                   "reading": f"{member.summary.rank}, {member.summary.values}"})
-    return out, {"nu (first mask)": float(next(iter(nu.values()))) if isinstance(nu, dict) else float(nu)}
+    info = {"nu (first mask)": float(next(iter(nu.values()))) if isinstance(nu, dict) else float(nu)}
+    bench.spp[seed] = (bench.family_of(spp.SolutionPath.from_optimizer(optimizer, masked)), info, time.time() - start)
+    return bench.spp[seed]
+
+
+def run_spp(scope: str):
+    """``spp`` (scope ``global``: the budget walk gives each layer its own widths) or ``spp-uniform`` (every layer
+    the same widths), each budget's member by ``select_best`` on validation perplexity."""
+    def method(bench, seed, removed):
+        shared = seed in bench.spp
+        family, info, seconds = _spp_family(bench, seed)
+        out = {}
+        for r in removed:
+            member = family.select_best(lambda m: -bench.perplexity(bench.compressed(m.masks), "val"), remove=r,
+                                        scope=scope)
+            small = bench.compressed(member.masks)
+            out[r] = (small, {"params": member.summary.params_after, "masks": member.masks,
+                              "reading": f"{member.summary.rank}, {member.summary.values}",
+                              "widths": [w.to_dict() for w in member.summary.widths],
+                              # its own config.json, which plain transformers loads (uniform whole heads)
+                              "plain config": spp.models.family_of(small).plain_config(small) is not None})
+        return out, {**info, "search seconds": seconds, "shared seconds": seconds if shared else 0.0}
+    return method
 
 
 def run_scores(name):
@@ -300,7 +324,7 @@ def run_torch_pruning(bench, seed, removed):
     return out, extra
 
 
-RUNNERS = {"spp": run_spp, "lasso": run_lasso("binary"), "lasso-scales": run_lasso("path"),
+RUNNERS = {"spp": run_spp("global"), "spp-uniform": run_spp("uniform"), "lasso": run_lasso("binary"), "lasso-scales": run_lasso("path"),
            "torch-pruning": run_torch_pruning,
            **{m: run_scores(m) for m in ("magnitude", "random", "wanda-sp", "flap", "taylor")}}
 
@@ -511,6 +535,9 @@ def main():
     parser.add_argument("--out", default="outputs/benchmark_llm")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--granularity", choices=("dim", "head"), default="dim",
+                        help="the structures every method ranks: rotary pairs, value dims and neurons (dim), or whole "
+                             "query heads and neurons (head; with spp-uniform, members transformers loads as they are)")
     parser.add_argument("--removed", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--eval-batch", type=int, default=32)

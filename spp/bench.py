@@ -36,13 +36,13 @@ CPU = Runtime(torch.device("cpu"), None)
 
 
 class MaskedBench:
-    """The dense model, its masked copy (every prunable structure of the family, at ``dim`` granularity) and the
-    task its batches are read by. A benchmark adds its data: ``loader(split, seed)``."""
+    """The dense model, its masked copy (every prunable structure of the family, at ``granularity``: dims by
+    default, or whole heads) and the task its batches are read by. A benchmark adds its data: ``loader(split, seed)``."""
 
     def __init__(self, dense: nn.Module, task: Task, input_size: Optional[Tuple[int, ...]] = None,
-                 runtime: Runtime = CPU):
+                 runtime: Runtime = CPU, granularity: str = "dim"):
         self.dense, self.task, self.input_size, self.runtime = dense.eval(), task, input_size, runtime
-        self.masked = add_masks(copy.deepcopy(self.dense), "dim").eval()
+        self.masked = add_masks(copy.deepcopy(self.dense), granularity).eval()
         self.prunable = self.family_of(SolutionPath.from_scores(self.masked, magnitude_scores(self.masked))).prunable()
 
     def loader(self, split: str, seed: int) -> Iterable:

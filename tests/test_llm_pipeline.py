@@ -463,12 +463,33 @@ def test_eval_runs_zero_shot_tasks_through_lm_eval(tmp_path, text, capsys):
 
 
 @pytest.mark.slow
+def test_llm_benchmark_uniform_whole_heads_members_have_plain_configs(tmp_path, text):
+    """--granularity head with spp-uniform: one search, and each budget's uniform member keeps the same whole heads
+    and MLP width in every layer, which its model's own config states (plain transformers loads it); the global
+    walk's member at the same budget is reported beside it."""
+    model = write_model(tmp_path / "llama", "llama")
+    out = tmp_path / "bench"
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "benchmark_llm.py"), "--model", model, "--data-root", text,
+         "--seq-len", "32", "--out", str(out), "--methods", "spp", "spp-uniform", "--granularity", "head",
+         "--seeds", "0", "--removed", "0.5", "--batch", "4", "--eval-batch", "8", "--val-sequences", "8",
+         "--test-sequences", "8", "--search-steps", "6", "--calibration-batches", "2", "--finetune-seeds"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.load(open(out / "benchmark_llm.json"))["runs"]
+    uniform = runs["spp-uniform"]["0"]["0.5"]
+    assert uniform["plain config"] and all(w == uniform["widths"][0] for w in uniform["widths"])
+    assert uniform["widths"][0]["qk_dim"] == 16 and uniform["widths"][0]["num_heads"] < 4   # whole heads removed
+    assert "plain config" in runs["spp"]["0"]["0.5"]
+
+
+@pytest.mark.slow
 def test_llm_benchmark_ranks_the_same_structures_for_every_method(tmp_path, text):
     """scripts/benchmark_llm.py end to end on the tiny Llama: every method's members meet each budget (one
     budget walk over the same structures), SPP's reading is chosen on val, the
     finetunes run, and the table has a row per method."""
     model = write_model(tmp_path / "llama", "llama")
-    methods = ["spp", "magnitude", "random", "wanda-sp", "flap", "taylor", "lasso", "lasso-scales"]
+    methods = ["spp", "spp-uniform", "magnitude", "random", "wanda-sp", "flap", "taylor", "lasso", "lasso-scales"]
     out = tmp_path / "bench"
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "benchmark_llm.py"), "--model", model, "--data-root", text,
@@ -487,6 +508,12 @@ def test_llm_benchmark_ranks_the_same_structures_for_every_method(tmp_path, text
         assert all(abs(x - float(r)) < 0.02 for x in removed.values()), removed
     assert runs["spp"]["0"]["0.6"]["params"] < runs["spp"]["0"]["0.3"]["params"]
     assert "reading" in runs["spp"]["0"]["0.3"] and runs["lasso"]["1"]["0.3"]["values"] == "binary"
+    # spp-uniform: the same search (its seconds counted for both), every layer of a member at the same widths
+    assert runs["spp-uniform"]["1"]["search seconds"] == runs["spp"]["1"]["search seconds"]
+    for r in ("0.3", "0.6"):
+        first, *rest = runs["spp-uniform"]["0"][r]["widths"]
+        assert all(w == first for w in rest) and first["mlp_hidden"] < 96
+    assert any(w != runs["spp"]["0"]["0.6"]["widths"][0] for w in runs["spp"]["0"]["0.6"]["widths"])
     # lasso-scales: the same Lasso run (trained once per seed, its time counted for both), members keep its values
     assert runs["lasso-scales"]["0"]["0.3"]["values"] == "path" and runs["lasso-scales"]["0"]["0.3"]["params"] == \
         runs["lasso"]["0"]["0.3"]["params"] and runs["lasso-scales"]["0"]["lasso seconds"] == runs["lasso"]["0"]["lasso seconds"]
