@@ -13,6 +13,9 @@ weights and each N:M ``--patterns``, every output row keeping the same number of
              and pattern is read off that one path (``element_masks``), weights kept as they are
   spp-obs    the same members with the kept weights reconstructed by SparseGPT's OBS update for the given masks
              (``prune_one_shot(..., "sparsegpt", keep=masks)``, block by block on the pruned blocks' outputs)
+  spp-refit  the same members with each output row's kept weights refit by least squares to the dense row's
+             outputs (``prune_one_shot(..., keep=masks, update="refit")``, block by block the same way)
+  wanda-refit  Wanda's masks with the same refit (what the refit alone gives another method's masks)
   spp-diagonal  the paper's LLM metric as a path: the same search without the inputs' correlations
              (``correlations=False``), whose order is |W|·‖X‖ on the dense model's block inputs
   magnitude  |W|
@@ -48,7 +51,7 @@ from spp.runtime import Runtime, provenance
 from spp.tables import mean_std, write_json
 from spp.tasks import NextToken
 
-METHODS = ("spp", "spp-obs", "spp-diagonal", "magnitude", "wanda", "ria", "sparsegpt")
+METHODS = ("spp", "spp-obs", "spp-refit", "spp-diagonal", "magnitude", "wanda", "wanda-refit", "ria", "sparsegpt")
 CPU = Runtime(torch.device("cpu"), None)
 
 
@@ -105,16 +108,25 @@ def run_method(bench: Bench, method: str, seed: int, paths: Dict) -> Dict:
             paths[key] = element_search(bench.dense, calibration, steps=args.search_steps, nu_scale=args.nu_scale,
                                         correlations=method != "spp-diagonal")
             paths[key, "time"] = time.time() - t
-        elif method == "spp-obs":
+        elif method in ("spp-obs", "spp-refit"):
             shared = paths[key, "time"]
     for target in targets(args):
         model = copy.deepcopy(bench.dense)
+
+        def progress(message, target=target):
+            print(f"  seed {seed} {target}: {message}", flush=True)
         if method in ("spp", "spp-diagonal"):
             prune_weights(model, element_masks(paths[key], **spec(target)))
         elif method == "spp-obs":
-            prune_one_shot(model, calibration, "sparsegpt", keep=element_masks(paths[key], **spec(target)))
+            prune_one_shot(model, calibration, "sparsegpt", keep=element_masks(paths[key], **spec(target)),
+                           progress=progress)
+        elif method == "spp-refit":
+            prune_one_shot(model, calibration, "wanda", keep=element_masks(paths[key], **spec(target)), update="refit",
+                           progress=progress)
+        elif method == "wanda-refit":
+            prune_one_shot(model, calibration, "wanda", update="refit", progress=progress, **spec(target))
         else:
-            prune_one_shot(model, calibration, method, **spec(target))
+            prune_one_shot(model, calibration, method, progress=progress, **spec(target))
         out[target] = model
     seconds = time.time() - start + shared
     rows = {}

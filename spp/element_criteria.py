@@ -13,6 +13,10 @@ Each ranks every weight of a linear layer (higher is kept) from the weight and i
   error spread over the columns still to come through the inverse Hessian's Cholesky factor, its mask chosen
   adaptively per 128 columns; with ``keep`` it reconstructs the weights for a given mask (any method's).
 
+Two ways to rewrite the weights a mask keeps (``prune_one_shot(..., update=)``): ``"obs"``, SparseGPT's update,
+which spreads each pruned weight's error over the columns after it only; ``"refit"`` (:func:`refit`), the exact
+least-squares fit of each output row's kept weights to the dense row's outputs on the calibration inputs.
+
 :func:`prune_one_shot` runs any of them block by block, each block's Gram matrices read from the already pruned
 blocks' outputs, as their papers do.
 """
@@ -26,7 +30,7 @@ from torch import nn
 
 from .elements import BlockInputs, Gram, element_layers, element_masks, input_grams, parse_pattern
 
-__all__ = ["SCORES", "magnitude", "wanda", "ria", "sparsegpt_update", "prune_one_shot", "METHODS"]
+__all__ = ["SCORES", "magnitude", "wanda", "ria", "sparsegpt_update", "refit", "prune_one_shot", "METHODS", "UPDATES"]
 
 
 def magnitude(weight: torch.Tensor, gram: Optional[Gram] = None) -> torch.Tensor:
@@ -48,6 +52,7 @@ def ria(weight: torch.Tensor, gram: Gram, power: float = 0.5) -> torch.Tensor:
 
 SCORES: Dict[str, Callable[[torch.Tensor, Gram], torch.Tensor]] = {"magnitude": magnitude, "wanda": wanda, "ria": ria}
 METHODS = (*SCORES, "sparsegpt")
+UPDATES = ("obs", "refit")   # how prune_one_shot rewrites the kept weights (None: it keeps them as they are)
 
 
 @torch.no_grad()
@@ -100,21 +105,57 @@ def sparsegpt_update(weight: torch.Tensor, gram: Gram, sparsity: Optional[float]
 
 
 @torch.no_grad()
+def refit(weight: torch.Tensor, gram: Gram, keep: torch.Tensor, damp: float = 0.01,
+          memory: float = 2 ** 29) -> torch.Tensor:
+    """The weight for the mask ``keep`` (True: kept) whose every output row best reproduces the dense row's outputs
+    on the calibration inputs: the kept weights ``ŵ_S`` of a row minimise ``‖X ŵ_S − X w‖² + δ‖ŵ_S − w_S‖²``
+    (δ: ``damp`` times the mean diagonal of ``H = XᵀX``, SparseGPT's dampening), i.e. solve
+    ``(H_SS + δI) ŵ_S = ((H + δI) w)_S``; pruned weights are 0, and a row that keeps everything is unchanged.
+    Rows with the same number of kept weights are solved together, ``memory`` bytes of sub-matrices at a time.
+    Returns a new tensor in ``weight``'s dtype."""
+    w = weight.detach().float()
+    h = gram.xtx.to(w.device, torch.float32).clone()
+    h.diagonal().add_(damp * h.diagonal().mean())
+    keep = keep.to(w.device, torch.bool)
+    target = w @ h                    # row r: H w_r (H is symmetric)
+    out = torch.zeros_like(w)
+    counts = keep.sum(1)
+    for k in counts.unique().tolist():
+        if not k:
+            continue
+        rows = torch.nonzero(counts == k).flatten()
+        chunk = max(1, int(memory // (4 * k * k)))
+        for start in range(0, len(rows), chunk):
+            r = rows[start:start + chunk]
+            index = torch.nonzero(keep[r])[:, 1].view(len(r), k)          # each row's kept columns, in order
+            solution = torch.linalg.solve(h[index[:, :, None], index[:, None, :]],
+                                          target[r].gather(1, index).unsqueeze(-1)).squeeze(-1)
+            out[r] = out[r].scatter(1, index, solution)
+    return out.to(weight.dtype)
+
+
+@torch.no_grad()
 def prune_one_shot(model: nn.Module, batches: Iterable[torch.Tensor], method: str, sparsity: Optional[float] = None,
                    pattern: Union[str, Tuple[int, int], None] = None, scope: str = "row",
                    keep: Optional[Dict[str, torch.Tensor]] = None, sequential: bool = True,
-                   forward: Optional[Callable] = None, progress: Optional[Callable[[str], None]] = None
-                   ) -> nn.Module:
+                   forward: Optional[Callable] = None, progress: Optional[Callable[[str], None]] = None,
+                   update: Optional[str] = None) -> nn.Module:
     """Prune ``model`` in place with ``method`` (:data:`METHODS`) at ``sparsity`` or N:M ``pattern``, block by
     block on the calibration ``batches``; with ``sequential`` each block's inputs come from the blocks pruned before
-    it (as Wanda and SparseGPT run), else from the dense model. ``sparsegpt`` with ``keep`` (``{layer: mask}``, e.g.
-    an SPP member from :func:`spp.elements.element_masks`) reconstructs the weights for those masks instead of
-    choosing its own. Returns the model."""
+    it (as Wanda and SparseGPT run), else from the dense model. ``keep`` (``{layer: mask}``, e.g. an SPP member from
+    :func:`spp.elements.element_masks`) gives the masks instead of ``method`` choosing them. ``update``
+    (:data:`UPDATES`) rewrites the kept weights: ``"obs"`` SparseGPT's update, ``"refit"`` :func:`refit`; by default
+    ``sparsegpt`` updates by OBS (also with ``keep``) and the other methods keep the weights as they are.
+    Returns the model."""
     if method not in METHODS:
         raise ValueError(f"prune_one_shot: unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if keep is not None and method != "sparsegpt":
-        raise ValueError("prune_one_shot: keep= (given masks) goes with method='sparsegpt' (the reconstruction)")
-    if method == "magnitude":   # reads no data: no walk
+    if update not in (None, *UPDATES):
+        raise ValueError(f"prune_one_shot: unknown update {update!r}; choose one of {', '.join(UPDATES)} (or None)")
+    update = update or ("obs" if method == "sparsegpt" else None)
+    if keep is not None and update is None:
+        raise ValueError("prune_one_shot: keep= (given masks) needs a weight update: update='obs' or 'refit' "
+                         "(method='sparsegpt' updates by OBS)")
+    if method == "magnitude" and update is None:   # reads no data: no walk
         for name, layer in element_layers(model).items():
             layer.weight.mul_(element_masks({name: magnitude(layer.weight)}, sparsity, pattern, scope)[name])
         return model
@@ -124,14 +165,17 @@ def prune_one_shot(model: nn.Module, batches: Iterable[torch.Tensor], method: st
         dense_out: List[torch.Tensor] = []
         grams = input_grams(layers, lambda: dense_out.extend(inputs.run(index)))
         for name, layer in layers.items():
-            if method == "sparsegpt":
-                given = None if keep is None else keep[name]
+            given = keep[name] if keep is not None else None
+            if given is None and method != "sparsegpt":
+                given = element_masks({name: SCORES[method](layer.weight, grams[name])}, sparsity, pattern, scope)[name]
+            if update == "refit":
+                layer.weight.copy_(refit(layer.weight, grams[name], given.bool()))
+            elif update == "obs":
                 layer.weight.copy_(sparsegpt_update(layer.weight, grams[name], sparsity=None if given is not None
                                                     or pattern else sparsity, pattern=None if given is not None
                                                     else pattern, keep=given))
             else:
-                masks = element_masks({name: SCORES[method](layer.weight, grams[name])}, sparsity, pattern, scope)
-                layer.weight.mul_(masks[name].to(layer.weight.dtype))
+                layer.weight.mul_(given.to(layer.weight.dtype))
         inputs.advance(index, inputs.run(index) if sequential else dense_out)
         if progress is not None:
             progress(f"{method}: block {index + 1}/{len(inputs.blocks)}, {time.time() - start:.0f} s")

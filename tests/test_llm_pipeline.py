@@ -604,7 +604,8 @@ def test_hub_dataset_streams_its_first_documents_and_halves_validation_for_test(
 @pytest.mark.slow
 def test_sparse_benchmark_reads_every_member_of_one_search(tmp_path, text):
     """scripts/benchmark_sparse.py end to end on the tiny Llama: every method at each sparsity and N:M pattern,
-    SPP's members from one search per seed (spp-obs reuses it, its time counted), the table and --table-from."""
+    SPP's members from one search per seed (spp-obs and spp-refit reuse it, its time counted), the table and
+    --table-from."""
     model = write_model(tmp_path / "llama", "llama")
     out = tmp_path / "sparse"
     common = [sys.executable, os.path.join(ROOT, "scripts", "benchmark_sparse.py")]
@@ -617,12 +618,15 @@ def test_sparse_benchmark_reads_every_member_of_one_search(tmp_path, text):
     assert result.stdout.count("element search: block 2/2") == 4      # spp and spp-diagonal, two seeds each
     results = json.load(open(out / "results.json"))
     runs = results["runs"]
-    assert set(runs) == {"spp", "spp-obs", "spp-diagonal", "magnitude", "wanda", "ria", "sparsegpt"}
+    assert set(runs) == {"spp", "spp-obs", "spp-refit", "spp-diagonal", "magnitude", "wanda", "wanda-refit", "ria",
+                         "sparsegpt"}
     for method, seeds in runs.items():
         for target, want in (("0.5", 0.5), ("0.7", 0.7), ("2:4", 0.5)):
             assert abs(seeds["1"][target]["sparsity"] - want) < 0.01, (method, target)
             assert seeds["1"][target]["test"] > results["dense"] * 0.5
     assert runs["spp-obs"]["0"]["time"] > runs["spp"]["0"]["time"] * 0.5   # the search's time counts for it too
+    assert runs["spp-refit"]["0"]["time"] > runs["spp"]["0"]["time"] * 0.5
+    assert "spp-refit: block 2/2" not in result.stdout and "seed 1 2:4: wanda: block 2/2" in result.stdout   # progress
     assert runs["magnitude"]["0"] == runs["magnitude"]["1"]                 # magnitude reads no data
     assert runs["wanda"]["0"]["0.7"]["test"] != runs["wanda"]["1"]["0.7"]["test"]
     table = (out / "table.md").read_text()
