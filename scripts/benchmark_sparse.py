@@ -14,7 +14,7 @@ weights and each N:M ``--patterns``, every output row keeping the same number of
   spp-obs    the same members with the kept weights reconstructed by SparseGPT's OBS update for the given masks
              (``prune_one_shot(..., "sparsegpt", keep=masks)``, block by block on the pruned blocks' outputs)
   spp-refit  the same members with each output row's kept weights refit by least squares to the dense row's
-             outputs (``prune_one_shot(..., keep=masks, update="refit")``, block by block the same way)
+             outputs (``prune_one_shot(model, batches, keep=masks, update="refit")``, block by block the same way)
   wanda-refit  Wanda's masks with the same refit (what the refit alone gives another method's masks)
   spp-diagonal  the paper's LLM metric as a path: the same search without the inputs' correlations
              (``correlations=False``), whose order is |W|·‖X‖ on the dense model's block inputs
@@ -121,7 +121,7 @@ def run_method(bench: Bench, method: str, seed: int, paths: Dict) -> Dict:
             prune_one_shot(model, calibration, "sparsegpt", keep=element_masks(paths[key], **spec(target)),
                            progress=progress)
         elif method == "spp-refit":
-            prune_one_shot(model, calibration, "wanda", keep=element_masks(paths[key], **spec(target)), update="refit",
+            prune_one_shot(model, calibration, keep=element_masks(paths[key], **spec(target)), update="refit",
                            progress=progress)
         elif method == "wanda-refit":
             prune_one_shot(model, calibration, "wanda", update="refit", progress=progress, **spec(target))

@@ -135,7 +135,8 @@ def refit(weight: torch.Tensor, gram: Gram, keep: torch.Tensor, damp: float = 0.
 
 
 @torch.no_grad()
-def prune_one_shot(model: nn.Module, batches: Iterable[torch.Tensor], method: str, sparsity: Optional[float] = None,
+def prune_one_shot(model: nn.Module, batches: Iterable[torch.Tensor], method: Optional[str] = None,
+                   sparsity: Optional[float] = None,
                    pattern: Union[str, Tuple[int, int], None] = None, scope: str = "row",
                    keep: Optional[Dict[str, torch.Tensor]] = None, sequential: bool = True,
                    forward: Optional[Callable] = None, progress: Optional[Callable[[str], None]] = None,
@@ -143,12 +144,14 @@ def prune_one_shot(model: nn.Module, batches: Iterable[torch.Tensor], method: st
     """Prune ``model`` in place with ``method`` (:data:`METHODS`) at ``sparsity`` or N:M ``pattern``, block by
     block on the calibration ``batches``; with ``sequential`` each block's inputs come from the blocks pruned before
     it (as Wanda and SparseGPT run), else from the dense model. ``keep`` (``{layer: mask}``, e.g. an SPP member from
-    :func:`spp.elements.element_masks`) gives the masks instead of ``method`` choosing them. ``update``
+    :func:`spp.elements.element_masks`) gives the masks instead of ``method`` choosing them (``method`` may then be
+    None). ``update``
     (:data:`UPDATES`) rewrites the kept weights: ``"obs"`` SparseGPT's update, ``"refit"`` :func:`refit`; by default
     ``sparsegpt`` updates by OBS (also with ``keep``) and the other methods keep the weights as they are.
     Returns the model."""
-    if method not in METHODS:
-        raise ValueError(f"prune_one_shot: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in METHODS and not (method is None and keep is not None):
+        raise ValueError(f"prune_one_shot: unknown method {method!r}; choose one of {', '.join(METHODS)} "
+                         "(or give the masks: keep=)")
     if update not in (None, *UPDATES):
         raise ValueError(f"prune_one_shot: unknown update {update!r}; choose one of {', '.join(UPDATES)} (or None)")
     update = update or ("obs" if method == "sparsegpt" else None)

@@ -158,7 +158,7 @@ def test_one_shot_updates_any_methods_masks():
         assert ".layers.1." in name or torch.equal(layer.weight != 0, masks[name]), name
     assert abs(el.sparsity_of(fitted) - 0.5) < 0.01
     fitted_masks = {n: layer.weight != 0 for n, layer in el.element_layers(fitted).items()}
-    given = ec.prune_one_shot(copy.deepcopy(model), _batches(), "wanda", keep=fitted_masks, update="refit")
+    given = ec.prune_one_shot(copy.deepcopy(model), _batches(), keep=fitted_masks, update="refit")
     for name, layer in el.element_layers(given).items():   # the same masks and inputs: the same weights
         torch.testing.assert_close(layer.weight, fitted.get_submodule(name).weight)
     x = torch.cat(_batches())
@@ -188,6 +188,8 @@ def test_one_shot_refuses_what_it_cannot_do():
         ec.prune_one_shot(model, _batches(), "obs", sparsity=0.5)
     with pytest.raises(ValueError, match="keep= .*needs a weight update: update='obs' or 'refit'"):
         ec.prune_one_shot(model, _batches(), "wanda", keep={})
+    with pytest.raises(ValueError, match=r"unknown method None.*\(or give the masks: keep=\)"):
+        ec.prune_one_shot(model, _batches(), sparsity=0.5, update="refit")
     with pytest.raises(ValueError, match="unknown update 'lsq'.*obs, refit"):
         ec.prune_one_shot(model, _batches(), "wanda", sparsity=0.5, update="lsq")
 
