@@ -181,5 +181,5 @@ def prune_one_shot(model: nn.Module, batches: Iterable[torch.Tensor], method: Op
                 layer.weight.mul_(given.to(layer.weight.dtype))
         inputs.advance(index, inputs.run(index) if sequential else dense_out)
         if progress is not None:
-            progress(f"{method}: block {index + 1}/{len(inputs.blocks)}, {time.time() - start:.0f} s")
+            progress(f"{method or update}: block {index + 1}/{len(inputs.blocks)}, {time.time() - start:.0f} s")
     return model

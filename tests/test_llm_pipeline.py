@@ -626,7 +626,7 @@ def test_sparse_benchmark_reads_every_member_of_one_search(tmp_path, text):
             assert seeds["1"][target]["test"] > results["dense"] * 0.5
     assert runs["spp-obs"]["0"]["time"] > runs["spp"]["0"]["time"] * 0.5   # the search's time counts for it too
     assert runs["spp-refit"]["0"]["time"] > runs["spp"]["0"]["time"] * 0.5
-    assert "spp-refit: block 2/2" not in result.stdout and "seed 1 2:4: wanda: block 2/2" in result.stdout   # progress
+    assert "seed 1 2:4: refit: block 2/2" in result.stdout and "seed 1 2:4: wanda: block 2/2" in result.stdout   # progress
     assert runs["magnitude"]["0"] == runs["magnitude"]["1"]                 # magnitude reads no data
     assert runs["wanda"]["0"]["0.7"]["test"] != runs["wanda"]["1"]["0.7"]["test"]
     table = (out / "table.md").read_text()
@@ -634,3 +634,20 @@ def test_sparse_benchmark_reads_every_member_of_one_search(tmp_path, text):
     merged = subprocess.run([*common, "--table-from", str(out / "results.json"), "--out", str(tmp_path / "merged")],
                             capture_output=True, text=True, timeout=120)
     assert merged.returncode == 0 and (tmp_path / "merged" / "table.md").read_text() == table
+
+
+@pytest.mark.slow
+def test_sparse_reconstruction_study_prints_every_layer(tmp_path, text):
+    """scripts/sparse_reconstruction.py on the tiny Llama's second block: a row per layer and target, and on the
+    calibration inputs the refit's error at most the OBS update's for the same masks (it is the exact solution)."""
+    model = write_model(tmp_path / "llama", "llama")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sparse_reconstruction.py"), "--model",
+                             model, "--data-root", text, "--seq-len", "32", "--block", "1"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| mlp.") or
+            line.startswith("| self_attn.")]
+    assert len(rows) == 7 * 2
+    for row in rows:
+        mask_only, obs, refit, wanda_refit, sparsegpt = (float(c) for c in row[2:])
+        assert refit <= obs * 1.001 and obs <= mask_only * 1.001 and 0 < refit < 1, row
