@@ -8,7 +8,7 @@ For every linear layer of ``--block`` (its inputs from the dense model, the Gram
 drawn by ``--seed`` as benchmark_sparse.py draws them), at 50% per row and at 2:4: the relative reconstruction error
 tr((W − Ŵ) H (W − Ŵ)ᵀ) / tr(W H Wᵀ) of SPP's masks (one element search of the layer, the defaults) with the kept
 weights as they are, with SparseGPT's OBS update for those masks, and refit by least squares
-(``spp.element_criteria.refit``); Wanda's masks refit; SparseGPT's own masks and update.
+(``spp.element_criteria.refit``); Wanda's masks refit; SparseGPT's own masks and update, and its masks refit.
 """
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ def main():
         walk.advance(index, walk.run(index))
     layers = el.element_layers(bench.dense, [walk.blocks[args.block]])
     grams = el.input_grams(layers, lambda: walk.run(args.block))
-    print("| layer | target | SPP masks | + OBS update | + refit | Wanda + refit | SparseGPT |\n|---|---|---|---|---|---|---|")
+    print("| layer | target | SPP masks | + OBS update | + refit | Wanda + refit | SparseGPT | SparseGPT's masks + refit |\n"
+          "|---|---|---|---|---|---|---|---|")
     for name, layer in layers.items():
         w, gram = layer.weight.detach().float(), grams[name]
         h = gram.xtx.float()
@@ -62,8 +63,9 @@ def main():
             spec = {"pattern": target} if ":" in target else {"sparsity": float(target)}
             keep = el.element_masks(path, **spec)[name].bool()
             wanda = el.element_masks({name: ec.wanda(w, gram)}, **spec)[name].bool()
+            sparsegpt = ec.sparsegpt_update(w, gram, **spec)
             cells = [w * keep, ec.sparsegpt_update(w, gram, keep=keep), ec.refit(w, gram, keep),
-                     ec.refit(w, gram, wanda), ec.sparsegpt_update(w, gram, **spec)]
+                     ec.refit(w, gram, wanda), sparsegpt, ec.refit(w, gram, sparsegpt != 0)]
             print(f"| {name.split('.', 3)[-1]} | {target} | "
                   + " | ".join(f"{relative_error(w, c, h):.5f}" for c in cells) + " |", flush=True)
 

@@ -649,5 +649,6 @@ def test_sparse_reconstruction_study_prints_every_layer(tmp_path, text):
             line.startswith("| self_attn.")]
     assert len(rows) == 7 * 2
     for row in rows:
-        mask_only, obs, refit, wanda_refit, sparsegpt = (float(c) for c in row[2:])
+        mask_only, obs, refit, wanda_refit, sparsegpt, sparsegpt_refit = (float(c) for c in row[2:])
         assert refit <= obs * 1.001 and obs <= mask_only * 1.001 and 0 < refit < 1, row
+        assert sparsegpt_refit <= sparsegpt * 1.001, row
