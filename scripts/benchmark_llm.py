@@ -127,9 +127,10 @@ def _spp_family(bench, seed) -> Tuple["spp.WeightFamily", Dict, float]:
         return bench.spp[seed]
     args, masked = bench.args, copy.deepcopy(bench.masked)
     start = time.time()
+    per = "pair" if args.granularity == "head" else "pooled"   # whole heads: one ν per pair type (docs/ablations.md)
     nu = spp.calibrate_nu(masked, bench.loader("val", seed), spp.next_token_loss, batches=args.calibration_batches,
-                          scale=args.nu_scale)
-    optimizer = spp.search_optimizer(masked, nu, clip=None if args.clip == "none" else args.clip)
+                          scale=args.nu_scale, per=per)
+    optimizer = spp.search_optimizer(masked, nu, clip=None if args.clip == "none" else args.clip, per=per)
     masked.train()
     step = 0
     while step < args.search_steps:
