@@ -145,10 +145,9 @@ def prune_one_shot(model: nn.Module, batches: Iterable[torch.Tensor], method: Op
     block on the calibration ``batches``; with ``sequential`` each block's inputs come from the blocks pruned before
     it (as Wanda and SparseGPT run), else from the dense model. ``keep`` (``{layer: mask}``, e.g. an SPP member from
     :func:`spp.elements.element_masks`) gives the masks instead of ``method`` choosing them (``method`` may then be
-    None). ``update``
-    (:data:`UPDATES`) rewrites the kept weights: ``"obs"`` SparseGPT's update, ``"refit"`` :func:`refit`; by default
-    ``sparsegpt`` updates by OBS (also with ``keep``) and the other methods keep the weights as they are.
-    Returns the model."""
+    None). ``update`` (:data:`UPDATES`) rewrites the kept weights: ``"obs"`` SparseGPT's update, ``"refit"``
+    :func:`refit`; by default ``sparsegpt`` updates by OBS (also with ``keep``) and the other methods keep the
+    weights as they are. Returns the model."""
     if method not in METHODS and not (method is None and keep is not None):
         raise ValueError(f"prune_one_shot: unknown method {method!r}; choose one of {', '.join(METHODS)} "
                          "(or give the masks: keep=)")

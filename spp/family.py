@@ -249,7 +249,7 @@ class WeightFamily:
         for p, pair in enumerate(PAIRS):
             in_pair = self.pair[order] == p
             sub = order[in_pair]
-            cost = np.array([np.asarray(unit[b][pair]).reshape(-1)[i % np.size(unit[b][pair])]   # scalar or per entry
+            cost = np.array([unit[b][pair][i] if np.ndim(unit[b][pair]) else unit[b][pair]   # per entry, or one
                              for b, i in zip(self.block[sub].tolist(), self.local[sub].tolist())], dtype=np.float64)
             n = int(np.searchsorted(np.cumsum(cost), keep * cost.sum() * (1 + 1e-12), side="right"))
             chosen.append(sub[:max(n, int(is_forced[in_pair].sum()))])
