@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import os
 
 import torch
@@ -52,13 +53,15 @@ def main():
         walk.advance(index, walk.run(index))
     layers = el.element_layers(bench.dense, [walk.blocks[args.block]])
     grams = el.input_grams(layers, lambda: walk.run(args.block))
+    search = {k: p.default for k, p in inspect.signature(el.element_search).parameters.items()   # its defaults
+              if k in ("steps", "enter_at", "kappa", "nu_scale", "correlations", "damp")}
     print("| layer | target | SPP masks | + OBS update | + refit | Wanda + refit | SparseGPT | SparseGPT's masks + refit |\n"
           "|---|---|---|---|---|---|---|---|")
     for name, layer in layers.items():
         w, gram = layer.weight.detach().float(), grams[name]
         h = gram.xtx.float()
-        entry, z, _ = el._search_layer(w, gram.mean(), 50, 0.25, 10.0, 100.0)   # element_search's defaults
-        path = el.ElementPath({name: entry}, {name: z}, 50)
+        entry, z, _ = el._search_layer(w, gram.mean(), **search)
+        path = el.ElementPath({name: entry}, {name: z}, search["steps"])
         for target in args.targets:
             spec = {"pattern": target} if ":" in target else {"sparsity": float(target)}
             keep = el.element_masks(path, **spec)[name].bool()

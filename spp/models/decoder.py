@@ -741,7 +741,6 @@ class Phi3Family(LlamaFamily):
     name = "hf-phi3"
     description = ("transformers Phi3ForCausalLM (and Phi3Model): Phi-3, Phi-3.5, Phi-4 (fused projections, "
                    "partial RoPE)")
-    out_proj = "o_proj"
     mlp_in = ("mlp.gate_up_proj",)
     fused_qkv = fused_gate_up = partial_rotary = True
 
